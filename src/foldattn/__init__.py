@@ -1,0 +1,24 @@
+"""foldattn: ASR, Attention-alike Structural Re-parameterization, for PyTorch.
+
+Channel attention that trains with a learnable input and folds into the
+backbone's own weights, so the deployed network costs exactly the plain backbone.
+
+>>> import torch, foldattn
+>>> model = foldattn.models.create_model("cifar_resnet20", attention="se", asr=True)
+>>> deployed = foldattn.fold(model)
+>>> foldattn.verify(model, deployed, torch.randn(2, 3, 32, 32))
+"""
+
+from . import attention, models, transforms
+from .asr import ASR
+from .fold import fold
+from .models import create_model, list_models
+from .summary import Summary, summary
+from .verify import TOLERANCES, EquivalenceError, VerifyReport, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ASR", "fold", "verify", "summary", "Summary", "EquivalenceError", "VerifyReport", "TOLERANCES",
+    "attention", "models", "transforms", "create_model", "list_models", "__version__",
+]

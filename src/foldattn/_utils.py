@@ -1,0 +1,60 @@
+"""Small helpers shared by the package (private)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from torch import nn
+
+__all__ = ["eval_mode", "unwrap_model", "set_submodule", "atomic_path"]
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` (and all submodules) in eval mode; restore every flag on exit."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DataParallel / DistributedDataParallel (``module.``) and ``torch.compile`` (``_orig_mod.``)."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` (``""`` is not allowed)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    dest = Path(path)
+    if not dest.parent.exists():
+        raise FileNotFoundError(f"folder {dest.parent} does not exist; create it first or choose another path")
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

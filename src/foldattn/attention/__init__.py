@@ -1,0 +1,24 @@
+"""The channel-attention zoo: a registry of modules that work in the classic
+(input-dependent) form and, fed a learnable input, in the ASR form.
+
+>>> from foldattn import attention
+>>> attention.names()
+['cbam', 'dia', 'eca', 'ge', 'ie', 'se', 'spa', 'srm']
+>>> se = attention.create("se", 64)
+"""
+
+from ._base import ChannelAttention
+from ._registry import create, get, names, register
+from .cbam import CBAM
+from .dia import DIA
+from .eca import ECA
+from .ge import GE
+from .ie import IE
+from .se import SE
+from .spa import SPA
+from .srm import SRM
+
+__all__ = [
+    "ChannelAttention", "create", "get", "names", "register",
+    "CBAM", "DIA", "ECA", "GE", "IE", "SE", "SPA", "SRM",
+]

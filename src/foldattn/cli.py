@@ -1,0 +1,52 @@
+"""The ``foldattn`` command line. Each sub-command lives in its own module and
+registers itself through a ``register(subparsers)`` function listed in ``_COMMANDS``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser"]
+
+# module (relative to foldattn) providing ``register(subparsers)`` for each command
+_COMMANDS: tuple[str, ...] = ("demo",)
+
+
+class CLIError(Exception):
+    """An error the CLI reports as one line, without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="foldattn",
+        description="ASR: channel attention that trains with a learnable input and folds into the backbone.",
+    )
+    parser.add_argument("--version", action="version", version=f"foldattn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _COMMANDS:
+        importlib.import_module(f"foldattn.{mod}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, FileNotFoundError, PermissionError, TypeError) as e:
+        print(f"foldattn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""What a model's ASR layers are, and what the training and deployed forms cost."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ._utils import eval_mode, unwrap_model
+from .fold import asr_layers, fold
+
+__all__ = ["summary", "Summary", "ASRLayerInfo", "count_params", "count_flops"]
+
+
+@dataclass(frozen=True)
+class ASRLayerInfo:
+    """One ASR layer: where it sits and the statistics of its vector ``v``."""
+
+    name: str
+    host: str
+    attention: str
+    channels: int
+    psi_shape: tuple[int, ...]
+    v_min: float
+    v_mean: float
+    v_max: float
+
+
+@dataclass
+class Summary:
+    """Parameters and FLOPs of the training and deployed forms, and the ASR layers."""
+
+    layers: list[ASRLayerInfo] = field(default_factory=list)
+    params_train: int = 0
+    params_deploy: int = 0
+    flops_train: int | None = None
+    flops_deploy: int | None = None
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':<28} {'host':<14} {'attention':<9} {'C':>5} {'psi':<12} {'v min/mean/max':>22}"]
+        for r in self.layers:
+            stats = f"{r.v_min:.3f}/{r.v_mean:.3f}/{r.v_max:.3f}"
+            lines.append(
+                f"{r.name:<28} {r.host:<14} {r.attention:<9} {r.channels:>5} {r.psi_shape!s:<12} {stats:>22}"
+            )
+        lines.append(f"ASR layers: {len(self.layers)}")
+        lines.append(f"parameters: training {self.params_train:,}  deployed {self.params_deploy:,}")
+        if self.flops_train is not None:
+            lines.append(
+                f"FLOPs (matmul/conv, per input batch): training {self.flops_train:,}  deployed {self.flops_deploy:,}"
+            )
+        return "\n".join(lines)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of distinct parameter elements (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> int:
+    """FLOPs of one eval-mode forward, as counted by ``torch.utils.flop_counter``.
+
+    That counter counts matrix multiplications and convolutions (2 per
+    multiply-add) and ignores elementwise work (norms, activations, the gating
+    products), which is why attention's real cost exceeds its FLOPs.
+    """
+    args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    with eval_mode(model), FlopCounterMode(display=False) as counter:
+        model(*args)
+    return int(counter.get_total_flops())
+
+
+def summary(model: nn.Module, example_inputs: Tensor | Sequence[Tensor] | None = None) -> Summary:
+    """Describe ``model``'s ASR layers and compare its training and deployed forms.
+
+    Args:
+        model: a model with (or without) ASR layers; it is not modified.
+        example_inputs: if given, FLOPs of both forms are counted on it.
+    """
+    model = unwrap_model(model)
+    rows = []
+    for name, layer in asr_layers(model):
+        with torch.no_grad(), eval_mode(layer):
+            v = layer.vector().detach().double()
+        psi = layer.attention.psi
+        rows.append(
+            ASRLayerInfo(
+                name=name,
+                host=type(layer.host).__name__,
+                attention=layer.attention_name,
+                channels=layer.channels,
+                psi_shape=tuple(psi.shape) if psi is not None else (),
+                v_min=v.min().item(),
+                v_mean=v.mean().item(),
+                v_max=v.max().item(),
+            )
+        )
+    deployed = fold(model) if rows else model
+    result = Summary(rows, count_params(model), count_params(deployed))
+    if example_inputs is not None:
+        result.flops_train = count_flops(model, example_inputs)
+        result.flops_deploy = count_flops(deployed, example_inputs)
+    return result

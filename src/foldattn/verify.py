@@ -1,0 +1,141 @@
+"""Assert that a deployed model computes what the training-form model computes."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._utils import eval_mode, unwrap_model
+
+__all__ = ["verify", "EquivalenceError", "VerifyReport", "TOLERANCES"]
+
+#: Largest accepted ``max |a - b| / max |a|`` per dtype: a few hundred ulps of the
+#: output scale for float64 and float32, the round-off of whole networks in half precision.
+TOLERANCES: dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.bfloat16: 5e-2,
+    torch.float16: 1e-2,
+}
+
+
+class EquivalenceError(AssertionError):
+    """Raised by :func:`verify` when outputs differ by more than the tolerance."""
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Result of :func:`verify`: errors, the tolerance they were held to, and the dtype."""
+
+    max_abs: float
+    max_rel: float
+    tolerance: float
+    dtype: torch.dtype
+    outputs: int
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel <= self.tolerance
+
+    def __str__(self) -> str:
+        verdict = "OK" if self.passed else "FAILED"
+        return (
+            f"{verdict}: max abs error {self.max_abs:.3e}, max relative error {self.max_rel:.3e} "
+            f"(tolerance {self.tolerance:.0e}, {str(self.dtype).removeprefix('torch.')}, "
+            f"{self.outputs} output tensor(s))"
+        )
+
+
+def _flatten(out: Any) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for k in sorted(out) for t in _flatten(out[k])]
+    if isinstance(out, Sequence) and not isinstance(out, str):
+        return [t for o in out for t in _flatten(o)]
+    return []
+
+
+def _as_args(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Any, ...]:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def _shapes(args: tuple[Any, ...]) -> str:
+    return ", ".join(str(tuple(a.shape)) if isinstance(a, Tensor) else type(a).__name__ for a in args)
+
+
+def _run(model: nn.Module, args: tuple[Any, ...], label: str) -> list[Tensor]:
+    try:
+        out = model(*args)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"the {label} model cannot run on example inputs of shape {_shapes(args)}: {first}. "
+            "Pass inputs shaped like the model's real inputs."
+        ) from None
+    return _flatten(out)
+
+
+@torch.no_grad()
+def verify(
+    model: nn.Module,
+    deployed: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor],
+    dtype: torch.dtype | None = None,
+    *,
+    tolerance: float | None = None,
+) -> VerifyReport:
+    """Compare ``model`` and ``deployed`` on ``example_inputs``, both in eval mode.
+
+    Args:
+        model: the reference (e.g. the training form with ASR layers).
+        deployed: the model to check (e.g. ``foldattn.fold(model)``).
+        example_inputs: a tensor, or a tuple of positional inputs.
+        dtype: run both models (copies) and the floating inputs in this dtype;
+            by default the dtype of ``model``'s parameters.
+        tolerance: override the per-dtype tolerance of :data:`TOLERANCES`.
+
+    Returns:
+        A :class:`VerifyReport` (max absolute and max relative error). The relative
+        error is relative to the output scale, ``max |a - b| / max |a|``.
+
+    Raises:
+        EquivalenceError: the relative error exceeds the tolerance.
+        ValueError: the inputs do not fit the models, or the outputs differ in structure.
+    """
+    model, deployed = unwrap_model(model), unwrap_model(deployed)
+    args = _as_args(example_inputs)
+    if dtype is not None:
+        model, deployed = copy.deepcopy(model).to(dtype), copy.deepcopy(deployed).to(dtype)
+        args = tuple(a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+    ref_param = next(model.parameters(), None)
+    run_dtype = dtype or (ref_param.dtype if ref_param is not None else torch.get_default_dtype())
+    tol = tolerance if tolerance is not None else TOLERANCES.get(run_dtype, 1e-5)
+    with eval_mode(model), eval_mode(deployed):
+        ref = _run(model, args, "reference")
+        out = _run(deployed, args, "deployed")
+    if len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out, strict=False)):
+        raise ValueError(
+            f"output structure differs: reference {[tuple(t.shape) for t in ref]}, "
+            f"deployed {[tuple(t.shape) for t in out]}"
+        )
+    max_abs, scale = 0.0, 0.0
+    for a, b in zip(ref, out, strict=True):
+        a64, b64 = a.double(), b.double()
+        if a64.numel():
+            max_abs = max(max_abs, (a64 - b64).abs().max().item())
+            scale = max(scale, a64.abs().max().item())
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    report = VerifyReport(max_abs, max_rel, tol, run_dtype, len(ref))
+    if not report.passed or max_rel != max_rel:  # NaN fails too
+        raise EquivalenceError(str(report))
+    return report
