@@ -20,7 +20,7 @@ from . import attention as _attention
 from ._utils import eval_mode
 from .transforms import scale_out_channels
 
-__all__ = ["ASR", "HOST_TYPES", "host_channels"]
+__all__ = ["ASR", "HOST_TYPES", "host_channels", "absorbing_parameters"]
 
 # Hosts whose output is linear in per-output-channel parameters (weight, bias), so
 # that scaling those parameters scales the output channel: ``host(x; w*v, b*v) == host(x) * v``.
@@ -30,8 +30,42 @@ HOST_TYPES: tuple[type[nn.Module], ...] = _CHANNEL_FIRST + _CHANNEL_LAST
 _ABSORBING = ("weight", "bias")
 
 
+def absorbing_parameters(host: nn.Module) -> list[str]:
+    """Dotted names of the host's parameters whose dim 0 is the output channel.
+
+    Scaling exactly these by ``v`` scales the host's output channels by ``v``. Standard
+    layers use ``weight`` and ``bias``; a custom module (e.g. a multi-branch
+    re-parameterizable block) declares its own by defining ``asr_parameters()``
+    returning such names (and may set ``asr_channel_dim``, default 1).
+    """
+    custom = getattr(host, "asr_parameters", None)
+    if callable(custom):
+        names = list(custom())
+        if not names:
+            raise ValueError(f"{type(host).__name__}.asr_parameters() returned no parameter")
+        return names
+    host_channels(host)
+    return [n for n in _ABSORBING if isinstance(getattr(host, n, None), Tensor)]
+
+
+def _channel_dim(host: nn.Module) -> int:
+    if callable(getattr(host, "asr_parameters", None)):
+        return int(getattr(host, "asr_channel_dim", 1))
+    return -1 if isinstance(host, _CHANNEL_LAST) else 1
+
+
 def host_channels(host: nn.Module) -> int:
     """Output channels of a host layer; raises ``ValueError`` if it cannot absorb a scale."""
+    if callable(getattr(host, "asr_parameters", None)):
+        params = dict(host.named_parameters())
+        names = absorbing_parameters(host)
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise ValueError(f"{type(host).__name__}.asr_parameters() names unknown parameters {missing}")
+        sizes = {params[n].shape[0] for n in names}
+        if len(sizes) != 1:
+            raise ValueError(f"{type(host).__name__}.asr_parameters() disagree on the channel count: {sorted(sizes)}")
+        return sizes.pop()
     if not isinstance(host, HOST_TYPES):
         raise ValueError(
             f"{type(host).__name__} cannot absorb a per-channel scale; ASR hosts are "
@@ -59,7 +93,8 @@ class ASR(nn.Module):
 
     Args:
         host: the layer whose output is scaled: BatchNorm/SyncBatchNorm, GroupNorm,
-            InstanceNorm (affine), Conv1d/2d/3d, Linear, LayerNorm, RMSNorm.
+            InstanceNorm (affine), Conv1d/2d/3d, Linear, LayerNorm, RMSNorm, or any
+            module that declares ``asr_parameters()`` (see :func:`absorbing_parameters`).
         attention: a registered attention name (see :func:`foldattn.attention.names`)
             or a :class:`~foldattn.attention.ChannelAttention` instance.
         both: also apply the classic (input-dependent) module on the output,
@@ -101,10 +136,11 @@ class ASR(nn.Module):
             )
         if not module.is_static:
             module.make_static(psi_init)
-        ref = host.weight
+        self._absorbing = absorbing_parameters(host)
+        ref = host.get_parameter(self._absorbing[0])
         self.host = host
         self.attention = module.to(device=ref.device, dtype=ref.dtype)
-        self.channel_dim = -1 if isinstance(host, _CHANNEL_LAST) else 1
+        self.channel_dim = _channel_dim(host)
         self.classic: _attention.ChannelAttention | None = None
         if both:
             self.classic = _attention.create(name, channels, **attention_kwargs).to(device=ref.device, dtype=ref.dtype)
@@ -121,10 +157,9 @@ class ASR(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         v = self.vector()
         params = {}
-        for name in _ABSORBING:
-            p = getattr(self.host, name, None)
-            if isinstance(p, Tensor):
-                params[name] = p * v.reshape(-1, *([1] * (p.dim() - 1)))
+        for name in self._absorbing:
+            p = self.host.get_parameter(name)
+            params[name] = p * v.reshape(-1, *([1] * (p.dim() - 1)))
         y = functional_call(self.host, params, args, kwargs)
         if self.classic is not None:
             y = self.classic(y.movedim(-1, 1)).movedim(1, -1) if self.channel_dim == -1 else self.classic(y)
@@ -147,10 +182,9 @@ class ASR(nn.Module):
         if not torch.isfinite(v).all():
             raise ValueError(f"the ASR vector contains NaN or Inf ({int((~torch.isfinite(v)).sum())} of {v.numel()})")
         host = copy.deepcopy(self.host)
-        for name in _ABSORBING:
-            p = getattr(host, name, None)
-            if isinstance(p, Tensor):
-                p.copy_(scale_out_channels(p, v))
+        for name in self._absorbing:
+            p = host.get_parameter(name)
+            p.copy_(scale_out_channels(p, v))
         if self.classic is not None:
             # shared, not copied: a classic DIA stays linked to its chain
             return nn.Sequential(host, self.classic)
