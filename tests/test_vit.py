@@ -9,6 +9,7 @@ from torch import nn
 from _srp_util import randomize
 from foldattn import ASR, attention, create_model, fold, verify
 from foldattn.models import CifarViT
+from foldattn.models.vit import attach_vit_asr, vit_asr_sites
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 SMALL = {"img_size": 8, "embed_dim": 8, "depth": 2, "num_heads": 2}
@@ -106,3 +107,50 @@ def test_bad_arguments(kwargs, match):
 def test_wrong_image_size_is_a_clear_error():
     with pytest.raises(ValueError, match="img_size"):
         create_model("cifar_vit_tiny", **SMALL)(torch.randn(1, 3, 16, 16))
+
+
+def _timm_vit() -> nn.Module:
+    timm = pytest.importorskip("timm")
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=8, patch_size=4, embed_dim=8, depth=2, num_heads=2, num_classes=3)
+
+
+def _torchvision_vit() -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size=8, patch_size=4, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=16,
+                             num_classes=3)
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (_timm_vit, ["blocks.0.attn.proj", "blocks.0.mlp.fc2", "blocks.1.attn.proj", "blocks.1.mlp.fc2"]),
+        (_torchvision_vit, ["encoder.layers.encoder_layer_0.ln_1", "encoder.layers.encoder_layer_0.mlp.3",
+                            "encoder.layers.encoder_layer_1.ln_1", "encoder.layers.encoder_layer_1.mlp.3"]),
+        (lambda: create_model("cifar_vit_tiny", **SMALL),
+         ["blocks.0.attn.proj", "blocks.0.mlp.fc2", "blocks.1.attn.proj", "blocks.1.mlp.fc2"]),
+    ],
+)
+def test_same_rule_on_timm_and_torchvision_vits(make, expected):
+    torch.manual_seed(0)
+    plain = make().double().eval()
+    assert vit_asr_sites(plain) == expected
+    model = randomize(attach_vit_asr(plain, "se", reduction=2)).eval()
+    assert sum(isinstance(m, ASR) for m in model.modules()) == 4
+    assert vit_asr_sites(model) == expected  # the rule is stable under ASR
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), plain(x))  # ASR is really applied in the forward
+    deployed = fold(model)
+    verify(model, deployed, x, tolerance=1e-10)
+    plain.load_state_dict(deployed.state_dict(), strict=True)
+    verify(model, plain, x, tolerance=1e-10)
+
+
+def test_vit_rule_errors():
+    with pytest.raises(ValueError, match="no transformer block"):
+        vit_asr_sites(nn.Sequential(nn.Linear(2, 2)))
+    model = attach_vit_asr(create_model("cifar_vit_tiny", **SMALL), "ie")
+    with pytest.raises(ValueError, match="already has ASR"):
+        attach_vit_asr(model, "ie")

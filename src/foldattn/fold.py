@@ -64,7 +64,7 @@ def fold(model: nn.Module, inplace: bool = False, fuse_bn: bool = False, reparam
     layers = asr_layers(model)
     has_blocks = reparam and next(rep_blocks(model), None) is not None
     if not layers and not fuse_bn and not has_blocks:
-        warnings.warn("fold: the model has no ASR layer; returned unchanged", stacklevel=2)
+        warnings.warn("fold: the model has no ASR layer; returned unchanged", stacklevel=3)
     for name, layer in layers:
         try:
             replacement = layer.fuse()

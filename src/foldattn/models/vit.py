@@ -13,10 +13,14 @@ SE-ResNet and of ``bn3`` in the paper's ResNet-164 (it is a LayerScale, CaiT, wh
 per-channel scale is produced by ``T(psi)``). The LayerNorm affine that feeds a
 branch (``"norm1"``, ``"norm2"``) folds exactly too and may be chosen instead or as
 well. What does *not* fold is a scale after GELU or after the addition.
+
+:func:`vit_asr_sites` applies the same rule to other ViTs (timm, torchvision) and
+:func:`attach_vit_asr` wraps those sites in ASR.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -25,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._utils import set_submodule
+from .._utils import set_submodule, unwrap_model
 from ..asr import ASR
 from ._registry import register_model
 from ._srp_common import check_attention_args
 from .cifar_resnet import _AttentionFactory
 
-__all__ = ["CifarViT", "ViTBlock", "ASR_SITES"]
+__all__ = ["CifarViT", "ViTBlock", "ASR_SITES", "vit_asr_sites", "attach_vit_asr"]
 
 #: ASR sites of a block: name -> dotted path of the host inside :class:`ViTBlock`.
 ASR_SITES: dict[str, str] = {"proj": "attn.proj", "fc2": "mlp.fc2", "norm1": "norm1", "norm2": "norm2"}
@@ -191,3 +195,91 @@ def cifar_vit_tiny(num_classes: int = 10, attention: str | None = None, asr: boo
                    psi_init: float = 0.1, **kwargs: Any) -> CifarViT:
     """ViT for CIFAR: patch 4, embed 192, depth 6, 3 heads, MLP ratio 2. See :class:`CifarViT`."""
     return CifarViT(num_classes=num_classes, attention=attention, asr=asr, both=both, psi_init=psi_init, **kwargs)
+
+
+_ATTENTION_NAMES = ("attn", "self_attention", "attention")
+_OUT_PROJ_NAMES = ("proj", "out_proj", "o_proj")
+_PRE_NORM_NAMES = ("norm1", "ln_1", "layernorm_before")
+
+
+def _child(module: nn.Module, names: Sequence[str], kind: type[nn.Module] | tuple[type[nn.Module], ...]
+           ) -> tuple[str, nn.Module] | None:
+    for n in names:
+        m = getattr(module, n, None)
+        if isinstance(m, kind):
+            return n, m
+    return None
+
+
+def _output_candidates(mlp: nn.Module) -> list[str]:
+    """Names of the Linear (or ASR) layers of ``mlp`` in module order, not looking inside ASR layers."""
+    found: list[str] = []
+    for n, m in mlp.named_modules():
+        if any(n.startswith(f + ".") for f in found if isinstance(mlp.get_submodule(f), ASR)):
+            continue
+        if isinstance(m, (nn.Linear, ASR)):
+            found.append(n)
+    return found
+
+
+def vit_asr_sites(model: nn.Module) -> list[str]:
+    """Dotted names of the layers that take ASR in a ViT, two per transformer block.
+
+    The rule (the one :class:`CifarViT` uses): the Linear that *ends* each residual
+    branch -- the attention output projection and the MLP's last Linear -- so the
+    scale acts on the branch before the addition and folds into that Linear's rows.
+    Where the attention does not call its output projection as a module
+    (``nn.MultiheadAttention``, as in torchvision's ViT) the LayerNorm that feeds
+    the attention takes the scale instead (its affine folds exactly too).
+    A block is any module with an attention child (``attn``, ``self_attention``,
+    ``attention``) and an ``mlp`` child; works for timm's and torchvision's ViTs.
+
+    Raises:
+        ValueError: no transformer block found, or a block without a usable host.
+    """
+    sites: list[str] = []
+    for name, block in unwrap_model(model).named_modules():
+        attn, mlp = _child(block, _ATTENTION_NAMES, nn.Module), getattr(block, "mlp", None)
+        if attn is None or not isinstance(mlp, nn.Module) or isinstance(block, ASR):
+            continue
+        prefix = f"{name}." if name else ""
+        if isinstance(attn[1], nn.MultiheadAttention):
+            host = _child(block, _PRE_NORM_NAMES, (nn.LayerNorm, ASR))
+            where = None if host is None else host[0]
+        else:
+            host = _child(attn[1], _OUT_PROJ_NAMES, (nn.Linear, ASR))
+            where = None if host is None else f"{attn[0]}.{host[0]}"
+        linears = _output_candidates(mlp)
+        if where is None or not linears:
+            raise ValueError(
+                f"transformer block {name!r} ({type(block).__name__}) has no attention output Linear "
+                f"({'/'.join(_OUT_PROJ_NAMES)}) or pre-norm LayerNorm, or no Linear in its mlp"
+            )
+        sites += [prefix + where, f"{prefix}mlp.{linears[-1]}"]
+    if not sites:
+        raise ValueError(
+            f"{type(model).__name__} has no transformer block (a module with an attn/self_attention child and an "
+            "mlp child); pass the ASR hosts explicitly"
+        )
+    return sites
+
+
+def attach_vit_asr(model: nn.Module, attention: str = "se", *, psi_init: float = 0.1, inplace: bool = False,
+                   **attention_kwargs: Any) -> nn.Module:
+    """Wrap every :func:`vit_asr_sites` layer of a ViT in :class:`~foldattn.ASR` (one module each).
+
+    By default a deep copy is changed. ``foldattn.fold`` of the result loads strictly
+    into the original model.
+
+    Example:
+        >>> model = attach_vit_asr(timm.create_model("vit_tiny_patch16_224"), "se")
+    """
+    model = unwrap_model(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+    for site in vit_asr_sites(model):
+        host = model.get_submodule(site)
+        if isinstance(host, ASR):
+            raise ValueError(f"{site!r} already has ASR; attach ASR once per host")
+        set_submodule(model, site, ASR(host, attention, psi_init=psi_init, **attention_kwargs))
+    return model
