@@ -7,6 +7,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from _srp_util import randomize
@@ -183,3 +185,32 @@ def test_dbb_pad_value_is_zero_response():
     zero = layer.bn(torch.zeros(1, 3, 1, 1, dtype=torch.float64)).reshape(3)
     assert torch.allclose(y[0, :, 0, 0], zero, rtol=0, atol=1e-12)
     assert torch.allclose(y[..., 2:6, 2:6], layer.bn(x), rtol=0, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    name=st.sampled_from(["repvgg", "acnet", "dbb"]),
+    k=st.sampled_from([3, 5]),
+    extra_pad=st.integers(0, 1),
+    stride=st.integers(1, 3),
+    groups=st.sampled_from([1, 2]),
+    channels=st.sampled_from([(2, 2), (2, 4), (4, 2)]),
+    size=st.tuples(st.integers(5, 9), st.integers(5, 9)),
+    asr=st.booleans(),
+)
+def test_fuse_property(name, k, extra_pad, stride, groups, channels, size, asr):
+    torch.manual_seed(0)
+    block = srp.create(name, *channels, k, stride, padding=k // 2 + extra_pad, groups=groups)
+    model = randomize(ASR(block, "ie") if asr else block).double().eval()
+    x = torch.randn(2, channels[0], *size, dtype=torch.float64)
+    deployed = fold(model)
+    assert type(deployed) is nn.Conv2d
+    assert verify(model, deployed, x).max_rel <= 1e-10
+
+
+def test_base_class_without_branches():
+    block = srp.RepBlock(2, 2)
+    with pytest.raises(RuntimeError, match="no branches"):
+        block(torch.randn(1, 2, 4, 4))
+    with pytest.raises(ValueError, match="at least one"):
+        block.fused_kernel()

@@ -105,7 +105,8 @@ class RepBlock(nn.Module):
         for branch in self.branches.values():
             y = branch(x)
             out = y if out is None else out + y
-        assert out is not None
+        if out is None:
+            raise RuntimeError(f"{type(self).__name__} has no branches; subclasses add them in __init__")
         return out
 
     def asr_parameters(self) -> list[str]:
