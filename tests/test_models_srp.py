@@ -99,14 +99,33 @@ def test_other_block_kinds_by_name():
     verify(model, fold(model), torch.randn(2, 3, 8, 8, dtype=torch.float64))
 
 
-def test_trains_one_step():
-    model = create_model("cifar_resnet20_dbb", **SMALL_RESNET, attention="se", asr=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 3]))
-    loss.backward()
+@pytest.mark.parametrize("name", ["cifar_resnet20_dbb", "cifar_repvgg_a0"])
+def test_train_steps_then_fold_exactly(name):
+    """Training moves psi and the BN running statistics (through ASR's functional call); the fold stays exact."""
+    torch.manual_seed(0)
+    model = create_model(name, **MODELS[name], attention="se", asr=True, reduction=2).double()
     psis = [m.attention.psi for m in model.modules() if isinstance(m, ASR)]
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in psis)
-    opt.step()
+    means = [m.running_mean for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = [p.detach().clone() for p in psis], [m.clone() for m in means]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in psis)
+        opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before[0], psis, strict=True))
+    assert all(not torch.equal(a, m) for a, m in zip(before[1], means, strict=True))
+    model.eval()
+    verify(model, fold(model), x, tolerance=1e-10)
+
+
+def test_dbb_sequential_branch_starts_as_identity():
+    model = create_model("cifar_resnet20_dbb", **SMALL_RESNET)
+    branch = model.layer1[0].conv2.branches["one_by_one_kxk"]
+    eye = torch.eye(4).reshape(4, 4, 1, 1)
+    assert torch.equal(branch.conv1.weight, eye)
+    assert not torch.equal(model.layer1[0].conv2.branches["one_by_one"].conv.weight[:, :, 0, 0], torch.eye(4))
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..srp import OneByOneThen
 from ._registry import register_model
 from ._srp_common import check_attention_args, factories, rep_layer
 from .cifar_resnet import _AttentionFactory
@@ -98,6 +99,12 @@ class SrpCifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
+        for m in self.modules():  # as CifarResNet; then DBB's identity start of its 1x1 -> kxk branch
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.modules():
+            if isinstance(m, OneByOneThen):
+                m.reset_identity()
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.conv1(x))

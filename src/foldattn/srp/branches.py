@@ -7,6 +7,7 @@ transforms of :mod:`foldattn.transforms`.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -103,6 +104,19 @@ class OneByOneThen(Branch):
             else nn.Conv2d(mid_channels, out_channels, kernel_size, stride=stride, groups=groups, bias=False)
         )
         self.bn = nn.BatchNorm2d(out_channels)
+        self.reset_identity()
+
+    @torch.no_grad()
+    def reset_identity(self) -> None:
+        """Start the 1x1 conv as the identity when it keeps the channels (DBB's choice, as a plain weight).
+
+        DBB parametrises that conv as identity + a learned delta; here the weight itself
+        starts at the identity (weight decay then pulls it towards 0, not towards the
+        identity). Called at construction; call again after re-initialising a model.
+        """
+        if self.conv1.in_channels == self.conv1.out_channels and not self.pooled:
+            eye = identity_as_conv(self.conv1.in_channels, 1, self.groups)
+            self.conv1.weight.copy_(eye.to(self.conv1.weight))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.bn(self.op(self.mid(self.conv1(x))))
