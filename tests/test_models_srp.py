@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from _srp_util import DEPLOYED_CONV_NET, leaf_types, randomize
 from foldattn import ASR, attention, create_model, fold, list_models, srp, verify
 from foldattn.models import CifarRepVGG, SrpCifarResNet
+
+from ._srp_util import DEPLOYED_CONV_NET, leaf_types, randomize
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 SMALL_REPVGG = {"num_blocks": (1, 2, 1, 1), "widths": (8, 8, 16, 16)}

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from _srp_util import randomize
 from foldattn import ASR, fold, srp, verify
+
+from ._srp_util import randomize
 
 BLOCKS = ["repvgg", "acnet", "dbb", "conv_bn"]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}

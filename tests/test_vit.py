@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from _srp_util import randomize
 from foldattn import ASR, attention, create_model, fold, verify
 from foldattn.models import CifarViT
 from foldattn.models.vit import attach_vit_asr, vit_asr_sites
+
+from ._srp_util import randomize
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 SMALL = {"img_size": 8, "embed_dim": 8, "depth": 2, "num_heads": 2}
