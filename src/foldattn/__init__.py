@@ -11,6 +11,7 @@ backbone's own weights, so the deployed network costs exactly the plain backbone
 
 from . import attention, models, transforms
 from .asr import ASR
+from .attach import AttachReport, attach, find_sites
 from .fold import fold
 from .models import create_model, list_models
 from .summary import Summary, summary
@@ -19,6 +20,7 @@ from .verify import TOLERANCES, EquivalenceError, VerifyReport, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "ASR", "fold", "verify", "summary", "Summary", "EquivalenceError", "VerifyReport", "TOLERANCES",
+    "ASR", "attach", "find_sites", "AttachReport",
+    "fold", "verify", "summary", "Summary", "EquivalenceError", "VerifyReport", "TOLERANCES",
     "attention", "models", "transforms", "create_model", "list_models", "__version__",
 ]
