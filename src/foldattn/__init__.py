@@ -12,6 +12,7 @@ backbone's own weights, so the deployed network costs exactly the plain backbone
 from . import attention, models, transforms
 from .asr import ASR
 from .attach import AttachReport, attach, find_sites
+from .deploy import load_deployed, save_deployed
 from .fold import fold
 from .models import create_model, list_models
 from .summary import Summary, summary
@@ -20,7 +21,7 @@ from .verify import TOLERANCES, EquivalenceError, VerifyReport, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "ASR", "attach", "find_sites", "AttachReport",
+    "ASR", "attach", "find_sites", "AttachReport", "save_deployed", "load_deployed",
     "fold", "verify", "summary", "Summary", "EquivalenceError", "VerifyReport", "TOLERANCES",
     "attention", "models", "transforms", "create_model", "list_models", "__version__",
 ]
