@@ -135,7 +135,7 @@ def test_allowlist_is_enforced_at_load(saved: Path, tmp_path: Path) -> None:
 
 def test_no_builder_needs_model(trained: nn.Module, tmp_path: Path) -> None:
     path = save_deployed(trained, tmp_path / "nb.safetensors")
-    with pytest.raises(ValueError, match="pass model=<a fresh torchvision.models.resnet.ResNet>"):
+    with pytest.raises(ValueError, match=r"pass model=<a fresh torchvision\.models\.resnet\.ResNet>"):
         load_deployed(path)
     foldattn.verify(trained, load_deployed(path, model=tv.resnet18(num_classes=10)), X)
 
