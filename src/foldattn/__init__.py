@@ -13,6 +13,7 @@ from . import attention, models, transforms
 from .asr import ASR
 from .attach import AttachReport, attach, find_sites
 from .deploy import load_deployed, save_deployed
+from .export import export_onnx
 from .fold import fold
 from .models import create_model, list_models
 from .summary import Summary, summary
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASR", "attach", "find_sites", "AttachReport", "save_deployed", "load_deployed",
+    "export_onnx",
     "fold", "verify", "summary", "Summary", "EquivalenceError", "VerifyReport", "TOLERANCES",
     "attention", "models", "transforms", "create_model", "list_models", "__version__",
 ]
