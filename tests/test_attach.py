@@ -8,6 +8,8 @@ import logging
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import foldattn
@@ -236,6 +238,21 @@ def test_attach_twice_is_an_error() -> None:
     assert len(asr_layers(again)) == 8
 
 
+@pytest.mark.parametrize(
+    "replacement,match",
+    [
+        (nn.BatchNorm2d(32), "replaced after ASR was attached: now BatchNorm2d with 32 channels"),
+        (nn.Identity(), "replaced by a layer that cannot absorb the scale: Identity"),
+        (nn.BatchNorm2d(64, affine=False), "replaced by a layer that cannot absorb the scale: BatchNorm2d has no"),
+    ],
+)
+def test_fold_after_host_was_replaced(replacement: nn.Module, match: str) -> None:
+    model = attach(tv.resnet18(), "se")
+    model.layer1[0].bn2.host = replacement
+    with pytest.raises(ValueError, match=f"cannot fold ASR layer 'layer1.0.bn2': its host was {match}"):
+        foldattn.fold(model)
+
+
 def test_inplace_wrappers_and_options(caplog: pytest.LogCaptureFixture) -> None:
     model = tv.resnet18()
     with caplog.at_level(logging.INFO, logger="foldattn.attach"):
@@ -285,3 +302,75 @@ def test_report_type() -> None:
     text = str(report)
     assert "layer1.0.bn2  BatchNorm2d(64)" in text and "torch.fx" in text
     assert copy.copy(report).names == report.names
+
+
+# --- property test: random residual networks ---------------------------------------------------------------
+
+class _RandomBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, norm: str, tail: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 1, bias=norm == "none")
+        self.norm2 = {"bn": lambda: nn.BatchNorm2d(cout), "gn": lambda: nn.GroupNorm(2, cout),
+                      "none": nn.Identity}[norm]()
+        self.tail = tail
+        self.gamma = nn.Parameter(torch.rand(cout, 1, 1) + 0.5)
+        self.drop = nn.Dropout(0.1)
+        self.proj = None if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.expected = "norm2" if norm != "none" else "conv2"
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.norm2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        if self.tail == "scale":
+            out = self.gamma * out
+        elif self.tail == "dropout":
+            out = self.drop(out)
+        elif self.tail == "relu":
+            out = torch.relu(out)
+        shortcut = x if self.proj is None else self.proj(x)
+        return torch.relu(shortcut + out) if self.tail != "iadd" else out.add_(shortcut)
+
+
+class _RandomNet(nn.Module):
+    def __init__(self, spec: list[tuple[int, str, str]]) -> None:
+        super().__init__()
+        blocks, cin = [], 4
+        for width, norm, tail in spec:
+            blocks.append(_RandomBlock(cin, width, norm, tail))
+            cin = width
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(cin, 3)
+        self.dynamic = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.dynamic and bool(x.isnan().any()):  # data-dependent: torch.fx cannot trace this
+            raise ValueError("NaN input")
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+@given(
+    spec=st.lists(
+        st.tuples(st.sampled_from([4, 6, 8]), st.sampled_from(["bn", "gn", "none"]),
+                  st.sampled_from(["plain", "scale", "dropout", "relu", "iadd"])),
+        min_size=1, max_size=4,
+    ),
+    every=st.integers(1, 3),
+    traced=st.booleans(),
+)
+@settings(max_examples=25, deadline=None)
+def test_random_residual_nets(spec: list[tuple[int, str, str]], every: int, traced: bool) -> None:
+    """The site is the branch's last norm (or its conv without a norm); the fold is exact in float64."""
+    torch.manual_seed(0)
+    model = _RandomNet(spec).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    expected = [f"blocks.{i}.{b.expected}" for i, b in enumerate(model.blocks)][::every]
+    model.dynamic = not traced  # forces the recorded-forward-pass path
+    out, report = attach(model, "se", every=every, example_inputs=x, return_report=True, reduction=2)
+    assert report.method == ("torch.fx trace" if traced else "recorded forward pass")
+    assert report.names == expected
+    with torch.no_grad():
+        for _, layer in asr_layers(out):
+            layer.attention.psi.uniform_(-1, 1)
+    foldattn.verify(out, foldattn.fold(out), x)  # float64: 1e-10 relative

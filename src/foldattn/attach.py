@@ -96,7 +96,7 @@ _TRANSPARENT_FUNCS = frozenset({
     "permute", "transpose", "reshape", "view", "flatten", "contiguous", "clone", "to", "float",
     "type_as", "squeeze", "unsqueeze", "getitem", "dropout", "dropout1d", "dropout2d", "dropout3d",
     "feature_dropout", "alpha_dropout", "stochastic_depth", "drop_path", "relu", "relu6", "gelu",
-    "silu", "hardswish", "leaky_relu", "mish", "elu",
+    "silu", "hardswish", "leaky_relu", "mish", "elu", "roll", "pad", "narrow",
 })
 #: Binary operations the walk passes when the other operand is a constant (a parameter, ...).
 _SCALE_FUNCS = frozenset({"mul", "imul", "rmul", "truediv", "itruediv", "div", "div_"})
@@ -443,7 +443,9 @@ class _BlockFinder:
                 else:
                     why = _host_problem(m).split(";")[0] if m is not None else "unknown module"
                 return None, node.target, f"the branch ends in {type(m).__name__}, which is not an ASR host ({why})"
-            if len(node.inputs) == 1 and (node.target in _TRANSPARENT_FUNCS or node.target in _SCALE_FUNCS):
+            # data first: further live inputs of a transparent op are sizes read from the input's shape
+            passes = node.target in _TRANSPARENT_FUNCS or (len(node.inputs) == 1 and node.target in _SCALE_FUNCS)
+            if node.inputs and passes:
                 idx = node.inputs[0]
                 continue
             where = f"<{node.target} after {last}>" if last else f"<{node.target}>"
@@ -655,18 +657,18 @@ def attach(
         >>> model, report = foldattn.attach(model, "se", return_report=True)
         >>> print(report)  # layer1.0.bn2 BatchNorm2d(64), ...
     """
-    report = find_sites(model, where, every=every, include=include, exclude=exclude, example_inputs=example_inputs)
-    model = unwrap_model(model)
-    if not inplace:
-        model = copy.deepcopy(model)
     name = attention if isinstance(attention, str) else getattr(attention, "__name__", type(attention).__name__)
-    report.attention = name
     if both and not isinstance(attention, str):
         raise ValueError("both=True needs attention given by name (the classic twin is built from that name)")
     if isinstance(attention, str):
-        _attention.get(attention)  # unknown names fail here, before the model is touched
+        _attention.get(attention)  # unknown names fail here, before any work
     elif not callable(attention):
         raise TypeError(f"attention must be a registered name or a callable channels -> module, got {name}")
+    report = find_sites(model, where, every=every, include=include, exclude=exclude, example_inputs=example_inputs)
+    report.attention = name
+    model = unwrap_model(model)
+    if not inplace:
+        model = copy.deepcopy(model)
     chain_dia = isinstance(attention, str) and _attention.get(attention) is _attention.DIA
     previous: _attention.ChannelAttention | None = None
     for site in report.sites:
