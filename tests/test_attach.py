@@ -112,11 +112,13 @@ def test_end_to_end(name: str) -> None:
 def test_custom_model_needs_example_inputs_and_counts_reuse() -> None:
     with pytest.raises(ValueError, match="example_inputs"):
         find_sites(TwoUse())
-    report = find_sites(TwoUse(), example_inputs=torch.randn(2, 3, 8, 8))
+    report = find_sites(TwoUse(), example_inputs=[torch.randn(2, 3, 8, 8)])  # a list of inputs works too
     assert report.method == "recorded forward pass"
     assert report.names == ["block.4", "other.1"]
     assert report.sites[0].calls == 2
     assert "called 2x" in str(report)
+    with pytest.raises(ValueError, match=r"cannot run on example_inputs.*real inputs"):
+        find_sites(TwoUse(), example_inputs=torch.randn(2, 5, 8, 8))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf"])

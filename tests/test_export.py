@@ -95,6 +95,7 @@ def test_export_options_and_errors(tmp_path: Path) -> None:
         export_onnx("model", x, tmp_path / "x.onnx")  # type: ignore[arg-type]
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("name", ["resnet18", "timm_vit"])
 def test_jit_trace_and_torch_export_of_folded_model(name: str) -> None:
     x = torch.randn(2, 3, 32, 32)

@@ -277,10 +277,12 @@ class _Recorder(TorchFunctionMode):
 def _graph_from_run(model: nn.Module, example_inputs: Any) -> _Graph:
     graph = _Graph("recorded forward pass")
     rec = _Recorder(graph)
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     for t in rec.tensors(args):
         rec.produced(t, graph.add("input", "input", [], force_live=True))
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    names: dict[int, str] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), n)  # a module shared under two names keeps its first, as torch.fx does
     leaves = {id(m) for m in model.modules() if _is_leaf(m)}
 
     def pre(module: nn.Module, a: Any, kw: Any) -> None:
@@ -506,7 +508,7 @@ def find_sites(
     every: int = 1,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
-    example_inputs: Tensor | tuple[Any, ...] | None = None,
+    example_inputs: Tensor | Sequence[Tensor] | None = None,
 ) -> AttachReport:
     """Where :func:`attach` would put ASR, as an :class:`AttachReport`; the model is not changed.
 
@@ -621,7 +623,7 @@ def attach(
     psi_init: float = 0.1,
     inplace: bool = False,
     *,
-    example_inputs: Tensor | tuple[Any, ...] | None = None,
+    example_inputs: Tensor | Sequence[Tensor] | None = None,
     return_report: bool = False,
     **attention_kwargs: Any,
 ) -> nn.Module | tuple[nn.Module, AttachReport]:
