@@ -211,6 +211,10 @@ def test_include_exclude_patterns() -> None:
         find_sites(model, exclude="nope")
     with pytest.raises(ValueError, match="leave no site"):
         find_sites(model, exclude="*")
+    with pytest.raises(ValueError, match=r"include pattern 'layer1\.9\.bn2' matches no module name"):
+        find_sites(model, where=None, include=["conv1", "layer1.9.bn2"])
+    with pytest.raises(ValueError, match=r"no eligible ASR site.*layer1\.0\.relu: ReLU cannot absorb"):
+        find_sites(model, where=None, include="layer1.0.relu")
     with pytest.raises(ValueError, match=r"include= names the sites|include is empty"):
         find_sites(model, where=None)
 

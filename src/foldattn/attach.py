@@ -557,6 +557,10 @@ def find_sites(
             ]
             looked_for = "BatchNorm, GroupNorm and LayerNorm layers (with affine parameters)"
         else:
+            for p in includes:
+                if not any(fnmatch.fnmatchcase(n, p) for n in modules if n):
+                    raise ValueError(f"include pattern {p!r} matches no module name (names look like "
+                                     f"{', '.join(n for n in list(modules)[1:4])})")
             pool = [n for n in modules if n and _match_any(n, includes)]
             looked_for = f"modules matching {includes}"
         candidates = []
