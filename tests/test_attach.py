@@ -155,6 +155,25 @@ def test_existing_attention_is_left_alone() -> None:
         attach(model, "se", where=None, include="features.*.block.*.fc1")
 
 
+def test_timm_se_resnet_keeps_its_se_and_gets_asr_before_it() -> None:
+    model = _timm("seresnet18", num_classes=10)
+    out, report = attach(model, "se", return_report=True)
+    assert report.names[0] == "layer1.0.bn2" and "before the existing SEModule 'layer1.0.se'" in report.sites[0].note
+    assert type(out.layer1[0].se).__name__ == "SEModule"
+    x = torch.randn(2, 3, 32, 32)
+    foldattn.verify(out, foldattn.fold(out), x)
+
+
+def test_recorded_pass_does_not_change_the_model() -> None:
+    model = TwoUse().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    find_sites(model, example_inputs=torch.randn(2, 3, 8, 8))
+    assert model.training and all(m.training for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "BatchNorm statistics must not move"
+    assert not model._forward_hooks and not model.block[1]._forward_pre_hooks, "hooks are removed"
+
+
 def test_walks_through_existing_attention_at_branch_end() -> None:
     class SEBlock(nn.Module):
         def __init__(self) -> None:

@@ -11,7 +11,7 @@ backbone's own weights, so the deployed network costs exactly the plain backbone
 
 from . import attention, models, transforms
 from .asr import ASR
-from .attach import AttachReport, attach, find_sites
+from .attach import AttachReport, attach, find_sites, register_attention_type, register_transparent_type
 from .deploy import load_deployed, save_deployed
 from .export import export_onnx
 from .fold import fold
@@ -22,7 +22,8 @@ from .verify import TOLERANCES, EquivalenceError, VerifyReport, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "ASR", "attach", "find_sites", "AttachReport", "save_deployed", "load_deployed",
+    "ASR", "attach", "find_sites", "AttachReport", "register_attention_type", "register_transparent_type",
+    "save_deployed", "load_deployed",
     "export_onnx",
     "fold", "verify", "summary", "Summary", "EquivalenceError", "VerifyReport", "TOLERANCES",
     "attention", "models", "transforms", "create_model", "list_models", "__version__",
