@@ -110,3 +110,21 @@ def test_jit_trace_and_torch_export_of_folded_model(name: str) -> None:
     assert (ref - out).abs().max() <= 1e-5 * ref.abs().max()
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert not any("sigmoid" in t for t in targets), "no attention left in the exported program"
+
+
+def test_readme_example_runs(tmp_path: Path) -> None:
+    """The README's "Use it on your own model" example, run as written in a fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Use it on your own model", 1)[1]
+    (tmp_path / "example.py").write_text(section.split("```python\n", 1)[1].split("```", 1)[0])
+    src = str(Path(foldattn.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "OK: max abs error" in run.stdout and "onnxruntime vs PyTorch" in run.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["example.py", "resnet18_asr.onnx", "resnet18_asr.safetensors"]
