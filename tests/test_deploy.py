@@ -15,6 +15,7 @@ from foldattn.deploy import (
     ArchitectureMismatchError,
     DeployedFileError,
     allow_builder_module,
+    metadata_path,
     read_metadata,
 )
 
@@ -45,7 +46,14 @@ def test_round_trip_rebuilds_from_metadata(trained: nn.Module, saved: Path) -> N
     loaded = load_deployed(saved)
     assert type(loaded) is type(tv.resnet18()) and not loaded.training
     foldattn.verify(trained, loaded, X)  # float32, 1e-5 relative
-    assert sorted(p.name for p in saved.parent.iterdir()) == ["r18.safetensors"], "no temp file left behind"
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["r18.json", "r18.safetensors"], "no temp file left"
+    assert json.loads(metadata_path(saved).read_text()) == meta  # the readable copy matches the header
+
+
+def test_weights_path_must_not_be_json(trained: nn.Module, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="another suffix"):
+        save_deployed(trained, tmp_path / "m.json")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_load_into_given_instance(saved: Path, trained: nn.Module) -> None:

@@ -29,7 +29,7 @@ from ._utils import atomic_path, unwrap_model
 from .fold import asr_layers, fold
 
 __all__ = [
-    "save_deployed", "load_deployed", "read_metadata", "allow_builder_module",
+    "save_deployed", "load_deployed", "read_metadata", "metadata_path", "allow_builder_module",
     "DeployedFileError", "ArchitectureMismatchError", "FORMAT_VERSION",
 ]
 
@@ -149,6 +149,9 @@ def save_deployed(
 ) -> Path:
     """Write the deployed form of ``model`` to ``path`` (safetensors + JSON metadata).
 
+    The metadata is stored in the safetensors header (what :func:`load_deployed` reads)
+    and, for people and tools, as a JSON file beside it (:func:`metadata_path`).
+
     ASR layers (Zhong et al., arXiv 2304.06345) are folded first, on a copy; wrappers
     (DataParallel/DDP ``module.``, ``torch.compile`` ``_orig_mod.``) are removed, so the
     file holds the plain backbone's ``state_dict``. The write is atomic.
@@ -208,9 +211,19 @@ def save_deployed(
     from safetensors.torch import save_file
 
     dest = Path(path)
+    if dest.suffix == ".json":
+        raise ValueError(f"{dest}: the weights file needs another suffix (e.g. .safetensors); .json is the metadata's")
     with atomic_path(dest) as tmp:
         save_file(tensors, str(tmp), metadata={_META_KEY: header})
+    # a readable copy of the metadata beside the weights; the header stays authoritative
+    with atomic_path(metadata_path(dest)) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return dest
+
+
+def metadata_path(path: str | os.PathLike[str]) -> Path:
+    """Where :func:`save_deployed` writes the JSON copy of a deployed file's metadata."""
+    return Path(path).with_suffix(".json")
 
 
 def _version() -> str:
