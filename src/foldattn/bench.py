@@ -227,6 +227,8 @@ class BenchConfig:
         memory: measure peak memory of a forward and a training step.
         train: measure the training step.
         onnx: add ONNX Runtime rows for the exported plain and folded models.
+        clock: ``"wall"`` (elapsed time) or ``"cpu"`` (CPU time of this process, all
+            threads: steadier on a shared machine, meaningful with ``threads=1``; CPU only).
         seed: seed of the weights and inputs.
     """
 
@@ -244,6 +246,7 @@ class BenchConfig:
     memory: bool = True
     train: bool = True
     onnx: bool = False
+    clock: str = "wall"
     seed: int = 0
 
     def validated(self) -> BenchConfig:
@@ -265,7 +268,11 @@ class BenchConfig:
             raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
         if not (isinstance(self.min_sample_s, (int, float)) and self.min_sample_s >= 0):
             raise ValueError(f"min_sample_s must be a number >= 0, got {self.min_sample_s!r}")
-        _check_device(self.device)
+        dev = _check_device(self.device)
+        if self.clock not in _CLOCKS:
+            raise ValueError(f"unknown clock {self.clock!r}; valid clocks: {', '.join(_CLOCKS)}")
+        if self.clock == "cpu" and dev.type != "cpu":
+            raise ValueError("--clock cpu measures CPU time and misses GPU work; use --clock wall with --device cuda")
         return replace(self, attentions=attentions, models=tuple(self.models))
 
 
@@ -274,6 +281,9 @@ QUICK = BenchConfig(
     models=("cifar_resnet20",), attentions=("se", "eca"), throughput_batch=32, train_batch=16,
     reps=3, warmup=1, min_sample_s=0.01,
 )
+
+
+_CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def _is_positive_int(value: object) -> bool:
@@ -328,6 +338,7 @@ def interleaved(
     warmup: int,
     sync: Callable[[], None] = lambda: None,
     min_sample_s: float = 0.0,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Time each runner ``reps`` times, interleaved, after ``warmup`` untimed rounds.
 
@@ -335,25 +346,27 @@ def interleaved(
     runner always follows the same neighbour. A sample repeats its runner ``k`` times,
     ``k`` fixed per runner from the last warm-up call so a sample lasts about
     ``min_sample_s``; the per-call time of each sample is returned, in seconds.
+    ``clock`` is wall time by default; ``time.process_time`` measures the CPU time of
+    the process instead, which other processes on a shared machine disturb less.
     """
     keys = list(runners)
     calls = dict.fromkeys(keys, 1)
     for _ in range(max(1, warmup)):
         for k in keys:
-            t0 = time.perf_counter()
+            t0 = clock()
             runners[k]()
             sync()
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             calls[k] = max(1, min(1000, math.ceil(min_sample_s / max(dt, 1e-9))))
     samples: dict[str, list[float]] = {k: [] for k in keys}
     for i in range(reps):
         for k in keys[i % len(keys):] + keys[: i % len(keys)]:
             run, n = runners[k], calls[k]
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(n):
                 run()
             sync()
-            samples[k].append((time.perf_counter() - t0) / n)
+            samples[k].append((clock() - t0) / n)
     return samples
 
 
@@ -564,7 +577,7 @@ def bench_group(family: Family, attention: str, cfg: BenchConfig, threads: int,
             runners: dict[str, Callable[[], object]] = {k: (lambda m=m, x=x: m(x)) for k, m in models.items()}
             runners.update({row: run for (row, b), run in ort_runners.items() if b == batch})
             with torch.inference_mode():
-                samples = interleaved(runners, cfg.reps, cfg.warmup, sync, cfg.min_sample_s)
+                samples = interleaved(runners, cfg.reps, cfg.warmup, sync, cfg.min_sample_s, _CLOCKS[cfg.clock])
             for key, s in samples.items():
                 st = _stats(s)
                 rows[key][f"{what}_ms"] = st
@@ -577,7 +590,7 @@ def bench_group(family: Family, attention: str, cfg: BenchConfig, threads: int,
     if cfg.train:
         log(f"  training step (batch {train_batch})")
         steps = {v.key: _train_step(models[v.key], family, train_batch, cfg, device)[0] for v in VARIANTS if v.trains}
-        for key, s in interleaved(steps, cfg.reps, cfg.warmup, sync).items():
+        for key, s in interleaved(steps, cfg.reps, cfg.warmup, sync, clock=_CLOCKS[cfg.clock]).items():
             rows[key]["train_ms"] = _stats(s)
     del models
     gc.collect()
@@ -809,6 +822,10 @@ def _fmt_count(n: int | None) -> str:
     return str(n)
 
 
+def _count_cell(n: int | None, ratio: float | None) -> str:
+    return "-" if n is None else f"{_fmt_count(n)} ({ratio:.3f}x)" if ratio is not None else _fmt_count(n)
+
+
 def _cell(value: float | None, ratio: float | None, fmt: str) -> str:
     if value is None:
         return "-"
@@ -831,7 +848,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += [
         f"Machine: {where}; device {mach['device']}, {mach['threads']} thread(s); torch {mach['torch']}{load}.",
         f"Date: {result['date']} ({result['seconds']} s). Median of {cfg['reps']} interleaved samples after "
-        f"{cfg['warmup']} warm-up round(s); (x) = ratio to plain in the same group."
+        f"{cfg['warmup']} warm-up round(s), {cfg.get('clock', 'wall')} clock; (x) = ratio to plain in the same group."
         + (" channels_last." if cfg["channels_last"] else ""),
         "",
     ]
@@ -853,7 +870,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                 q = r["ratio"]
                 lines.append("| " + " | ".join([
                     r["label"] if r["variant"] != "plain" else f"plain ({g['attention'].upper()} group)",
-                    _fmt_count(r["params"]), _fmt_count(r["flops"]),
+                    _count_cell(r["params"], q["params"]), _count_cell(r["flops"], q["flops"]),
                     _cell(r["latency_ms"]["median"], q["latency"], ".2f"),
                     _cell(r["throughput_ips"], q["throughput"], ".1f"),
                     _cell(r["memory_mib"], q["memory"], ".1f"),
@@ -929,7 +946,7 @@ _PARSER_ACTIONS: list[argparse.Action] = []
 def _main(args: argparse.Namespace) -> int:
     base = QUICK if args.quick else BenchConfig()
     overrides = {k: getattr(args, k) for k in (
-        "latency_batch", "throughput_batch", "train_batch", "reps", "warmup", "threads", "device", "seed")
+        "latency_batch", "throughput_batch", "train_batch", "reps", "warmup", "threads", "device", "clock", "seed")
         if getattr(args, k) is not None}
     if args.models:
         overrides["models"] = tuple(args.models)
@@ -968,6 +985,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=_nonnegative_int, help="untimed rounds first (default 2)")
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
     p.add_argument("--device", help="cpu (default) or cuda[:N]")
+    p.add_argument("--clock", choices=sorted(_CLOCKS),
+                   help="wall (default) or cpu: CPU time of the process, steadier on a shared machine "
+                        "(use with --threads 1)")
     p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last")
     p.add_argument("--onnx", action="store_true", help="add ONNX Runtime rows (plain and folded, exported)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
