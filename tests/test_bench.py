@@ -302,3 +302,28 @@ def test_every_variant_runs_on_a_cifar_model() -> None:
             assert model(x).shape == (2, 10)
         assert isinstance(model, nn.Module)
     assert bench._flops(bench.VARIANTS[2].build(fam, "eca"), x[:1]) > 0  # ASR(ECA) training form
+
+
+@pytest.mark.parametrize("what", ["latency", "train"])
+def test_profile_variant_tables(what: str) -> None:
+    cfg = bench.BenchConfig(train_batch=2)
+    tables = bench.profile_variant(bench.get_family("cifar_resnet20"), "se", "asr", what, cfg, calls=1,
+                                  row_limit=200)
+    assert list(tables) == ["plain", "asr"]
+    assert "aten::convolution" in tables["plain"] or "aten::conv2d" in tables["plain"]
+    assert "aten::sigmoid" in tables["asr"]  # the SE gate on psi runs in the training form
+    assert "aten::sigmoid" not in tables["plain"]
+    assert "Self CPU" in tables["asr"]
+
+
+def test_markdown_shows_profiles(quick_run) -> None:
+    result = copy.deepcopy(quick_run[1])
+    result["profiles"] = [{"target": "FAIL x", "family": "f", "attention": "se", "variant": "asr", "work": "train",
+                           "tables": {"plain": "TABLE-PLAIN", "asr": "TABLE-ASR"}}]
+    bench.validate_result(result)
+    md = bench.render_markdown(result)
+    assert "Profile for `FAIL x`" in md
+    assert md.index("TABLE-PLAIN") < md.index("TABLE-ASR")
+    result["profiles"][0].pop("tables")
+    with pytest.raises(ValueError, match="profiles"):
+        bench.validate_result(result)

@@ -750,6 +750,66 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------
+# profiles of missed targets
+# ----------------------------------------------------------------------------------------
+_TARGET_WORK = {"latency": "latency_batch", "throughput": "throughput_batch", "train": None}
+
+
+def profile_variant(family: Family, attention: str, variant: str, what: str, cfg: BenchConfig,
+                    calls: int = 3, row_limit: int = 12) -> dict[str, str]:
+    """``torch.profiler`` tables (ops by self CPU time) of plain and ``variant`` doing ``what``.
+
+    Args:
+        what: ``"latency"`` / ``"throughput"`` (an inference forward at that batch) or
+            ``"train"`` (one training step).
+        calls: profiled calls, after two warm-up calls.
+
+    Returns:
+        ``{variant key: table text}`` for ``"plain"`` and ``variant``.
+    """
+    cfg = cfg.validated()
+    device = torch.device(cfg.device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    tables = {}
+    for key in ("plain", variant):
+        torch.manual_seed(cfg.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = _prepare(_VARIANT[key].build(family, attention), cfg, device)
+        if what == "train":
+            fn: Callable[[], object] = _train_step(model, family, cfg.train_batch or family.train_batch, cfg, device)[0]
+            mode: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        else:
+            x = _inputs(family, getattr(cfg, _TARGET_WORK[what]), cfg, device)
+            fn, mode = (lambda m=model, x=x: m(x)), torch.inference_mode()
+        with mode:
+            fn()
+            fn()
+            with torch.profiler.profile(activities=activities) as prof:
+                for _ in range(calls):
+                    fn()
+                _sync_for(device)()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        tables[key] = prof.key_averages().table(sort_by=sort, row_limit=row_limit)
+    return tables
+
+
+def _profile_failures(result: dict[str, Any], cfg: BenchConfig, log: Callable[[str], None]) -> None:
+    variants = {name: (variant, figure) for name, variant, figure, *_ in TARGETS}
+    result["profiles"] = []
+    for t in result["targets"]:
+        if t["passed"]:
+            continue
+        variant, figure = variants[t["name"]]
+        log(f"profiling {t['family']} / {t['attention']}: {variant} vs plain ({figure})")
+        tables = profile_variant(get_family(t["family"]), t["attention"], variant, figure, cfg)
+        result["profiles"].append({"target": t["text"], "family": t["family"], "attention": t["attention"],
+                                   "variant": variant, "work": figure, "tables": tables})
+
+
+# ----------------------------------------------------------------------------------------
 # output: schema check, markdown, files
 # ----------------------------------------------------------------------------------------
 _ROW_KEYS = {"variant": str, "label": str, "params": (int, type(None)), "flops": (int, type(None)),
@@ -806,6 +866,8 @@ def validate_result(result: object) -> None:
                 off = [k for k, v in ratio.items() if v is not None and abs(v - 1.0) > 1e-12]
                 if off:
                     problems.append(f"{rw}: plain's ratios to itself must be 1, not for {off}")
+    for i, prof in enumerate(result.get("profiles") or []):
+        need(prof, "tables", dict, f"profiles[{i}]")
     for i, t in enumerate(result.get("targets") or []):
         for key, types in (("name", str), ("passed", bool), ("value", (int, float)), ("text", str)):
             need(t, key, types, f"targets[{i}]")
@@ -884,6 +946,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += ["Targets (speed = plain time / variant time):", "", "```"]
         lines += [t["text"] for t in result["targets"]]
         lines += ["```", ""]
+    for prof in result.get("profiles") or []:
+        lines += [f"Profile for `{prof['target']}` (torch.profiler, ops by self time):", ""]
+        for key, table in prof["tables"].items():
+            lines += [f"{key}:", "", "```", table.rstrip(), "```", ""]
     return "\n".join(lines)
 
 
@@ -956,7 +1022,10 @@ def _main(args: argparse.Namespace) -> int:
                      memory=base.memory and not args.no_memory, train=base.train and not args.no_train)
     cfg = replace(base, **overrides).validated()
     command = _command_line(args)
-    result = run_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True), command=command)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    result = run_bench(cfg, log=log, command=command)
+    if args.profile_failures:
+        _profile_failures(result, cfg, log)
     json_path, md_path = write_outputs(result, args.out)
     print(render_markdown(result))
     print(f"wrote {json_path} and {md_path}")
@@ -994,6 +1063,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     p.add_argument("--seed", type=int, help="seed of weights and inputs (default 0)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md (default runs/bench)")
+    p.add_argument("--profile-failures", action="store_true",
+                   help="profile (torch.profiler) plain and the variant of each missed target; tables go "
+                        "into bench.md and bench.json")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target FAILs")
     p.set_defaults(func=_main)
     _PARSER_ACTIONS[:] = [a for a in p._actions if a.option_strings and a.dest != "help"]
