@@ -327,3 +327,74 @@ def test_markdown_shows_profiles(quick_run) -> None:
     result["profiles"][0].pop("tables")
     with pytest.raises(ValueError, match="profiles"):
         bench.validate_result(result)
+
+
+# --------------------------------------------------------------------------------------
+# ASR.forward's parameter swap (the training-step fix measured by the benchmark)
+# --------------------------------------------------------------------------------------
+class _TwoBranch(nn.Module):
+    """A custom host with dotted absorbing parameters (two parallel convs, summed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 1)
+
+    def asr_parameters(self) -> list[str]:
+        return ["a.weight", "a.bias", "b.weight", "b.bias"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+def _reference(layer: bench.ASR, x: torch.Tensor) -> torch.Tensor:
+    from torch.func import functional_call
+
+    v = layer.vector()
+    params = {n: layer.host.get_parameter(n) * v.reshape(-1, *([1] * (layer.host.get_parameter(n).dim() - 1)))
+              for n in layer._absorbing}
+    return functional_call(layer.host, params, (x,))
+
+
+@pytest.mark.parametrize(
+    ("make_host", "shape", "train"),
+    [
+        (lambda: nn.BatchNorm2d(6), (4, 6, 5, 5), True),
+        (lambda: nn.BatchNorm2d(6), (4, 6, 5, 5), False),
+        (lambda: nn.Conv2d(3, 6, 3), (2, 3, 7, 7), True),
+        (lambda: nn.Linear(5, 6), (3, 5), True),
+        (lambda: nn.LayerNorm(6), (3, 4, 6), True),
+        (lambda: nn.GroupNorm(2, 6), (2, 6, 4, 4), True),
+        (_TwoBranch, (2, 3, 5, 5), True),
+    ],
+)
+def test_asr_forward_matches_functional_call(make_host, shape: tuple[int, ...], train: bool) -> None:
+    """Same outputs and gradients (float64, 1e-12 relative) as functional_call with p * v."""
+    torch.manual_seed(0)
+    layer = bench.ASR(make_host(), "se", reduction=2).double().train(train)
+    with torch.no_grad():
+        layer.attention.psi.normal_()
+    ref_layer = copy.deepcopy(layer)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = layer(x), _reference(ref_layer, x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    for (n, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters(), strict=True):
+        assert p.grad is not None, n
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=n)
+    # running statistics updated the same way, parameters restored as Parameters
+    torch.testing.assert_close(layer.state_dict(), ref_layer.state_dict(), rtol=0, atol=0)
+    assert all(isinstance(layer.host.get_parameter(n), nn.Parameter) for n in layer._absorbing)
+
+
+def test_asr_forward_restores_parameters_after_an_error() -> None:
+    layer = bench.ASR(nn.Conv2d(3, 6, 3), "se")
+    weight = layer.host.weight
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(1, 4, 8, 8))  # wrong channel count: the conv raises inside the swap
+    assert layer.host.weight is weight
+    assert isinstance(layer.host._parameters["bias"], nn.Parameter)

@@ -239,7 +239,7 @@ class BenchConfig:
     train_batch: int | None = None
     reps: int = 7
     warmup: int = 2
-    min_sample_s: float = 0.02
+    min_sample_s: float = 0.1
     threads: int | None = None
     device: str = "cpu"
     channels_last: bool = False
@@ -682,6 +682,12 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None,
               command: str | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the result dict (see :func:`validate_result` for its schema)."""
     cfg = config.validated()
+    t_start = time.perf_counter()
+    user_log = log
+
+    def log(message: str) -> None:
+        user_log(f"[{time.perf_counter() - t_start:6.0f} s] {message}")
+
     old_threads = torch.get_num_threads()
     threads = cfg.threads or old_threads
     torch.set_num_threads(threads)
