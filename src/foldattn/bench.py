@@ -48,8 +48,10 @@ import torch
 from torch import Tensor, nn
 
 from . import attention as _attention
-from ._utils import atomic_path
-from .asr import ASR
+from ._utils import atomic_path, set_submodule
+from .asr import ASR, host_channels
+from .attach import attach, find_sites
+from .export import export_onnx
 from .fold import fold
 from .models import create_model, list_models
 from .summary import count_flops, count_params
@@ -121,7 +123,7 @@ def _foldattn_builder(name: str) -> Builder:
 
 
 class _StageAttention:
-    """Creates one stage's attention modules, chaining DIA blocks through ``previous=``."""
+    """Creates classic attention modules; DIA modules of equal width are chained (``previous=``)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -130,47 +132,54 @@ class _StageAttention:
     def __call__(self, channels: int) -> _attention.ChannelAttention:
         kwargs: dict[str, Any] = {}
         if _attention.get(self.name) is _attention.DIA:
-            kwargs["previous"] = self.previous
+            same = self.previous is not None and self.previous.channels == channels
+            kwargs["previous"] = self.previous if same else None
         module = _attention.create(self.name, channels, **kwargs)
         self.previous = module
         return module
 
 
-def _torchvision_resnet(arch: str) -> Builder:
-    """Builder of a torchvision ResNet with X / ASR(X) on each residual branch's last BN.
+def _attach_builder(factory: Callable[[], nn.Module]) -> Builder:
+    """Builder that puts X / ASR(X) where :func:`foldattn.attach` puts ASR (``where="block"``).
 
-    Stand-in for ``foldattn.attach`` (not on this branch yet), kept in this one
-    function so it can switch to it: the last BatchNorm of every block (``bn3`` of a
-    Bottleneck, ``bn2`` of a BasicBlock, i.e. where SE-ResNet puts SE) becomes
-    ``ASR(bn, X)``; classic X runs right after that BN (``nn.Sequential(bn, X)``).
+    ASR(X): ``foldattn.attach(model, X)``: the last layer of every residual branch before
+    the addition (``bn3`` of a torchvision Bottleneck, ``bn2`` of a BasicBlock), SE-ResNet's
+    place. Classic X: the same sites (``foldattn.find_sites``) become ``nn.Sequential(layer, X)``.
+    ASR(X)+X: both. (``attach(both=True)`` is not used: it does not chain DIA's twin.)
     """
 
     def build(attention: str | None, asr: bool, both: bool) -> nn.Module:
-        import torchvision
-
-        model = getattr(torchvision.models, arch)(weights=None)
+        model = factory()
         if attention is None:
             return model
-        for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
-            static, classic = _StageAttention(attention), _StageAttention(attention)
-            for block in stage:
-                last = "bn3" if hasattr(block, "bn3") else "bn2"
-                bn = getattr(block, last)
-                layer: nn.Module = bn
-                if asr:
-                    layer = ASR(bn, static(bn.num_features).make_static(0.1))
-                if both or not asr:
-                    layer = nn.Sequential(layer, classic(bn.num_features))
-                setattr(block, last, layer)
+        sites = [site.name for site in find_sites(model, "block").sites]
+        if asr:
+            model = attach(model, attention, "block", inplace=True)
+        if both or not asr:
+            classic = _StageAttention(attention)
+            for name in sites:
+                layer = model.get_submodule(name)
+                host = layer.host if isinstance(layer, ASR) else layer
+                set_submodule(model, name, nn.Sequential(layer, classic(host_channels(host))))
         return model
 
     return build
 
 
+def _torchvision(arch: str) -> Callable[[], nn.Module]:
+    def factory() -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, arch)(weights=None)
+
+    return factory
+
+
 for _name in list_models():
     register_family(Family(_name, (3, 32, 32), _foldattn_builder(_name), train_batch=64, num_classes=10))
-register_family(Family("resnet50", (3, 224, 224), _torchvision_resnet("resnet50"), train_batch=16, num_classes=1000))
-register_family(Family("resnet18", (3, 224, 224), _torchvision_resnet("resnet18"), train_batch=16, num_classes=1000))
+for _arch in ("resnet18", "resnet50"):
+    register_family(Family(_arch, (3, 224, 224), _attach_builder(_torchvision(_arch)), train_batch=16,
+                           num_classes=1000))
 
 
 # ----------------------------------------------------------------------------------------
@@ -201,7 +210,7 @@ _VARIANT = {v.key: v for v in VARIANTS}
 #: ONNX Runtime rows: (key, label, the PyTorch variant that is exported)
 ONNX_ROWS: tuple[tuple[str, str, str], ...] = (
     ("ort_plain", "plain (ONNX Runtime)", "plain"),
-    ("ort_asr_folded", "+ASR({X}) folded (ONNX Runtime)", "asr_folded"),
+    ("ort_asr_folded", "+ASR({X}) folded (ONNX Runtime)", "asr"),  # export_onnx folds it
 )
 
 
@@ -500,7 +509,11 @@ def _train_step(model: nn.Module, family: Family, batch: int, cfg: BenchConfig,
 @contextlib.contextmanager
 def _onnx_sessions(models: dict[str, nn.Module], family: Family, cfg: BenchConfig, threads: int,
                    batches: Sequence[int]) -> Iterator[dict[tuple[str, int], Callable[[], object]]]:
-    """ONNX Runtime runners ``(row key, batch) -> run`` for the exported models (temp files)."""
+    """ONNX Runtime runners ``(row key, batch) -> run`` for the exported models (temp files).
+
+    Exported with :func:`foldattn.export_onnx` (folds ASR layers, TorchScript exporter,
+    checks the file with onnxruntime against PyTorch), one file per batch size.
+    """
     try:
         import onnxruntime as ort
     except ImportError:
@@ -523,8 +536,7 @@ def _onnx_sessions(models: dict[str, nn.Module], family: Family, cfg: BenchConfi
                 x = _inputs(family, batch, replace(cfg, device="cpu", channels_last=False), torch.device("cpu"))
                 with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
                     warnings.simplefilter("ignore")
-                    torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["y"],
-                                      dynamo=False, opset_version=17)
+                    export_onnx(model, (x,), path, input_names=["x"], output_names=["y"], opset_version=17)
                 sess = ort.InferenceSession(str(path), opts, providers=providers)
                 feed = {"x": x.numpy()}
                 runners[(row, batch)] = lambda s=sess, f=feed: s.run(None, f)
