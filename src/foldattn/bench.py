@@ -349,7 +349,7 @@ def interleaved(
     min_sample_s: float = 0.0,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
-    """Time each runner ``reps`` times, interleaved, after ``warmup`` untimed rounds.
+    """Time each runner ``reps`` times, interleaved, after ``warmup`` untimed rounds (at least one).
 
     Round ``i`` runs the runners in a rotated order (A B C, B C A, C A B, ...) so no
     runner always follows the same neighbour. A sample repeats its runner ``k`` times,
@@ -1069,7 +1069,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--throughput-batch", type=_positive_int, help="batch of the throughput figure (default 64)")
     p.add_argument("--train-batch", type=_positive_int, help="batch of the training step (default per model)")
     p.add_argument("--reps", type=_positive_int, help="timed samples per variant (default 7)")
-    p.add_argument("--warmup", type=_nonnegative_int, help="untimed rounds first (default 2)")
+    p.add_argument("--warmup", type=_nonnegative_int, help="untimed rounds first (default 2; at least 1 is run)")
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
     p.add_argument("--device", help="cpu (default) or cuda[:N]")
     p.add_argument("--clock", choices=sorted(_CLOCKS),
