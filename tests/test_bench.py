@@ -398,3 +398,24 @@ def test_asr_forward_restores_parameters_after_an_error() -> None:
         layer(torch.randn(1, 4, 8, 8))  # wrong channel count: the conv raises inside the swap
     assert layer.host.weight is weight
     assert isinstance(layer.host._parameters["bias"], nn.Parameter)
+
+
+def test_strict_exits_1_on_a_missed_target(monkeypatch, capsys, tmp_path) -> None:
+    impossible = (("folded_speed_latency", "asr_folded", "latency", ">=", 100.0, "ASR(X) folded speed at batch {lb}"),)
+    monkeypatch.setattr(bench, "TARGETS", impossible)
+    argv = ["bench", "--quick", "--attentions", "se", "--reps", "1", "--warmup", "0", "--no-memory", "--no-train",
+            "--out", str(tmp_path), "--strict"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "FAIL cifar_resnet20: ASR(SE) folded speed at batch 1 = " in out
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert [t["passed"] for t in result["targets"]] == [False]
+    assert all(r["train_ms"] is None and r["memory_mib"] is None for r in result["groups"][0]["rows"])
+
+
+def test_cuda_runs_are_synchronised(monkeypatch) -> None:
+    calls: list[object] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    bench._sync_for(torch.device("cuda"))()
+    bench._sync_for(torch.device("cpu"))()
+    assert calls == [torch.device("cuda")]
