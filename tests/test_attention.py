@@ -178,3 +178,40 @@ def test_classic_form_on_odd_shapes(name: str, channels: int, batch: int, hw: tu
     module = attention.create(name, channels).eval()
     x = torch.randn(batch, channels, *hw)
     assert module(x).shape == x.shape
+
+
+def test_dia_static_chain_costs_one_cell_step_per_block() -> None:
+    from foldattn import create_model
+
+    model = create_model("cifar_resnet56", attention="dia", asr=True)  # 9 blocks per stage
+    cells = {id(m): m for m in model.modules() if type(m).__name__ == "DIACell"}
+    calls = []
+    for cell in cells.values():
+        cell.register_forward_hook(lambda *_: calls.append(1))
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert len(calls) == 27  # not 3 * (9 * 10 / 2): each block hands its state on
+
+
+def test_dia_static_handover_equals_recomputation() -> None:
+    chain = [DIA(16).make_static()]
+    for _ in range(3):
+        chain.append(DIA(16, previous=chain[-1]).make_static())
+    with torch.no_grad():
+        for m in chain:
+            m.psi.normal_()
+    in_order = [m.static_gate() for m in chain]  # hand-over path
+    alone = chain[3].static_gate()  # recomputed from the zero state
+    torch.testing.assert_close(in_order[3], alone, rtol=0, atol=0)
+    with torch.no_grad():
+        chain[0].psi.add_(1.0)  # a stale hand-over must not be used
+    chain[2].static_gate()
+    torch.testing.assert_close(chain[3].static_gate(), DIA.static_state(chain[3])[0][0])
+    assert not torch.allclose(chain[3].static_gate(), alone)
+
+
+def test_dia_static_gradient_accumulation() -> None:
+    a = DIA(8).make_static()
+    b = DIA(8, previous=a).make_static()
+    for _ in range(2):  # two forward/backward passes without an optimizer step
+        (a.static_gate().sum() + b.static_gate().sum()).backward()
+    assert a.psi.grad is not None and b.psi.grad is not None

@@ -25,3 +25,15 @@ def test_summary_lists_layers_and_both_forms() -> None:
 def test_summary_without_asr_or_inputs() -> None:
     s = summary(create_model("cifar_resnet20"))
     assert not s.layers and s.params_train == s.params_deploy and s.flops_train is None
+
+
+def test_flops_of_every_asr_training_form() -> None:
+    from foldattn import attention
+
+    x = torch.randn(1, 3, 32, 32)
+    plain = count_flops(create_model("cifar_resnet20"), x)
+    for att in attention.names():
+        model = create_model("cifar_resnet20", attention=att, asr=True)
+        s = summary(model, x)
+        assert s.flops_deploy == plain <= s.flops_train, att
+        assert all(p.requires_grad for p in model.parameters())  # counted on a copy

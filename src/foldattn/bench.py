@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime as _dt
 import gc
 import json
@@ -546,15 +545,6 @@ def _onnx_sessions(models: dict[str, nn.Module], family: Family, cfg: BenchConfi
         yield runners
 
 
-def _flops(model: nn.Module, x: Tensor) -> int:
-    """:func:`foldattn.summary.count_flops` on a copy whose parameters need no grad.
-
-    (Counting on the model itself can fail under ``no_grad``: the flop counter's module
-    tracker hooks views of ``psi``, which require grad but have no grad_fn.)
-    """
-    return count_flops(copy.deepcopy(model).requires_grad_(False), x)
-
-
 def bench_group(family: Family, attention: str, cfg: BenchConfig, threads: int,
                 log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Measure every variant of ``family`` with attention ``attention``; one JSON-able group."""
@@ -574,7 +564,7 @@ def bench_group(family: Family, attention: str, cfg: BenchConfig, threads: int,
     for v in VARIANTS:
         m = models[v.key]
         rows[v.key] = {"variant": v.key, "label": v.title(attention), "params": count_params(m),
-                       "flops": _flops(m, flops_x)}
+                       "flops": count_flops(m, flops_x)}
     for key, label, _ in ONNX_ROWS if cfg.onnx else ():
         rows[key] = {"variant": key, "label": label.replace("{X}", attention.upper()), "params": None, "flops": None}
 

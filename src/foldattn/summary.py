@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -60,16 +61,18 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
 def count_flops(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> int:
     """FLOPs of one eval-mode forward, as counted by ``torch.utils.flop_counter``.
 
     That counter counts matrix multiplications and convolutions (2 per
     multiply-add) and ignores elementwise work (norms, activations, the gating
-    products), which is why attention's real cost exceeds its FLOPs.
+    products), which is why attention's real cost exceeds its FLOPs. Counted on a copy
+    whose parameters need no grad: the counter's module tracker fails on views of a
+    parameter that requires grad (such as ``psi``) under ``no_grad``.
     """
     args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    with eval_mode(model), FlopCounterMode(display=False) as counter:
+    model = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad(), eval_mode(model), FlopCounterMode(display=False) as counter:
         model(*args)
     return int(counter.get_total_flops())
 

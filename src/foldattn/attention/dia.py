@@ -11,6 +11,7 @@ state flows along the chain.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ._base import ChannelAttention
@@ -111,13 +112,36 @@ class DIA(ChannelAttention):
             self.__dict__["_state"] = (h, c)
         return h
 
+    def _static_key(self) -> tuple[object, ...]:
+        """Identifies the inputs of :meth:`static_state`: grad mode, the chain's psis and the cell."""
+        prev = self.previous
+        base = prev._static_key() if prev is not None else tuple(
+            (p.data_ptr(), p._version) for p in self.shared_cell.parameters()
+        )
+        assert self.psi is not None
+        return (base, torch.is_grad_enabled(), self.psi.data_ptr(), self.psi._version)
+
     def static_state(self) -> tuple[Tensor, Tensor]:
-        """ASR form: the cell's state after this block, from the chain's psis alone."""
+        """ASR form: the cell's state after this block, from the chain's psis alone.
+
+        In a forward pass the blocks run in chain order, so each block hands its state to
+        the next (one cell step per block). The hand-over is keyed by the values it was
+        computed from (psi and cell parameter versions, grad mode), and is used once; any
+        other call recomputes the chain from the zero state, so the result never depends
+        on the call order.
+        """
         if self.psi is None:
             raise RuntimeError("DIA has no psi: call make_static() first")
         prev = self.previous
-        state = prev.static_state() if prev is not None else None
-        return self.shared_cell(self.psi, state)
+        state = None
+        if prev is not None:
+            cached = prev.__dict__.get("_static_cache")
+            prev.__dict__["_static_cache"] = None
+            state = cached[1] if cached is not None and cached[0] == prev._static_key() else prev.static_state()
+        h, c = self.shared_cell(self.psi, state)
+        if self._has_next:
+            self.__dict__["_static_cache"] = (self._static_key(), (h, c))
+        return h, c
 
     def static_gate(self) -> Tensor:
         return self.static_state()[0][0]
