@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import random
-import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -100,12 +99,14 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {first}") from None
-    except Exception as e:  # unpickling errors of foreign files (weights_only refuses arbitrary objects)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} cannot be loaded safely: {first[:300]}") from None
+    except Exception as e:  # zip, pickle, EOF and weights-only errors all mean the same to the user
+        text = str(e).strip()
+        if "Weights only load failed" in text:
+            why = "it holds Python objects other than tensors and plain values, which safe loading refuses"
+        else:
+            why = (text.splitlines()[0] if text else type(e).__name__)[:200]
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupt or not foldattn's): "
+                              f"{why}") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a foldattn training checkpoint (no 'format': {FORMAT!r} entry); "
                               "for a published ASR checkpoint use `foldattn import-reference`")

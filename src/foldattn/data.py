@@ -156,7 +156,10 @@ def stratified_split(labels: Tensor, val: float | int, seed: int = 0) -> tuple[T
     the choice within each class is a permutation from a generator seeded with ``seed``.
     """
     n = labels.numel()
-    n_val = round(val * n) if isinstance(val, float) and val < 1 else int(val)
+    if isinstance(val, float) and not 0 < val < 1:
+        raise DatasetError(f"validation split {val!r} leaves no train or no validation image: a fraction must "
+                           "be in (0, 1), a count an integer")
+    n_val = round(val * n) if isinstance(val, float) else int(val)
     if not 0 < n_val < n:
         raise DatasetError(f"validation split {val!r} leaves no train or no validation image out of {n}")
     classes, counts = labels.unique(return_counts=True)

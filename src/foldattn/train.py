@@ -485,7 +485,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, allow_
             the run then continues exactly where it stopped (also mid-epoch).
         allow_config_change: on resume, warn about config differences instead of refusing.
         hook: called as ``hook(event, info)`` with ``"step"`` after each optimizer step and
-            ``"epoch"`` after each validation (for callbacks and tests).
+            ``"epoch"`` after each validation (for callbacks and tests); ``info["epoch"]`` is
+            the 0-based epoch index.
         bundle: already-loaded data (else ``cfg.dataset`` is loaded).
         log: where one line per epoch goes (rank 0 only); None for silence.
 
@@ -511,6 +512,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, allow_
         _check_writable(out)
     if cfg.workers > 0:
         torch.set_num_threads(cfg.workers)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed)
@@ -652,11 +654,12 @@ def train(cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, allow_
                     f"top1 {row['train_top1']:.2f}  val (folded) loss {val['loss']:.3f} top1 {val['top1']:.2f} "
                     f"top5 {val['top5']:.2f}  {epoch_time:.1f}s ({row['images_per_s']:.0f} img/s)")
                 if hook is not None:
-                    hook("epoch", {"epoch": epoch, **row})
+                    hook("epoch", {"epoch": epoch, "metrics": row})
                 if stop.requested and epoch + 1 < cfg.epochs:
                     raise TrainingInterrupted(out / "last.pt")
         summary = write_summary(len(history) >= cfg.epochs)
     finally:
+        torch.use_deterministic_algorithms(was_deterministic)
         tb.close()
         dist.barrier()
         dist.close()

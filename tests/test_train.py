@@ -1,0 +1,148 @@
+"""The training engine: exact resume, Ctrl-C, validation on a folded copy, outputs, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from foldattn.checkpoint import load_checkpoint
+from foldattn.cli import main
+from foldattn.data import load_dataset
+from foldattn.train import (
+    TrainConfig,
+    TrainingInterrupted,
+    build_model,
+    deployed_copy,
+    evaluate,
+    recipe_defaults,
+    train,
+)
+
+DIGITS = load_dataset("digits")
+
+
+def _cfg(tmp: Path, **kw: Any) -> TrainConfig:
+    base = {"dataset": "digits", "epochs": 3, "steps_per_epoch": 3, "batch_size": 32, "lr": 0.05,
+            "attention": "se", "asr": True, "deterministic": True, "output": str(tmp), "warmup_epochs": 0.5}
+    return TrainConfig(**{**base, **kw})
+
+
+def _interrupt_at(event: str, epoch: int, step: int | None = None):
+    def hook(ev: str, info: dict[str, Any]) -> None:
+        if ev == event and info["epoch"] == epoch and (step is None or info["step"] == step):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return hook
+
+
+@pytest.mark.parametrize("where", [("epoch", 0, None), ("step", 1, 0)], ids=["after-epoch-1", "mid-epoch-2"])
+def test_resume_is_exact(tmp_path: Path, where: tuple[str, int, int | None]) -> None:
+    full = train(_cfg(tmp_path / "full"), bundle=DIGITS, log=None)
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(tmp_path / "cut"), bundle=DIGITS, log=None, hook=_interrupt_at(*where))
+    ckpt = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == ((1, 0) if where[0] == "epoch" else (1, 1))
+    resumed = train(_cfg(tmp_path / "cut"), resume=tmp_path / "cut", bundle=DIGITS, log=None)
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed["final"] == full["final"] and resumed["best"] == full["best"]
+
+
+def test_outputs_and_summary(tmp_path: Path) -> None:
+    s = train(_cfg(tmp_path, epochs=2), bundle=DIGITS, log=None)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"last.pt", "best.pt", "metrics.csv", "summary.json", "curves.png"} <= files
+    assert not [f for f in files if f.endswith(".tmp")]
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["finished"] and summary["final"]["top1"] == pytest.approx(float(rows[-1]["val_top1"]))
+    assert summary["best"]["top1"] == max(float(r["val_top1"]) for r in rows)
+    assert 0 <= summary["final"]["top1"] <= summary["final"]["top5"] <= 100
+    assert summary["run"]["params_deployed"] < summary["run"]["params_train"]
+    assert s["versions"]["torch"] == torch.__version__
+
+
+def test_validation_uses_folded_copy_and_leaves_model_untouched() -> None:
+    cfg = TrainConfig(attention="se", asr=True)
+    model = build_model(cfg, num_classes=10).train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("psi"):
+                p.uniform_(-2, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    deployed = deployed_copy(model)
+    assert not any(type(m).__name__ == "ASR" for m in deployed.modules())
+    from foldattn.data import TensorLoader
+
+    loader = TensorLoader(DIGITS.val, 64, DIGITS.mean, DIGITS.std, train=False)
+    folded = evaluate(deployed, loader)
+    unfolded = evaluate(model, loader)
+    assert folded["top1"] == pytest.approx(unfolded["top1"], abs=0.6)  # same function up to round-off
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_resume_refuses_changed_config(tmp_path: Path) -> None:
+    train(_cfg(tmp_path, epochs=1), bundle=DIGITS, log=None)
+    with pytest.raises(ValueError, match=r"(?s)changed configuration.*lr: 0.05 -> 0.2"):
+        train(_cfg(tmp_path, epochs=1, lr=0.2), resume=tmp_path / "last.pt", bundle=DIGITS, log=None)
+    with pytest.warns(UserWarning, match="lr: 0.05 -> 0.2"):
+        train(_cfg(tmp_path, epochs=2, lr=0.2), resume=tmp_path, bundle=DIGITS, log=None, allow_config_change=True)
+
+
+def test_unwritable_output(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="cannot write to output folder"):
+        train(_cfg(blocker / "sub", epochs=1), bundle=DIGITS, log=None)
+
+
+def test_every_keeps_attention_in_every_kth_block() -> None:
+    model = build_model(TrainConfig(attention="se", asr=True, every=2), num_classes=10)
+    n_asr = sum(type(m).__name__ == "ASR" for m in model.modules())
+    assert n_asr == 5  # 9 blocks of ResNet-20: blocks 0, 2, 4, 6, 8
+
+
+def test_paper_recipe() -> None:
+    r = recipe_defaults("paper-cifar")
+    got = (r["epochs"], r["lr"], r["weight_decay"], r["milestones"], r["batch_size"], r["schedule"])
+    assert got == (164, 0.1, 1e-4, [81, 122], 128, "step")
+    with pytest.raises(ValueError, match="paper-cifar"):
+        recipe_defaults("nope")
+
+
+def test_cli_train_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16", "-o", str(out), "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{\n"):])["output"] == str(out)
+    # resuming a finished run with only --epochs raised continues from the saved config
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--allow-config-change", "--no-progress"]) == 0
+    assert load_checkpoint(out)["epoch"] == 2
+    assert main(["train", "--resume", str(out), "--lr", "0.5", "--no-progress"]) == 2
+    assert "changed configuration" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "nope"], "unknown model"),
+    (["--asr"], "need --attention"),
+    (["--dataset", "imagefolder:/nonexistent/x"], "does not exist"),
+    (["--resume", "/nonexistent/last.pt"], "does not exist"),
+])
+def test_cli_train_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    assert main(["train", "-o", str(tmp_path / "o"), "--epochs", "1", *argv]) == 2
+    assert message in capsys.readouterr().err
