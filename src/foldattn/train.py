@@ -486,7 +486,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, allow_
         allow_config_change: on resume, warn about config differences instead of refusing.
         hook: called as ``hook(event, info)`` with ``"step"`` after each optimizer step and
             ``"epoch"`` after each validation (for callbacks and tests); ``info["epoch"]`` is
-            the 0-based epoch index.
+            the 0-based epoch index and ``info["model"]`` the (unwrapped) training model.
         bundle: already-loaded data (else ``cfg.dataset`` is loaded).
         log: where one line per epoch goes (rank 0 only); None for silence.
 
@@ -625,7 +625,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, allow_
                         rate = (i + 1 - first) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
                         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}", refresh=False)
                     if hook is not None:
-                        hook("step", {"epoch": epoch, "step": i, "loss": loss.item()})
+                        hook("step", {"epoch": epoch, "step": i, "loss": loss.item(), "model": model})
                     if stop.requested and i + 1 < steps:
                         if dist.main:
                             checkpoint("last.pt", epoch, i + 1, sums)
@@ -654,7 +654,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, allow_
                     f"top1 {row['train_top1']:.2f}  val (folded) loss {val['loss']:.3f} top1 {val['top1']:.2f} "
                     f"top5 {val['top5']:.2f}  {epoch_time:.1f}s ({row['images_per_s']:.0f} img/s)")
                 if hook is not None:
-                    hook("epoch", {"epoch": epoch, "metrics": row})
+                    hook("epoch", {"epoch": epoch, "metrics": row, "model": model})
                 if stop.requested and epoch + 1 < cfg.epochs:
                     raise TrainingInterrupted(out / "last.pt")
         summary = write_summary(len(history) >= cfg.epochs)
