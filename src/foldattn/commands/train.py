@@ -77,7 +77,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train", help="train plain / +X / +ASR(X) models; validation runs on the folded copy",
         description="Train a model and validate its folded (deployed) copy every epoch. Options left out take "
                     "the recipe's value (or, with --resume, the saved run's).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--model", help="foldattn model name (foldattn.list_models()), torchvision:NAME or timm:NAME "
