@@ -21,6 +21,7 @@ from foldattn.train import (
     build_model,
     deployed_copy,
     evaluate,
+    load_trained,
     recipe_defaults,
     train,
 )
@@ -146,3 +147,44 @@ def test_cli_train_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_cli_train_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
     assert main(["train", "-o", str(tmp_path / "o"), "--epochs", "1", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(dataset="digits", epochs=1, steps_per_epoch=2, batch_size=16, attention="se", asr=True,
+                      output=str(out)), bundle=DIGITS, log=None)
+    return out
+
+
+def test_cli_eval_fold_export(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import foldattn
+
+    assert main(["eval", str(trained_run)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert result["top1"] == pytest.approx(summary["final"]["top1"], abs=1.0)  # float32 here, bf16 in training
+    assert result["verify"].startswith("OK") and result["params_deployed"] == summary["run"]["params_deployed"]
+
+    assert main(["fold", str(trained_run), "-o", str(tmp_path / "dep")]) == 0
+    assert "verify: OK" in capsys.readouterr().out
+    deployed = foldattn.load_deployed(tmp_path / "dep" / "deployed.safetensors")  # rebuilt from the builder
+    model, _, _ = load_trained(trained_run)
+    x = torch.randn(2, 3, 16, 16)
+    foldattn.verify(model, deployed, x)  # float32: 1e-5 relative
+    meta = json.loads((tmp_path / "dep" / "deployed.json").read_text())
+    assert meta["user"]["verify"].startswith("OK")
+
+    assert main(["export", str(trained_run), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert "onnxruntime vs PyTorch" in capsys.readouterr().out and (tmp_path / "m.onnx").is_file()
+
+
+@pytest.mark.parametrize("command", ["eval", "fold", "export"])
+def test_cli_deploy_commands_refuse_bad_checkpoints(tmp_path: Path, command: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    extra = {"eval": [], "fold": ["-o", str(tmp_path / "o")], "export": ["--onnx", str(tmp_path / "m.onnx")]}[command]
+    assert main([command, str(bad), *extra]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "o").exists()

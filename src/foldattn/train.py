@@ -53,7 +53,7 @@ from .summary import count_params
 
 __all__ = [
     "TrainConfig", "TrainingInterrupted", "register_recipe", "list_recipes", "recipe_defaults", "build_model",
-    "train", "evaluate", "deployed_copy", "write_curves", "RESUME_IGNORED",
+    "train", "evaluate", "deployed_copy", "write_curves", "load_trained", "example_input", "RESUME_IGNORED",
 ]
 
 
@@ -205,7 +205,10 @@ def _external_model(source: str, name: str, cfg: TrainConfig, num_classes: int) 
         raise ValueError(f"unknown model source {source!r}; use torchvision:NAME, timm:NAME or a foldattn model name")
     if cfg.attention is None:
         return model
-    return attach_fn(model, cfg.attention, asr=cfg.asr, both=cfg.both, psi_init=cfg.psi_init, every=cfg.every)
+    if not cfg.asr:
+        raise ValueError(f"{cfg.model}: attach inserts attention in ASR form only; add --asr (or --asr --both for "
+                         "ASR(X) + X), or use a foldattn.models name for classic attention")
+    return attach_fn(model, cfg.attention, both=cfg.both, psi_init=cfg.psi_init, every=cfg.every)
 
 
 def _keep_every(model: nn.Module, every: int) -> None:
@@ -224,6 +227,30 @@ def _keep_every(model: nn.Module, every: int) -> None:
         for name, child in list(block.named_children()):
             if isinstance(child, ASR):
                 set_submodule(block, name, child.host)
+
+
+def load_trained(path: str | os.PathLike[str]) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+    """Rebuild the (training-form) model of a checkpoint: ``(model in eval mode, config, checkpoint dict)``.
+
+    Raises :class:`~foldattn.checkpoint.CheckpointError` for unreadable files or weights that
+    do not fit the architecture recorded in the checkpoint's config.
+    """
+    blob = load_checkpoint(path)
+    cfg = TrainConfig.from_dict(blob["config"])
+    run = blob.get("run") or {}
+    classes = run.get("classes")
+    if classes is None:  # older checkpoints: the classifier's output size
+        heads = [v for k, v in blob["model"].items() if k.endswith("weight") and v.dim() == 2]
+        classes = int(heads[-1].shape[0]) if heads else 10
+    model = build_model(cfg, int(classes))
+    load_model_state(model, blob["model"], f"checkpoint {path}")
+    return model.eval(), cfg, blob
+
+
+def example_input(blob: dict[str, Any], batch: int = 2) -> torch.Tensor:
+    """A random normalised input batch of the checkpoint's image size (32x32 if unknown)."""
+    h, w = (blob.get("run") or {}).get("image_size", (32, 32))
+    return torch.randn(batch, 3, int(h), int(w), generator=torch.Generator().manual_seed(0))
 
 
 def deployed_copy(model: nn.Module) -> nn.Module:
