@@ -132,7 +132,8 @@ def test_cli_train_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     printed = capsys.readouterr().out
     assert json.loads(printed[printed.index("{\n"):])["output"] == str(out)
     # resuming a finished run with only --epochs raised continues from the saved config
-    assert main(["train", "--resume", str(out), "--epochs", "2", "--allow-config-change", "--no-progress"]) == 0
+    with pytest.warns(UserWarning, match="epochs: 1 -> 2"):
+        assert main(["train", "--resume", str(out), "--epochs", "2", "--allow-config-change", "--no-progress"]) == 0
     assert load_checkpoint(out)["epoch"] == 2
     assert main(["train", "--resume", str(out), "--lr", "0.5", "--no-progress"]) == 2
     assert "changed configuration" in capsys.readouterr().err

@@ -120,11 +120,15 @@ def _write_report(out: Path, rows: list[dict[str, Any]], cfg: dict[str, Any]) ->
 
 def _main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    threads = torch.get_num_threads()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        rows = run_demo(args.output, epochs=args.epochs, quick=args.quick, seed=args.seed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            rows = run_demo(args.output, epochs=args.epochs, quick=args.quick, seed=args.seed)
+    finally:
+        torch.set_num_threads(threads)
     print()
     print(_table(rows))
     print(f"\nreport: {Path(args.output) / 'report.md'} (curves.png beside it); total {time.perf_counter() - t0:.0f} s")
