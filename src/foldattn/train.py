@@ -455,7 +455,7 @@ def write_curves(path: Path, runs: dict[str, list[dict[str, float]]], title: str
         a.plot(ep, [h["val_loss"] for h in hist], "-", color=color, label=label)
         b.plot(ep, [h["train_top1"] for h in hist], "--", color=color, alpha=0.7)
         b.plot(ep, [h["val_top1"] for h in hist], "-", color=color, label=label)
-    a.set(xlabel="epoch", ylabel="loss (-- train, - val)")
+    a.set(xlabel="epoch", ylabel="loss (-- train, - val)", yscale="log")
     b.set(xlabel="epoch", ylabel="top-1 % (-- train, - val, folded)")
     for ax in (a, b):
         ax.grid(alpha=0.3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -65,6 +66,8 @@ def _main(args: argparse.Namespace) -> int:
         return 130
     except FloatingPointError as e:
         raise CLIError(str(e)) from None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     best, final = summary["best"], summary["final"]
     print(json.dumps({"output": cfg.output, "best_top1": best["top1"], "best_top5": best["top5"],
                       "best_epoch": best["epoch"], "final_top1": final["top1"], "final_top5": final["top5"],
