@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -189,3 +190,29 @@ def test_cli_deploy_commands_refuse_bad_checkpoints(tmp_path: Path, command: str
     assert main([command, str(bad), *extra]) == 2
     assert "not a readable checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "o").exists()
+
+
+def test_tensorboard_is_optional(tmp_path: Path) -> None:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.warns(UserWarning, match="tensorboard package is not installed"):
+            train(_cfg(tmp_path, epochs=1, steps_per_epoch=1, tensorboard=True), bundle=DIGITS, log=None)
+        assert (tmp_path / "summary.json").is_file()
+    else:
+        train(_cfg(tmp_path, epochs=1, steps_per_epoch=1, tensorboard=True), bundle=DIGITS, log=None)
+        assert any((tmp_path / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    # 10 steps/epoch, 4 epochs, 1 warm-up epoch
+    ("step", {0: 0.1, 9: 1.0, 10: 1.0, 19: 1.0, 20: 0.1, 30: 0.01}),
+    ("cosine", {0: 0.1, 9: 1.0, 10: 1.0, 25: 0.5, 39: 0.5 * (1 + math.cos(math.pi * 29 / 30))}),
+    ("constant", {0: 0.1, 10: 1.0, 39: 1.0}),
+])
+def test_lr_schedules(schedule: str, expected: dict[int, float]) -> None:
+    from foldattn.train import _lr_lambda
+
+    f = _lr_lambda(TrainConfig(epochs=4, schedule=schedule, milestones=[2, 3], warmup_epochs=1), 10)
+    for step, value in expected.items():
+        assert f(step) == pytest.approx(value), step
