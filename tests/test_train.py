@@ -216,3 +216,29 @@ def test_lr_schedules(schedule: str, expected: dict[int, float]) -> None:
     f = _lr_lambda(TrainConfig(epochs=4, schedule=schedule, milestones=[2, 3], warmup_epochs=1), 10)
     for step, value in expected.items():
         assert f(step) == pytest.approx(value), step
+
+
+def test_cli_ctrl_c_writes_a_resumable_checkpoint(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "foldattn.cli", "train", "--epochs", "1000", "--steps-per-epoch",
+                             "2", "--batch-size", "16", "-o", str(out), "--no-progress"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "summary.json").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "resumable checkpoint" in err and "Traceback" not in err
+    blob = load_checkpoint(out)
+    assert 1 <= blob["epoch"] < 1000
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

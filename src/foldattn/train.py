@@ -521,6 +521,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, allow_
         TrainingInterrupted: after Ctrl-C, once a resumable checkpoint is written.
     """
     device = _device(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     amp_dtype = _amp_dtype(cfg, device)
     dist = _Dist(device)
     log = log if (log is not None and dist.main) else (lambda _s: None)
