@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             if summary.is_file() and json.loads(summary.read_text()).get("finished"):
                 continue
             cfg = TrainConfig(model=args.model, dataset=f"imagefolder:{root}", recipe=args.recipe, seed=seed,
-                              val_split=5000, split_seed=0, output=str(out), workers=args.threads,
+                              val_split=5000, split_seed=0, output=str(out), threads=args.threads,
                               **{**base, **VARIANTS[key]})
             resume = out / "last.pt" if (out / "last.pt").is_file() else None
             print(f"== {LABELS[key]} seed {seed} -> {out}", flush=True)

@@ -141,3 +141,28 @@ def test_loader_augmentation_is_a_shifted_crop() -> None:
 def test_loader_rejects_tiny_train_set() -> None:
     with pytest.raises(DatasetError, match="batch-size"):
         TensorLoader(_data(3), 4, (0.0,) * 3, (1.0,) * 3, train=True)
+
+
+def test_streamed_imagefolder_is_reproducible_and_worker_independent(tmp_path: Path) -> None:
+    from foldattn.data import FileData, make_loader
+
+    root = _tree(tmp_path / "t", {"a": 5, "b": 5, "c": 5}, size=(24, 20))
+    b = load_dataset(f"imagefolder:{root}", val_split=3, image_size=16, stream=True)
+    assert isinstance(b.train, FileData) and len(b.train) == 12 and len(b.val) == 3 and b.image_size == (16, 16)
+    loader = make_loader(b.train, 4, b, train=True, seed=5)
+    loader.set_epoch(2)
+    full = list(loader)
+    assert len(full) == 3 and full[0][0].shape == (4, 3, 16, 16)
+    tail = list(loader.batches(start=1))
+    for (x1, y1), (x2, y2) in zip(full[1:], tail, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    with_worker = make_loader(b.train, 4, b, train=True, seed=5, workers=1)
+    with_worker.set_epoch(2)
+    assert all(torch.equal(a[0], c[0]) for a, c in zip(full, with_worker, strict=True))
+    val = list(make_loader(b.val, 4, b, train=False))
+    assert sum(y.numel() for _, y in val) == 3
+
+
+def test_stream_is_for_imagefolder_only() -> None:
+    with pytest.raises(DatasetError, match="imagefolder"):
+        load_dataset("digits", stream=True)

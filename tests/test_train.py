@@ -242,3 +242,17 @@ def test_cli_ctrl_c_writes_a_resumable_checkpoint(tmp_path: Path) -> None:
     blob = load_checkpoint(out)
     assert 1 <= blob["epoch"] < 1000
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_train_streamed_imagefolder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        (tmp_path / "tree" / c).mkdir(parents=True)
+        for i in range(6):
+            px = torch.randint(0, 256, (20, 20, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(px).save(tmp_path / "tree" / c / f"{i}.png")
+    s = train(TrainConfig(dataset=f"imagefolder:{tmp_path / 'tree'}", stream=True, image_size=16, val_split=4,
+                          epochs=1, batch_size=4, attention="se", asr=True, output=str(tmp_path / "run")), log=None)
+    assert s["run"]["train_images"] == 8 and s["run"]["image_size"] == [16, 16] and s["finished"]

@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,8 @@ from torch import Tensor
 from ._utils import atomic_path
 
 __all__ = [
-    "ImageData", "DataBundle", "DatasetError", "TensorLoader", "register_dataset", "load_dataset",
-    "list_datasets", "stratified_split", "IMAGE_EXTENSIONS",
+    "ImageData", "FileData", "DataBundle", "DatasetError", "TensorLoader", "StreamLoader", "make_loader",
+    "register_dataset", "load_dataset", "list_datasets", "stratified_split", "IMAGE_EXTENSIONS",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -65,12 +66,31 @@ class ImageData:
 
 
 @dataclass
+class FileData:
+    """Image files and labels, decoded on the fly (trees too large to hold in memory)."""
+
+    files: list[Path]
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.files) != self.labels.numel():
+            raise DatasetError(f"{len(self.files)} files but {self.labels.numel()} labels")
+        self.labels = self.labels.long()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def subset(self, index: Tensor) -> FileData:
+        return FileData([self.files[i] for i in index.tolist()], self.labels[index])
+
+
+@dataclass
 class DataBundle:
     """Train and validation data plus what a model and the augmentation need to know."""
 
     name: str
-    train: ImageData
-    val: ImageData
+    train: ImageData | FileData
+    val: ImageData | FileData
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -82,13 +102,18 @@ class DataBundle:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    stream_size: int | None = None  # FileData: the training crop size
+
     @property
     def in_channels(self) -> int:
-        return int(self.train.images.shape[1])
+        return int(self.train.images.shape[1]) if isinstance(self.train, ImageData) else 3
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return int(self.train.images.shape[2]), int(self.train.images.shape[3])
+        if isinstance(self.train, ImageData):
+            return int(self.train.images.shape[2]), int(self.train.images.shape[3])
+        size = self.stream_size or 224
+        return size, size
 
 
 Loader = Callable[..., DataBundle]
@@ -120,6 +145,7 @@ def load_dataset(
     cache_dir: str | os.PathLike[str] | None = None,
     image_size: int | None = None,
     download: bool = False,
+    stream: bool = False,
 ) -> DataBundle:
     """Load the dataset named by ``spec`` (``digits``, ``cifar10``, ``imagefolder:PATH``, ...).
 
@@ -134,18 +160,25 @@ def load_dataset(
         image_size: ``imagefolder`` only: resize (shorter side) + centre-crop to this size;
             default: the size of the first image.
         download: torchvision datasets only: download when missing (needs network).
+        stream: ``imagefolder`` only: keep file paths and decode each batch on the fly
+            (ImageNet-style trees; RandomResizedCrop + flip for training, resize +
+            centre-crop for validation, ImageNet normalisation) instead of decoding
+            everything into memory.
     """
     name, _, arg = spec.partition(":")
     if name not in _DATASETS:
         raise DatasetError(f"unknown dataset {spec!r}; valid: {', '.join(list_datasets())} (imagefolder:PATH)")
     if name == "imagefolder" and not arg:
         raise DatasetError("imagefolder needs a path: --dataset imagefolder:PATH (PATH/<class>/<image>.jpg)")
+    if stream and name != "imagefolder":
+        raise DatasetError(f"--stream applies to imagefolder:PATH only; {name!r} is held in memory")
     if name != "imagefolder" and arg:
         raise DatasetError(f"dataset {name!r} takes no ':' argument (got {spec!r}); use --data-dir for its location")
     kwargs = {"data_dir": Path(data_dir or "data"), "val_split": val_split, "split_seed": split_seed,
               "cache_dir": cache_dir, "image_size": image_size, "download": download}
     if arg:
         kwargs["path"] = Path(arg)
+        kwargs["stream"] = stream
     return _DATASETS[name](**kwargs)
 
 
@@ -184,7 +217,7 @@ def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
-def _split(data: ImageData, val_split: float | int, seed: int) -> tuple[ImageData, ImageData]:
+def _split(data: ImageData | FileData, val_split: float | int, seed: int) -> tuple[Any, Any]:
     tr, va = stratified_split(data.labels, val_split, seed)
     return data.subset(tr), data.subset(va)
 
@@ -337,11 +370,37 @@ def _folder(root: Path, size: int | None, cache_dir: str | os.PathLike[str] | No
     return data, classes
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _streamed(path: Path, val_split: float | int | None, split_seed: int, image_size: int | None) -> DataBundle:
+    val_dir = next((path / d for d in ("val", "test") if (path / d).is_dir()), None)
+    if (path / "train").is_dir() and val_dir is not None and val_split is None:
+        classes, files = _scan(path / "train")
+        val_classes, val_files = _scan(val_dir)
+        if val_classes != classes:
+            raise DatasetError(f"{path}/train and {val_dir} have different class folders")
+        train = FileData([p for p, _ in files], torch.tensor([c for _, c in files]))
+        val = FileData([p for p, _ in val_files], torch.tensor([c for _, c in val_files]))
+        notes = {"validation": str(val_dir)}
+    else:
+        classes, files = _scan(path)
+        data = FileData([p for p, _ in files], torch.tensor([c for _, c in files]))
+        train, val = _split(data, 0.1 if val_split is None else val_split, split_seed)
+        notes = {"validation": f"{len(val)} images held out (stratified, seed {split_seed})"}
+    notes["loading"] = "streamed (decoded per batch)"
+    return DataBundle(f"imagefolder:{path}", train, val, classes, IMAGENET_MEAN, IMAGENET_STD, pad=0, flip=True,
+                      notes=notes, stream_size=image_size or 224)
+
+
 @register_dataset("imagefolder")
 def _imagefolder(path: Path, val_split: float | int | None = None, split_seed: int = 0,
                  cache_dir: str | os.PathLike[str] | None = None, image_size: int | None = None,
-                 **_: object) -> DataBundle:
+                 stream: bool = False, **_: object) -> DataBundle:
     """``PATH/<class>/<image>``, or ``PATH/train`` + ``PATH/val`` (or ``test``) trees."""
+    if stream:
+        return _streamed(path, val_split, split_seed, image_size)
     val_dir = next((path / d for d in ("val", "test") if (path / d).is_dir()), None)
     if (path / "train").is_dir() and val_dir is not None and val_split is None:
         train, classes = _folder(path / "train", image_size, cache_dir)
@@ -440,3 +499,88 @@ class TensorLoader:
     def _normalise(self, x: Tensor) -> Tensor:
         x = (x.float().div_(255) - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+
+
+def _read_rgb(path: Path) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"cannot read image {path}: {e}; delete or replace it") from None
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    """Decodes and transforms one file; the randomness of sample ``i`` in epoch ``e`` is seeded by
+    ``(seed, e, i)``, so batches do not depend on worker count or on the batches before them."""
+
+    def __init__(self, data: FileData, transform: Callable[[Any], Tensor], seed: int, random: bool) -> None:
+        self.data, self.transform, self.seed, self.random = data, transform, seed, random
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        image = _read_rgb(self.data.files[i])
+        if self.random:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(((self.seed * 100_003 + self.epoch) * 1_000_003 + i) % (2**63))
+                x = self.transform(image)
+        else:
+            x = self.transform(image)
+        return x, self.data.labels[i]
+
+
+class StreamLoader(TensorLoader):
+    """:class:`TensorLoader`'s batches (same order, same DDP slicing) decoded from files by a
+    ``DataLoader`` with ``workers`` processes: RandomResizedCrop + flip for training, resize +
+    centre crop for validation (Szegedy et al. 2015 / the torchvision ImageNet recipe)."""
+
+    def __init__(self, data: FileData, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 train: bool, image_size: int = 224, seed: int = 0, rank: int = 0, world: int = 1,
+                 channels_last: bool = False, workers: int = 0) -> None:
+        from torchvision import transforms as T
+
+        super().__init__(data, batch_size, mean, std, train, seed=seed, rank=rank, world=world,  # type: ignore[arg-type]
+                         channels_last=channels_last)
+        norm = [T.ToTensor(), T.Normalize(mean, std)]
+        if train:
+            tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *norm])
+        else:
+            tf = T.Compose([T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size), *norm])
+        self.dataset = _FileDataset(data, tf, seed, random=train)
+        self.workers = workers
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.dataset.epoch = epoch
+
+    def batches(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        order = self._order()
+        chunks = []
+        for b in range(start, len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if self.train:
+                local = self.batch_size // self.world
+                idx = idx[self.rank * local:(self.rank + 1) * local]
+            else:
+                idx = idx[self.rank::self.world]
+            chunks.append(idx.tolist())
+        if not chunks:
+            return
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=chunks, num_workers=self.workers,
+                                             pin_memory=torch.cuda.is_available())
+        for x, y in loader:
+            yield (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y
+
+
+def make_loader(data: ImageData | FileData, batch_size: int, bundle: DataBundle, train: bool, seed: int = 0,
+                rank: int = 0, world: int = 1, channels_last: bool = False, workers: int = 0) -> TensorLoader:
+    """The right loader for ``data``: :class:`TensorLoader` in memory, :class:`StreamLoader` for files."""
+    if isinstance(data, FileData):
+        return StreamLoader(data, batch_size, bundle.mean, bundle.std, train, bundle.image_size[0], seed, rank,
+                            world, channels_last, workers)
+    return TensorLoader(data, batch_size, bundle.mean, bundle.std, train, pad=bundle.pad if train else 0,
+                        flip=bundle.flip and train, seed=seed, rank=rank, world=world, channels_last=channels_last)

@@ -47,7 +47,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from .data import DataBundle, TensorLoader, load_dataset
+from .data import DataBundle, load_dataset, make_loader
 from .fold import asr_layers, fold
 from .summary import count_params
 
@@ -85,6 +85,7 @@ class TrainConfig:
     val_split: float | int | None = None
     split_seed: int = 0
     image_size: int | None = None
+    stream: bool = False
     amp: str = "auto"
     channels_last: bool = True
     sync_bn: bool = False
@@ -96,6 +97,7 @@ class TrainConfig:
     cache_dir: str | None = None
     download: bool = False
     workers: int = 0
+    threads: int = 0
     compile: bool = False
     device: str = "auto"
     progress: bool = False
@@ -110,8 +112,8 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-RESUME_IGNORED = ("output", "data_dir", "cache_dir", "download", "workers", "compile", "device", "progress",
-                  "tensorboard")
+RESUME_IGNORED = ("output", "data_dir", "cache_dir", "download", "workers", "threads", "compile", "device",
+                  "progress", "tensorboard")
 
 _RECIPES: dict[str, dict[str, Any]] = {}
 
@@ -539,8 +541,9 @@ def train(cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, allow_
             warnings.warn("resuming with a changed configuration: " + "; ".join(diff), stacklevel=2)
     if dist.main:
         _check_writable(out)
-    if cfg.workers > 0:
-        torch.set_num_threads(cfg.workers)
+    threads = torch.get_num_threads()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -548,12 +551,11 @@ def train(cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, allow_
 
     if bundle is None:
         bundle = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, cfg.split_seed, cfg.cache_dir,
-                              cfg.image_size, cfg.download)
-    train_loader = TensorLoader(bundle.train, cfg.batch_size, bundle.mean, bundle.std, train=True, pad=bundle.pad,
-                                flip=bundle.flip, seed=cfg.seed, rank=dist.rank, world=dist.world,
-                                channels_last=cfg.channels_last)
-    val_loader = TensorLoader(bundle.val, cfg.batch_size, bundle.mean, bundle.std, train=False, rank=dist.rank,
-                              world=dist.world, channels_last=cfg.channels_last)
+                              cfg.image_size, cfg.download, cfg.stream)
+    train_loader = make_loader(bundle.train, cfg.batch_size, bundle, train=True, seed=cfg.seed, rank=dist.rank,
+                               world=dist.world, channels_last=cfg.channels_last, workers=cfg.workers)
+    val_loader = make_loader(bundle.val, cfg.batch_size, bundle, train=False, rank=dist.rank, world=dist.world,
+                             channels_last=cfg.channels_last, workers=cfg.workers)
     steps = len(train_loader) if cfg.steps_per_epoch is None else min(cfg.steps_per_epoch, len(train_loader))
 
     model = build_model(cfg, bundle.num_classes, bundle.in_channels)
@@ -689,6 +691,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, allow_
         summary = write_summary(len(history) >= cfg.epochs)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(threads)
         tb.close()
         dist.barrier()
         dist.close()

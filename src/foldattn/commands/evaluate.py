@@ -8,7 +8,7 @@ import json
 import torch
 
 from ..checkpoint import load_checkpoint, load_model_state
-from ..data import TensorLoader, load_dataset
+from ..data import load_dataset, make_loader
 from ..fold import asr_layers, fold
 from ..summary import count_params
 from ..train import TrainConfig, build_model, evaluate
@@ -22,12 +22,12 @@ def _main(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_dict(blob["config"])
     dataset = args.dataset or cfg.dataset
     bundle = load_dataset(dataset, args.data_dir or cfg.data_dir, cfg.val_split if args.dataset is None else None,
-                          cfg.split_seed, args.cache_dir or cfg.cache_dir, cfg.image_size)
+                          cfg.split_seed, args.cache_dir or cfg.cache_dir, cfg.image_size, stream=cfg.stream)
     model = build_model(cfg, bundle.num_classes, bundle.in_channels)
     load_model_state(model, blob["model"], f"checkpoint {args.checkpoint}")
     model.eval()
     deployed = fold(model) if asr_layers(model) else model
-    loader = TensorLoader(bundle.val, args.batch_size, bundle.mean, bundle.std, train=False)
+    loader = make_loader(bundle.val, args.batch_size, bundle, train=False, workers=cfg.workers)
     x = next(iter(loader))[0][:4]
     report = verify(model, deployed, x) if deployed is not model else None
     amp = None if args.amp == "none" else torch.bfloat16

@@ -19,7 +19,7 @@ _FIELDS = (
     "attention", "asr", "both", "psi_init", "every", "epochs", "lr", "momentum", "nesterov", "weight_decay",
     "batch_size", "schedule", "milestones", "gamma", "warmup_epochs", "label_smoothing", "workers", "seed",
     "amp", "channels_last", "compile", "sync_bn", "deterministic", "steps_per_epoch", "output", "device",
-    "progress", "tensorboard",
+    "progress", "tensorboard", "stream", "threads",
 )
 
 
@@ -97,6 +97,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--split-seed", type=int, help="seed of the validation split [0]")
     g.add_argument("--image-size", type=int, help="imagefolder: resize + centre-crop size")
     g.add_argument("--cache-dir", help="imagefolder: keep the decoded tensor cache here")
+    g.add_argument("--stream", action="store_true", default=None,
+                   help="imagefolder: decode per batch with --workers processes instead of holding the images in "
+                        "memory (ImageNet-style trees: RandomResizedCrop --image-size [224] + flip)")
     g = p.add_argument_group("recipe and overrides")
     g.add_argument("--recipe", help=f"one of {', '.join(list_recipes())} [default]")
     g.add_argument("--epochs", type=int)
@@ -110,7 +113,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--gamma", type=float)
     g.add_argument("--warmup-epochs", type=float, help="linear warm-up length (fractions allowed)")
     g.add_argument("--label-smoothing", type=float)
-    g.add_argument("--workers", type=int, help="CPU threads for torch (0: default); data are in memory")
+    g.add_argument("--workers", type=int, help="data-loading processes for --stream [0: in the main process]")
+    g.add_argument("--threads", type=int, help="torch CPU threads [0: PyTorch's default]")
     g.add_argument("--seed", type=int)
     g.add_argument("--steps-per-epoch", type=int, help="cap the batches per epoch (smoke tests)")
     g = p.add_argument_group("runtime")
