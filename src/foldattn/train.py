@@ -341,6 +341,12 @@ class _Dist:
 
             dist.barrier()
 
+    def __enter__(self) -> _Dist:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.owns_group:
             import torch.distributed as dist
@@ -525,8 +531,23 @@ def train(cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, allow_
     device = _device(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    threads, was_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        with _Dist(device) as dist:
+            return _train(cfg, device, dist, resume, allow_config_change, hook, bundle, log)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, device: torch.device, dist: _Dist, resume: str | os.PathLike[str] | None,
+           allow_config_change: bool, hook: Callable[[str, dict[str, Any]], None] | None,
+           bundle: DataBundle | None, log: Callable[[str], None] | None) -> dict[str, Any]:
     amp_dtype = _amp_dtype(cfg, device)
-    dist = _Dist(device)
     log = log if (log is not None and dist.main) else (lambda _s: None)
     out = Path(cfg.output)
     state = None
@@ -541,12 +562,6 @@ def train(cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, allow_
             warnings.warn("resuming with a changed configuration: " + "; ".join(diff), stacklevel=2)
     if dist.main:
         _check_writable(out)
-    threads = torch.get_num_threads()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed)
 
     if bundle is None:
@@ -690,11 +705,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, allow_
                     raise TrainingInterrupted(out / "last.pt")
         summary = write_summary(len(history) >= cfg.epochs)
     finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-        torch.set_num_threads(threads)
         tb.close()
-        dist.barrier()
-        dist.close()
+    dist.barrier()
     return summary
 
 
