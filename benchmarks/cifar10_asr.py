@@ -97,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="cpu-cifar")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
     p.add_argument("--results", type=Path, help="markdown output (default WORK_DIR/results-MODEL-eEPOCHS.md)")
+    p.add_argument("--table-only", action="store_true", help="print the table of the finished runs and exit")
     args = p.parse_args(argv)
+    if args.table_only:
+        print(table(args.work_dir / "runs", args.model, args.epochs, "(see the results file for the command)"))
+        return 0
     variants = args.variants.split(",")
     unknown = set(variants) - set(VARIANTS)
     if unknown:
