@@ -323,15 +323,9 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 
 def _decode(files: list[tuple[Path, int]], size: int | None) -> ImageData:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    def read(path: Path) -> Image.Image:
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise DatasetError(f"cannot read image {path}: {e}; delete or replace it") from None
-
+    read = _read_rgb
     first = read(files[0][0])
     h = w = size
     if size is None:
