@@ -13,7 +13,8 @@ Names accepted by :func:`load_dataset`:
   ``--data-dir`` (downloaded with ``download=True`` when online).
 * ``imagefolder:PATH``: any ``PATH/<class>/<image>`` tree; a ``PATH/train`` +
   ``PATH/val`` (or ``test``) pair is used as given, otherwise a seeded, stratified
-  validation split is held out.
+  validation split is held out. With ``stream=True`` (ImageNet-style trees) only
+  the paths are kept and :class:`StreamLoader` decodes each batch in workers.
 """
 
 from __future__ import annotations
