@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from foldattn.data import DatasetError, ImageData, TensorLoader, load_dataset, stratified_split
@@ -166,3 +168,20 @@ def test_streamed_imagefolder_is_reproducible_and_worker_independent(tmp_path: P
 def test_stream_is_for_imagefolder_only() -> None:
     with pytest.raises(DatasetError, match="imagefolder"):
         load_dataset("digits", stream=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(counts=st.lists(st.integers(1, 30), min_size=1, max_size=6), frac=st.floats(0.05, 0.95), seed=st.integers(0, 9))
+def test_stratified_split_properties(counts: list[int], frac: float, seed: int) -> None:
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    labels = labels[torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(seed))]
+    n = labels.numel()
+    if not 0 < round(frac * n) < n:
+        with pytest.raises(DatasetError):
+            stratified_split(labels, frac, seed)
+        return
+    tr, va = stratified_split(labels, frac, seed)
+    assert va.numel() == round(frac * n) and torch.equal(torch.cat([tr, va]).sort().values, torch.arange(n))
+    # per class, the held-out count is within one of the exact proportion
+    for c, k in enumerate(counts):
+        assert abs(int((labels[va] == c).sum()) - k * va.numel() / n) < 1 + 1e-9
