@@ -11,7 +11,10 @@ from collections.abc import Sequence
 __all__ = ["main", "build_parser"]
 
 # module (relative to foldattn) providing ``register(subparsers)`` for each command
-_COMMANDS: tuple[str, ...] = ("demo", "bench")
+_COMMANDS: tuple[str, ...] = (
+    "demo", "commands.train", "commands.evaluate", "commands.fold", "commands.export", "commands.import_reference",
+    "bench",
+)
 
 
 class CLIError(Exception):

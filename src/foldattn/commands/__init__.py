@@ -1,0 +1,1 @@
+"""Sub-commands of the ``foldattn`` CLI (each module exposes ``register(subparsers)``)."""

@@ -1,0 +1,56 @@
+"""``foldattn fold CKPT -o OUT``: the deployed model of a checkpoint, as safetensors + JSON metadata."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..deploy import save_deployed
+from ..fold import fold
+from ..summary import count_params
+from ..train import TrainConfig, example_input, load_trained
+from ..verify import verify
+
+__all__ = ["register", "builder_for"]
+
+
+def builder_for(cfg: TrainConfig, classes: int) -> tuple[str | None, dict[str, Any] | None]:
+    """How :func:`foldattn.load_deployed` rebuilds the deployed (plain) architecture, or ``(None, None)``."""
+    if cfg.both:  # the classic twin stays in the deployed model: no plain builder describes it
+        return None, None
+    source, sep, name = cfg.model.partition(":")
+    if not sep:
+        return f"foldattn.models:{cfg.model}", {"num_classes": classes}
+    if source == "torchvision":
+        return f"torchvision.models:{name}", {"num_classes": classes}
+    return "timm:create_model", {"model_name": name, "num_classes": classes, "pretrained": False}
+
+
+def _main(args: argparse.Namespace) -> int:
+    model, cfg, blob = load_trained(args.checkpoint)
+    x = example_input(blob)
+    deployed = fold(model, fuse_bn=args.fuse_bn)
+    report = verify(model, deployed, x)
+    classes = int((blob.get("run") or {}).get("classes") or 10)
+    builder, kwargs = (None, None) if args.fuse_bn else builder_for(cfg, classes)
+    out = Path(args.output)
+    if out.suffix != ".safetensors":
+        out.mkdir(parents=True, exist_ok=True)
+        out = out / "deployed.safetensors"
+    meta = {"checkpoint": str(args.checkpoint), "config": cfg.to_dict(), "epoch": blob.get("epoch"),
+            "best": blob.get("best"), "verify": str(report), "fuse_bn": args.fuse_bn}
+    save_deployed(deployed, out, builder, kwargs, metadata=meta)
+    print(f"{cfg.model}: {count_params(model):,} parameters in training form, {count_params(deployed):,} deployed")
+    print(f"verify: {report}")
+    print(f"wrote {out} and {out.with_suffix('.json')}"
+          + ("" if builder else " (no builder recorded: load with foldattn.load_deployed(path, model=...))"))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fold", help="fold a checkpoint's ASR layers; write safetensors + JSON with the verify report")
+    p.add_argument("checkpoint", help="a foldattn checkpoint (.pt) or run folder")
+    p.add_argument("-o", "--output", required=True, help="a .safetensors file, or a folder (deployed.safetensors)")
+    p.add_argument("--fuse-bn", action="store_true", help="also fuse Conv->BatchNorm pairs")
+    p.set_defaults(func=_main)

@@ -1,0 +1,135 @@
+"""``foldattn train``: train a model (plain, +X, +ASR(X), +ASR(X)+X), validating the folded copy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from ..checkpoint import load_checkpoint
+from ..train import TrainConfig, TrainingInterrupted, list_recipes, recipe_defaults, train
+
+__all__ = ["register", "config_from_args"]
+
+# CLI option -> TrainConfig field, for options whose default is "not given" (None)
+_FIELDS = (
+    "model", "dataset", "data_dir", "download", "val_split", "split_seed", "image_size", "cache_dir",
+    "attention", "asr", "both", "psi_init", "every", "epochs", "lr", "momentum", "nesterov", "weight_decay",
+    "batch_size", "schedule", "milestones", "gamma", "warmup_epochs", "label_smoothing", "workers", "seed",
+    "amp", "channels_last", "compile", "sync_bn", "deterministic", "steps_per_epoch", "output", "device",
+    "progress", "tensorboard", "stream", "threads",
+)
+
+
+def _split_value(text: str) -> float | int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction (0.1) or a count (5000), got {text!r}") from None
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> TrainConfig:
+    """Recipe defaults (or a resumed run's saved config), then every option given explicitly."""
+    explicit = {f: getattr(args, f) for f in _FIELDS if getattr(args, f, None) is not None}
+    if saved is not None:
+        base = dict(saved)
+        if args.recipe is not None and args.recipe != base.get("recipe"):
+            base.update(recipe_defaults(args.recipe))
+            base["recipe"] = args.recipe
+    else:
+        recipe = args.recipe or "default"
+        base = {**recipe_defaults(recipe), "recipe": recipe}
+    cfg = TrainConfig.from_dict({**TrainConfig().to_dict(), **base, **explicit})
+    if "output" not in explicit and saved is None:
+        kind = "plain" if cfg.attention is None else (
+            f"asr-{cfg.attention}{'-both' if cfg.both else ''}" if cfg.asr else cfg.attention)
+        cfg.output = f"runs/{cfg.model.replace(':', '-')}-{kind}-{cfg.dataset.split(':')[0]}-s{cfg.seed}"
+    if "progress" not in explicit and saved is None:
+        cfg.progress = sys.stderr.isatty()
+    return cfg
+
+
+def _main(args: argparse.Namespace) -> int:
+    from ..cli import CLIError
+
+    saved = None
+    if args.resume is not None:
+        saved = load_checkpoint(args.resume)["config"]
+    cfg = config_from_args(args, saved)
+    try:
+        summary = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+    except TrainingInterrupted as e:
+        print(f"foldattn train: {e}", file=sys.stderr)
+        return 130
+    except FloatingPointError as e:
+        raise CLIError(str(e)) from None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    best, final = summary["best"], summary["final"]
+    print(json.dumps({"output": cfg.output, "best_top1": best["top1"], "best_top5": best["top5"],
+                      "best_epoch": best["epoch"], "final_top1": final["top1"], "final_top5": final["top5"],
+                      "time_per_epoch_s": summary["time_per_epoch_s"]}, indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train plain / +X / +ASR(X) models; validation runs on the folded copy",
+        description="Train a model and validate its folded (deployed) copy every epoch. Options left out take "
+                    "the recipe's value (or, with --resume, the saved run's).",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="foldattn model name (foldattn.list_models()), torchvision:NAME or timm:NAME "
+                                   "[cifar_resnet20]")
+    g.add_argument("--attention", help="attention module name, e.g. se, cbam, eca")
+    g.add_argument("--asr", action="store_true", default=None, help="put the attention in ASR form (folds away)")
+    g.add_argument("--both", action="store_true", default=None, help="ASR(X) + X (needs --asr)")
+    g.add_argument("--psi-init", type=float, help="initial value of psi [0.1]")
+    g.add_argument("--every", type=int, help="attention in every K-th block only [1]")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="digits, cifar10, cifar100, stl10 or imagefolder:PATH [digits]")
+    g.add_argument("--data-dir", help="root of torchvision-format datasets [data]")
+    g.add_argument("--download", action="store_true", default=None, help="download torchvision datasets")
+    g.add_argument("--val-split", type=_split_value, help="hold out this fraction or count (stratified)")
+    g.add_argument("--split-seed", type=int, help="seed of the validation split [0]")
+    g.add_argument("--image-size", type=int, help="imagefolder: resize + centre-crop size")
+    g.add_argument("--cache-dir", help="imagefolder: keep the decoded tensor cache here")
+    g.add_argument("--stream", action="store_true", default=None,
+                   help="imagefolder: decode per batch with --workers processes instead of holding the images in "
+                        "memory (ImageNet-style trees: RandomResizedCrop --image-size [224] + flip)")
+    g = p.add_argument_group("recipe and overrides")
+    g.add_argument("--recipe", help=f"one of {', '.join(list_recipes())} [default]")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float)
+    g.add_argument("--batch-size", type=int, help="global batch size (split across DDP ranks)")
+    g.add_argument("--schedule", choices=("cosine", "step", "constant"))
+    g.add_argument("--milestones", type=int, nargs="+", help="epochs where a step schedule multiplies lr by --gamma")
+    g.add_argument("--gamma", type=float)
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length (fractions allowed)")
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--workers", type=int, help="data-loading processes for --stream [0: in the main process]")
+    g.add_argument("--threads", type=int, help="torch CPU threads [0: PyTorch's default]")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--steps-per-epoch", type=int, help="cap the batches per epoch (smoke tests)")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), help="autocast dtype [auto: bf16 on CPU]")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the training model")
+    g.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under DDP (CUDA)")
+    g.add_argument("--deterministic", action="store_true", default=None,
+                   help="torch.use_deterministic_algorithms(True)")
+    g.add_argument("--device", help="auto, cpu, cuda [auto]")
+    g.add_argument("-o", "--output", help="output folder [runs/MODEL-VARIANT-DATASET-sSEED]")
+    g.add_argument("--resume", help="checkpoint (or output folder) to continue exactly from")
+    g.add_argument("--allow-config-change", action="store_true",
+                   help="on --resume, warn about changed options instead of refusing")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar [on when stderr is a terminal]")
+    g.add_argument("--tensorboard", action="store_true", default=None, help="also log to OUTPUT/tensorboard")
+    p.set_defaults(func=_main)

@@ -1,0 +1,581 @@
+"""Datasets for ``foldattn train``: a name registry of in-memory image datasets.
+
+Every dataset is decoded once into a ``uint8`` tensor ``(N, C, H, W)`` plus labels,
+so augmentation (the CIFAR recipe of He et al. 2016 used by the ASR paper: zero
+padding + random crop + horizontal flip) runs on whole batches and data loading
+is never the bottleneck on a few CPU cores.
+
+Names accepted by :func:`load_dataset`:
+
+* ``digits``: scikit-learn's 8x8 handwritten digits (shipped with scikit-learn, no
+  network), upscaled to 16x16, grey replicated to 3 channels; the embedded default.
+* ``cifar10``, ``cifar100``, ``stl10``: torchvision's on-disk formats under
+  ``--data-dir`` (downloaded with ``download=True`` when online).
+* ``imagefolder:PATH``: any ``PATH/<class>/<image>`` tree; a ``PATH/train`` +
+  ``PATH/val`` (or ``test``) pair is used as given, otherwise a seeded, stratified
+  validation split is held out. With ``stream=True`` (ImageNet-style trees) only
+  the paths are kept and :class:`StreamLoader` decodes each batch in workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._utils import atomic_path
+
+__all__ = [
+    "ImageData", "FileData", "DataBundle", "DatasetError", "TensorLoader", "StreamLoader", "make_loader",
+    "register_dataset", "load_dataset", "list_datasets", "stratified_split", "IMAGE_EXTENSIONS",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DatasetError(ValueError):
+    """A dataset is missing, empty or unreadable; the message says how to fix it."""
+
+
+@dataclass
+class ImageData:
+    """Decoded images ``(N, C, H, W)`` uint8 and labels ``(N,)`` int64."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DatasetError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise DatasetError(f"{self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}")
+        self.labels = self.labels.long()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, index: Tensor) -> ImageData:
+        return ImageData(self.images[index], self.labels[index])
+
+
+@dataclass
+class FileData:
+    """Image files and labels, decoded on the fly (trees too large to hold in memory)."""
+
+    files: list[Path]
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.files) != self.labels.numel():
+            raise DatasetError(f"{len(self.files)} files but {self.labels.numel()} labels")
+        self.labels = self.labels.long()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def subset(self, index: Tensor) -> FileData:
+        return FileData([self.files[i] for i in index.tolist()], self.labels[index])
+
+
+@dataclass
+class DataBundle:
+    """Train and validation data plus what a model and the augmentation need to know."""
+
+    name: str
+    train: ImageData | FileData
+    val: ImageData | FileData
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    pad: int = 4          # random-crop zero padding (0: no crop)
+    flip: bool = True     # random horizontal flip
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    stream_size: int | None = None  # FileData: the training crop size
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train.images.shape[1]) if isinstance(self.train, ImageData) else 3
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        if isinstance(self.train, ImageData):
+            return int(self.train.images.shape[2]), int(self.train.images.shape[3])
+        size = self.stream_size or 224
+        return size, size
+
+
+Loader = Callable[..., DataBundle]
+_DATASETS: dict[str, Loader] = {}
+
+
+def register_dataset(name: str) -> Callable[[Loader], Loader]:
+    """Decorator: register ``fn(data_dir=..., val_split=..., split_seed=..., **kw) -> DataBundle`` as ``name``."""
+
+    def deco(fn: Loader) -> Loader:
+        if name in _DATASETS:
+            raise ValueError(f"dataset {name!r} is already registered")
+        _DATASETS[name] = fn
+        return fn
+
+    return deco
+
+
+def list_datasets() -> list[str]:
+    """Registered names (``imagefolder`` takes a path: ``imagefolder:PATH``)."""
+    return sorted(_DATASETS)
+
+
+def load_dataset(
+    spec: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    val_split: float | int | None = None,
+    split_seed: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
+    image_size: int | None = None,
+    download: bool = False,
+    stream: bool = False,
+) -> DataBundle:
+    """Load the dataset named by ``spec`` (``digits``, ``cifar10``, ``imagefolder:PATH``, ...).
+
+    Args:
+        spec: a registered name, or ``imagefolder:PATH``.
+        data_dir: root of torchvision-format datasets (default ``./data``).
+        val_split: hold out this fraction (0 < f < 1) or number (>= 1) of training
+            images, stratified by class, as the validation set; ``None`` keeps the
+            dataset's own validation/test split where it has one.
+        split_seed: seed of the stratified split (independent of the training seed).
+        cache_dir: where ``imagefolder`` keeps its decoded tensor cache (None: no cache).
+        image_size: ``imagefolder`` only: resize (shorter side) + centre-crop to this size;
+            default: the size of the first image.
+        download: torchvision datasets only: download when missing (needs network).
+        stream: ``imagefolder`` only: keep file paths and decode each batch on the fly
+            (ImageNet-style trees; RandomResizedCrop + flip for training, resize +
+            centre-crop for validation, ImageNet normalisation) instead of decoding
+            everything into memory.
+    """
+    name, _, arg = spec.partition(":")
+    if name not in _DATASETS:
+        raise DatasetError(f"unknown dataset {spec!r}; valid: {', '.join(list_datasets())} (imagefolder:PATH)")
+    if name == "imagefolder" and not arg:
+        raise DatasetError("imagefolder needs a path: --dataset imagefolder:PATH (PATH/<class>/<image>.jpg)")
+    if stream and name != "imagefolder":
+        raise DatasetError(f"--stream applies to imagefolder:PATH only; {name!r} is held in memory")
+    if name != "imagefolder" and arg:
+        raise DatasetError(f"dataset {name!r} takes no ':' argument (got {spec!r}); use --data-dir for its location")
+    kwargs = {"data_dir": Path(data_dir or "data"), "val_split": val_split, "split_seed": split_seed,
+              "cache_dir": cache_dir, "image_size": image_size, "download": download}
+    if arg:
+        kwargs["path"] = Path(arg)
+        kwargs["stream"] = stream
+    return _DATASETS[name](**kwargs)
+
+
+def stratified_split(labels: Tensor, val: float | int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Indices ``(train, val)``: ``val`` (fraction or count) taken from each class in proportion.
+
+    Per-class counts use largest remainders so they sum exactly to the requested total;
+    the choice within each class is a permutation from a generator seeded with ``seed``.
+    """
+    n = labels.numel()
+    if isinstance(val, float) and not 0 < val < 1:
+        raise DatasetError(f"validation split {val!r} leaves no train or no validation image: a fraction must "
+                           "be in (0, 1), a count an integer")
+    n_val = round(val * n) if isinstance(val, float) else int(val)
+    if not 0 < n_val < n:
+        raise DatasetError(f"validation split {val!r} leaves no train or no validation image out of {n}")
+    classes, counts = labels.unique(return_counts=True)
+    exact = counts.double() * n_val / n
+    take = exact.floor().long()
+    order = (exact - take).argsort(descending=True, stable=True)
+    take[order[: n_val - int(take.sum())]] += 1
+    g = torch.Generator().manual_seed(seed)
+    train_idx, val_idx = [], []
+    for c, k in zip(classes.tolist(), take.tolist(), strict=True):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        val_idx.append(idx[:k])
+        train_idx.append(idx[k:])
+    return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+
+
+def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images.double().div_(255)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
+
+
+def _split(data: ImageData | FileData, val_split: float | int, seed: int) -> tuple[Any, Any]:
+    tr, va = stratified_split(data.labels, val_split, seed)
+    return data.subset(tr), data.subset(va)
+
+
+# ----------------------------------------------------------------------------- digits
+@register_dataset("digits")
+def _digits(val_split: float | int | None = None, split_seed: int = 0, **_: object) -> DataBundle:
+    """scikit-learn's 1,797 8x8 digits, bilinearly upscaled to 16x16, 3 channels."""
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    x = torch.from_numpy(raw.images).float().div(16).unsqueeze(1)  # values 0..16
+    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    images = x.mul(255).round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    data = ImageData(images, torch.from_numpy(raw.target))
+    train, val = _split(data, 0.2 if val_split is None else val_split, split_seed)
+    mean, std = _channel_stats(train.images)
+    return DataBundle("digits", train, val, [str(i) for i in range(10)], mean, std, pad=2, flip=False)
+
+
+# ----------------------------------------------------------------------------- torchvision formats
+_TV_FILES = {
+    "cifar10": ("CIFAR10", "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}"),
+    "cifar100": ("CIFAR100", "cifar-100-python/{train, test, meta}"),
+    "stl10": ("STL10", "stl10_binary/{train_X.bin, train_y.bin, test_X.bin, test_y.bin, class_names.txt}"),
+}
+# the normalisation of the ASR paper's reference code (pytorch-classification)
+_TV_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+}
+
+
+def _torchvision(name: str, data_dir: Path, download: bool) -> tuple[ImageData, ImageData, list[str]]:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, _TV_FILES[name][0])
+    splits = []
+    for train in (True, False):
+        kw = {"split": "train" if train else "test"} if name == "stl10" else {"train": train}
+        try:
+            ds = cls(str(data_dir), download=download, **kw)
+        except RuntimeError as e:
+            raise DatasetError(
+                f"{name} not found or corrupt under {data_dir.resolve()} ({e}). Expected torchvision's layout: "
+                f"{data_dir}/{_TV_FILES[name][1]}. Point --data-dir at the folder holding it, or pass --download "
+                "when online."
+            ) from None
+        except OSError as e:  # network errors while downloading
+            raise DatasetError(f"could not download {name} ({e}); offline, place {_TV_FILES[name][1]} under "
+                               f"--data-dir (now {data_dir})") from None
+        if name == "stl10":
+            images, labels = torch.from_numpy(ds.data), torch.from_numpy(ds.labels)
+        else:
+            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+            labels = torch.tensor(ds.targets)
+        splits.append(ImageData(images, labels))
+    return splits[0], splits[1], list(ds.classes)
+
+
+def _tv_loader(name: str) -> Loader:
+    def load(data_dir: Path, val_split: float | int | None = None, split_seed: int = 0, download: bool = False,
+             **_: object) -> DataBundle:
+        train, test, classes = _torchvision(name, data_dir, download)
+        notes = {"validation": "the official test split"}
+        if val_split is not None:
+            train, test = _split(train, val_split, split_seed)
+            notes = {"validation": f"{len(test)} training images held out (stratified, seed {split_seed})"}
+        mean, std = _TV_STATS[name]
+        return DataBundle(name, train, test, classes, mean, std, pad=4 if name != "stl10" else 12, flip=True,
+                          notes=notes)
+
+    load.__doc__ = f"torchvision {name} from ``data_dir``; the test split validates unless ``val_split`` is set."
+    return load
+
+
+for _name in _TV_FILES:
+    register_dataset(_name)(_tv_loader(_name))
+
+
+# ----------------------------------------------------------------------------- imagefolder
+def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    if not root.is_dir():
+        raise DatasetError(f"image folder {root} does not exist or is not a folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"{root} has no class sub-folders; expected {root}/<class>/<image>.jpg")
+    files: list[tuple[Path, int]] = []
+    empty = []
+    for i, c in enumerate(classes):
+        found = sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not found:
+            empty.append(c)
+        files.extend((p, i) for p in found)
+    if not files:
+        raise DatasetError(f"no images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)} in {len(classes)} "
+                           "class folders); expected {root}/<class>/<image>.jpg")
+    if empty:
+        raise DatasetError(f"class folders without images under {root}: {', '.join(empty[:10])}; remove them or "
+                           "add images")
+    return classes, files
+
+
+def _decode(files: list[tuple[Path, int]], size: int | None) -> ImageData:
+    from PIL import Image
+
+    read = _read_rgb
+    first = read(files[0][0])
+    h = w = size
+    if size is None:
+        w, h = first.size
+    out = torch.empty(len(files), 3, h, w, dtype=torch.uint8)
+    for i, (path, _) in enumerate(files):
+        im = first if i == 0 else read(path)
+        if im.size != (w, h):
+            scale = max(w / im.size[0], h / im.size[1])
+            nw, nh = max(w, math.ceil(im.size[0] * scale)), max(h, math.ceil(im.size[1] * scale))
+            im = im.resize((nw, nh), Image.BILINEAR)
+            left, top = (nw - w) // 2, (nh - h) // 2
+            im = im.crop((left, top, left + w, top + h))
+        out[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
+    return ImageData(out, torch.tensor([c for _, c in files]))
+
+
+def _folder(root: Path, size: int | None, cache_dir: str | os.PathLike[str] | None) -> tuple[ImageData, list[str]]:
+    classes, files = _scan(root)
+    cache = None
+    if cache_dir is not None:
+        key = hashlib.sha1(f"{root.resolve()}|{size}|{len(files)}|{files[0][0]}|{files[-1][0]}|"
+                           f"{sum(p.stat().st_size for p, _ in files)}".encode()).hexdigest()[:16]
+        cache = Path(cache_dir) / f"imagefolder-{key}.pt"
+        if cache.is_file():
+            try:
+                blob = torch.load(cache, weights_only=True)
+                return ImageData(blob["images"], blob["labels"]), list(blob["classes"])
+            except Exception:  # a stale or broken cache is rebuilt
+                pass
+    data = _decode(files, size)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache) as tmp:
+            torch.save({"images": data.images, "labels": data.labels, "classes": classes}, tmp)
+    return data, classes
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _streamed(path: Path, val_split: float | int | None, split_seed: int, image_size: int | None) -> DataBundle:
+    val_dir = next((path / d for d in ("val", "test") if (path / d).is_dir()), None)
+    if (path / "train").is_dir() and val_dir is not None and val_split is None:
+        classes, files = _scan(path / "train")
+        val_classes, val_files = _scan(val_dir)
+        if val_classes != classes:
+            raise DatasetError(f"{path}/train and {val_dir} have different class folders")
+        train = FileData([p for p, _ in files], torch.tensor([c for _, c in files]))
+        val = FileData([p for p, _ in val_files], torch.tensor([c for _, c in val_files]))
+        notes = {"validation": str(val_dir)}
+    else:
+        classes, files = _scan(path)
+        data = FileData([p for p, _ in files], torch.tensor([c for _, c in files]))
+        train, val = _split(data, 0.1 if val_split is None else val_split, split_seed)
+        notes = {"validation": f"{len(val)} images held out (stratified, seed {split_seed})"}
+    notes["loading"] = "streamed (decoded per batch)"
+    return DataBundle(f"imagefolder:{path}", train, val, classes, IMAGENET_MEAN, IMAGENET_STD, pad=0, flip=True,
+                      notes=notes, stream_size=image_size or 224)
+
+
+@register_dataset("imagefolder")
+def _imagefolder(path: Path, val_split: float | int | None = None, split_seed: int = 0,
+                 cache_dir: str | os.PathLike[str] | None = None, image_size: int | None = None,
+                 stream: bool = False, **_: object) -> DataBundle:
+    """``PATH/<class>/<image>``, or ``PATH/train`` + ``PATH/val`` (or ``test``) trees."""
+    if stream:
+        return _streamed(path, val_split, split_seed, image_size)
+    val_dir = next((path / d for d in ("val", "test") if (path / d).is_dir()), None)
+    if (path / "train").is_dir() and val_dir is not None and val_split is None:
+        train, classes = _folder(path / "train", image_size, cache_dir)
+        val, val_classes = _folder(val_dir, image_size or train.images.shape[-1], cache_dir)
+        if val_classes != classes:
+            raise DatasetError(f"{path}/train and {val_dir} have different class folders")
+        notes = {"validation": str(val_dir)}
+    else:
+        data, classes = _folder(path, image_size, cache_dir)
+        split = 0.1 if val_split is None else val_split
+        train, val = _split(data, split, split_seed)
+        notes = {"validation": f"{len(val)} images held out (stratified, seed {split_seed})"}
+    mean, std = _channel_stats(train.images)
+    return DataBundle(f"imagefolder:{path}", train, val, classes, mean, std, pad=max(1, train.images.shape[-1] // 8),
+                      flip=True, notes=notes)
+
+
+# ----------------------------------------------------------------------------- batches
+class TensorLoader:
+    """Batches of an :class:`ImageData`, augmented and normalised on the fly.
+
+    The order of epoch ``e`` is a permutation from a generator seeded with
+    ``(seed, e)`` and the augmentation of batch ``b`` uses one seeded with
+    ``(seed, e, b)``, so any batch can be reproduced without replaying the ones
+    before it (exact resume, also mid-epoch). With ``world > 1`` every rank walks
+    the same global batches and takes its own slice (DDP).
+
+    Args:
+        data: the images.
+        batch_size: the global batch size (split evenly across ``world`` ranks).
+        mean, std: per-channel normalisation (of images scaled to [0, 1]).
+        train: shuffle, drop the last partial batch, and augment.
+        pad, flip: random crop with this zero padding; random horizontal flip.
+        channels_last: return batches in ``torch.channels_last`` memory format.
+    """
+
+    def __init__(self, data: ImageData, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 train: bool, pad: int = 0, flip: bool = False, seed: int = 0, rank: int = 0, world: int = 1,
+                 channels_last: bool = False) -> None:
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} is not divisible by the {world} processes")
+        if train and len(data) < batch_size:
+            raise DatasetError(f"only {len(data)} training images for a batch of {batch_size}; lower --batch-size")
+        self.data, self.batch_size, self.train = data, batch_size, train
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.pad, self.flip, self.seed = pad, flip, seed
+        self.rank, self.world, self.channels_last = rank, world, channels_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+
+    def _order(self) -> Tensor:
+        if not self.train:
+            return torch.arange(len(self.data))
+        return torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+
+    def batches(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(x, y)`` from batch index ``start`` on (this rank's share)."""
+        order = self._order()
+        for b in range(start, len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if self.train:
+                local = self.batch_size // self.world
+                idx = idx[self.rank * local:(self.rank + 1) * local]
+            else:
+                idx = idx[self.rank::self.world]
+            x = self.data.images[idx]
+            if self.train:
+                x = self._augment(x, torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 65_537 + b))
+            yield self._normalise(x), self.data.labels[idx]
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.batches()
+
+    def _augment(self, x: Tensor, g: torch.Generator) -> Tensor:
+        n, _, h, w = x.shape
+        if self.pad:
+            p = self.pad
+            padded = F.pad(x, (p, p, p, p))
+            oy = torch.randint(0, 2 * p + 1, (n,), generator=g)
+            ox = torch.randint(0, 2 * p + 1, (n,), generator=g)
+            rows = (oy[:, None] + torch.arange(h))[:, :, None]      # (n, h, 1)
+            cols = (ox[:, None] + torch.arange(w))[:, None, :]      # (n, 1, w)
+            x = padded.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None], rows, cols].permute(0, 3, 1, 2)
+        if self.flip:
+            mask = torch.rand(n, generator=g) < 0.5
+            x = torch.where(mask[:, None, None, None], x.flip(3), x)
+        return x
+
+    def _normalise(self, x: Tensor) -> Tensor:
+        x = (x.float().div_(255) - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+
+
+def _read_rgb(path: Path) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"cannot read image {path}: {e}; delete or replace it") from None
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    """Decodes and transforms one file; the randomness of sample ``i`` in epoch ``e`` is seeded by
+    ``(seed, e, i)``, so batches do not depend on worker count or on the batches before them."""
+
+    def __init__(self, data: FileData, transform: Callable[[Any], Tensor], seed: int, random: bool) -> None:
+        self.data, self.transform, self.seed, self.random = data, transform, seed, random
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        image = _read_rgb(self.data.files[i])
+        if self.random:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(((self.seed * 100_003 + self.epoch) * 1_000_003 + i) % (2**63))
+                x = self.transform(image)
+        else:
+            x = self.transform(image)
+        return x, self.data.labels[i]
+
+
+class StreamLoader(TensorLoader):
+    """:class:`TensorLoader`'s batches (same order, same DDP slicing) decoded from files by a
+    ``DataLoader`` with ``workers`` processes: RandomResizedCrop + flip for training, resize +
+    centre crop for validation (Szegedy et al. 2015 / the torchvision ImageNet recipe)."""
+
+    def __init__(self, data: FileData, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 train: bool, image_size: int = 224, seed: int = 0, rank: int = 0, world: int = 1,
+                 channels_last: bool = False, workers: int = 0) -> None:
+        from torchvision import transforms as T
+
+        super().__init__(data, batch_size, mean, std, train, seed=seed, rank=rank, world=world,  # type: ignore[arg-type]
+                         channels_last=channels_last)
+        norm = [T.ToTensor(), T.Normalize(mean, std)]
+        if train:
+            tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *norm])
+        else:
+            tf = T.Compose([T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size), *norm])
+        self.dataset = _FileDataset(data, tf, seed, random=train)
+        self.workers = workers
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.dataset.epoch = epoch
+
+    def batches(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        order = self._order()
+        chunks = []
+        for b in range(start, len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if self.train:
+                local = self.batch_size // self.world
+                idx = idx[self.rank * local:(self.rank + 1) * local]
+            else:
+                idx = idx[self.rank::self.world]
+            chunks.append(idx.tolist())
+        if not chunks:
+            return
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=chunks, num_workers=self.workers,
+                                             pin_memory=torch.cuda.is_available())
+        for x, y in loader:
+            yield (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y
+
+
+def make_loader(data: ImageData | FileData, batch_size: int, bundle: DataBundle, train: bool, seed: int = 0,
+                rank: int = 0, world: int = 1, channels_last: bool = False, workers: int = 0) -> TensorLoader:
+    """The right loader for ``data``: :class:`TensorLoader` in memory, :class:`StreamLoader` for files."""
+    if isinstance(data, FileData):
+        return StreamLoader(data, batch_size, bundle.mean, bundle.std, train, bundle.image_size[0], seed, rank,
+                            world, channels_last, workers)
+    return TensorLoader(data, batch_size, bundle.mean, bundle.std, train, pad=bundle.pad if train else 0,
+                        flip=bundle.flip and train, seed=seed, rank=rank, world=world, channels_last=channels_last)

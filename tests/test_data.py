@@ -1,0 +1,187 @@
+"""Datasets and the batch loader of foldattn.data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from foldattn.data import DatasetError, ImageData, TensorLoader, load_dataset, stratified_split
+
+
+def _tree(root: Path, classes: dict[str, int], size: tuple[int, int] = (8, 8)) -> Path:
+    g = torch.Generator().manual_seed(0)
+    for c, n in classes.items():
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            px = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(px).save(root / c / f"{i}.png")
+    return root
+
+
+def test_digits_is_embedded_and_stratified() -> None:
+    b = load_dataset("digits")
+    assert b.num_classes == 10 and b.in_channels == 3 and b.image_size == (16, 16)
+    assert len(b.train) + len(b.val) == 1797
+    val = b.val.labels.bincount(minlength=10).float()
+    frac = val / (b.train.labels.bincount(minlength=10).float() + val)
+    assert torch.allclose(frac, torch.full((10,), 0.2), atol=0.02)
+
+
+@pytest.mark.parametrize("val", [0.25, 7])
+def test_stratified_split_counts_and_seed(val: float | int) -> None:
+    labels = torch.tensor([0] * 10 + [1] * 10 + [2] * 8)
+    tr, va = stratified_split(labels, val, seed=3)
+    expected = round(val * 28) if isinstance(val, float) else val
+    assert va.numel() == expected and tr.numel() == 28 - expected
+    assert set(tr.tolist()).isdisjoint(va.tolist())
+    assert (labels[va].bincount(minlength=3) >= 1).all()  # every class represented
+    _, va2 = stratified_split(labels, val, seed=3)
+    assert torch.equal(va, va2)
+    assert not torch.equal(va, stratified_split(labels, val, seed=4)[1])
+
+
+@pytest.mark.parametrize("val", [0, 28, 1.0])
+def test_stratified_split_rejects_degenerate(val: float | int) -> None:
+    with pytest.raises(DatasetError, match="leaves no"):
+        stratified_split(torch.zeros(28, dtype=torch.long), val)
+
+
+def test_imagefolder_split_and_cache(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "tree", {"a": 6, "b": 6, "c": 6})
+    b = load_dataset(f"imagefolder:{root}", val_split=6, cache_dir=tmp_path / "cache")
+    assert b.classes == ["a", "b", "c"] and len(b.train) == 12 and len(b.val) == 6
+    assert b.val.labels.bincount().tolist() == [2, 2, 2]
+    assert list((tmp_path / "cache").glob("*.pt"))
+    again = load_dataset(f"imagefolder:{root}", val_split=6, cache_dir=tmp_path / "cache")
+    assert torch.equal(again.train.images, b.train.images)
+    # the decoded pixels are the files' pixels
+    first = torch.from_numpy(numpy.array(Image.open(root / "a" / "0.png"))).permute(2, 0, 1)
+    assert any(torch.equal(first, img) for img in torch.cat([b.train.images, b.val.images]))
+
+
+def test_imagefolder_train_val_layout_and_resize(tmp_path: Path) -> None:
+    _tree(tmp_path / "train", {"x": 3, "y": 3}, size=(12, 10))
+    _tree(tmp_path / "val", {"x": 1, "y": 1}, size=(12, 10))
+    b = load_dataset(f"imagefolder:{tmp_path}", image_size=8)
+    assert len(b.train) == 6 and len(b.val) == 2 and b.image_size == (8, 8)
+
+
+@pytest.mark.parametrize("case", ["empty", "no-images", "empty-class", "corrupt", "missing"])
+def test_imagefolder_bad_input(tmp_path: Path, case: str) -> None:
+    root = tmp_path / "t"
+    if case == "no-images":
+        (root / "a").mkdir(parents=True)
+        (root / "a" / "notes.txt").write_text("x")
+    elif case == "empty":
+        root.mkdir()
+    elif case == "empty-class":
+        _tree(root, {"a": 2})
+        (root / "b").mkdir()
+    elif case == "corrupt":
+        _tree(root, {"a": 3, "b": 3})
+        (root / "b" / "1.png").write_bytes(b"\x89PNG truncated")
+    msg = {"empty": "no class sub-folders", "no-images": "no images", "empty-class": "without images under .*: b",
+           "corrupt": "1.png", "missing": "does not exist"}[case]
+    with pytest.raises(DatasetError, match=msg):
+        load_dataset(f"imagefolder:{root}")
+
+
+@pytest.mark.parametrize("name, expected", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),
+                                            ("stl10", "stl10_binary")])
+def test_torchvision_offline_message(tmp_path: Path, name: str, expected: str) -> None:
+    with pytest.raises(DatasetError, match=rf"(?s){expected}.*--data-dir"):
+        load_dataset(name, data_dir=tmp_path)
+
+
+def test_unknown_dataset_lists_names() -> None:
+    with pytest.raises(DatasetError, match="digits"):
+        load_dataset("mnist-typo")
+
+
+def _data(n: int = 20) -> ImageData:
+    imgs = torch.arange(n * 3 * 4 * 4, dtype=torch.int64).remainder(256).to(torch.uint8).view(n, 3, 4, 4)
+    return ImageData(imgs, torch.arange(n) % 2)
+
+
+def test_loader_batches_are_reproducible_from_any_start() -> None:
+    loader = TensorLoader(_data(), 4, (0.5,) * 3, (0.25,) * 3, train=True, pad=1, flip=True, seed=1)
+    loader.set_epoch(3)
+    full = list(loader)
+    tail = list(loader.batches(start=2))
+    assert len(full) == 5 and len(tail) == 3
+    for (x1, y1), (x2, y2) in zip(full[2:], tail, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    loader.set_epoch(4)
+    assert not torch.equal(next(iter(loader))[1], full[0][1]) or not torch.equal(next(iter(loader))[0], full[0][0])
+
+
+def test_loader_ddp_shards_cover_the_global_batch() -> None:
+    data = _data()
+    one = TensorLoader(data, 4, (0.0,) * 3, (1.0,) * 3, train=True, seed=2)
+    ranks = [TensorLoader(data, 4, (0.0,) * 3, (1.0,) * 3, train=True, seed=2, rank=r, world=2) for r in (0, 1)]
+    for (_, y), (_, y0), (_, y1) in zip(one, *ranks, strict=True):
+        assert torch.equal(y, torch.cat([y0, y1]))
+
+
+def test_loader_augmentation_is_a_shifted_crop() -> None:
+    data = _data(8)
+    loader = TensorLoader(data, 8, (0.0,) * 3, (1 / 255,) * 3, train=True, pad=1, flip=False, seed=0)
+    x, _ = next(iter(loader))
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    for img, idx in zip(x, order, strict=True):
+        src = torch.nn.functional.pad(data.images[idx].float(), (1, 1, 1, 1))
+        crops = [src[:, i:i + 4, j:j + 4] for i in range(3) for j in range(3)]
+        assert any(torch.allclose(img, c) for c in crops)
+
+
+def test_loader_rejects_tiny_train_set() -> None:
+    with pytest.raises(DatasetError, match="batch-size"):
+        TensorLoader(_data(3), 4, (0.0,) * 3, (1.0,) * 3, train=True)
+
+
+def test_streamed_imagefolder_is_reproducible_and_worker_independent(tmp_path: Path) -> None:
+    from foldattn.data import FileData, make_loader
+
+    root = _tree(tmp_path / "t", {"a": 5, "b": 5, "c": 5}, size=(24, 20))
+    b = load_dataset(f"imagefolder:{root}", val_split=3, image_size=16, stream=True)
+    assert isinstance(b.train, FileData) and len(b.train) == 12 and len(b.val) == 3 and b.image_size == (16, 16)
+    loader = make_loader(b.train, 4, b, train=True, seed=5)
+    loader.set_epoch(2)
+    full = list(loader)
+    assert len(full) == 3 and full[0][0].shape == (4, 3, 16, 16)
+    tail = list(loader.batches(start=1))
+    for (x1, y1), (x2, y2) in zip(full[1:], tail, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    with_worker = make_loader(b.train, 4, b, train=True, seed=5, workers=1)
+    with_worker.set_epoch(2)
+    assert all(torch.equal(a[0], c[0]) for a, c in zip(full, with_worker, strict=True))
+    val = list(make_loader(b.val, 4, b, train=False))
+    assert sum(y.numel() for _, y in val) == 3
+
+
+def test_stream_is_for_imagefolder_only() -> None:
+    with pytest.raises(DatasetError, match="imagefolder"):
+        load_dataset("digits", stream=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(counts=st.lists(st.integers(1, 30), min_size=1, max_size=6), frac=st.floats(0.05, 0.95), seed=st.integers(0, 9))
+def test_stratified_split_properties(counts: list[int], frac: float, seed: int) -> None:
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    labels = labels[torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(seed))]
+    n = labels.numel()
+    if not 0 < round(frac * n) < n:
+        with pytest.raises(DatasetError):
+            stratified_split(labels, frac, seed)
+        return
+    tr, va = stratified_split(labels, frac, seed)
+    assert va.numel() == round(frac * n) and torch.equal(torch.cat([tr, va]).sort().values, torch.arange(n))
+    # per class, the held-out count is within one of the exact proportion
+    for c, k in enumerate(counts):
+        assert abs(int((labels[va] == c).sum()) - k * va.numel() / n) < 1 + 1e-9

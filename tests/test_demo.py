@@ -1,0 +1,33 @@
+"""``foldattn demo --quick``: the README's first command, as CI runs it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from foldattn.cli import main
+
+
+def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| model")}
+    assert set(rows) == {"plain", "+SE", "+ASR(SE)"}
+    # the folded ASR model has exactly the plain backbone's parameters; +SE keeps its extra ones
+    assert rows["+ASR(SE)"][3] == rows["plain"][3] == rows["plain"][2]
+    assert int(rows["+SE"][3].replace(",", "")) > int(rows["plain"][3].replace(",", ""))
+    assert int(rows["+ASR(SE)"][2].replace(",", "")) > int(rows["+ASR(SE)"][3].replace(",", ""))
+    for r in rows.values():
+        assert 0.0 <= float(r[0]) <= 100.0 and float(r[4]) > 0
+    report = (out / "report.md").read_text()
+    assert "tolerance 1e-10" in report and "curves.png" in report
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_unwritable_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "f").write_text("x")
+    assert main(["demo", "--quick", "-o", str(tmp_path / "f" / "demo")]) == 2
+    assert "cannot write to output folder" in capsys.readouterr().err

@@ -1,0 +1,258 @@
+"""The training engine: exact resume, Ctrl-C, validation on a folded copy, outputs, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from foldattn.checkpoint import load_checkpoint
+from foldattn.cli import main
+from foldattn.data import load_dataset
+from foldattn.train import (
+    TrainConfig,
+    TrainingInterrupted,
+    build_model,
+    deployed_copy,
+    evaluate,
+    load_trained,
+    recipe_defaults,
+    train,
+)
+
+DIGITS = load_dataset("digits")
+
+
+def _cfg(tmp: Path, **kw: Any) -> TrainConfig:
+    base = {"dataset": "digits", "epochs": 3, "steps_per_epoch": 3, "batch_size": 32, "lr": 0.05,
+            "attention": "se", "asr": True, "deterministic": True, "output": str(tmp), "warmup_epochs": 0.5}
+    return TrainConfig(**{**base, **kw})
+
+
+def _interrupt_at(event: str, epoch: int, step: int | None = None):
+    def hook(ev: str, info: dict[str, Any]) -> None:
+        if ev == event and info["epoch"] == epoch and (step is None or info["step"] == step):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return hook
+
+
+@pytest.mark.parametrize("where", [("epoch", 0, None), ("step", 1, 0)], ids=["after-epoch-1", "mid-epoch-2"])
+def test_resume_is_exact(tmp_path: Path, where: tuple[str, int, int | None]) -> None:
+    full = train(_cfg(tmp_path / "full"), bundle=DIGITS, log=None)
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(tmp_path / "cut"), bundle=DIGITS, log=None, hook=_interrupt_at(*where))
+    ckpt = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == ((1, 0) if where[0] == "epoch" else (1, 1))
+    resumed = train(_cfg(tmp_path / "cut"), resume=tmp_path / "cut", bundle=DIGITS, log=None)
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed["final"] == full["final"] and resumed["best"] == full["best"]
+
+
+def test_outputs_and_summary(tmp_path: Path) -> None:
+    s = train(_cfg(tmp_path, epochs=2), bundle=DIGITS, log=None)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"last.pt", "best.pt", "metrics.csv", "summary.json", "curves.png"} <= files
+    assert not [f for f in files if f.endswith(".tmp")]
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["finished"] and summary["final"]["top1"] == pytest.approx(float(rows[-1]["val_top1"]))
+    assert summary["best"]["top1"] == max(float(r["val_top1"]) for r in rows)
+    assert 0 <= summary["final"]["top1"] <= summary["final"]["top5"] <= 100
+    assert summary["run"]["params_deployed"] < summary["run"]["params_train"]
+    assert s["versions"]["torch"] == torch.__version__
+
+
+def test_validation_uses_folded_copy_and_leaves_model_untouched() -> None:
+    cfg = TrainConfig(attention="se", asr=True)
+    model = build_model(cfg, num_classes=10).train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("psi"):
+                p.uniform_(-2, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    deployed = deployed_copy(model)
+    assert not any(type(m).__name__ == "ASR" for m in deployed.modules())
+    from foldattn.data import TensorLoader
+
+    loader = TensorLoader(DIGITS.val, 64, DIGITS.mean, DIGITS.std, train=False)
+    folded = evaluate(deployed, loader)
+    unfolded = evaluate(model, loader)
+    assert folded["top1"] == pytest.approx(unfolded["top1"], abs=0.6)  # same function up to round-off
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_resume_refuses_changed_config(tmp_path: Path) -> None:
+    train(_cfg(tmp_path, epochs=1), bundle=DIGITS, log=None)
+    with pytest.raises(ValueError, match=r"(?s)changed configuration.*lr: 0.05 -> 0.2"):
+        train(_cfg(tmp_path, epochs=1, lr=0.2), resume=tmp_path / "last.pt", bundle=DIGITS, log=None)
+    with pytest.warns(UserWarning, match="lr: 0.05 -> 0.2"):
+        train(_cfg(tmp_path, epochs=2, lr=0.2), resume=tmp_path, bundle=DIGITS, log=None, allow_config_change=True)
+
+
+def test_unwritable_output(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="cannot write to output folder"):
+        train(_cfg(blocker / "sub", epochs=1), bundle=DIGITS, log=None)
+
+
+def test_every_keeps_attention_in_every_kth_block() -> None:
+    model = build_model(TrainConfig(attention="se", asr=True, every=2), num_classes=10)
+    n_asr = sum(type(m).__name__ == "ASR" for m in model.modules())
+    assert n_asr == 5  # 9 blocks of ResNet-20: blocks 0, 2, 4, 6, 8
+
+
+def test_paper_recipe() -> None:
+    r = recipe_defaults("paper-cifar")
+    got = (r["epochs"], r["lr"], r["weight_decay"], r["milestones"], r["batch_size"], r["schedule"])
+    assert got == (164, 0.1, 1e-4, [81, 122], 128, "step")
+    with pytest.raises(ValueError, match="paper-cifar"):
+        recipe_defaults("nope")
+
+
+def test_cli_train_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16", "-o", str(out), "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{\n"):])["output"] == str(out)
+    # resuming a finished run with only --epochs raised continues from the saved config
+    with pytest.warns(UserWarning, match="epochs: 1 -> 2"):
+        assert main(["train", "--resume", str(out), "--epochs", "2", "--allow-config-change", "--no-progress"]) == 0
+    assert load_checkpoint(out)["epoch"] == 2
+    assert main(["train", "--resume", str(out), "--lr", "0.5", "--no-progress"]) == 2
+    assert "changed configuration" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "nope"], "unknown model"),
+    (["--asr"], "need --attention"),
+    (["--dataset", "imagefolder:/nonexistent/x"], "does not exist"),
+    (["--resume", "/nonexistent/last.pt"], "does not exist"),
+])
+def test_cli_train_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    assert main(["train", "-o", str(tmp_path / "o"), "--epochs", "1", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(dataset="digits", epochs=1, steps_per_epoch=2, batch_size=16, attention="se", asr=True,
+                      output=str(out)), bundle=DIGITS, log=None)
+    return out
+
+
+def test_cli_eval_fold_export(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import foldattn
+
+    assert main(["eval", str(trained_run)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert result["top1"] == pytest.approx(summary["final"]["top1"], abs=1.0)  # float32 here, bf16 in training
+    assert result["verify"].startswith("OK") and result["params_deployed"] == summary["run"]["params_deployed"]
+
+    assert main(["fold", str(trained_run), "-o", str(tmp_path / "dep")]) == 0
+    assert "verify: OK" in capsys.readouterr().out
+    deployed = foldattn.load_deployed(tmp_path / "dep" / "deployed.safetensors")  # rebuilt from the builder
+    model, _, _ = load_trained(trained_run)
+    x = torch.randn(2, 3, 16, 16)
+    foldattn.verify(model, deployed, x)  # float32: 1e-5 relative
+    meta = json.loads((tmp_path / "dep" / "deployed.json").read_text())
+    assert meta["user"]["verify"].startswith("OK")
+
+    assert main(["export", str(trained_run), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert "onnxruntime vs PyTorch" in capsys.readouterr().out and (tmp_path / "m.onnx").is_file()
+
+
+@pytest.mark.parametrize("command", ["eval", "fold", "export"])
+def test_cli_deploy_commands_refuse_bad_checkpoints(tmp_path: Path, command: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    extra = {"eval": [], "fold": ["-o", str(tmp_path / "o")], "export": ["--onnx", str(tmp_path / "m.onnx")]}[command]
+    assert main([command, str(bad), *extra]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "o").exists()
+
+
+def test_tensorboard_is_optional(tmp_path: Path) -> None:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.warns(UserWarning, match="tensorboard package is not installed"):
+            train(_cfg(tmp_path, epochs=1, steps_per_epoch=1, tensorboard=True), bundle=DIGITS, log=None)
+        assert (tmp_path / "summary.json").is_file()
+    else:
+        train(_cfg(tmp_path, epochs=1, steps_per_epoch=1, tensorboard=True), bundle=DIGITS, log=None)
+        assert any((tmp_path / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    # 10 steps/epoch, 4 epochs, 1 warm-up epoch
+    ("step", {0: 0.1, 9: 1.0, 10: 1.0, 19: 1.0, 20: 0.1, 30: 0.01}),
+    ("cosine", {0: 0.1, 9: 1.0, 10: 1.0, 25: 0.5, 39: 0.5 * (1 + math.cos(math.pi * 29 / 30))}),
+    ("constant", {0: 0.1, 10: 1.0, 39: 1.0}),
+])
+def test_lr_schedules(schedule: str, expected: dict[int, float]) -> None:
+    from foldattn.train import _lr_lambda
+
+    f = _lr_lambda(TrainConfig(epochs=4, schedule=schedule, milestones=[2, 3], warmup_epochs=1), 10)
+    for step, value in expected.items():
+        assert f(step) == pytest.approx(value), step
+
+
+def test_cli_ctrl_c_writes_a_resumable_checkpoint(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "foldattn.cli", "train", "--epochs", "1000", "--steps-per-epoch",
+                             "2", "--batch-size", "16", "-o", str(out), "--no-progress"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "summary.json").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "resumable checkpoint" in err and "Traceback" not in err
+    blob = load_checkpoint(out)
+    assert 1 <= blob["epoch"] < 1000
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_train_streamed_imagefolder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        (tmp_path / "tree" / c).mkdir(parents=True)
+        for i in range(6):
+            px = torch.randint(0, 256, (20, 20, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(px).save(tmp_path / "tree" / c / f"{i}.png")
+    s = train(TrainConfig(dataset=f"imagefolder:{tmp_path / 'tree'}", stream=True, image_size=16, val_split=4,
+                          epochs=1, batch_size=4, attention="se", asr=True, output=str(tmp_path / "run")), log=None)
+    assert s["run"]["train_images"] == 8 and s["run"]["image_size"] == [16, 16] and s["finished"]
