@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ._utils import eval_mode, set_submodule, unwrap_model
 from .asr import ASR
 from .attention import DIA, ChannelAttention
-from .stripe import StripeResult, _images, find_attention, record_stripes, select_sites
+from .stripe import StripeResult, _images, _to_model, find_attention, record_stripes, select_sites
 from .transforms import scale_out_channels
 
 __all__ = [
@@ -289,7 +289,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], max_images: int | None = N
             x, y = _labelled(batch)
             if max_images is not None:
                 x, y = x[: max_images - total], y[: max_images - total]
-            logits = model(x.to(dev))
+            logits = model(_to_model(x, model, dev))
             y = y.to(logits.device)
             loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
             correct += int((logits.argmax(dim=1) == y).sum())
@@ -324,11 +324,11 @@ def finetune(model: nn.Module, loader: Iterable[Any], epochs: int, lr: float = 0
             total, n = 0.0, 0
             for batch in loader:
                 x, y = _labelled(batch)
-                loss = F.cross_entropy(model(x.to(dev)), y.to(dev))
+                loss = F.cross_entropy(model(_to_model(x, model, dev)), y.to(dev))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss) * x.shape[0]
+                total += float(loss.detach()) * x.shape[0]
                 n += x.shape[0]
             if n == 0:
                 raise ValueError("the fine-tuning loader yielded no images")

@@ -36,7 +36,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -47,7 +47,7 @@ from .attention import ChannelAttention
 
 __all__ = [
     "AttentionKind", "AttentionSite", "register_kind", "attention_kinds", "find_attention", "select_sites",
-    "stripe_score", "ChannelStats", "LayerStripes", "StripeResult", "StripeRecorder", "record_stripes",
+    "stripe_score", "constancy", "ChannelStats", "LayerStripes", "StripeResult", "StripeRecorder", "record_stripes",
     "StripeHistory", "NoAttentionError",
 ]
 
@@ -294,6 +294,8 @@ class _Moments:
         self.n = 0
         self.mean: Tensor | None = None
         self.m2: Tensor | None = None
+        self.lo = math.inf
+        self.hi = -math.inf
 
     def update(self, x: Tensor) -> None:
         """Merge a batch ``(B, C)`` (Chan et al.'s parallel update)."""
@@ -302,6 +304,7 @@ class _Moments:
             return
         bmean = x.mean(dim=0)
         bm2 = ((x - bmean) ** 2).sum(dim=0)
+        self.lo, self.hi = min(self.lo, float(x.min())), max(self.hi, float(x.max()))
         if self.mean is None or self.m2 is None:
             self.n, self.mean, self.m2 = b, bmean, bm2
             return
@@ -317,7 +320,7 @@ class _Moments:
         if self.mean is None or self.m2 is None:
             return ChannelStats(0, [], [])
         std = (self.m2 / self.n).clamp_min(0).sqrt()
-        return ChannelStats(self.n, self.mean.tolist(), std.tolist())
+        return ChannelStats(self.n, self.mean.tolist(), std.tolist(), self.lo, self.hi)
 
 
 class _Reservoir:
@@ -370,25 +373,52 @@ def stripe_score(mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) 
     return min(1.0, max(0.0, between / total))
 
 
+def constancy(mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> float:
+    """How constant a gate with values in [0, 1] is across images: in [0, 1], 1 = constant.
+
+    ``1 - mean_c(s_c) / mean_c(sqrt(m_c (1 - m_c)))``: a variable in [0, 1] with mean ``m``
+    has standard deviation at most ``sqrt(m (1 - m))`` (Bhatia-Davis), reached when it
+    only takes the values 0 and 1; the score is one minus the spread as a share of that
+    ceiling. Unlike :func:`stripe_score` it does not ask the channels to differ: a gate
+    stuck at 0.5 in every channel is constant (1) but shows no stripes (0). Only meaningful
+    for gates in [0, 1] (sigmoid, hard sigmoid, DIA); callers pass NaN otherwise.
+    """
+    m = torch.as_tensor(mean, dtype=torch.float64)
+    s = torch.as_tensor(std, dtype=torch.float64)
+    if m.numel() == 0:
+        return float("nan")
+    ceiling = float((m * (1 - m)).clamp_min(0).sqrt().mean())
+    if ceiling <= 0:
+        return 1.0
+    return min(1.0, max(0.0, 1.0 - float(s.mean()) / ceiling))
+
+
 @dataclass
 class ChannelStats:
-    """Per-channel mean and std across images (population std, float64), and ``count`` vectors."""
+    """Per-channel mean and std across images (population std, float64) of ``count`` vectors,
+    and the smallest and largest value seen."""
 
     count: int
     mean: list[float]
     std: list[float]
+    min: float = math.nan
+    max: float = math.nan
 
     def summary(self) -> dict[str, float]:
-        """Mean / median / max over channels of the std, mean over channels of the mean, stripe score."""
+        """Mean / median / max over channels of the std, mean over channels of the mean,
+        :func:`stripe_score` and :func:`constancy` (NaN when values leave [0, 1])."""
         if not self.std:
-            return {k: float("nan") for k in ("mean_std", "median_std", "max_std", "mean", "stripe_score")}
+            keys = ("mean_std", "median_std", "max_std", "mean", "stripe_score", "constancy")
+            return {k: float("nan") for k in keys}
         s = torch.tensor(self.std, dtype=torch.float64)
+        in_unit = self.min >= 0.0 and self.max <= 1.0
         return {
             "mean_std": float(s.mean()),
             "median_std": float(s.median()),
             "max_std": float(s.max()),
             "mean": float(torch.tensor(self.mean, dtype=torch.float64).mean()),
             "stripe_score": stripe_score(self.mean, self.std),
+            "constancy": constancy(self.mean, self.std) if in_unit else float("nan"),
         }
 
 
@@ -446,13 +476,15 @@ class StripeResult:
 
     def table(self) -> str:
         """A plain-text table, one row per layer."""
-        head = f"{'layer':<28} {'C':>5} {'gate mean':>9} {'gate std':>9} {'max std':>8} {'score':>6} {'desc score':>10}"
+        head = (f"{'layer':<28} {'C':>5} {'gate mean':>9} {'gate std':>9} {'max std':>8} {'constancy':>9} "
+                f"{'stripes':>7} {'desc stripes':>12}")
         rows = [head, "-" * len(head)]
         for x in self.layers:
             s = x.summary()
             rows.append(
                 f"{x.name:<28} {x.channels:>5} {s['gate_mean']:>9.4f} {s['gate_mean_std']:>9.4f} "
-                f"{s['gate_max_std']:>8.4f} {s['gate_stripe_score']:>6.3f} {s['descriptor_stripe_score']:>10.3f}"
+                f"{s['gate_max_std']:>8.4f} {s['gate_constancy']:>9.3f} {s['gate_stripe_score']:>7.3f} "
+                f"{s['descriptor_stripe_score']:>12.3f}"
             )
         return "\n".join(rows)
 
@@ -465,8 +497,7 @@ class StripeResult:
             "layers": [
                 {
                     "name": x.name, "kind": x.kind, "channels": x.channels, "summary": x.summary(),
-                    "gate": {"count": x.gate.count, "mean": x.gate.mean, "std": x.gate.std},
-                    "descriptor": {"count": x.descriptor.count, "mean": x.descriptor.mean, "std": x.descriptor.std},
+                    "gate": asdict(x.gate), "descriptor": asdict(x.descriptor),
                     "gate_sample": x.gate_sample, "descriptor_sample": x.descriptor_sample,
                 }
                 for x in self.layers
@@ -637,6 +668,14 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _to_model(x: Tensor, model: nn.Module, device: torch.device) -> Tensor:
+    """``x`` on ``device``; floating images also in the dtype of the model's parameters."""
+    p = next(model.parameters(), None)
+    if p is not None and x.is_floating_point() and p.is_floating_point():
+        return x.to(device=device, dtype=p.dtype)
+    return x.to(device)
+
+
 @torch.no_grad()
 def record_stripes(
     model: nn.Module,
@@ -679,7 +718,7 @@ def record_stripes(
             if max_images is not None:
                 x = x[: max_images - rec.num_images]
             try:
-                model(x.to(dev))
+                model(_to_model(x, model, dev))
             except (RuntimeError, ValueError) as e:
                 rec.discard()
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

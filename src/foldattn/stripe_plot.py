@@ -74,7 +74,8 @@ def plot_heatmaps(
     plt = _plt()
     import numpy as np
 
-    fig, axes = plt.subplots(len(chosen), 2, figsize=(11, 2.6 * len(chosen) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(chosen), 2, figsize=(11, 3.1 * len(chosen) + 0.6), squeeze=False,
+                             layout="constrained")
     for row, layer in zip(axes, chosen, strict=True):
         s = layer.summary()
         panels = (
@@ -93,7 +94,7 @@ def plot_heatmaps(
             )
             ax.set_xlabel("channel")
             ax.set_ylabel("image (sample)")
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+            fig.colorbar(im, ax=ax, pad=0.01)
     fig.suptitle(f"Stripe Observation: {len(chosen[0].gate_sample)} of {result.num_images} images", fontsize=11)
     data = {
         "num_images": result.num_images,
@@ -114,7 +115,7 @@ def plot_history(history: StripeHistory, path: str | os.PathLike[str]) -> tuple[
     plt = _plt()
     names = history.layer_names()
     cmap = plt.get_cmap("viridis")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.2), layout="constrained")
     std, score = history.series("gate_mean_std"), history.series("gate_stripe_score")
     dstd = history.series("descriptor_stripe_score")
     marker = "o" if len(history) < 30 else None
@@ -128,7 +129,7 @@ def plot_history(history: StripeHistory, path: str | os.PathLike[str]) -> tuple[
     ax1.set_title("attention spread across images (lower = more constant)", fontsize=10)
     if all(v > 0 for s in std.values() for v in s if v == v):
         ax1.set_yscale("log")
-    ax1.legend(fontsize=7, loc="best")
+    fig.legend(fontsize=7, loc="outside right upper", title="layer (colour = depth)", title_fontsize=7)
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("stripe score of a(x)")
     ax2.set_ylim(-0.02, 1.02)
@@ -147,18 +148,19 @@ def plot_summary(result: StripeResult, path: str | os.PathLike[str]) -> tuple[Pa
     names = [x.name for x in result.layers]
     summ = [x.summary() for x in result.layers]
     pos = np.arange(len(names))
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(7, 0.45 * len(names) + 3), 7), sharex=True)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(7, 0.45 * len(names) + 3), 7.5), sharex=True,
+                                   layout="constrained")
     ax1.bar(pos, [s["gate_mean_std"] for s in summ], color="tab:blue", label="mean over channels")
     ax1.plot(pos, [s["gate_max_std"] for s in summ], "v", color="tab:red", label="max over channels")
     ax1.set_ylabel("std of a(x) across images")
-    ax1.set_title(f"attention spread per layer ({result.num_images} images)", fontsize=10)
-    ax1.legend(fontsize=8)
+    fig.suptitle(f"Stripe Observation per layer ({result.num_images} images)", fontsize=10)
+    ax1.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.06), ncol=2, frameon=False)
     w = 0.4
     ax2.bar(pos - w / 2, [s["descriptor_stripe_score"] for s in summ], w, color="tab:gray", label="input descriptor")
     ax2.bar(pos + w / 2, [s["gate_stripe_score"] for s in summ], w, color="tab:green", label="attention a(x)")
     ax2.set_ylim(0, 1.05)
     ax2.set_ylabel("stripe score")
-    ax2.legend(fontsize=8, loc="lower right")
+    ax2.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2, frameon=False)
     ax2.set_xticks(pos)
     ax2.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
     data = {"num_images": result.num_images, "layers": dict(zip(names, summ, strict=True))}
