@@ -21,6 +21,7 @@ from foldattn.stripe import (
     StripeResult,
     _Moments,
     attention_kinds,
+    constancy,
     find_attention,
     record_stripes,
     stripe_score,
@@ -79,6 +80,29 @@ def test_stripe_score_extremes() -> None:
 def test_stripe_score_bounded(pairs: list[tuple[float, float]]) -> None:
     mean, std = zip(*pairs, strict=True)
     assert 0.0 <= stripe_score(mean, std) <= 1.0
+
+
+def test_constancy() -> None:
+    assert constancy([0.3, 0.7], [0.0, 0.0]) == 1.0
+    # a gate that only takes the values 0 and 1 has the largest spread its mean allows
+    bern = torch.tensor([[0.0, 1.0], [1.0, 1.0], [0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    assert constancy(bern.mean(0), bern.std(0, unbiased=False)) == pytest.approx(0.0, abs=1e-12)
+    assert constancy([0.5], [0.25]) == pytest.approx(0.5)
+    assert constancy([0.0, 1.0], [0.0, 0.0]) == 1.0
+    assert math.isnan(constancy([], []))
+
+
+def test_constancy_nan_outside_unit_interval() -> None:
+    r = record_stripes(_tiny(), _batches(1), max_samples=0)
+    s = r.layers[0].summary()
+    assert 0 <= s["gate_constancy"] <= 1 and math.isnan(s["descriptor_constancy"])  # descriptors are not in [0, 1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 6), st.integers(2, 30), st.integers(0, 10_000))
+def test_constancy_bounded_for_unit_gates(channels: int, images: int, seed: int) -> None:
+    a = torch.rand(images, channels, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) ** 3
+    assert 0.0 <= constancy(a.mean(0), a.std(0, unbiased=False)) <= 1.0
 
 
 def test_stripe_score_equals_eta_squared_of_matrix() -> None:

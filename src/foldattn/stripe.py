@@ -778,7 +778,7 @@ class StripeHistory:
         """``{layer: [metric at each epoch]}`` (NaN where a layer is missing)."""
         out = {}
         for name in self.layer_names():
-            out[name] = [float(r[name][metric]) if name in r else float("nan") for r in self.records]
+            out[name] = [float(r[name].get(metric, math.nan)) if name in r else math.nan for r in self.records]
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -87,9 +87,11 @@ def plot_heatmaps(
                 ax.set_axis_off()
                 continue
             im = ax.imshow(np.asarray(mat), aspect="auto", interpolation="nearest", cmap=cmap)
+            const = s[f"{key}_constancy"]
+            extra = f", constancy {const:.3f}" if const == const else ""  # NaN: values outside [0, 1]
             ax.set_title(
                 f"{layer.name}: {title}\nmean std {s[f'{key}_mean_std']:.3g}, stripe score "
-                f"{s[f'{key}_stripe_score']:.3f}",
+                f"{s[f'{key}_stripe_score']:.3f}{extra}",
                 fontsize=9,
             )
             ax.set_xlabel("channel")
@@ -115,15 +117,20 @@ def plot_history(history: StripeHistory, path: str | os.PathLike[str]) -> tuple[
     plt = _plt()
     names = history.layer_names()
     cmap = plt.get_cmap("viridis")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.2), layout="constrained")
+    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(17, 4.2), layout="constrained")
     std, score = history.series("gate_mean_std"), history.series("gate_stripe_score")
+    const = history.series("gate_constancy")
     dstd = history.series("descriptor_stripe_score")
     marker = "o" if len(history) < 30 else None
     for i, n in enumerate(names):
         color = cmap(i / max(1, len(names) - 1))
         label = n if len(names) <= 12 or i in (0, len(names) - 1) else None
         ax1.plot(history.epochs, std[n], color=color, marker=marker, ms=3, label=label)
+        ax3.plot(history.epochs, const[n], color=color, marker=marker, ms=3)
         ax2.plot(history.epochs, score[n], color=color, marker=marker, ms=3)
+    ax3.set_xlabel("epoch")
+    ax3.set_ylabel("constancy of a(x)")
+    ax3.set_title("constancy (1 = a(x) the same for every image)", fontsize=10)
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("mean over channels of std across images of a(x)")
     ax1.set_title("attention spread across images (lower = more constant)", fontsize=10)
@@ -134,7 +141,7 @@ def plot_history(history: StripeHistory, path: str | os.PathLike[str]) -> tuple[
     ax2.set_ylabel("stripe score of a(x)")
     ax2.set_ylim(-0.02, 1.02)
     ax2.set_title("stripe score (1 = every channel constant across images)", fontsize=10)
-    data = {"epochs": history.epochs, "gate_mean_std": std, "gate_stripe_score": score,
+    data = {"epochs": history.epochs, "gate_mean_std": std, "gate_constancy": const, "gate_stripe_score": score,
             "descriptor_stripe_score": dstd}
     return _save(fig, path, data)
 
@@ -155,12 +162,14 @@ def plot_summary(result: StripeResult, path: str | os.PathLike[str]) -> tuple[Pa
     ax1.set_ylabel("std of a(x) across images")
     fig.suptitle(f"Stripe Observation per layer ({result.num_images} images)", fontsize=10)
     ax1.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.06), ncol=2, frameon=False)
-    w = 0.4
-    ax2.bar(pos - w / 2, [s["descriptor_stripe_score"] for s in summ], w, color="tab:gray", label="input descriptor")
-    ax2.bar(pos + w / 2, [s["gate_stripe_score"] for s in summ], w, color="tab:green", label="attention a(x)")
+    w = 0.28
+    ax2.bar(pos - w, [s["descriptor_stripe_score"] for s in summ], w, color="tab:gray",
+            label="stripe score, input descriptor")
+    ax2.bar(pos, [s["gate_stripe_score"] for s in summ], w, color="tab:green", label="stripe score, attention a(x)")
+    ax2.bar(pos + w, [s["gate_constancy"] for s in summ], w, color="tab:olive", label="constancy, attention a(x)")
     ax2.set_ylim(0, 1.05)
-    ax2.set_ylabel("stripe score")
-    ax2.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2, frameon=False)
+    ax2.set_ylabel("score (1 = stripes / constant)")
+    ax2.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=3, frameon=False)
     ax2.set_xticks(pos)
     ax2.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
     data = {"num_images": result.num_images, "layers": dict(zip(names, summ, strict=True))}
