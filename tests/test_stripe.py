@@ -403,3 +403,22 @@ def test_cli_stripe_errors(tmp_path, capsys, argv: list[str], match: str) -> Non
     err = capsys.readouterr().err
     assert "foldattn stripe: error:" in err and len(err.strip().splitlines()) == 1
     assert match in err
+
+
+def test_monitor_records_every_n_and_resumes(tmp_path) -> None:
+    from foldattn.stripe import StripeMonitor
+
+    model, data = _tiny(), _batches(1, 4)
+    mon = StripeMonitor(every=2, output_dir=tmp_path, max_images=4, max_samples=2)
+    assert len(mon.check(model)) == 9
+    assert [mon(e, model, data) is not None for e in (1, 2, 3, 4)] == [False, True, False, True]
+    assert StripeHistory.load(tmp_path / "stripe_history.json").epochs == [2, 4]
+    for name in ("stripe_curves.png", "stripe_curves.json", "stripes.json", "stripe_heatmaps.png"):
+        assert (tmp_path / name).exists()
+    resumed = StripeMonitor(every=2, output_dir=tmp_path, max_images=4, max_samples=0)
+    resumed(4, model, data)  # a run resumed from epoch 3 replays epoch 4
+    assert resumed.history.epochs == [2, 4]
+    with pytest.raises(ValueError, match="stripe-every"):
+        StripeMonitor(every=0, output_dir=tmp_path)
+    with pytest.raises(NoAttentionError):
+        StripeMonitor(every=1, output_dir=tmp_path).check(create_model("cifar_resnet20"))
