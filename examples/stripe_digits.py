@@ -11,6 +11,7 @@ Small enough for 2 CPU cores (about a minute per model).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -35,9 +36,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
-    data = load_data(argparse.Namespace(data="digits", data_dir=None, val_split=None, batch_size=64, seed=args.seed))
     out = Path(args.output)
     for att in args.attention:
+        # fresh loaders per model, so each run is the same whatever else is trained in this call
+        data = load_data(argparse.Namespace(data="digits", data_dir=None, val_split=None, batch_size=64,
+                                            seed=args.seed))
         d = out / att
         d.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(args.seed)
@@ -77,8 +80,18 @@ def main() -> None:
         print(report.table())
         print(f"calibrate {att}: top-1 {before['top1']:.2f} -> {after['top1']:.2f} % "
               f"(after 2 fine-tuning epochs {tuned['top1']:.2f} %)")
+        extra = {}
+        if any(getattr(m, "spatial", None) is not None for m in model.modules()):
+            # CBAM: how much of the drop is its position-dependent spatial gate, which has no constant form?
+            no_spatial = copy.deepcopy(model)
+            for m in no_spatial.modules():
+                if getattr(m, "spatial", None) is not None:
+                    m.spatial = None
+            extra["without_spatial_gate"] = evaluate(no_spatial, data.val)
+            print(f"{att} with its spatial gates removed (channel gates kept): "
+                  f"top-1 {extra['without_spatial_gate']['top1']:.2f} %")
         (d / "calibration.json").write_text(json.dumps(
-            {"attention": att, "before": before, "after": after, "after_finetune_2": tuned,
+            {"attention": att, "before": before, "after": after, "after_finetune_2": tuned, **extra,
              **report.to_dict()}, indent=1))
 
 
