@@ -20,7 +20,7 @@ from . import attention as _attention
 from ._utils import eval_mode
 from .transforms import scale_out_channels
 
-__all__ = ["ASR", "HOST_TYPES", "host_channels", "absorbing_parameters"]
+__all__ = ["ASR", "ChannelsLast", "HOST_TYPES", "host_channels", "absorbing_parameters"]
 
 # Hosts whose output is linear in per-output-channel parameters (weight, bias), so
 # that scaling those parameters scales the output channel: ``host(x; w*v, b*v) == host(x) * v``.
@@ -84,6 +84,17 @@ def host_channels(host: nn.Module) -> int:
     return int(weight.shape[0])
 
 
+class ChannelsLast(nn.Module):
+    """Run a channel-first module ``(N, C, *S)`` on channel-last input ``(N, *S, C)``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x.movedim(-1, 1)).movedim(1, -1)
+
+
 class ASR(nn.Module):
     """``host(x) * T(psi)`` along the channel axis, trained as ``host(x; w*v, b*v)``.
 
@@ -141,9 +152,10 @@ class ASR(nn.Module):
         self.host = host
         self.attention = module.to(device=ref.device, dtype=ref.dtype)
         self.channel_dim = _channel_dim(host)
-        self.classic: _attention.ChannelAttention | None = None
+        self.classic: nn.Module | None = None
         if both:
-            self.classic = _attention.create(name, channels, **attention_kwargs).to(device=ref.device, dtype=ref.dtype)
+            classic = _attention.create(name, channels, **attention_kwargs).to(device=ref.device, dtype=ref.dtype)
+            self.classic = ChannelsLast(classic) if self.channel_dim == -1 else classic
         self.attention_name = name
 
     @property
@@ -162,7 +174,7 @@ class ASR(nn.Module):
             params[name] = p * v.reshape(-1, *([1] * (p.dim() - 1)))
         y = functional_call(self.host, params, args, kwargs)
         if self.classic is not None:
-            y = self.classic(y.movedim(-1, 1)).movedim(1, -1) if self.channel_dim == -1 else self.classic(y)
+            y = self.classic(y)
         return y
 
     @torch.no_grad()

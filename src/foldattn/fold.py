@@ -1,7 +1,9 @@
 """Model-level fold: replace every ASR layer by its host with ``v`` folded in.
 
-Optionally fuse Conv -> BatchNorm pairs afterwards so the deployed graph has no
-BatchNorm. The algebra lives in :mod:`foldattn.transforms`.
+Then every structural re-parameterization block (:class:`foldattn.srp.RepBlock`:
+RepVGG, ACNet, DBB) is replaced by its fused conv, so ASR on a block and the block's
+own re-parameterization deploy in one call. Optionally fuse Conv -> BatchNorm pairs
+afterwards so the deployed graph has no BatchNorm. The algebra lives in :mod:`foldattn.transforms`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from ._utils import set_submodule, unwrap_model
 from .asr import ASR
+from .srp import rep_blocks, reparameterize
 from .transforms import fuse_conv_bn
 
 __all__ = ["fold", "asr_layers", "conv_bn_pairs"]
@@ -28,17 +31,22 @@ def asr_layers(model: nn.Module) -> list[tuple[str, ASR]]:
 
 
 @torch.no_grad()
-def fold(model: nn.Module, inplace: bool = False, fuse_bn: bool = False) -> nn.Module:
+def fold(model: nn.Module, inplace: bool = False, fuse_bn: bool = False, reparam: bool = True) -> nn.Module:
     """The deployed form of ``model``: each ASR layer replaced by its folded host.
 
     DataParallel/DDP and ``torch.compile`` wrappers are removed first. Without
-    ``fuse_bn`` the result has exactly the plain backbone's module tree, so its
-    ``state_dict()`` loads with ``strict=True`` into the model built without ASR.
+    ``fuse_bn`` (and with no re-parameterization block) the result has exactly the
+    plain backbone's module tree, so its ``state_dict()`` loads with ``strict=True``
+    into the model built without ASR. Re-parameterization blocks
+    (:class:`foldattn.srp.RepBlock`) are then fused into single convs: the result
+    loads strictly into the model built with ``deploy=True``.
 
     Args:
-        model: a model containing :class:`~foldattn.ASR` layers.
+        model: a model containing :class:`~foldattn.ASR` layers and/or RepBlocks.
         inplace: modify ``model`` itself; by default a deep copy is folded.
         fuse_bn: also fuse every Conv -> BatchNorm pair (BN replaced by Identity).
+        reparam: fuse every :class:`~foldattn.srp.RepBlock` (after the ASR fold);
+            ``False`` keeps the blocks' training form.
 
     Returns:
         The folded model; the caller's train/eval modes are kept. Folding a model
@@ -54,8 +62,9 @@ def fold(model: nn.Module, inplace: bool = False, fuse_bn: bool = False) -> nn.M
     if not inplace:
         model = copy.deepcopy(model)
     layers = asr_layers(model)
-    if not layers and not fuse_bn:
-        warnings.warn("fold: the model has no ASR layer; returned unchanged", stacklevel=2)
+    has_blocks = reparam and next(rep_blocks(model), None) is not None
+    if not layers and not fuse_bn and not has_blocks:
+        warnings.warn("fold: the model has no ASR layer; returned unchanged", stacklevel=3)
     for name, layer in layers:
         try:
             replacement = layer.fuse()
@@ -65,6 +74,8 @@ def fold(model: nn.Module, inplace: bool = False, fuse_bn: bool = False) -> nn.M
             set_submodule(model, name, replacement)
         else:
             model = replacement
+    if has_blocks:
+        model = reparameterize(model, inplace=True)
     if fuse_bn:
         _fuse_conv_bn_pairs(model)
     return model

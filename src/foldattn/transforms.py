@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["scale_out_channels", "fuse_bn", "fuse_conv_bn"]
+__all__ = [
+    "scale_out_channels", "fuse_bn", "fuse_conv_bn",
+    "pad_kernel", "add_branches", "merge_1x1_kxk", "avgpool_as_conv", "identity_as_conv",
+]
 
 
 def _view_channels(v: Tensor, like: Tensor, dim: int = 0) -> Tensor:
@@ -63,3 +66,123 @@ def fuse_conv_bn(
     w = conv_weight.detach().double() * _view_channels(s, conv_weight)
     b = t if conv_bias is None else conv_bias.detach().double() * s + t
     return w.to(conv_weight.dtype), b.to(conv_weight.dtype)
+
+
+# --- structural re-parameterization (RepVGG, ACNet, DBB) -------------------------------
+# Ding et al.: "ACNet" (ICCV 2019), "RepVGG" (CVPR 2021), "Diverse Branch Block" (CVPR 2021).
+# Kernels are conv weights ``(out, in / groups, kh, kw)``.
+
+
+def _pair(k: int | tuple[int, int], what: str) -> tuple[int, int]:
+    pair = (k, k) if isinstance(k, int) else tuple(k)
+    if len(pair) != 2 or any(not isinstance(i, int) or isinstance(i, bool) or i < 1 for i in pair):
+        raise ValueError(f"{what} must be a positive int or a pair of them, got {k!r}")
+    return pair  # type: ignore[return-value]
+
+
+def pad_kernel(weight: Tensor, kernel_size: int | tuple[int, int]) -> Tensor:
+    """``weight (..., kh, kw)`` zero-padded, centred, to ``kernel_size`` (e.g. 1x1 or 1x3 -> 3x3).
+
+    A conv with the padded kernel and padding ``p`` equals the conv with the small
+    kernel and padding ``p - (K - k) / 2`` per side, so the size difference must be
+    even and non-negative in both dims. Returned in ``weight``'s dtype.
+    """
+    kh, kw = _pair(kernel_size, "kernel_size")
+    h, w = weight.shape[-2:]
+    dh, dw = kh - h, kw - w
+    if dh < 0 or dw < 0 or dh % 2 or dw % 2:
+        raise ValueError(
+            f"cannot centre a {h}x{w} kernel in {kh}x{kw}: the size difference must be even and >= 0 "
+            "(use an odd target kernel for 1x1 / 1xk branches)"
+        )
+    out = torch.nn.functional.pad(weight.detach().double(), (dw // 2, dw // 2, dh // 2, dh // 2))
+    return out.to(weight.dtype)
+
+
+def add_branches(*branches: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor]:
+    """Sum of parallel convs ``(weight, bias)`` with equal kernel shapes: one conv, in float64.
+
+    ``conv(x; W1, b1) + conv(x; W2, b2) == conv(x; W1 + W2, b1 + b2)`` when both
+    convs share stride, padding and groups. Pad smaller kernels with :func:`pad_kernel` first.
+    """
+    if not branches:
+        raise ValueError("add_branches needs at least one (weight, bias) pair")
+    shape = branches[0][0].shape
+    weight = torch.zeros(shape, dtype=torch.float64, device=branches[0][0].device)
+    bias = torch.zeros(shape[0], dtype=torch.float64, device=weight.device)
+    for i, (w, b) in enumerate(branches):
+        if w.shape != shape:
+            raise ValueError(
+                f"branch {i} has kernel shape {tuple(w.shape)}, branch 0 {tuple(shape)}; pad kernels to one size first"
+            )
+        weight = weight + w.detach().double()
+        if b is not None:
+            if b.shape != (shape[0],):
+                raise ValueError(f"branch {i} bias has shape {tuple(b.shape)}, expected ({shape[0]},)")
+            bias = bias + b.detach().double()
+    return weight, bias
+
+
+def merge_1x1_kxk(
+    w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, groups: int = 1
+) -> tuple[Tensor, Tensor]:
+    """One conv equal to a 1x1 conv ``(w1, b1)`` followed by a kxk conv ``(w2, b2)``, in float64.
+
+    Both convs have ``groups`` groups; the kxk conv has stride ``s`` and no padding of
+    its own, its input padded with the 1x1 conv's *output at zero input* (``b1``, as
+    DBB's BN-and-pad layer does). The result is then a kxk conv of the original input
+    with stride ``s`` and the padding that was applied in between.
+    """
+    if w1.dim() != 4 or w1.shape[-2:] != (1, 1):
+        raise ValueError(f"w1 must be a 1x1 conv weight (M, C/groups, 1, 1), got {tuple(w1.shape)}")
+    if w2.dim() != 4:
+        raise ValueError(f"w2 must be a conv weight (O, M/groups, kh, kw), got {tuple(w2.shape)}")
+    m, o = w1.shape[0], w2.shape[0]
+    if groups < 1 or m % groups or o % groups or w2.shape[1] * groups != m:
+        raise ValueError(
+            f"shapes do not chain with groups={groups}: w1 {tuple(w1.shape)} has {m} outputs, "
+            f"w2 {tuple(w2.shape)} expects {w2.shape[1] * groups} inputs"
+        )
+    g, kh, kw = groups, w2.shape[2], w2.shape[3]
+    a = w1.detach().double().reshape(g, m // g, w1.shape[1])
+    b = w2.detach().double().reshape(g, o // g, m // g, kh, kw)
+    weight = torch.einsum("gomhw,gmc->gochw", b, a).reshape(o, w1.shape[1], kh, kw)
+    bias = torch.zeros(o, dtype=torch.float64, device=w2.device)
+    if b1 is not None:
+        bias = bias + torch.einsum("gomhw,gm->go", b, b1.detach().double().reshape(g, m // g)).reshape(o)
+    if b2 is not None:
+        bias = bias + b2.detach().double()
+    return weight, bias
+
+
+def _per_channel_kernel(channels: int, kernel_size: int | tuple[int, int], groups: int) -> Tensor:
+    if not isinstance(channels, int) or channels < 1 or groups < 1 or channels % groups:
+        raise ValueError(f"channels ({channels}) must be a positive multiple of groups ({groups})")
+    kh, kw = _pair(kernel_size, "kernel_size")
+    return torch.zeros(channels, channels // groups, kh, kw, dtype=torch.float64)
+
+
+def avgpool_as_conv(channels: int, kernel_size: int | tuple[int, int], groups: int = 1) -> Tensor:
+    """The kernel ``(C, C/groups, kh, kw)`` of a conv equal to ``AvgPool2d(kernel_size)`` on ``C`` channels.
+
+    Padding of the pool must be zero (or zero-padding counted, ``count_include_pad=True``);
+    stride is the conv's. float64.
+    """
+    w = _per_channel_kernel(channels, kernel_size, groups)
+    c = torch.arange(channels)
+    w[c, c % (channels // groups)] = 1.0 / (w.shape[2] * w.shape[3])
+    return w
+
+
+def identity_as_conv(channels: int, kernel_size: int | tuple[int, int] = 1, groups: int = 1) -> Tensor:
+    """The kernel ``(C, C/groups, kh, kw)`` of a conv equal to the identity (stride 1, padding ``k // 2``).
+
+    The kernel size must be odd so that the 1 sits in the centre. float64.
+    """
+    w = _per_channel_kernel(channels, kernel_size, groups)
+    kh, kw = w.shape[2], w.shape[3]
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"an identity kernel needs an odd size to have a centre, got {kh}x{kw}")
+    c = torch.arange(channels)
+    w[c, c % (channels // groups), kh // 2, kw // 2] = 1.0
+    return w

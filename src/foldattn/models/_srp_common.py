@@ -1,0 +1,43 @@
+"""Shared pieces of the re-parameterization backbones (private)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .. import attention as _attention
+from .. import srp as _srp
+from ..asr import ASR
+from .cifar_resnet import _AttentionFactory
+
+__all__ = ["check_attention_args", "factories", "rep_layer"]
+
+
+def check_attention_args(attention: str | None, asr: bool, both: bool) -> None:
+    """Reject inconsistent ``attention``/``asr``/``both`` the way :class:`CifarResNet` does."""
+    if (asr or both) and attention is None:
+        raise ValueError("asr=True and both=True need an attention module, e.g. attention='se'")
+    if both and not asr:
+        raise ValueError("both=True means ASR(X) + X and needs asr=True; for X alone use asr=False")
+    if attention is not None:
+        _attention.get(attention)  # unknown names fail here, listing the valid ones
+
+
+def factories(attention: str | None, asr: bool, both: bool, deploy: bool,
+              kwargs: dict[str, Any]) -> tuple[_AttentionFactory, _AttentionFactory]:
+    """``(asr_factory, classic_factory)``; the deploy form has no ASR (it is folded away)."""
+    asr_factory = _AttentionFactory(attention if asr and not deploy else None, kwargs)
+    classic_factory = _AttentionFactory(attention if (both or not asr) else None, kwargs)
+    return asr_factory, classic_factory
+
+
+def rep_layer(kind: str, in_channels: int, out_channels: int, kernel_size: int, stride: int,
+              asr: _AttentionFactory | None, psi_init: float, deploy: bool) -> nn.Module:
+    """Block ``kind`` (or its deploy conv), wrapped in ASR when ``asr`` yields a module."""
+    layer = _srp.create(kind, in_channels, out_channels, kernel_size, stride, deploy=deploy)
+    static = asr(out_channels) if asr is not None else None
+    if static is not None:
+        static.make_static(psi_init)
+        layer = ASR(layer, static)
+    return layer

@@ -1,0 +1,285 @@
+"""A small Vision Transformer for CIFAR (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021).
+
+Patch size 4 (a 32x32 image is an 8x8 grid of 64 tokens), learned position
+embedding, pre-norm blocks ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``, final
+LayerNorm, mean over tokens, linear head (no class token, so the tokens always form
+a grid and every attention module of the zoo applies).
+
+ASR placement (default ``asr_sites=("proj", "fc2")``): the Linear that *ends* each
+residual branch, the attention output projection ``attn.proj`` and the MLP's ``fc2``.
+Scaling a Linear's output channels is exact to fold (rows of W and b times ``v``),
+and the scale acts on the branch before the residual addition -- the place of SE in
+SE-ResNet and of ``bn3`` in the paper's ResNet-164 (it is a LayerScale, CaiT, whose
+per-channel scale is produced by ``T(psi)``). The LayerNorm affine that feeds a
+branch (``"norm1"``, ``"norm2"``) folds exactly too and may be chosen instead or as
+well. What does *not* fold is a scale after GELU or after the addition.
+
+:func:`vit_asr_sites` applies the same rule to other ViTs (timm, torchvision) and
+:func:`attach_vit_asr` wraps those sites in ASR.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._utils import set_submodule, unwrap_model
+from ..asr import ASR
+from ._registry import register_model
+from ._srp_common import check_attention_args
+from .cifar_resnet import _AttentionFactory
+
+__all__ = ["CifarViT", "ViTBlock", "ASR_SITES", "vit_asr_sites", "attach_vit_asr"]
+
+#: ASR sites of a block: name -> dotted path of the host inside :class:`ViTBlock`.
+ASR_SITES: dict[str, str] = {"proj": "attn.proj", "fc2": "mlp.fc2", "norm1": "norm1", "norm2": "norm2"}
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused ``qkv`` Linear and an output Linear ``proj``."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, length, dim = x.shape
+        q, k, v = self.qkv(x).reshape(n, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(n, length, dim))
+
+
+class Mlp(nn.Module):
+    """``fc2(GELU(fc1(x)))``."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TokenAttention(nn.Module):
+    """Apply a channel-attention module to tokens ``(N, L, C)`` laid out as a ``grid`` of ``(H, W)``."""
+
+    def __init__(self, module: nn.Module, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.module, self.grid = module, grid
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, length, c = x.shape
+        y = self.module(x.transpose(1, 2).reshape(n, c, *self.grid))
+        return y.reshape(n, c, length).transpose(1, 2)
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block; ``gates`` holds classic attention modules per site."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.gates = nn.ModuleDict()
+
+    def _gate(self, site: str, x: Tensor) -> Tensor:
+        return self.gates[site](x) if site in self.gates else x
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self._gate("norm1", self.norm1(x))
+        x = x + self._gate("proj", self.attn(h))
+        h = self._gate("norm2", self.norm2(x))
+        return x + self._gate("fc2", self.mlp(h))
+
+
+class CifarViT(nn.Module):
+    """ViT for small images with ASR on chosen per-block sites.
+
+    Args:
+        img_size: input side (square).
+        patch_size: patch side; ``img_size`` must be a multiple.
+        embed_dim, depth, num_heads, mlp_ratio: transformer size.
+        num_classes: classifier outputs.
+        attention: a registered attention name, or None.
+        asr: wrap each block's ``asr_sites`` hosts in ASR with ``attention``.
+        both: with ``asr=True``, also keep the classic module at the same sites ("ASR(X) + X").
+        psi_init: initial value of every ``psi``.
+        asr_sites: subset of :data:`ASR_SITES` (``"proj"``, ``"fc2"``, ``"norm1"``, ``"norm2"``);
+            classic attention (``asr=False`` or ``both``) sits at the same sites.
+        in_channels: image channels.
+        **attention_kwargs: passed to the attention constructor.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 32,
+        patch_size: int = 4,
+        embed_dim: int = 192,
+        depth: int = 6,
+        num_heads: int = 3,
+        mlp_ratio: float = 2.0,
+        num_classes: int = 10,
+        attention: str | None = None,
+        asr: bool = False,
+        both: bool = False,
+        psi_init: float = 0.1,
+        asr_sites: Sequence[str] = ("proj", "fc2"),
+        in_channels: int = 3,
+        **attention_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size}")
+        unknown = [s for s in asr_sites if s not in ASR_SITES]
+        if unknown or not asr_sites or len(set(asr_sites)) != len(asr_sites):
+            raise ValueError(f"asr_sites must be distinct names from {sorted(ASR_SITES)}, got {list(asr_sites)}")
+        check_attention_args(attention, asr, both)
+        self.default_input_size = (in_channels, img_size, img_size)
+        grid = (img_size // patch_size, img_size // patch_size)
+        self.patch_embed = nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim))
+        self.blocks = nn.Sequential(*(ViTBlock(embed_dim, num_heads, mlp_ratio) for _ in range(depth)))
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes)
+        self._init_weights()
+        for site in asr_sites:  # one attention chain per site (DIA shares its cell along the depth)
+            asr_f = _AttentionFactory(attention if asr else None, attention_kwargs)
+            classic_f = _AttentionFactory(attention if (both or not asr) else None, attention_kwargs)
+            for block in self.blocks:
+                static = asr_f(embed_dim)
+                if static is not None:
+                    static.make_static(psi_init)
+                    path = ASR_SITES[site]
+                    set_submodule(block, path, ASR(block.get_submodule(path), static))
+                classic = classic_f(embed_dim)
+                if classic is not None:
+                    block.gates[site] = TokenAttention(classic, grid)
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        fan_in = self.patch_embed.weight[0].numel()
+        nn.init.trunc_normal_(self.patch_embed.weight, std=math.sqrt(1.0 / fan_in))
+        nn.init.zeros_(self.patch_embed.bias)  # type: ignore[arg-type]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2:] != self.default_input_size[-2:]:
+            raise ValueError(
+                f"{type(self).__name__} was built for {self.default_input_size[-2:]} images, got {tuple(x.shape)}; "
+                "build it with img_size matching the data"
+            )
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x.mean(dim=1))
+
+
+@register_model
+def cifar_vit_tiny(num_classes: int = 10, attention: str | None = None, asr: bool = False, both: bool = False,
+                   psi_init: float = 0.1, **kwargs: Any) -> CifarViT:
+    """ViT for CIFAR: patch 4, embed 192, depth 6, 3 heads, MLP ratio 2. See :class:`CifarViT`."""
+    return CifarViT(num_classes=num_classes, attention=attention, asr=asr, both=both, psi_init=psi_init, **kwargs)
+
+
+_ATTENTION_NAMES = ("attn", "self_attention", "attention")
+_OUT_PROJ_NAMES = ("proj", "out_proj", "o_proj")
+_PRE_NORM_NAMES = ("norm1", "ln_1", "layernorm_before")
+
+
+def _child(module: nn.Module, names: Sequence[str], kind: type[nn.Module] | tuple[type[nn.Module], ...]
+           ) -> tuple[str, nn.Module] | None:
+    for n in names:
+        m = getattr(module, n, None)
+        if isinstance(m, kind):
+            return n, m
+    return None
+
+
+def _output_candidates(mlp: nn.Module) -> list[str]:
+    """Names of the Linear (or ASR) layers of ``mlp`` in module order, not looking inside ASR layers."""
+    found: list[str] = []
+    for n, m in mlp.named_modules():
+        if any(n.startswith(f + ".") for f in found if isinstance(mlp.get_submodule(f), ASR)):
+            continue
+        if isinstance(m, (nn.Linear, ASR)):
+            found.append(n)
+    return found
+
+
+def vit_asr_sites(model: nn.Module) -> list[str]:
+    """Dotted names of the layers that take ASR in a ViT, two per transformer block.
+
+    The rule (the one :class:`CifarViT` uses): the Linear that *ends* each residual
+    branch -- the attention output projection and the MLP's last Linear -- so the
+    scale acts on the branch before the addition and folds into that Linear's rows.
+    Where the attention does not call its output projection as a module
+    (``nn.MultiheadAttention``, as in torchvision's ViT) the LayerNorm that feeds
+    the attention takes the scale instead (its affine folds exactly too).
+    A block is any module with an attention child (``attn``, ``self_attention``,
+    ``attention``) and an ``mlp`` child; works for timm's and torchvision's ViTs.
+
+    Raises:
+        ValueError: no transformer block found, or a block without a usable host.
+    """
+    sites: list[str] = []
+    for name, block in unwrap_model(model).named_modules():
+        attn, mlp = _child(block, _ATTENTION_NAMES, nn.Module), getattr(block, "mlp", None)
+        if attn is None or not isinstance(mlp, nn.Module) or isinstance(block, ASR):
+            continue
+        prefix = f"{name}." if name else ""
+        if isinstance(attn[1], nn.MultiheadAttention):
+            host = _child(block, _PRE_NORM_NAMES, (nn.LayerNorm, ASR))
+            where = None if host is None else host[0]
+        else:
+            host = _child(attn[1], _OUT_PROJ_NAMES, (nn.Linear, ASR))
+            where = None if host is None else f"{attn[0]}.{host[0]}"
+        linears = _output_candidates(mlp)
+        if where is None or not linears:
+            raise ValueError(
+                f"transformer block {name!r} ({type(block).__name__}) has no attention output Linear "
+                f"({'/'.join(_OUT_PROJ_NAMES)}) or pre-norm LayerNorm, or no Linear in its mlp"
+            )
+        sites += [prefix + where, f"{prefix}mlp.{linears[-1]}"]
+    if not sites:
+        raise ValueError(
+            f"{type(model).__name__} has no transformer block (a module with an attn/self_attention child and an "
+            "mlp child); pass the ASR hosts explicitly"
+        )
+    return sites
+
+
+def attach_vit_asr(model: nn.Module, attention: str = "se", *, psi_init: float = 0.1, inplace: bool = False,
+                   **attention_kwargs: Any) -> nn.Module:
+    """Wrap every :func:`vit_asr_sites` layer of a ViT in :class:`~foldattn.ASR` (one module each).
+
+    By default a deep copy is changed. ``foldattn.fold`` of the result loads strictly
+    into the original model.
+
+    Example:
+        >>> model = attach_vit_asr(timm.create_model("vit_tiny_patch16_224"), "se")
+    """
+    model = unwrap_model(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+    for site in vit_asr_sites(model):
+        host = model.get_submodule(site)
+        if isinstance(host, ASR):
+            raise ValueError(f"{site!r} already has ASR; attach ASR once per host")
+        set_submodule(model, site, ASR(host, attention, psi_init=psi_init, **attention_kwargs))
+    return model

@@ -1,0 +1,97 @@
+"""verify: tolerances, errors, modes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from foldattn import TOLERANCES, EquivalenceError, verify
+
+
+def _pair() -> tuple[nn.Module, nn.Module]:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    return model, copy.deepcopy(model)
+
+
+def test_identical_models_pass_with_zero_error() -> None:
+    a, b = _pair()
+    report = verify(a, b, torch.randn(2, 3, 5, 5))
+    assert report.passed and report.max_abs == 0.0 and report.dtype == torch.float32
+    assert report.tolerance == TOLERANCES[torch.float32]
+    assert "OK" in str(report)
+
+
+def test_perturbed_model_raises_with_numbers() -> None:
+    a, b = _pair()
+    with torch.no_grad():
+        b[0].bias.add_(1e-2)
+    with pytest.raises(EquivalenceError, match=r"FAILED: max abs error .*tolerance 1e-05, float32"):
+        verify(a, b, torch.randn(2, 3, 5, 5))
+
+
+def test_tolerance_override_and_float64() -> None:
+    a, b = _pair()
+    with torch.no_grad():
+        b[0].bias.add_(1e-7)
+    x = torch.randn(2, 3, 5, 5)
+    report = verify(a, b, x, dtype=torch.float64, tolerance=1e-5)
+    assert report.dtype == torch.float64 and 0 < report.max_rel <= 1e-5
+    with pytest.raises(EquivalenceError, match="float64"):
+        verify(a, b, x, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_tolerances(dtype: torch.dtype) -> None:
+    a, b = _pair()
+    report = verify(a, b, torch.randn(2, 3, 5, 5), dtype=dtype)
+    assert report.tolerance == TOLERANCES[dtype]
+    assert next(a.parameters()).dtype == torch.float32  # the caller's models are not cast
+
+
+def test_wrong_input_shape_is_a_clear_error() -> None:
+    a, b = _pair()
+    with pytest.raises(ValueError, match=r"cannot run on example inputs of shape \(2, 5, 5, 5\)"):
+        verify(a, b, torch.randn(2, 5, 5, 5))
+
+
+def test_bad_example_inputs_type() -> None:
+    a, b = _pair()
+    with pytest.raises(TypeError, match="example_inputs must be a tensor"):
+        verify(a, b, 3)  # type: ignore[arg-type]
+
+
+def test_output_structure_mismatch() -> None:
+    a = nn.Linear(3, 2)
+    b = nn.Linear(3, 4)
+    with pytest.raises(ValueError, match="output structure differs"):
+        verify(a, b, torch.randn(1, 3))
+
+
+def test_runs_in_eval_mode_and_restores_modes() -> None:
+    a, b = _pair()
+    a.train()
+    b.eval()
+    x = torch.randn(4, 3, 5, 5)
+    verify(a, b, x)  # would differ if a used batch statistics
+    assert a.training and not b.training
+
+
+def test_nested_outputs_are_compared() -> None:
+    class Pair(nn.Module):
+        def __init__(self, shift: float) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.shift = shift
+
+        def forward(self, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+            return {"out": (self.lin(x), self.lin(x) + self.shift)}
+
+    a = Pair(0.0)
+    b = copy.deepcopy(a)
+    assert verify(a, b, torch.randn(2, 3)).outputs == 2
+    b.shift = 1.0
+    with pytest.raises(EquivalenceError):
+        verify(a, b, torch.randn(2, 3))
