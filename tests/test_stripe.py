@@ -422,3 +422,11 @@ def test_monitor_records_every_n_and_resumes(tmp_path) -> None:
         StripeMonitor(every=0, output_dir=tmp_path)
     with pytest.raises(NoAttentionError):
         StripeMonitor(every=1, output_dir=tmp_path).check(create_model("cifar_resnet20"))
+
+
+def test_cli_stripe_bad_checkpoint(tmp_path, capsys) -> None:
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["stripe", str(bad), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "foldattn stripe: error:" in err and "checkpoint" in err and "Traceback" not in err

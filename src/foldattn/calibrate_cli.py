@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._utils import atomic_path
-from .stripe_cli import add_data_args, add_model_args, load_data, load_model, prepare_output
+from .stripe_cli import add_data_args, add_model_args, load_model_and_data, prepare_output
 
 __all__ = ["register", "run_calibrate", "latency_ms"]
 
@@ -50,8 +50,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     if args.finetune_epochs < 0:
         raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     out = prepare_output(args.output)
-    data = load_data(args)
-    model, label = load_model(args, data)
+    model, label, data = load_model_and_data(args)
     model.eval()
     before = evaluate(model, data.val)
     print(f"before: top-1 {before['top1']:.2f} % on {int(before['images'])} validation images")

@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["register", "run_stripe", "DataSource", "load_model", "load_data", "add_model_args", "add_data_args"]
+__all__ = [
+    "register", "run_stripe", "DataSource", "load_model_and_data", "load_data", "add_model_args", "add_data_args",
+]
 
 
 # --------------------------------------------------------------------------------------
@@ -38,12 +40,13 @@ class DataSource:
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="digits",
+    p.add_argument("--data", default=None,
                    help="dataset: digits (built in, no download), cifar10, cifar100, stl10 or imagefolder:PATH "
-                        "(default: digits)")
+                        "(default: a checkpoint's own dataset, else digits)")
     p.add_argument("--data-dir", default=None, help="root of torchvision-format datasets")
     p.add_argument("--val-split", type=float, default=None,
-                   help="hold out this fraction of the training images as the validation set")
+                   help="hold out this fraction (< 1) or number (>= 1) of training images as the validation set "
+                        "(default: a checkpoint's own split)")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of splits, shuffling and the picture sample")
 
@@ -57,17 +60,28 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                                                                    "(default: the dataset's)")
 
 
-def load_data(args: argparse.Namespace) -> DataSource:
-    """The loaders named by ``--data`` (via :mod:`foldattn.data` when present)."""
+def load_data(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> DataSource:
+    """The loaders named by ``--data`` (via :mod:`foldattn.data` when present).
+
+    ``defaults`` (a training config) fills in ``--data``, ``--data-dir`` and ``--val-split``
+    when they are not given, so a checkpoint is measured on its own validation split.
+    """
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    cfg = defaults or {}
+    spec = args.data or cfg.get("dataset") or "digits"
+    data_dir = args.data_dir or cfg.get("data_dir")
+    val_split = args.val_split if args.val_split is not None else cfg.get("val_split")
+    if isinstance(val_split, float) and val_split >= 1:
+        val_split = int(val_split)
+    split_seed = int(cfg.get("split_seed", args.seed)) if args.data is None and cfg else args.seed
     try:
         from . import data as _data
     except ImportError:  # pragma: no cover - the data module arrives with the training CLI
         _data = None  # type: ignore[assignment]
     if _data is not None and hasattr(_data, "load_dataset"):
-        bundle = _data.load_dataset(args.data, data_dir=args.data_dir, val_split=args.val_split,
-                                    split_seed=args.seed)
+        bundle = _data.load_dataset(spec, data_dir=data_dir, val_split=val_split, split_seed=split_seed,
+                                    cache_dir=cfg.get("cache_dir"), image_size=cfg.get("image_size"))
 
         def loader(split: Any, train: bool) -> Any:
             return _data.TensorLoader(split, args.batch_size, bundle.mean, bundle.std, train=train,
@@ -75,13 +89,13 @@ def load_data(args: argparse.Namespace) -> DataSource:
 
         return DataSource(bundle.name, loader(bundle.val, False), loader(bundle.train, False),
                           loader(bundle.train, True), bundle.num_classes, bundle.in_channels)
-    return _builtin_digits(args)
+    return _builtin_digits(args, spec)
 
 
-def _builtin_digits(args: argparse.Namespace) -> DataSource:
+def _builtin_digits(args: argparse.Namespace, spec: str) -> DataSource:
     """scikit-learn's 8x8 digits upscaled to 16x16, 3 channels (fallback without foldattn.data)."""
-    if args.data != "digits":
-        raise ValueError(f"dataset {args.data!r} needs foldattn.data (the training CLI); available here: digits")
+    if spec != "digits":
+        raise ValueError(f"dataset {spec!r} needs foldattn.data (the training CLI); available here: digits")
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
 
@@ -109,24 +123,27 @@ def _builtin_digits(args: argparse.Namespace) -> DataSource:
     return DataSource("digits", batches(val_idx, False), batches(tr_idx, False), _Shuffled(), 10, 3)
 
 
-def load_model(args: argparse.Namespace, data: DataSource | None) -> tuple[nn.Module, str]:
-    """The model named by ``CKPT_OR_MODEL``, and a label for reports."""
+def load_model_and_data(args: argparse.Namespace) -> tuple[nn.Module, str, DataSource]:
+    """The model named by ``CKPT_OR_MODEL``, a label for reports, and the data (a checkpoint's own by default)."""
     spec = args.model
     if not spec:
         raise ValueError("give a model: a checkpoint path, a foldattn model name, torchvision:NAME or timm:NAME")
-    num_classes = args.num_classes or (data.num_classes if data is not None else 10)
-    in_channels = data.in_channels if data is not None else 3
     if os.path.exists(spec):
-        return _from_checkpoint(spec), spec
+        blob = _read_checkpoint(spec)
+        data = load_data(args, blob.get("config"))
+        return _model_from_checkpoint(spec, blob, data), spec, data
+    data = load_data(args)
+    num_classes = args.num_classes or data.num_classes
     source, _, name = spec.partition(":")
     if name and source in _EXTERNAL:
-        return _EXTERNAL[source](name, num_classes), spec
+        return _EXTERNAL[source](name, num_classes), spec, data
     from .models import create_model, list_models
 
     if spec not in list_models():
         raise ValueError(f"{spec!r} is neither a file nor a model name; models: {', '.join(list_models())}, "
                          "or torchvision:NAME / timm:NAME")
-    return create_model(spec, num_classes=num_classes, attention=args.attention, in_channels=in_channels), spec
+    kwargs = {"in_channels": data.in_channels} if data.in_channels != 3 else {}
+    return create_model(spec, num_classes=num_classes, attention=args.attention, **kwargs), spec, data
 
 
 def _torchvision_model(name: str, num_classes: int) -> nn.Module:
@@ -152,13 +169,24 @@ def _timm_model(name: str, num_classes: int) -> nn.Module:
 _EXTERNAL = {"torchvision": _torchvision_model, "timm": _timm_model}
 
 
-def _from_checkpoint(path: str) -> nn.Module:
+def _read_checkpoint(path: str) -> dict[str, Any]:
     try:
-        from . import checkpoint as _ckpt
-        from . import train as _train
+        from .checkpoint import load_checkpoint
     except ImportError:  # pragma: no cover - arrives with the training CLI
         raise ValueError("reading checkpoints needs foldattn.checkpoint (the training CLI)") from None
-    return _train.model_from_checkpoint(_ckpt.load_checkpoint(path))  # type: ignore[attr-defined]
+    return load_checkpoint(path)
+
+
+def _model_from_checkpoint(path: str, blob: dict[str, Any], data: DataSource) -> nn.Module:
+    """Rebuild the trained model from a ``foldattn train`` checkpoint (config + state dict)."""
+    from .checkpoint import load_model_state
+    from .train import TrainConfig, build_model
+
+    cfg = TrainConfig.from_dict(blob.get("config") or {})
+    num_classes = int((blob.get("run") or {}).get("classes") or data.num_classes)
+    model = build_model(cfg, num_classes, data.in_channels)
+    load_model_state(model, blob["model"], source=str(path))
+    return model
 
 
 def prepare_output(out: str | os.PathLike[str]) -> Path:
@@ -188,8 +216,7 @@ def run_stripe(args: argparse.Namespace) -> dict[str, Any]:
         written += plot_history(history, out / "stripe_curves.png")
         if not args.model:
             return {"written": [str(p) for p in written]}
-    data = load_data(args)
-    model, label = load_model(args, data)
+    model, label, data = load_model_and_data(args)
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
     split = {"val": data.val, "train": data.train_eval}[args.split]
