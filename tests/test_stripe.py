@@ -372,13 +372,15 @@ def test_plot_errors(tmp_path) -> None:
 def test_cli_stripe(tmp_path, capsys) -> None:
     out = tmp_path / "o"
     rc = main(["stripe", "cifar_resnet20", "--attention", "se", "--max-images", "24", "--samples", "8",
-               "--batch-size", "16", "-o", str(out)])
+               "--batch-size", "16", "--unit-scale", "--heatmap-layers", "layer1.0.attention", "-o", str(out)])
     assert rc == 0
     assert {"stripes.json", "stripe_summary.png", "stripe_summary.json", "stripe_heatmaps.png",
             "stripe_heatmaps.json"} <= {p.name for p in out.iterdir()}
     r = StripeResult.load(out / "stripes.json")
     assert r.num_images == 24 and r.meta["data"] == "digits" and len(r.layers) == 9
     assert "layer3.2.attention" in capsys.readouterr().out
+    heat = json.loads((out / "stripe_heatmaps.json").read_text())
+    assert [x["name"] for x in heat["layers"]] == ["layer1.0.attention"]
     # plotting a history written during training, without a model
     h = StripeHistory()
     h.append(1, r)

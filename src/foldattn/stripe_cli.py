@@ -227,7 +227,8 @@ def run_stripe(args: argparse.Namespace) -> dict[str, Any]:
     written.append(out / "stripes.json")
     written += plot_summary(result, out / "stripe_summary.png")
     if args.samples > 0:
-        written += plot_heatmaps(result, out / "stripe_heatmaps.png", layers=args.heatmap_layers or None)
+        written += plot_heatmaps(result, out / "stripe_heatmaps.png", layers=args.heatmap_layers or None,
+                                 unit_scale=args.unit_scale)
     print(result.table())
     return {"written": [str(p) for p in written], "summary": result.summary()}
 
@@ -251,6 +252,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="attention modules to record: names or glob patterns (default: all)")
     p.add_argument("--heatmap-layers", nargs="+", default=None, metavar="NAME",
                    help="layers drawn as heat maps (default: first, middle and last)")
+    p.add_argument("--unit-scale", action="store_true",
+                   help="draw attention heat maps on a fixed [0, 1] colour scale (default: each panel's own range)")
     p.add_argument("--max-images", type=int, default=1024, help="images to record (default 1024)")
     p.add_argument("--samples", type=int, default=64, help="images kept for the heat maps (default 64)")
     p.add_argument("--history", default=None, metavar="JSON",

@@ -58,12 +58,15 @@ def default_heatmap_layers(result: StripeResult, count: int = 3) -> list[str]:
 
 
 def plot_heatmaps(
-    result: StripeResult, path: str | os.PathLike[str], layers: Sequence[str] | None = None
+    result: StripeResult, path: str | os.PathLike[str], layers: Sequence[str] | None = None,
+    unit_scale: bool = False,
 ) -> tuple[Path, Path]:
     """Images x channels heat maps, descriptor (left) and attention (right), one row per layer.
 
     Vertical stripes on the right (each column constant) are the Stripe Observation.
-    Needs the reservoir sample (``max_samples > 0`` when recording).
+    Needs the reservoir sample (``max_samples > 0`` when recording). Each panel's colour
+    scale spans its own values, which magnifies tiny variations of a nearly constant gate;
+    ``unit_scale=True`` draws every gate on [0, 1] instead.
     """
     chosen: list[LayerStripes] = [result.layer(n) for n in (layers or default_heatmap_layers(result))]
     if not chosen:
@@ -86,7 +89,8 @@ def plot_heatmaps(
             if not mat:
                 ax.set_axis_off()
                 continue
-            im = ax.imshow(np.asarray(mat), aspect="auto", interpolation="nearest", cmap=cmap)
+            limits = {"vmin": 0.0, "vmax": 1.0} if unit_scale and key == "gate" else {}
+            im = ax.imshow(np.asarray(mat), aspect="auto", interpolation="nearest", cmap=cmap, **limits)
             const = s[f"{key}_constancy"]
             extra = f", constancy {const:.3f}" if const == const else ""  # NaN: values outside [0, 1]
             ax.set_title(
