@@ -20,7 +20,7 @@ from torch import nn
 from ._utils import atomic_path
 from .stripe_cli import add_data_args, add_model_args, load_model_and_data, prepare_output
 
-__all__ = ["register", "run_calibrate", "latency_ms"]
+__all__ = ["register", "run_calibrate", "latency_ms", "compare_latency"]
 
 
 @torch.no_grad()
@@ -39,6 +39,16 @@ def latency_ms(model: nn.Module, example: torch.Tensor, runs: int = 20, warmup: 
     finally:
         model.train(was)
     return statistics.median(times)
+
+
+def compare_latency(a: nn.Module, b: nn.Module, example: torch.Tensor, rounds: int = 7,
+                    runs: int = 10) -> tuple[float, float]:
+    """Median latency (ms) of ``a`` and ``b``, measured in alternating rounds (fair under background load)."""
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta.append(latency_ms(a, example, runs=runs))
+        tb.append(latency_ms(b, example, runs=runs))
+    return statistics.median(ta), statistics.median(tb)
 
 
 def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
@@ -75,8 +85,8 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
               f"(change {tuned['top1'] - before['top1']:+.2f})")
         result.update({"finetune_epochs": args.finetune_epochs, "finetune_losses": losses, "after_finetune": tuned})
     bench = example[:1] if args.bench_batch == 1 else next(iter(data.val))[0][: args.bench_batch]
-    result["latency_ms_before"] = latency_ms(copy.deepcopy(model), bench)
-    result["latency_ms_after"] = latency_ms(deployed, bench)
+    before_ms, after_ms = compare_latency(copy.deepcopy(model), copy.deepcopy(deployed), bench)
+    result["latency_ms_before"], result["latency_ms_after"] = before_ms, after_ms
     result["bench_batch"] = int(bench.shape[0])
     print(f"latency, batch {bench.shape[0]}: {result['latency_ms_before']:.2f} ms -> "
           f"{result['latency_ms_after']:.2f} ms; parameters {result['params_before']:,} -> {result['params_after']:,}")

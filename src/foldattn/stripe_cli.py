@@ -134,6 +134,7 @@ def load_model_and_data(args: argparse.Namespace) -> tuple[nn.Module, str, DataS
         return _model_from_checkpoint(spec, blob, data), spec, data
     data = load_data(args)
     num_classes = args.num_classes or data.num_classes
+    torch.manual_seed(args.seed)  # a model built by name is randomly initialised: make it reproducible
     source, _, name = spec.partition(":")
     if name and source in _EXTERNAL:
         return _EXTERNAL[source](name, num_classes), spec, data
