@@ -432,3 +432,35 @@ def test_cli_stripe_bad_checkpoint(tmp_path, capsys) -> None:
     assert main(["stripe", str(bad), "-o", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "foldattn stripe: error:" in err and "checkpoint" in err and "Traceback" not in err
+
+
+def test_register_custom_kind() -> None:
+    from foldattn import stripe
+
+    class MyGate(nn.Module):  # a user's own attention: x * sigmoid(w * mean(x))
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(c))
+            self.act = nn.Sigmoid()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.act(self.w * x.mean((2, 3)))[:, :, None, None]
+
+    def attach(m: nn.Module, tap: stripe.Tap) -> list:
+        return [m.act.register_forward_hook(lambda mod, args, out: tap.add_gate(out)),
+                m.register_forward_pre_hook(lambda mod, args: tap.add_descriptor(args[0].mean((2, 3))))]
+
+    kind = stripe.AttentionKind("MyGate", lambda m: isinstance(m, MyGate), attach, lambda m: m.w.numel())
+    stripe.register_kind(kind)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            stripe.register_kind(kind)
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), MyGate(4)).double()
+        data = _batches(1, 3)
+        r = record_stripes(model, data)
+        x = model[0](data[0][0])
+        torch.testing.assert_close(torch.tensor(r.layer("1").gate.mean, dtype=torch.float64),
+                                   torch.sigmoid(x.mean((2, 3))).mean(0))
+    finally:
+        stripe._KINDS.remove(kind)
+    assert "MyGate" not in attention_kinds()

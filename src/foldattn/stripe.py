@@ -34,6 +34,7 @@ import fnmatch
 import json
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,7 +47,7 @@ from ._utils import atomic_path, eval_mode, unwrap_model
 from .attention import ChannelAttention
 
 __all__ = [
-    "AttentionKind", "AttentionSite", "register_kind", "attention_kinds", "find_attention", "select_sites",
+    "AttentionKind", "AttentionSite", "Tap", "register_kind", "attention_kinds", "find_attention", "select_sites",
     "stripe_score", "constancy", "ChannelStats", "LayerStripes", "StripeResult", "StripeRecorder", "record_stripes",
     "StripeHistory", "StripeMonitor", "NoAttentionError",
 ]
@@ -59,8 +60,11 @@ class NoAttentionError(ValueError):
 # --------------------------------------------------------------------------------------
 # What a hook delivers: the gate and the descriptor of each call, per forward pass
 # --------------------------------------------------------------------------------------
-class _Tap:
-    """Receives the gates ``(N, C)`` and descriptors ``(N, C)`` a module produces in one forward."""
+class Tap:
+    """Receives the gates ``(N, C)`` and descriptors ``(N, C)`` a module produces in one forward.
+
+    An :class:`AttentionKind`'s hooks call :meth:`add_gate` and :meth:`add_descriptor`.
+    """
 
     def __init__(self) -> None:
         self.gates: list[Tensor] = []
@@ -93,7 +97,7 @@ def _pooled(x: Tensor) -> Tensor:
     return x.flatten(2).mean(dim=2)
 
 
-def _descriptor_pre_hook(tap: _Tap) -> Callable[..., None]:
+def _descriptor_pre_hook(tap: Tap) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         if args and isinstance(args[0], Tensor) and args[0].dim() >= 3:
             tap.add_descriptor(_pooled(args[0]))
@@ -123,7 +127,7 @@ class AttentionKind:
 
     name: str
     matches: Callable[[nn.Module], bool]
-    attach: Callable[[nn.Module, _Tap], list[Any]]
+    attach: Callable[[nn.Module, Tap], list[Any]]
     channels: Callable[[nn.Module], int]
 
 
@@ -148,7 +152,7 @@ def _is_foldattn(m: nn.Module) -> bool:
     return isinstance(m, ChannelAttention) and not m.is_static
 
 
-def _attach_foldattn(m: nn.Module, tap: _Tap) -> list[Any]:
+def _attach_foldattn(m: nn.Module, tap: Tap) -> list[Any]:
     original = type(m).gate.__get__(m)  # the class's gate, bound to this instance
 
     def gate(d: Tensor) -> Tensor:
@@ -172,7 +176,7 @@ def _is_torchvision_se(m: nn.Module) -> bool:
     return isinstance(m, SqueezeExcitation)
 
 
-def _attach_torchvision_se(m: nn.Module, tap: _Tap) -> list[Any]:
+def _attach_torchvision_se(m: nn.Module, tap: Tap) -> list[Any]:
     return [
         m.avgpool.register_forward_hook(_output_hook(tap.add_descriptor)),
         m.scale_activation.register_forward_hook(_output_hook(tap.add_gate)),
@@ -185,29 +189,28 @@ register_kind(AttentionKind(
 
 
 # --- timm channel gates: the module's `gate` submodule holds the attention ---------------
-def _timm_classes() -> tuple[type[nn.Module], ...]:
+def _timm_classes() -> tuple[tuple[type[nn.Module], ...], tuple[type[nn.Module], ...]]:
+    """``(supported, excluded)`` timm classes; empty without timm."""
+    if "timm" not in sys.modules:  # a model built with timm has imported it; never import it ourselves
+        return (), ()
     try:
         from timm.layers.cbam import ChannelAttn, LightChannelAttn
         from timm.layers.eca import CecaModule, EcaModule
         from timm.layers.squeeze_excite import EffectiveSEModule, SEModule
         from timm.models._efficientnet_blocks import SqueezeExcite
-    except ImportError:
-        return ()
+    except ImportError:  # pragma: no cover - another timm layout
+        return (), ()
     # LightChannelAttn subclasses ChannelAttn but applies F.sigmoid, not its `gate`
-    return tuple(c for c in (SEModule, EffectiveSEModule, EcaModule, CecaModule, ChannelAttn, SqueezeExcite)
-                 if c is not LightChannelAttn)
+    return (SEModule, EffectiveSEModule, EcaModule, CecaModule, ChannelAttn, SqueezeExcite), (LightChannelAttn,)
 
 
 def _is_timm_gate(m: nn.Module) -> bool:
-    classes = _timm_classes()
-    if not classes or not isinstance(m, classes):
-        return False
-    from timm.layers.cbam import LightChannelAttn
-
-    return not isinstance(m, LightChannelAttn) and isinstance(getattr(m, "gate", None), nn.Module)
+    supported, excluded = _timm_classes()
+    return (bool(supported) and isinstance(m, supported) and not isinstance(m, excluded)
+            and isinstance(getattr(m, "gate", None), nn.Module))
 
 
-def _attach_timm_gate(m: nn.Module, tap: _Tap) -> list[Any]:
+def _attach_timm_gate(m: nn.Module, tap: Tap) -> list[Any]:
     return [
         m.register_forward_pre_hook(_descriptor_pre_hook(tap)),
         m.gate.register_forward_hook(_output_hook(tap.add_gate)),
@@ -533,7 +536,7 @@ class StripeResult:
 class _LayerAccumulator:
     def __init__(self, site: AttentionSite, samples: int) -> None:
         self.site = site
-        self.tap = _Tap()
+        self.tap = Tap()
         self.gate, self.descriptor = _Moments(), _Moments()
         self.samples = samples
         self.gate_sample: list[Tensor | None] = [None] * samples
