@@ -155,6 +155,27 @@ def test_grouped_projection_and_sequential_fallback() -> None:
         ("body.3", "into-conv-in", "body.4"), ("se2.2", "into-norm", "se2.1")]
 
 
+def test_sequential_fallback_reaches_into_nested_blocks() -> None:
+    from torchvision.ops import Conv2dNormActivation, SqueezeExcitation
+
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(Conv2dNormActivation(3, 8, 3), SqueezeExcitation(8, 4),
+                                       Conv2dNormActivation(8, 4, 1, activation_layer=None))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.block(x) if x.shape[0] > 0 else x  # tensor-dependent branch: no fx trace
+
+    torch.manual_seed(0)
+    model = _perturb_norms(Untraceable())
+    with pytest.raises(Exception):  # noqa: B017 - the point: torch.fx cannot trace it
+        torch.fx.symbolic_trace(model)
+    _check_exact_fold(model, _data(), {"into-conv-in"})
+    _, rep = calibrate(model.double(), _data())
+    assert rep.layers[0].target == "block.2.0"
+
+
 def test_timm_modules_fold() -> None:
     timm = pytest.importorskip("timm")
     from timm.models._efficientnet_blocks import SqueezeExcite
