@@ -464,3 +464,28 @@ def test_register_custom_kind() -> None:
     finally:
         stripe._KINDS.remove(kind)
     assert "MyGate" not in attention_kinds()
+
+
+def test_cli_reads_training_checkpoint(tmp_path, capsys) -> None:
+    """A `foldattn train` checkpoint: the model is rebuilt from its config, the data defaults to its own."""
+    ckpt = pytest.importorskip("foldattn.checkpoint")
+    train = pytest.importorskip("foldattn.train")
+    cfg = train.TrainConfig(model="cifar_resnet20", attention="se", dataset="digits")
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet20", num_classes=10, attention="se")
+    path = ckpt.save_checkpoint(tmp_path / "best.pt", model=model, config=cfg.to_dict(), run={"classes": 10})
+    assert main(["stripe", str(path), "--max-images", "16", "--samples", "0", "-o", str(tmp_path / "s")]) == 0
+    r = StripeResult.load(tmp_path / "s" / "stripes.json")
+    assert r.meta["data"] == "digits" and len(r.layers) == 9
+    model.eval()
+    first = r.layer("layer1.0.attention").gate.mean
+    ref = record_stripes(model, [next(iter(_digits_val()))[0][:16]], layers=["layer1.0.attention"]).layers[0]
+    torch.testing.assert_close(torch.tensor(first), torch.tensor(ref.gate.mean), rtol=1e-5, atol=1e-6)
+
+
+def _digits_val():
+    import argparse
+
+    from foldattn.stripe_cli import load_data
+
+    return load_data(argparse.Namespace(data="digits", data_dir=None, val_split=None, batch_size=128, seed=0)).val

@@ -40,7 +40,7 @@ class DataSource:
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=None,
+    p.add_argument("--data", "--dataset", dest="data", default=None,
                    help="dataset: digits (built in, no download), cifar10, cifar100, stl10 or imagefolder:PATH "
                         "(default: a checkpoint's own dataset, else digits)")
     p.add_argument("--data-dir", default=None, help="root of torchvision-format datasets")
