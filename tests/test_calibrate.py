@@ -104,7 +104,7 @@ def test_channel_scale() -> None:
 
 
 # ----------------------------------------------------------------------------- exact folds on models
-@pytest.mark.parametrize("att", ["se", "eca", "cbam", "dia", "srm"])
+@pytest.mark.parametrize("att", ["se", "eca", "cbam", "dia", "srm", "ge"])
 def test_project_models_fold_into_bn(att: str) -> None:
     torch.manual_seed(0)
     _check_exact_fold(_perturb_norms(create_model("cifar_resnet20", attention=att)), _data(), {"into-norm"})

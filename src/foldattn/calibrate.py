@@ -119,7 +119,8 @@ def constant_model(model: nn.Module, result: StripeResult, inplace: bool = False
         if layer.name not in available:
             raise ValueError(f"the model has no module {layer.name!r} (the stripe result is of another model)")
         old = model.get_submodule(layer.name)
-        ref = next(itertools.chain(old.parameters(), old.buffers()), None)
+        # parameter-free modules (GE without MLP) take the model's dtype and device
+        ref = next(itertools.chain(old.parameters(), old.buffers(), model.parameters()), None)
         scale = torch.tensor(layer.gate.mean, dtype=ref.dtype if ref is not None else torch.float32)
         new = ChannelScale(scale.to(ref.device) if ref is not None else scale)
         if layer.name:
