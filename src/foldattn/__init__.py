@@ -11,6 +11,9 @@ backbone's own weights, so the deployed network costs exactly the plain backbone
 
 from . import attention, models, transforms
 from .asr import ASR
+from .attach import AttachReport, attach, find_sites, register_attention_type, register_transparent_type
+from .deploy import load_deployed, save_deployed
+from .export import export_onnx
 from .fold import fold
 from .models import create_model, list_models
 from .summary import Summary, summary
@@ -19,6 +22,9 @@ from .verify import TOLERANCES, EquivalenceError, VerifyReport, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "ASR", "fold", "verify", "summary", "Summary", "EquivalenceError", "VerifyReport", "TOLERANCES",
+    "ASR", "attach", "find_sites", "AttachReport", "register_attention_type", "register_transparent_type",
+    "save_deployed", "load_deployed",
+    "export_onnx",
+    "fold", "verify", "summary", "Summary", "EquivalenceError", "VerifyReport", "TOLERANCES",
     "attention", "models", "transforms", "create_model", "list_models", "__version__",
 ]

@@ -186,6 +186,7 @@ class ASR(nn.Module):
         in float64, cast back to each parameter's dtype. ``self`` is not modified
         (a classic module of ``both=True`` is shared with the result, not copied).
         """
+        self._check_host()
         psi = self.attention.psi
         if psi is not None and not torch.isfinite(psi).all():
             raise ValueError("psi contains NaN or Inf; the training diverged, so there is nothing valid to fold")
@@ -201,6 +202,19 @@ class ASR(nn.Module):
             # shared, not copied: a classic DIA stays linked to its chain
             return nn.Sequential(host, self.classic)
         return host
+
+    def _check_host(self) -> None:
+        """Refuse to fold when ``self.host`` was swapped for a layer ASR was not built for."""
+        try:
+            names, channels = absorbing_parameters(self.host), host_channels(self.host)
+        except ValueError as e:
+            raise ValueError(f"its host was replaced by a layer that cannot absorb the scale: {e}") from None
+        if names != self._absorbing or channels != self.channels:
+            raise ValueError(
+                f"its host was replaced after ASR was attached: now {type(self.host).__name__} with {channels} "
+                f"channels and parameters {names}, but ASR was built for {self.channels} channels and "
+                f"{self._absorbing}; attach ASR to the new layer instead"
+            )
 
     def extra_repr(self) -> str:
         return f"attention={self.attention_name!r}, channels={self.channels}, both={self.classic is not None}"

@@ -1,0 +1,330 @@
+"""Save and load deployed (folded) models: safetensors weights plus JSON metadata.
+
+A deployed file is one ``.safetensors`` file. Its header carries, under the key
+``"foldattn"``, a JSON document: the format version, the foldattn and torch versions,
+the ``folded`` flag, how to rebuild the architecture (``"builder": "package.module:function"``
+with JSON ``"kwargs"``), a SHA-256 checksum of the tensors and the names of tied tensors.
+
+:func:`load_deployed` rebuilds the model by importing the builder from an allowlist of
+modules (``torchvision.models``, ``timm``, ``foldattn.models`` and those added with
+:func:`allow_builder_module`; nothing is ever evaluated) or loads into a ``model=`` you
+pass, strictly: another architecture, a truncated or a corrupted file are clear errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._utils import atomic_path, unwrap_model
+from .fold import asr_layers, fold
+
+__all__ = [
+    "save_deployed", "load_deployed", "read_metadata", "metadata_path", "allow_builder_module",
+    "DeployedFileError", "ArchitectureMismatchError", "FORMAT_VERSION",
+]
+
+FORMAT = "foldattn.deployed"
+FORMAT_VERSION = 1
+_META_KEY = "foldattn"
+_ALLOWED_MODULES: set[str] = {"torchvision.models", "timm", "foldattn.models"}
+_DOTTED = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+class DeployedFileError(ValueError):
+    """The file is not a readable foldattn deployed file (truncated, corrupted, foreign)."""
+
+
+class ArchitectureMismatchError(ValueError):
+    """The deployed weights do not fit the model they are loaded into."""
+
+
+def allow_builder_module(prefix: str) -> None:
+    """Allow :func:`load_deployed` to import builders from ``prefix`` and its submodules
+    (e.g. ``"mypackage.models"``). Only do this for code you trust."""
+    if not isinstance(prefix, str) or not _DOTTED.fullmatch(prefix):
+        raise ValueError(f"expected a dotted module name such as 'mypackage.models', got {prefix!r}")
+    _ALLOWED_MODULES.add(prefix)
+
+
+def _allowed(module: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in _ALLOWED_MODULES)
+
+
+def _resolve_builder(spec: str) -> Callable[..., nn.Module]:
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ValueError(f"builder must look like 'package.module:function', got {spec!r}")
+    module_name, attr = spec.split(":")
+    if not _DOTTED.fullmatch(module_name) or not _NAME.fullmatch(attr):
+        raise ValueError(f"builder {spec!r} is not 'package.module:function' (public names only)")
+    if not _allowed(module_name):
+        raise ValueError(
+            f"builder module {module_name!r} is not allowlisted (allowed: {', '.join(sorted(_ALLOWED_MODULES))}); "
+            f"call foldattn.deploy.allow_builder_module({module_name.split('.')[0]!r}) if you trust it, "
+            "or pass model=<a fresh instance>"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import the builder module {module_name!r}: {e}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"{module_name!r} has no callable {attr!r} (builder {spec!r})")
+    return fn
+
+
+def _builder_spec(builder: str | Callable[..., nn.Module]) -> str:
+    if isinstance(builder, str):
+        _resolve_builder(builder)
+        return builder
+    if callable(builder) and hasattr(builder, "__module__") and hasattr(builder, "__name__"):
+        spec = f"{builder.__module__}:{builder.__name__}"
+        if _resolve_builder(spec) is not builder:
+            raise ValueError(f"builder {spec!r} does not import back to the function given; pass it as a string")
+        return spec
+    raise TypeError(f"builder must be 'package.module:function' or a function, got {type(builder).__name__}")
+
+
+def _checksum(tensors: Mapping[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _split_aliases(state: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Own copies of the tensors, each tied tensor once; ``aliases`` maps the others to it."""
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for name, value in state.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"state_dict entry {name!r} is a {type(value).__name__}, not a tensor; "
+                            "safetensors stores tensors only")
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(),
+               value.dtype, value.device)
+        if value.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = value.detach().to("cpu", copy=True).contiguous()
+    return tensors, aliases
+
+
+def _mismatch(target: nn.Module, tensors: Mapping[str, Tensor]) -> str:
+    expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {expected[k]}"
+              for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    parts = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if items:
+            more = f", ... ({len(items) - 8} more)" if len(items) > 8 else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:8])}{more}")
+    return "; ".join(parts)
+
+
+def save_deployed(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    builder: str | Callable[..., nn.Module] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    check_builder: bool = True,
+) -> Path:
+    """Write the deployed form of ``model`` to ``path`` (safetensors + JSON metadata).
+
+    The metadata is stored in the safetensors header (what :func:`load_deployed` reads)
+    and, for people and tools, as a JSON file beside it (:func:`metadata_path`).
+
+    ASR layers (Zhong et al., arXiv 2304.06345) are folded first, on a copy; wrappers
+    (DataParallel/DDP ``module.``, ``torch.compile`` ``_orig_mod.``) are removed, so the
+    file holds the plain backbone's ``state_dict``. The write is atomic.
+
+    Args:
+        model: the trained model (with or without ASR layers).
+        path: the output file (its folder must exist).
+        builder: how to rebuild the plain architecture, ``"torchvision.models:resnet18"``
+            or the function itself; without it, loading needs ``model=``.
+        kwargs: JSON-serialisable keyword arguments for the builder.
+        metadata: extra JSON-serialisable information stored under ``"user"``.
+        check_builder: build ``builder(**kwargs)`` now and check the weights fit it, so a
+            file that cannot be loaded is never written.
+
+    Returns:
+        The path written.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_deployed expects an nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)
+    n_asr = len(asr_layers(model))
+    deployed = fold(model) if n_asr else model
+    state = deployed.state_dict()
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "foldattn_version": _version(),
+        "torch_version": torch.__version__.split("+")[0],
+        "folded": True,
+        "asr_layers_folded": n_asr,
+        "class": f"{type(deployed).__module__}.{type(deployed).__qualname__}",
+        "builder": None,
+        "kwargs": {},
+    }
+    if kwargs is not None and builder is None:
+        raise ValueError("kwargs= only makes sense with builder=")
+    if builder is not None:
+        meta["builder"] = _builder_spec(builder)
+        meta["kwargs"] = dict(kwargs or {})
+    if metadata is not None:
+        meta["user"] = dict(metadata)
+    tensors, aliases = _split_aliases(state)
+    meta["aliases"] = aliases
+    meta["checksum"] = _checksum(tensors)
+    try:
+        header = json.dumps(meta, sort_keys=True)
+    except TypeError as e:
+        raise TypeError(f"kwargs and metadata must be JSON-serialisable: {e}") from None
+    if builder is not None and check_builder:
+        rebuilt = _build(meta)
+        problem = _mismatch(rebuilt, {**tensors, **{a: tensors[t] for a, t in aliases.items()}})
+        if problem:
+            raise ArchitectureMismatchError(
+                f"{meta['builder']}(**{meta['kwargs']}) does not build this model's architecture ({problem}); "
+                "fix builder/kwargs, or pass check_builder=False"
+            )
+    from safetensors.torch import save_file
+
+    dest = Path(path)
+    if dest.suffix == ".json":
+        raise ValueError(f"{dest}: the weights file needs another suffix (e.g. .safetensors); .json is the metadata's")
+    with atomic_path(dest) as tmp:
+        save_file(tensors, str(tmp), metadata={_META_KEY: header})
+    # a readable copy of the metadata beside the weights; the header stays authoritative
+    with atomic_path(metadata_path(dest)) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return dest
+
+
+def metadata_path(path: str | os.PathLike[str]) -> Path:
+    """Where :func:`save_deployed` writes the JSON copy of a deployed file's metadata."""
+    return Path(path).with_suffix(".json")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _build(meta: Mapping[str, Any]) -> nn.Module:
+    spec = meta.get("builder")
+    fn = _resolve_builder(spec)  # type: ignore[arg-type]
+    kwargs = meta.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise DeployedFileError(f"the file's builder kwargs are a {type(kwargs).__name__}, not an object")
+    try:
+        model = fn(**kwargs)
+    except Exception as e:
+        raise ValueError(f"{spec}(**{kwargs}) failed: {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{spec}(**{kwargs}) returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no deployed file at {p}")
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise DeployedFileError(
+            f"{p} is not a readable safetensors file: it is truncated or corrupted ({e}); save it again"
+        ) from None
+    if _META_KEY not in header:
+        raise DeployedFileError(f"{p} is a safetensors file without foldattn metadata; write it with save_deployed")
+    try:
+        meta = json.loads(header[_META_KEY])
+    except json.JSONDecodeError as e:
+        raise DeployedFileError(f"{p}: the foldattn metadata is not valid JSON ({e}); the file is corrupted") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DeployedFileError(f"{p}: unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
+        raise DeployedFileError(
+            f"{p} has format version {meta.get('format_version')!r}; this foldattn ({_version()}) reads up to "
+            f"{FORMAT_VERSION}: upgrade foldattn"
+        )
+    if meta.get("checksum") != _checksum(tensors):
+        raise DeployedFileError(f"{p}: the tensors do not match their checksum; the file is corrupted, save it again")
+    for alias, target in (meta.get("aliases") or {}).items():
+        if target not in tensors:
+            raise DeployedFileError(f"{p}: tied tensor {alias!r} points at missing {target!r}; the file is corrupted")
+        tensors[alias] = tensors[target]
+    return meta, tensors
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON metadata of a deployed file (validated, checksum included)."""
+    return _read(path)[0]
+
+
+def load_deployed(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
+    """Rebuild (or fill ``model``) from a file written by :func:`save_deployed`.
+
+    Args:
+        path: the deployed ``.safetensors`` file.
+        model: a fresh instance of the plain architecture to load into; by default the
+            model is rebuilt from the file's ``builder`` (allowlisted imports only).
+
+    Returns:
+        The model with the weights loaded strictly, in eval mode.
+
+    Raises:
+        DeployedFileError: truncated, corrupted or foreign file.
+        ArchitectureMismatchError: the weights do not fit (missing/unexpected keys, shapes).
+    """
+    meta, tensors = _read(path)
+    if meta.get("folded") is not True:
+        raise DeployedFileError(f"{path} holds an unfolded model; deployed files hold folded weights")
+    if model is None:
+        if not meta.get("builder"):
+            raise ValueError(f"{path} does not say how to rebuild its model (saved without builder=); "
+                             f"pass model=<a fresh {meta.get('class', 'instance')}>")
+        target = _build(meta)
+    else:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        target = unwrap_model(model)
+        if asr_layers(target):
+            raise ArchitectureMismatchError(
+                "the model has ASR layers, but a deployed file holds the folded weights of the plain architecture; "
+                "load into a model built without ASR"
+            )
+    problem = _mismatch(target, tensors)
+    if problem:
+        built = meta.get("builder") or meta.get("class")
+        raise ArchitectureMismatchError(
+            f"{path} was saved from another architecture ({built}) than {type(target).__name__}: {problem}"
+        )
+    target.load_state_dict(tensors, strict=True)
+    return target.eval()

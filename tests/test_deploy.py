@@ -1,0 +1,194 @@
+"""save_deployed / load_deployed: round trips, wrappers, strict loading, damaged files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import foldattn
+from foldattn import attach, load_deployed, save_deployed
+from foldattn.deploy import (
+    ArchitectureMismatchError,
+    DeployedFileError,
+    allow_builder_module,
+    metadata_path,
+    read_metadata,
+)
+
+tv = pytest.importorskip("torchvision.models")
+X = torch.randn(2, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def trained() -> nn.Module:
+    torch.manual_seed(0)
+    model = attach(tv.resnet18(num_classes=10), "se")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    nn.functional.cross_entropy(model(X), torch.tensor([1, 2])).backward()
+    opt.step()
+    return model.eval()
+
+
+@pytest.fixture
+def saved(trained: nn.Module, tmp_path: Path) -> Path:
+    return save_deployed(trained, tmp_path / "r18.safetensors", "torchvision.models:resnet18", {"num_classes": 10})
+
+
+def test_round_trip_rebuilds_from_metadata(trained: nn.Module, saved: Path) -> None:
+    meta = read_metadata(saved)
+    assert meta["builder"] == "torchvision.models:resnet18" and meta["kwargs"] == {"num_classes": 10}
+    assert meta["folded"] is True and meta["asr_layers_folded"] == 8
+    assert meta["foldattn_version"] == foldattn.__version__
+    loaded = load_deployed(saved)
+    assert type(loaded) is type(tv.resnet18()) and not loaded.training
+    foldattn.verify(trained, loaded, X)  # float32, 1e-5 relative
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["r18.json", "r18.safetensors"], "no temp file left"
+    assert json.loads(metadata_path(saved).read_text()) == meta  # the readable copy matches the header
+
+
+def test_weights_path_must_not_be_json(trained: nn.Module, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="another suffix"):
+        save_deployed(trained, tmp_path / "m.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_into_given_instance(saved: Path, trained: nn.Module) -> None:
+    fresh = tv.resnet18(num_classes=10)
+    assert load_deployed(saved, model=fresh) is fresh
+    foldattn.verify(trained, fresh, X)
+
+
+def test_builder_as_function_and_foldattn_registry(tmp_path: Path) -> None:
+    model = foldattn.create_model("cifar_resnet20", attention="se", asr=True)
+    path = save_deployed(model, tmp_path / "c.safetensors", foldattn.models.cifar_resnet20, metadata={"acc": 0.5})
+    meta = read_metadata(path)
+    assert meta["builder"] == "foldattn.models.cifar_resnet:cifar_resnet20" and meta["user"] == {"acc": 0.5}
+    foldattn.verify(model, load_deployed(path), X)
+
+
+@pytest.mark.parametrize("wrap", ["dataparallel", "compile"])
+def test_wrappers_are_removed(trained: nn.Module, tmp_path: Path, wrap: str) -> None:
+    wrapped = nn.DataParallel(trained) if wrap == "dataparallel" else torch.compile(trained)
+    path = save_deployed(wrapped, tmp_path / "w.safetensors", "torchvision.models:resnet18", {"num_classes": 10})
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
+    foldattn.verify(trained, load_deployed(path), X)
+
+
+def test_tied_weights_are_stored_once(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = model[0].weight
+    path = save_deployed(model, tmp_path / "tied.safetensors")
+    assert read_metadata(path)["aliases"] == {"1.weight": "0.weight"}
+    fresh = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    load_deployed(path, model=fresh)
+    assert torch.equal(fresh[1].weight, model[0].weight)
+
+
+def test_wrong_architecture(saved: Path) -> None:
+    with pytest.raises(ArchitectureMismatchError, match=r"another architecture.*missing keys: layer1\.2"):
+        load_deployed(saved, model=tv.resnet34(num_classes=10))
+    with pytest.raises(ArchitectureMismatchError, match=r"shape mismatches: fc.weight: file \(10, 512\)"):
+        load_deployed(saved, model=tv.resnet18(num_classes=1000))
+    with pytest.raises(ArchitectureMismatchError, match="unexpected keys"):
+        load_deployed(saved, model=nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ArchitectureMismatchError, match="has ASR layers"):
+        load_deployed(saved, model=attach(tv.resnet18(num_classes=10), "se"))
+
+
+def test_builder_that_does_not_fit_is_refused_at_save(trained: nn.Module, tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    with pytest.raises(ArchitectureMismatchError, match="does not build this model"):
+        save_deployed(trained, path, "torchvision.models:resnet18")  # 1000 classes, model has 10
+    assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    "builder,match",
+    [
+        ("os:system", "not allowlisted"),
+        ("torchvision.models.resnet18", "package.module:function"),
+        ("torchvision.models:_private", "public names only"),
+        ("torchvision.models:nope", "no callable 'nope'"),
+        ("torchvision.models.nothere:x", "cannot import"),
+    ],
+)
+def test_bad_builders(trained: nn.Module, tmp_path: Path, builder: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        save_deployed(trained, tmp_path / "x.safetensors", builder)
+
+
+def test_allowlist_is_enforced_at_load(saved: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(saved), "pt") as f:
+        meta = json.loads(f.metadata()["foldattn"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    meta["builder"] = "subprocess:getoutput"
+    evil = tmp_path / "evil.safetensors"
+    save_file(tensors, str(evil), metadata={"foldattn": json.dumps(meta)})
+    with pytest.raises(ValueError, match="'subprocess' is not allowlisted"):
+        load_deployed(evil)
+    with pytest.raises(ValueError, match="dotted module name"):
+        allow_builder_module("os; rm")
+
+
+def test_no_builder_needs_model(trained: nn.Module, tmp_path: Path) -> None:
+    path = save_deployed(trained, tmp_path / "nb.safetensors")
+    with pytest.raises(ValueError, match=r"pass model=<a fresh torchvision\.models\.resnet\.ResNet>"):
+        load_deployed(path)
+    foldattn.verify(trained, load_deployed(path, model=tv.resnet18(num_classes=10)), X)
+
+
+@pytest.mark.parametrize("cut", [4, 100, 0.5, -1])
+def test_truncated_file(saved: Path, cut: float) -> None:
+    data = saved.read_bytes()
+    n = int(len(data) * cut) if isinstance(cut, float) else (cut if cut > 0 else len(data) + cut)
+    saved.write_bytes(data[:n])
+    with pytest.raises(DeployedFileError, match="truncated or corrupted"):
+        load_deployed(saved)
+
+
+def test_corrupted_file(saved: Path) -> None:
+    data = bytearray(saved.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the tensor data
+    saved.write_bytes(bytes(data))
+    with pytest.raises(DeployedFileError, match="checksum; the file is corrupted"):
+        load_deployed(saved)
+
+
+def test_corrupted_header_and_foreign_files(saved: Path, tmp_path: Path) -> None:
+    data = bytearray(saved.read_bytes())
+    data[12] ^= 0xFF  # inside the JSON header
+    saved.write_bytes(bytes(data))
+    with pytest.raises(DeployedFileError):
+        load_deployed(saved)
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.ones(2)}, str(plain))
+    with pytest.raises(DeployedFileError, match="without foldattn metadata"):
+        load_deployed(plain)
+    with pytest.raises(FileNotFoundError, match="no deployed file"):
+        load_deployed(tmp_path / "missing.safetensors")
+    text = tmp_path / "t.safetensors"
+    text.write_text("hello")
+    with pytest.raises(DeployedFileError, match="truncated or corrupted"):
+        load_deployed(text)
+
+
+def test_failed_save_leaves_no_file(trained: nn.Module, tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        save_deployed(trained, path, metadata={"x": object()})
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        save_deployed(trained, tmp_path / "no" / "m.safetensors")
