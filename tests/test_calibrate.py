@@ -113,12 +113,30 @@ def test_project_models_fold_into_bn(att: str) -> None:
 def test_asr_plus_x_folds_into_asr_host() -> None:
     torch.manual_seed(0)
     model = _perturb_norms(create_model("cifar_resnet20", attention="se", asr=True, both=True))
-    _check_exact_fold(model, _data(), {"into-norm"})
+    _check_exact_fold(model, _data(), {"into-asr-host"})
     folded, rep = calibrate(model.double(), _data())
     assert rep.layers[0].target == "layer1.0.bn2.host"
     from foldattn import fold
 
     verify(folded, fold(folded), _data()[0][0], tolerance=TOL64)  # ASR still folds afterwards
+
+
+def test_attached_asr_plus_x_calibrates_to_the_plain_backbone() -> None:
+    """attach(..., both=True) puts the classic module inside the ASR layer; it folds into the ASR host."""
+    import torchvision
+
+    from foldattn import fold
+    from foldattn.attach import attach
+
+    torch.manual_seed(0)
+    model = attach(_perturb_norms(torchvision.models.resnet18(num_classes=4)), "se", both=True)
+    data = _data(1, 2, shape=(3, 32, 32))
+    _check_exact_fold(model, data, {"into-asr-host"})
+    folded, rep = calibrate(model.double(), data)
+    assert rep.layers[0].name == "layer1.0.bn2.classic" and rep.layers[0].target == "layer1.0.bn2.host"
+    deployed = fold(folded)
+    verify(folded, deployed, data[0][0], tolerance=TOL64)
+    torchvision.models.resnet18(num_classes=4).double().load_state_dict(deployed.state_dict(), strict=True)
 
 
 def test_torchvision_mobilenet_folds_into_projection_conv() -> None:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._utils import eval_mode, set_submodule, unwrap_model
-from .asr import ASR
+from .asr import ASR, absorbing_parameters
 from .attention import DIA, ChannelAttention
 from .stripe import StripeResult, _images, _to_model, find_attention, record_stripes, select_sites
 from .transforms import scale_out_channels
@@ -136,7 +136,8 @@ def constant_model(model: nn.Module, result: StripeResult, inplace: bool = False
 @dataclass
 class FoldedLayer:
     """Where one calibrated attention went: ``action`` is ``"into-norm"``, ``"into-conv-out"``,
-    ``"into-conv-in"`` (folded into ``target``) or ``"kept"`` (a :class:`ChannelScale` remains)."""
+    ``"into-conv-in"``, ``"into-asr-host"`` (folded into ``target``) or ``"kept"`` (a
+    :class:`ChannelScale` remains)."""
 
     name: str
     action: str
@@ -151,8 +152,8 @@ _CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def _absorbs_out(name: str, m: nn.Module | None) -> tuple[str, str] | None:
     """``(action, target)`` when the output channels of ``m`` (called ``name``) can absorb a scale."""
-    if isinstance(m, ASR):  # an ASR layer multiplies its host's parameters: the host absorbs
-        return _absorbs_out(f"{name}.host", m.host)
+    if isinstance(m, ASR):  # an ASR layer scales its host's parameters; the host absorbs like it does
+        return ("into-asr-host", f"{name}.host")
     # exact types only: subclasses (e.g. timm's BatchNormAct2d) may apply more after the affine map
     if type(m) in _NORMS and getattr(m, "weight", None) is not None and getattr(m, "bias", None) is not None:
         return ("into-norm", name)
@@ -171,6 +172,17 @@ def _fold_out(m: nn.Module, v: Tensor) -> None:
         p = getattr(m, pname, None)
         if isinstance(p, Tensor):
             p.copy_(scale_out_channels(p, v, dim=0))
+
+
+@torch.no_grad()
+def _fold_asr_host(m: nn.Module, v: Tensor) -> None:
+    # the parameters an ASR layer itself scales by its vector (dim 0 = output channel)
+    for pname in absorbing_parameters(m):
+        p = m.get_parameter(pname)
+        p.copy_(scale_out_channels(p, v, dim=0))
+
+
+_FOLDS = {"into-norm": _fold_out, "into-conv-out": _fold_out, "into-asr-host": _fold_asr_host}
 
 
 @torch.no_grad()
@@ -207,6 +219,17 @@ def _plan_from_trace(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[
             user = users[0]
             if _absorbs_in(modules.get(str(user.target))) and len(user.args) == 1 and not user.kwargs:
                 plan[target] = ("into-conv-in", str(user.target))
+    return plan
+
+
+def _plan_asr_classic(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """A classic module inside an ASR layer ("ASR(X) + X" made by :func:`foldattn.attach`) scales the
+    ASR layer's output, so the ASR host absorbs it exactly, like the ASR vector itself."""
+    plan: dict[str, tuple[str, str]] = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        if child == "classic" and parent_name and isinstance(model.get_submodule(parent_name), ASR):
+            plan[name] = ("into-asr-host", f"{parent_name}.host")
     return plan
 
 
@@ -252,6 +275,7 @@ def fold_scales(model: nn.Module) -> list[FoldedLayer]:
         plan = _plan_from_trace(model, names)
     except Exception:  # data-dependent control flow and friends: fall back to containers
         plan = _plan_from_sequentials(model, names)
+    plan.update(_plan_asr_classic(model, names))
     used: set[str] = set()
     out = []
     for name in names:
@@ -261,9 +285,13 @@ def fold_scales(model: nn.Module) -> list[FoldedLayer]:
             action, target = "kept", None
         if target is not None:
             layer = model.get_submodule(target)
-            (_fold_in if action == "into-conv-in" else _fold_out)(layer, scale)
+            _FOLDS.get(action, _fold_in)(layer, scale)
             used.add(target)
-            if name:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else None
+            if isinstance(parent, ASR) and child == "classic":
+                parent.classic = None  # "ASR(X) + X" is now ASR(X): it folds to the plain host
+            elif name:
                 set_submodule(model, name, nn.Identity())
         out.append(FoldedLayer(name, action, target))
     return out
