@@ -312,10 +312,37 @@ def test_cli_calibrate(tmp_path, capsys) -> None:
     report = json.loads((tmp_path / "calibration.json").read_text())
     assert report["folded"] == 9 and report["params_after"] < report["params_before"]
     assert report["num_images"] == 32 and "after_finetune" in report and report["fold_check"].startswith("OK")
-    blob = torch.load(tmp_path / "calibrated.pt", weights_only=True)
-    create_model("cifar_resnet20").load_state_dict(blob["state_dict"], strict=True)
+    from foldattn.deploy import load_deployed
+
+    plain = load_deployed(tmp_path / "calibrated.safetensors")  # rebuilt as the plain ResNet-20
+    assert not find_attention_or_none(plain) and report["weights"].endswith("calibrated.safetensors")
     out = capsys.readouterr().out
     assert "9 of 9 attention modules folded away" in out and "latency" in out
+
+
+def find_attention_or_none(model: nn.Module) -> list:
+    try:
+        return find_attention(model)
+    except ValueError:
+        return []
+
+
+def test_cli_calibrate_torchvision_saves_without_builder(tmp_path) -> None:
+    from foldattn.deploy import load_deployed, read_metadata
+
+    assert main(["calibrate", "torchvision:mobilenet_v3_small", "--max-images", "8", "-o", str(tmp_path)]) == 0
+    path = tmp_path / "calibrated.safetensors"
+    assert read_metadata(path)["builder"] is None
+    with pytest.raises(ValueError):
+        load_deployed(path)  # no builder: needs model=, an instance with the converted tree
+    same_tree, _ = calibrate(_mobilenet_like(), [torch.zeros(1, 3, 16, 16)])
+    load_deployed(path, model=same_tree)
+
+
+def _mobilenet_like() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.mobilenet_v3_small(num_classes=10)
 
 
 def test_cli_calibrate_errors(tmp_path, capsys) -> None:
@@ -324,4 +351,4 @@ def test_cli_calibrate_errors(tmp_path, capsys) -> None:
     assert main(["calibrate", "cifar_resnet20", "--attention", "se", "--finetune-epochs", "-1",
                  "-o", str(tmp_path)]) == 2
     assert "--finetune-epochs" in capsys.readouterr().err
-    assert not (tmp_path / "calibrated.pt").exists()
+    assert not (tmp_path / "calibrated.safetensors").exists()

@@ -12,6 +12,7 @@ import copy
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,6 +52,26 @@ def compare_latency(a: nn.Module, b: nn.Module, example: torch.Tensor, rounds: i
     return statistics.median(ta), statistics.median(tb)
 
 
+def _save(model: nn.Module, path: Path, name: str | None, kwargs: dict[str, Any], all_folded: bool,
+          meta: dict[str, Any]) -> Path:
+    """Write the converted model with :func:`foldattn.deploy.save_deployed`.
+
+    When every attention module folded away and the model is a foldattn model, it *is* the
+    plain backbone: the file then names ``create_model(name)`` as its builder, so
+    ``foldattn.deploy.load_deployed(path)`` rebuilds it. Otherwise (modules kept, torchvision
+    or timm models, whose deployed tree differs from their builder's) load it with ``model=``.
+    """
+    from .deploy import save_deployed
+
+    if name is not None and all_folded:
+        try:
+            return save_deployed(model, path, "foldattn.models:create_model", {"name": name, **kwargs},
+                                 metadata=meta)
+        except ValueError:  # the tree is not the plain model's after all: save without a builder
+            pass
+    return save_deployed(model, path, metadata=meta)
+
+
 def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``foldattn calibrate``; returns the report written to ``OUT/calibration.json``."""
     from .calibrate import calibrate, constant_model, evaluate, finetune
@@ -60,7 +81,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     if args.finetune_epochs < 0:
         raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     out = prepare_output(args.output)
-    model, label, data = load_model_and_data(args)
+    model, label, data, name, kwargs = load_model_and_data(args)
     model.eval()
     before = evaluate(model, data.val)
     print(f"before: top-1 {before['top1']:.2f} % on {int(before['images'])} validation images")
@@ -90,11 +111,12 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     result["bench_batch"] = int(bench.shape[0])
     print(f"latency, batch {bench.shape[0]}: {result['latency_ms_before']:.2f} ms -> "
           f"{result['latency_ms_after']:.2f} ms; parameters {result['params_before']:,} -> {result['params_after']:,}")
-    with atomic_path(out / "calibrated.pt") as tmp:
-        torch.save({"format": "foldattn.calibrated/1", "source": label, "state_dict": deployed.state_dict()}, tmp)
+    weights = _save(deployed, out / "calibrated.safetensors", name, kwargs, report.folded == len(report.layers),
+                    {"source": label, "data": data.name, "calibrated_layers": len(report.layers)})
+    result["weights"] = str(weights)
     with atomic_path(out / "calibration.json") as tmp:
         tmp.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out / 'calibrated.pt'}, {out / 'calibration.json'}")
+    print(f"wrote {weights}, {out / 'calibration.json'}")
     return result
 
 

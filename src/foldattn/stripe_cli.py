@@ -14,13 +14,14 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 __all__ = [
-    "register", "run_stripe", "DataSource", "load_model_and_data", "load_data", "add_model_args", "add_data_args",
+    "register", "run_stripe", "DataSource", "Loaded", "load_model_and_data", "load_data", "add_model_args",
+    "add_data_args",
 ]
 
 
@@ -123,28 +124,43 @@ def _builtin_digits(args: argparse.Namespace, spec: str) -> DataSource:
     return DataSource("digits", batches(val_idx, False), batches(tr_idx, False), _Shuffled(), 10, 3)
 
 
-def load_model_and_data(args: argparse.Namespace) -> tuple[nn.Module, str, DataSource]:
-    """The model named by ``CKPT_OR_MODEL``, a label for reports, and the data (a checkpoint's own by default)."""
+class Loaded(NamedTuple):
+    """What ``CKPT_OR_MODEL`` gave: the model, a label, the data, and how to build the plain
+    architecture (``name`` for :func:`foldattn.models.create_model` and its keyword arguments; the
+    name is ``None`` for torchvision/timm models)."""
+
+    model: nn.Module
+    label: str
+    data: DataSource
+    name: str | None
+    kwargs: dict[str, Any]
+
+
+def load_model_and_data(args: argparse.Namespace) -> Loaded:
+    """The model named by ``CKPT_OR_MODEL`` and the data (a checkpoint's own by default)."""
     spec = args.model
     if not spec:
         raise ValueError("give a model: a checkpoint path, a foldattn model name, torchvision:NAME or timm:NAME")
     if os.path.exists(spec):
         blob = _read_checkpoint(spec)
         data = load_data(args, blob.get("config"))
-        return _model_from_checkpoint(spec, blob, data), spec, data
+        model, name, kwargs = _model_from_checkpoint(spec, blob, data)
+        return Loaded(model, spec, data, name, kwargs)
     data = load_data(args)
     num_classes = args.num_classes or data.num_classes
     torch.manual_seed(args.seed)  # a model built by name is randomly initialised: make it reproducible
     source, _, name = spec.partition(":")
     if name and source in _EXTERNAL:
-        return _EXTERNAL[source](name, num_classes), spec, data
+        return Loaded(_EXTERNAL[source](name, num_classes), spec, data, None, {})
     from .models import create_model, list_models
 
     if spec not in list_models():
         raise ValueError(f"{spec!r} is neither a file nor a model name; models: {', '.join(list_models())}, "
                          "or torchvision:NAME / timm:NAME")
-    kwargs = {"in_channels": data.in_channels} if data.in_channels != 3 else {}
-    return create_model(spec, num_classes=num_classes, attention=args.attention, **kwargs), spec, data
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if data.in_channels != 3:
+        kwargs["in_channels"] = data.in_channels
+    return Loaded(create_model(spec, attention=args.attention, **kwargs), spec, data, spec, kwargs)
 
 
 def _torchvision_model(name: str, num_classes: int) -> nn.Module:
@@ -178,7 +194,8 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
     return load_checkpoint(path)
 
 
-def _model_from_checkpoint(path: str, blob: dict[str, Any], data: DataSource) -> nn.Module:
+def _model_from_checkpoint(path: str, blob: dict[str, Any],
+                           data: DataSource) -> tuple[nn.Module, str | None, dict[str, Any]]:
     """Rebuild the trained model from a ``foldattn train`` checkpoint (config + state dict)."""
     from .checkpoint import load_model_state
     from .train import TrainConfig, build_model
@@ -187,7 +204,10 @@ def _model_from_checkpoint(path: str, blob: dict[str, Any], data: DataSource) ->
     num_classes = int((blob.get("run") or {}).get("classes") or data.num_classes)
     model = build_model(cfg, num_classes, data.in_channels)
     load_model_state(model, blob["model"], source=str(path))
-    return model
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if data.in_channels != 3:
+        kwargs["in_channels"] = data.in_channels
+    return model, (None if ":" in cfg.model else cfg.model), kwargs
 
 
 def prepare_output(out: str | os.PathLike[str]) -> Path:
@@ -217,7 +237,7 @@ def run_stripe(args: argparse.Namespace) -> dict[str, Any]:
         written += plot_history(history, out / "stripe_curves.png")
         if not args.model:
             return {"written": [str(p) for p in written]}
-    model, label, data = load_model_and_data(args)
+    model, label, data, _, _ = load_model_and_data(args)
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
     split = {"val": data.val, "train": data.train_eval}[args.split]
