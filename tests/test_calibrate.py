@@ -206,6 +206,22 @@ def test_timm_modules_fold() -> None:
     _check_exact_fold(effnet_like, _data(), {"into-conv-in"})
 
 
+@settings(max_examples=15, deadline=None)
+@given(c=st.sampled_from([2, 4, 6]), out=st.sampled_from([2, 6]), k=st.sampled_from([1, 3]),
+       act=st.sampled_from(["none", "relu", "hardswish", "silu"]), grouped=st.booleans(), seed=st.integers(0, 999))
+def test_fold_is_exact_over_block_shapes(c: int, out: int, k: int, act: str, grouped: bool, seed: int) -> None:
+    """conv -> BN -> [activation] -> SE -> conv: backward into the BN without an activation, else forward."""
+    from torchvision.ops import SqueezeExcitation
+
+    torch.manual_seed(seed)
+    groups = 2 if grouped else 1
+    acts = {"none": nn.Identity, "relu": nn.ReLU, "hardswish": nn.Hardswish, "silu": nn.SiLU}
+    layers = [nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)] + ([] if act == "none" else [acts[act]()])
+    model = nn.Sequential(*layers, SqueezeExcitation(c, 1), nn.Conv2d(c, out, k, padding=k // 2, groups=groups))
+    _check_exact_fold(_perturb_norms(model, seed), _data(1, 3, seed=seed),
+                      {"into-norm" if act == "none" else "into-conv-in"})
+
+
 def test_unfoldable_keeps_channel_scale() -> None:
     class TwoUses(nn.Module):  # the BN output feeds the attention and a skip: no exact fold
         def __init__(self) -> None:
