@@ -127,4 +127,6 @@ def test_readme_example_runs(tmp_path: Path) -> None:
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "OK: max abs error" in run.stdout and "onnxruntime vs PyTorch" in run.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["example.py", "resnet18_asr.onnx", "resnet18_asr.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "example.py", "resnet18_asr.json", "resnet18_asr.onnx", "resnet18_asr.safetensors"
+    ]
