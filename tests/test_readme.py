@@ -22,6 +22,7 @@ def test_readme_starts_with_the_two_commands() -> None:
 
 
 @pytest.mark.parametrize("index", range(len(_python_blocks())))
-def test_readme_python_block_runs(index: int, capsys: pytest.CaptureFixture[str]) -> None:
+def test_readme_python_block_runs(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # examples that write files write them here
     code = _python_blocks()[index]
     exec(compile(code, f"README.md[python block {index}]", "exec"), {"__name__": "__readme__"})
