@@ -11,7 +11,7 @@ from collections.abc import Sequence
 __all__ = ["main", "build_parser"]
 
 # module (relative to foldattn) providing ``register(subparsers)`` for each command
-_COMMANDS: tuple[str, ...] = ("demo", "stripe_cli", "calibrate_cli")
+_COMMANDS: tuple[str, ...] = ("demo", "bench", "stripe_cli", "calibrate_cli")
 
 
 class CLIError(Exception):

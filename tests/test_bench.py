@@ -1,0 +1,434 @@
+"""Tests of ``foldattn bench``: output format, bad input, the timing/memory helpers, the builders.
+
+Nothing here asserts a speed: timings are checked by the benchmark's own PASS/FAIL lines.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from foldattn import attention, bench, fold, verify
+from foldattn.cli import main
+
+
+# --------------------------------------------------------------------------------------
+# `foldattn bench --quick`: the CI run, and its output format
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, str, str]:
+    out = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["bench", "--quick", "--out", str(out)])
+    result = json.loads((out / "bench.json").read_text())
+    return rc, result, (out / "bench.md").read_text(), buf.getvalue()
+
+
+def test_quick_writes_valid_json(quick_run: tuple[int, dict, str, str]) -> None:
+    rc, result, _, _ = quick_run
+    assert rc == 0
+    bench.validate_result(result)  # raises if the schema is not followed
+    assert result["schema"] == bench.SCHEMA
+    assert result["command"] == "foldattn bench --quick --out " + result["command"].split("--out ")[1]
+    groups = result["groups"]
+    assert [(g["family"], g["attention"]) for g in groups] == [("cifar_resnet20", "se"), ("cifar_resnet20", "eca")]
+    for g in groups:
+        rows = {r["variant"]: r for r in g["rows"]}
+        assert list(rows) == [v.key for v in bench.VARIANTS]
+        # the folded form is the plain backbone: same parameters and FLOPs
+        assert rows["asr_folded"]["params"] == rows["plain"]["params"]
+        assert rows["asr_folded"]["flops"] == rows["plain"]["flops"]
+        assert rows["asr_fused"]["params"] < rows["plain"]["params"]  # BN gone, conv biases added
+        assert rows["asr"]["params"] > rows["plain"]["params"]
+        for r in g["rows"]:
+            assert r["latency_ms"]["n"] == bench.QUICK.reps
+            assert r["ratio"]["params"] == pytest.approx(r["params"] / rows["plain"]["params"])
+            if bench.cpu_peak_supported():
+                assert r["memory_mib"] > 0
+        trained = {k for k, r in rows.items() if r["train_ms"] is not None}
+        assert trained == {v.key for v in bench.VARIANTS if v.trains}
+    assert len(result["targets"]) == 4 * len(groups)
+
+
+def test_quick_markdown_table(quick_run: tuple[int, dict, str, str]) -> None:
+    _, result, md, stdout = quick_run
+    assert md in stdout  # the table is also printed
+    assert "Command: `foldattn bench --quick" in md
+    assert "Intel" in md or result["machine"]["cpu"] in md
+    table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    header, body = table[0], table[1:]
+    assert header.count("|") == 9
+    assert len(body) == len(bench.VARIANTS) * 2
+    assert all(ln.count("|") == 9 for ln in body)
+    assert re.search(r"\| \+ASR\(SE\) folded \| [\d.]+k \(1.000x\) \| [\d.]+M \(1.000x\) \| [\d.]+ \([\d.]+x\) \|", md)
+    target_lines = [ln for ln in md.splitlines() if ln.startswith(("PASS ", "FAIL "))]
+    assert len(target_lines) == len(result["targets"])
+
+
+# --------------------------------------------------------------------------------------
+# the schema check must reject broken results
+# --------------------------------------------------------------------------------------
+def _break_missing_variant(r: dict) -> None:
+    r["groups"][0]["rows"] = [x for x in r["groups"][0]["rows"] if x["variant"] != "asr_folded"]
+
+
+def _break_stats(r: dict) -> None:
+    r["groups"][0]["rows"][1]["latency_ms"]["median"] = float("nan")
+
+
+def _break_plain_ratio(r: dict) -> None:
+    r["groups"][0]["rows"][0]["ratio"]["latency"] = 0.9
+
+
+@pytest.mark.parametrize(
+    ("breaker", "message"),
+    [
+        (lambda r: r.update(schema="other/1"), "schema must be"),
+        (lambda r: r.pop("groups"), "missing 'groups'"),
+        (_break_missing_variant, "missing variants ['asr_folded']"),
+        (_break_stats, "not a finite non-negative number"),
+        (_break_plain_ratio, "plain's ratios to itself must be 1"),
+        (lambda r: r["targets"][0].update(passed="yes"), "targets[0].passed"),
+        (lambda r: r["groups"][0]["rows"][2].pop("ratio"), "missing 'ratio'"),
+    ],
+)
+def test_validate_rejects(quick_run: tuple[int, dict, str, str], breaker, message: str) -> None:
+    result = copy.deepcopy(quick_run[1])
+    breaker(result)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bench.validate_result(result)
+
+
+def test_write_outputs_refuses_invalid_and_writes_nothing(quick_run, tmp_path) -> None:
+    result = copy.deepcopy(quick_run[1])
+    result["schema"] = "nope"
+    with pytest.raises(ValueError):
+        bench.write_outputs(result, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    paths = bench.write_outputs(copy.deepcopy(quick_run[1]), tmp_path / "ok" / "deeper")
+    assert [p.name for p in paths] == ["bench.json", "bench.md"]
+    assert not [p for p in paths[0].parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_targets_pass_and_fail(quick_run) -> None:
+    result = copy.deepcopy(quick_run[1])
+    rows = {r["variant"]: r for r in result["groups"][0]["rows"]}
+    rows["asr_folded"]["ratio"]["latency"] = 1 / 0.97  # 0.97x plain speed: FAIL
+    rows["asr_folded"]["ratio"]["throughput"] = 0.99  # PASS
+    rows["asr_fused"]["ratio"]["latency"] = 1.0  # not faster: FAIL
+    rows["asr"]["ratio"]["train"] = 1.05  # at the limit: PASS
+    got = {t["name"]: t for t in bench.check_targets(result) if t["attention"] == "se"}
+    assert got["folded_speed_latency"]["passed"] is False
+    assert got["folded_speed_latency"]["value"] == pytest.approx(0.97)
+    assert got["folded_speed_latency"]["text"].startswith("FAIL cifar_resnet20: ASR(SE) folded speed at batch 1")
+    assert got["folded_speed_throughput"]["passed"] is True
+    assert got["fused_faster_latency"]["passed"] is False
+    assert got["asr_train_step"]["passed"] is True
+
+
+# --------------------------------------------------------------------------------------
+# bad input: clear errors
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--models", "resnet9000"], "unknown model 'resnet9000'; valid models: cifar_"),
+        (["--attentions", "se", "magic"], "unknown attention 'magic'; valid names: cbam"),
+    ],
+)
+def test_cli_unknown_names(argv: list[str], message: str, capsys, tmp_path) -> None:
+    assert main(["bench", *argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("option", ["--latency-batch", "--throughput-batch", "--train-batch", "--threads", "--reps"])
+@pytest.mark.parametrize("value", ["0", "-3", "two", "1.5"])
+def test_cli_rejects_non_positive_integers(option: str, value: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", option, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err
+    assert "positive integer" in err
+
+
+def test_cli_cuda_without_cuda(monkeypatch, capsys, tmp_path) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--quick", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda requested but CUDA is not available" in err
+    assert "--device cpu" in err
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"models": ()}, "no model given"),
+        ({"throughput_batch": 0}, "throughput_batch must be a positive integer"),
+        ({"latency_batch": True}, "latency_batch must be a positive integer"),
+        ({"threads": -1}, "threads must be a positive integer"),
+        ({"warmup": -1}, "warmup must be a non-negative integer"),
+        ({"device": "meta"}, "not supported by the benchmark"),
+        ({"clock": "sundial"}, "unknown clock 'sundial'; valid clocks: wall, cpu"),
+        ({"reps": 2.5}, "reps must be a positive integer"),
+        ({"device": "gpu0"}, "unknown device 'gpu0'"),
+    ],
+)
+def test_config_validation(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bench.BenchConfig(**change).validated()
+
+
+def test_cpu_clock_refused_on_cuda(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="--clock cpu measures CPU time"):
+        bench.BenchConfig(device="cuda", clock="cpu").validated()
+
+
+def test_config_defaults() -> None:
+    cfg = bench.BenchConfig().validated()
+    assert cfg.models == ("cifar_resnet164", "resnet50")
+    assert cfg.attentions == tuple(attention.names())
+    assert (cfg.latency_batch, cfg.throughput_batch) == (1, 64)
+    assert bench.BenchConfig(attentions=("SE",)).validated().attentions == ("se",)
+
+
+# --------------------------------------------------------------------------------------
+# timing and memory helpers
+# --------------------------------------------------------------------------------------
+def test_interleaved_rotates_and_counts() -> None:
+    calls: list[str] = []
+    runners = {k: (lambda k=k: calls.append(k)) for k in "ABC"}
+    samples = bench.interleaved(runners, reps=3, warmup=1, min_sample_s=0.0)
+    assert calls == list("ABC" "ABC" "BCA" "CAB")
+    assert {k: len(v) for k, v in samples.items()} == {"A": 3, "B": 3, "C": 3}
+    assert all(t >= 0 for v in samples.values() for t in v)
+
+
+def test_interleaved_repeats_short_calls() -> None:
+    count = {"n": 0}
+    samples = bench.interleaved({"A": lambda: count.__setitem__("n", count["n"] + 1)}, reps=2, warmup=1,
+                                min_sample_s=0.001)
+    assert count["n"] > 3  # a sample of a ~microsecond call repeats it many times
+    assert len(samples["A"]) == 2
+
+
+def test_stats_median_and_quartiles() -> None:
+    st = bench._stats([0.001, 0.003, 0.002, 0.010])
+    assert st["median"] == pytest.approx(2.5)
+    assert st["q1"] <= st["median"] <= st["q3"]
+    assert st["n"] == 4
+
+
+@pytest.mark.skipif(not bench.cpu_peak_supported(), reason="needs Linux /proc/self/clear_refs")
+def test_cpu_peak_sees_a_large_temporary() -> None:
+    """In a fresh process set up like the bench's memory worker (glibc's heap of this test
+    process may hold freed pages that a new tensor reuses without growing the resident set)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from foldattn import bench; size = 64 * bench.MIB; cpu = torch.device('cpu'); "
+        "print(bench._peak_bytes(lambda: torch.ones(size // 4).sum(), cpu), "
+        "bench._peak_bytes(lambda: None, cpu))"
+    )
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    peak, idle = map(int, out.stdout.split())
+    size = 64 * bench.MIB
+    assert 0.9 * size <= peak <= 2 * size
+    assert idle < 8 * bench.MIB
+
+
+def test_ratios_relative_to_plain() -> None:
+    def row(lat: float, thr: float, train: float | None) -> dict:
+        return {"params": 10, "flops": 100, "latency_ms": {"median": lat}, "throughput_ips": thr,
+                "memory_mib": 2.0, "train_ms": None if train is None else {"median": train},
+                "train_memory_mib": None}
+
+    rows = {"plain": row(2.0, 50.0, 4.0), "x": row(3.0, 25.0, 5.0), "asr_folded": row(2.0, 50.0, None)}
+    bench._add_ratios(rows)
+    assert rows["plain"]["ratio"]["latency"] == 1.0
+    assert rows["x"]["ratio"]["latency"] == pytest.approx(1.5)
+    assert rows["x"]["ratio"]["throughput"] == pytest.approx(0.5)
+    assert rows["x"]["ratio"]["train"] == pytest.approx(1.25)
+    assert rows["asr_folded"]["ratio"]["train"] is None
+    assert rows["x"]["ratio"]["train_memory"] is None
+
+
+# --------------------------------------------------------------------------------------
+# model families
+# --------------------------------------------------------------------------------------
+def test_family_registry() -> None:
+    assert {"cifar_resnet20", "cifar_resnet164", "resnet50"} <= set(bench.families())
+    with pytest.raises(ValueError, match="unknown model 'nope'; valid models: "):
+        bench.get_family("nope")
+    with pytest.raises(ValueError, match="already registered"):
+        bench.register_family(bench.get_family("resnet50"))
+
+
+@pytest.mark.parametrize("name", ["se", "dia"])
+def test_torchvision_variants_fold_exactly(name: str) -> None:
+    """The torchvision stand-in for attach: ASR on every block's last BN folds to the plain tree."""
+    fam = bench.get_family("resnet18")
+    torch.manual_seed(0)
+    asr = fam.build(name, True, False).eval()
+    layers = [m for m in asr.modules() if isinstance(m, bench.ASR)]
+    assert len(layers) == 8  # one per BasicBlock
+    with torch.no_grad():  # a v far from 1 so a missed fold would show
+        for layer in layers:
+            layer.attention.psi.normal_()
+    deployed = fold(asr)
+    plain = fam.build(None, False, False)
+    assert deployed.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(2, 3, 64, 64)
+    report = verify(asr, deployed, x)  # float32: max relative error <= 1e-5 of the output scale
+    assert report.passed
+    classic = fam.build(name, False, False)
+    assert sum(isinstance(m, attention.get(name)) for m in classic.modules()) == 8
+    both = fold(fam.build(name, True, True))
+    assert sum(isinstance(m, attention.get(name)) for m in both.modules()) == 8
+    assert not [m for m in both.modules() if isinstance(m, bench.ASR)]
+
+
+def test_every_variant_runs_on_a_cifar_model() -> None:
+    fam = bench.get_family("cifar_resnet20")
+    x = torch.randn(2, 3, 32, 32)
+    for v in bench.VARIANTS:
+        model = v.build(fam, "eca").eval()
+        with torch.no_grad():
+            assert model(x).shape == (2, 10)
+        assert isinstance(model, nn.Module)
+    assert bench._flops(bench.VARIANTS[2].build(fam, "eca"), x[:1]) > 0  # ASR(ECA) training form
+
+
+@pytest.mark.parametrize("what", ["latency", "train"])
+def test_profile_variant_tables(what: str) -> None:
+    cfg = bench.BenchConfig(train_batch=2)
+    tables = bench.profile_variant(bench.get_family("cifar_resnet20"), "se", "asr", what, cfg, calls=1,
+                                  row_limit=200)
+    assert list(tables) == ["plain", "asr"]
+    assert "aten::convolution" in tables["plain"] or "aten::conv2d" in tables["plain"]
+    assert "aten::sigmoid" in tables["asr"]  # the SE gate on psi runs in the training form
+    assert "aten::sigmoid" not in tables["plain"]
+    assert "Self CPU" in tables["asr"]
+
+
+def test_markdown_shows_profiles(quick_run) -> None:
+    result = copy.deepcopy(quick_run[1])
+    result["profiles"] = [{"target": "FAIL x", "family": "f", "attention": "se", "variant": "asr", "work": "train",
+                           "tables": {"plain": "TABLE-PLAIN", "asr": "TABLE-ASR"}}]
+    bench.validate_result(result)
+    md = bench.render_markdown(result)
+    assert "Profile for `FAIL x`" in md
+    assert md.index("TABLE-PLAIN") < md.index("TABLE-ASR")
+    result["profiles"][0].pop("tables")
+    with pytest.raises(ValueError, match="profiles"):
+        bench.validate_result(result)
+
+
+# --------------------------------------------------------------------------------------
+# ASR.forward's parameter swap (the training-step fix measured by the benchmark)
+# --------------------------------------------------------------------------------------
+class _TwoBranch(nn.Module):
+    """A custom host with dotted absorbing parameters (two parallel convs, summed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 1)
+
+    def asr_parameters(self) -> list[str]:
+        return ["a.weight", "a.bias", "b.weight", "b.bias"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+def _reference(layer: bench.ASR, x: torch.Tensor) -> torch.Tensor:
+    from torch.func import functional_call
+
+    v = layer.vector()
+    params = {n: layer.host.get_parameter(n) * v.reshape(-1, *([1] * (layer.host.get_parameter(n).dim() - 1)))
+              for n in layer._absorbing}
+    return functional_call(layer.host, params, (x,))
+
+
+@pytest.mark.parametrize(
+    ("make_host", "shape", "train"),
+    [
+        (lambda: nn.BatchNorm2d(6), (4, 6, 5, 5), True),
+        (lambda: nn.BatchNorm2d(6), (4, 6, 5, 5), False),
+        (lambda: nn.Conv2d(3, 6, 3), (2, 3, 7, 7), True),
+        (lambda: nn.Linear(5, 6), (3, 5), True),
+        (lambda: nn.LayerNorm(6), (3, 4, 6), True),
+        (lambda: nn.GroupNorm(2, 6), (2, 6, 4, 4), True),
+        (_TwoBranch, (2, 3, 5, 5), True),
+    ],
+)
+def test_asr_forward_matches_functional_call(make_host, shape: tuple[int, ...], train: bool) -> None:
+    """Same outputs and gradients (float64, 1e-12 relative) as functional_call with p * v."""
+    torch.manual_seed(0)
+    layer = bench.ASR(make_host(), "se", reduction=2).double().train(train)
+    with torch.no_grad():
+        layer.attention.psi.normal_()
+    ref_layer = copy.deepcopy(layer)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = layer(x), _reference(ref_layer, x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    for (n, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters(), strict=True):
+        assert p.grad is not None, n
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=n)
+    # running statistics updated the same way, parameters restored as Parameters
+    torch.testing.assert_close(layer.state_dict(), ref_layer.state_dict(), rtol=0, atol=0)
+    assert all(isinstance(layer.host.get_parameter(n), nn.Parameter) for n in layer._absorbing)
+
+
+def test_asr_forward_restores_parameters_after_an_error() -> None:
+    layer = bench.ASR(nn.Conv2d(3, 6, 3), "se")
+    weight = layer.host.weight
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(1, 4, 8, 8))  # wrong channel count: the conv raises inside the swap
+    assert layer.host.weight is weight
+    assert isinstance(layer.host._parameters["bias"], nn.Parameter)
+
+
+def test_strict_exits_1_on_a_missed_target(monkeypatch, capsys, tmp_path) -> None:
+    impossible = (("folded_speed_latency", "asr_folded", "latency", ">=", 100.0, "ASR(X) folded speed at batch {lb}"),)
+    monkeypatch.setattr(bench, "TARGETS", impossible)
+    argv = ["bench", "--quick", "--attentions", "se", "--reps", "1", "--warmup", "0", "--no-memory", "--no-train",
+            "--out", str(tmp_path), "--strict"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "FAIL cifar_resnet20: ASR(SE) folded speed at batch 1 = " in out
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert [t["passed"] for t in result["targets"]] == [False]
+    assert all(r["train_ms"] is None and r["memory_mib"] is None for r in result["groups"][0]["rows"])
+
+
+def test_cuda_runs_are_synchronised(monkeypatch) -> None:
+    calls: list[object] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    bench._sync_for(torch.device("cuda"))()
+    bench._sync_for(torch.device("cpu"))()
+    assert calls == [torch.device("cuda")]
