@@ -1,0 +1,441 @@
+"""Zero-cost conversion of a trained input-dependent attention model (the Stripe Observation
+applied after training).
+
+Zhong et al. (arXiv 2304.06345; ECCV 2024) observe that trained channel attention
+produces nearly the same vector for every input. :func:`calibrate` takes that at its
+word: it replaces each attention module by its *expected gate* over a calibration set,
+a constant per-channel scale ``v = E_x[a(x)]`` (:class:`ChannelScale`), then folds that
+scale into a neighbouring layer so the deployed model costs exactly the backbone:
+
+- backward, into the layer that produced the attention's input when its only use is
+  the attention: BatchNorm / GroupNorm affine (``gamma, beta <- v * gamma, v * beta``)
+  or a conv's output channels (``W[c], b[c] <- v_c W[c], v_c b[c]``). This is this
+  project's CIFAR ResNets (``block.attention`` right after ``bn2``/``bn3``) and timm's
+  SE-ResNets;
+- forward, into the conv that is the only consumer of the attention's output:
+  ``W[:, c] <- v_c W[:, c]`` (input channels; grouped convs too). Exact because zero
+  padding commutes with a per-channel scale. This is torchvision's MobileNetV3 /
+  EfficientNet / RegNet, where SE sits between the depthwise conv + BN + activation
+  and the 1x1 projection conv.
+
+Where neither applies the :class:`ChannelScale` stays (one multiply). The data flow is
+read from a ``torch.fx`` trace; where the model does not trace, from ``nn.Sequential``
+neighbours. The fold is exact (tested); the *approximation* is replacing ``a(x)`` by
+its mean, whose cost :func:`evaluate` measures and :func:`finetune` can recover.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._utils import eval_mode, set_submodule, unwrap_model
+from .asr import ASR, absorbing_parameters
+from .attention import DIA, ChannelAttention
+from .stripe import StripeResult, _images, _to_model, find_attention, record_stripes, select_sites
+from .transforms import scale_out_channels
+
+__all__ = [
+    "ChannelScale", "scale_in_channels", "FoldedLayer", "CalibrationReport", "calibrate", "constant_model",
+    "fold_scales", "evaluate", "finetune",
+]
+
+
+class ChannelScale(nn.Module):
+    """``x * scale`` with a constant per-channel ``scale`` on dim 1 (the calibrated attention).
+
+    Args:
+        scale: the ``(C,)`` vector, stored as a buffer.
+    """
+
+    def __init__(self, scale: Tensor) -> None:
+        super().__init__()
+        if scale.dim() != 1:
+            raise ValueError(f"scale must be a vector (C,), got shape {tuple(scale.shape)}")
+        self.register_buffer("scale", scale.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2 or x.shape[1] != self.scale.numel():
+            raise ValueError(f"ChannelScale({self.scale.numel()}) expects (N, {self.scale.numel()}, ...), "
+                             f"got {tuple(x.shape)}")
+        return x * self.scale.reshape(-1, *([1] * (x.dim() - 2))).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.scale.numel()}"
+
+
+def scale_in_channels(weight: Tensor, v: Tensor, groups: int = 1) -> Tensor:
+    """A conv/linear ``weight`` ``(out, in / groups, ...)`` whose *input* channel ``c`` is scaled by ``v[c]``.
+
+    ``conv(x * v) == conv'(x)`` for any zero-padded conv. Computed in float64, returned in
+    ``weight``'s dtype.
+    """
+    if weight.dim() < 2:
+        raise ValueError(f"weight must be at least 2-D (out, in, ...), got shape {tuple(weight.shape)}")
+    out_ch, per_group = weight.shape[0], weight.shape[1]
+    if groups < 1 or out_ch % groups or v.dim() != 1 or v.numel() != per_group * groups:
+        raise ValueError(
+            f"scale of {v.numel()} channels does not fit a weight {tuple(weight.shape)} with groups={groups}"
+        )
+    # output channel o belongs to group o // (out / groups) and reads inputs [g * per_group, (g+1) * per_group)
+    v_og = v.detach().double().reshape(groups, 1, per_group).expand(groups, out_ch // groups, per_group)
+    v_og = v_og.reshape(out_ch, per_group, *([1] * (weight.dim() - 2)))
+    return (weight.detach().double() * v_og).to(weight.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Replacing attention by constants
+# --------------------------------------------------------------------------------------
+def _check_dia_chains(model: nn.Module, names: set[str]) -> None:
+    dia = [(n, m) for n, m in model.named_modules() if isinstance(m, DIA) and not m.is_static]
+    chosen = {n for n, _ in dia if n in names}
+    if chosen and len(chosen) != len(dia):
+        missing = [n for n, _ in dia if n not in chosen]
+        raise ValueError(
+            f"DIA blocks share one LSTM state along each stage, so they are calibrated together; "
+            f"also select {missing} (or select no layer to calibrate them all)"
+        )
+
+
+def constant_model(model: nn.Module, result: StripeResult, inplace: bool = False) -> nn.Module:
+    """``model`` with each layer of ``result`` replaced by :class:`ChannelScale` (its mean gate).
+
+    A project CBAM loses its spatial half (position-dependent, it has no constant form), as in ASR.
+    """
+    model = unwrap_model(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+    names = {x.name for x in result.layers}
+    _check_dia_chains(model, names)
+    available = {n for n, _ in model.named_modules()}
+    for layer in result.layers:
+        if layer.name not in available:
+            raise ValueError(f"the model has no module {layer.name!r} (the stripe result is of another model)")
+        old = model.get_submodule(layer.name)
+        # parameter-free modules (GE without MLP) take the model's dtype and device
+        ref = next(itertools.chain(old.parameters(), old.buffers(), model.parameters()), None)
+        scale = torch.tensor(layer.gate.mean, dtype=ref.dtype if ref is not None else torch.float32)
+        new = ChannelScale(scale.to(ref.device) if ref is not None else scale)
+        if layer.name:
+            set_submodule(model, layer.name, new)
+        else:
+            model = new
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# Folding the constants into neighbours
+# --------------------------------------------------------------------------------------
+@dataclass
+class FoldedLayer:
+    """Where one calibrated attention went: ``action`` is ``"into-norm"``, ``"into-conv-out"``,
+    ``"into-conv-in"``, ``"into-asr-host"`` (folded into ``target``) or ``"kept"`` (a
+    :class:`ChannelScale` remains)."""
+
+    name: str
+    action: str
+    target: str | None
+    gate_mean: float = float("nan")
+    gate_mean_std: float = float("nan")
+
+
+_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm)
+_CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _absorbs_out(name: str, m: nn.Module | None) -> tuple[str, str] | None:
+    """``(action, target)`` when the output channels of ``m`` (called ``name``) can absorb a scale."""
+    if isinstance(m, ASR):  # an ASR layer scales its host's parameters; the host absorbs like it does
+        return ("into-asr-host", f"{name}.host")
+    # exact types only: subclasses (e.g. timm's BatchNormAct2d) may apply more after the affine map
+    if type(m) in _NORMS and getattr(m, "weight", None) is not None and getattr(m, "bias", None) is not None:
+        return ("into-norm", name)
+    if type(m) in _CONVS:
+        return ("into-conv-out", name)
+    return None
+
+
+def _absorbs_in(m: nn.Module | None) -> bool:
+    return type(m) in _CONVS and m.padding_mode == "zeros"  # type: ignore[union-attr]
+
+
+@torch.no_grad()
+def _fold_out(m: nn.Module, v: Tensor) -> None:
+    for pname in ("weight", "bias"):
+        p = getattr(m, pname, None)
+        if isinstance(p, Tensor):
+            p.copy_(scale_out_channels(p, v, dim=0))
+
+
+@torch.no_grad()
+def _fold_asr_host(m: nn.Module, v: Tensor) -> None:
+    # the parameters an ASR layer itself scales by its vector (dim 0 = output channel)
+    for pname in absorbing_parameters(m):
+        p = m.get_parameter(pname)
+        p.copy_(scale_out_channels(p, v, dim=0))
+
+
+_FOLDS = {"into-norm": _fold_out, "into-conv-out": _fold_out, "into-asr-host": _fold_asr_host}
+
+
+@torch.no_grad()
+def _fold_in(m: nn.Module, v: Tensor) -> None:
+    m.weight.copy_(scale_in_channels(m.weight, v, m.groups))  # type: ignore[union-attr, operator]
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (ChannelScale, ChannelAttention, ASR)) or super().is_leaf_module(m, qualname)
+
+
+def _plan_from_trace(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[str, str]]:
+    graph = _Tracer().trace(model)
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    plan: dict[str, tuple[str, str]] = {}
+    for node in graph.nodes:
+        target = str(node.target)
+        if node.op != "call_module" or target not in names or calls[target] != 1:
+            continue
+        src = node.args[0] if node.args else None
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1
+                and calls[str(src.target)] == 1):
+            found = _absorbs_out(str(src.target), modules.get(str(src.target)))
+            if found is not None:
+                plan[target] = found
+                continue
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and calls[str(users[0].target)] == 1:
+            user = users[0]
+            if _absorbs_in(modules.get(str(user.target))) and len(user.args) == 1 and not user.kwargs:
+                plan[target] = ("into-conv-in", str(user.target))
+    return plan
+
+
+def _plan_asr_classic(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """A classic module inside an ASR layer ("ASR(X) + X" made by :func:`foldattn.attach`) scales the
+    ASR layer's output, so the ASR host absorbs it exactly, like the ASR vector itself."""
+    plan: dict[str, tuple[str, str]] = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        if child == "classic" and parent_name and isinstance(model.get_submodule(parent_name), ASR):
+            plan[name] = ("into-asr-host", f"{parent_name}.host")
+    return plan
+
+
+def _first_last(m: nn.Module, last: bool) -> tuple[str, nn.Module]:
+    path = ""
+    while isinstance(m, nn.Sequential) and len(m):
+        key = list(m._modules)[-1 if last else 0]
+        path, m = f"{path}.{key}" if path else key, m._modules[key]  # type: ignore[assignment]
+    return path, m
+
+
+def _plan_from_sequentials(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[str, str]]:
+    plan: dict[str, tuple[str, str]] = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else None
+        if not isinstance(parent, nn.Sequential):
+            continue
+        keys = list(parent._modules)
+        i = keys.index(child)
+        prefix = f"{parent_name}." if parent_name else ""
+        if i > 0:
+            sub, m = _first_last(parent._modules[keys[i - 1]], last=True)  # type: ignore[arg-type]
+            found = _absorbs_out(prefix + keys[i - 1] + (f".{sub}" if sub else ""), m)
+            if found is not None:
+                plan[name] = found
+                continue
+        if i + 1 < len(keys):
+            sub, m = _first_last(parent._modules[keys[i + 1]], last=False)  # type: ignore[arg-type]
+            if _absorbs_in(m):
+                plan[name] = ("into-conv-in", prefix + keys[i + 1] + (f".{sub}" if sub else ""))
+    return plan
+
+
+@torch.no_grad()
+def fold_scales(model: nn.Module) -> list[FoldedLayer]:
+    """Fold every :class:`ChannelScale` of ``model`` (in place) into a neighbouring layer where exact.
+
+    Returns one :class:`FoldedLayer` per scale, saying where it went.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, ChannelScale)]
+    try:
+        plan = _plan_from_trace(model, names)
+    except Exception:  # data-dependent control flow and friends: fall back to containers
+        plan = _plan_from_sequentials(model, names)
+    plan.update(_plan_asr_classic(model, names))
+    used: set[str] = set()
+    out = []
+    for name in names:
+        scale: Tensor = model.get_submodule(name).scale  # type: ignore[assignment]
+        action, target = plan.get(name, ("kept", None))
+        if target is not None and target in used:  # never fold two scales into one layer's same side
+            action, target = "kept", None
+        if target is not None:
+            layer = model.get_submodule(target)
+            _FOLDS.get(action, _fold_in)(layer, scale)
+            used.add(target)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else None
+            if isinstance(parent, ASR) and child == "classic":
+                parent.classic = None  # "ASR(X) + X" is now ASR(X): it folds to the plain host
+            elif name:
+                set_submodule(model, name, nn.Identity())
+        out.append(FoldedLayer(name, action, target))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Accuracy and fine-tuning
+# --------------------------------------------------------------------------------------
+def _labelled(batch: Any) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
+        return _images(batch), batch[1]
+    raise TypeError("evaluation and fine-tuning need a loader yielding (images, labels)")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[Any], max_images: int | None = None) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` (eval mode, restored) over ``loader``."""
+    model = unwrap_model(model)
+    p = next(model.parameters(), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    correct, total, loss = 0, 0, 0.0
+    with eval_mode(model):
+        for batch in loader:
+            x, y = _labelled(batch)
+            if max_images is not None:
+                x, y = x[: max_images - total], y[: max_images - total]
+            logits = model(_to_model(x, model, dev))
+            y = y.to(logits.device)
+            loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == y).sum())
+            total += int(y.numel())
+            if max_images is not None and total >= max_images:
+                break
+    if total == 0:
+        raise ValueError("the evaluation loader yielded no images")
+    return {"top1": 100.0 * correct / total, "loss": loss / total, "images": float(total)}
+
+
+def finetune(model: nn.Module, loader: Iterable[Any], epochs: int, lr: float = 0.01, momentum: float = 0.9,
+             weight_decay: float = 1e-4) -> list[float]:
+    """Train ``model`` (in place) with SGD and a cosine schedule for ``epochs``; mean loss per epoch.
+
+    Meant for a few epochs on the folded model, to recover what replacing ``a(x)`` by its mean cost.
+    """
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if epochs == 0:
+        return []
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    p = next(model.parameters(), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    losses = []
+    was_training = model.training
+    model.train()
+    try:
+        for _ in range(epochs):
+            total, n = 0.0, 0
+            for batch in loader:
+                x, y = _labelled(batch)
+                loss = F.cross_entropy(model(_to_model(x, model, dev)), y.to(dev))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * x.shape[0]
+                n += x.shape[0]
+            if n == 0:
+                raise ValueError("the fine-tuning loader yielded no images")
+            sched.step()
+            losses.append(total / n)
+    finally:
+        model.train(was_training)
+    return losses
+
+
+# --------------------------------------------------------------------------------------
+# The whole conversion
+# --------------------------------------------------------------------------------------
+@dataclass
+class CalibrationReport:
+    """What :func:`calibrate` did: per-layer fold actions, the calibration images, the stripes."""
+
+    num_images: int
+    layers: list[FoldedLayer]
+    stripes: StripeResult | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def folded(self) -> int:
+        return sum(x.action != "kept" for x in self.layers)
+
+    def table(self) -> str:
+        rows = [f"{'layer':<30} {'gate mean':>9} {'gate std':>9}  fold"]
+        for x in self.layers:
+            where = "kept as ChannelScale" if x.action == "kept" else f"{x.action} {x.target}"
+            rows.append(f"{x.name:<30} {x.gate_mean:>9.4f} {x.gate_mean_std:>9.4f}  {where}")
+        rows.append(f"{self.folded} of {len(self.layers)} attention modules folded away; "
+                    f"calibrated on {self.num_images} images")
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_images": self.num_images, "folded": self.folded,
+                "layers": [asdict(x) for x in self.layers], **self.extra}
+
+
+def calibrate(
+    model: nn.Module,
+    loader: Iterable[Any],
+    layers: Iterable[str] | None = None,
+    max_images: int | None = None,
+    fold: bool = True,
+    inplace: bool = False,
+) -> tuple[nn.Module, CalibrationReport]:
+    """Turn input-dependent channel attention into zero-cost constants.
+
+    Records the mean gate ``E_x[a(x)]`` of each attention module over ``loader``
+    (:func:`~foldattn.stripe.record_stripes`), replaces the module by that constant
+    (:class:`ChannelScale`) and, with ``fold=True``, folds it into a neighbouring layer
+    (:func:`fold_scales`).
+
+    Args:
+        model: a trained model with supported attention modules (any kind
+            :func:`~foldattn.stripe.find_attention` finds).
+        loader: calibration images (``(images, labels)`` or image batches).
+        layers: names or glob patterns of the modules to convert (default all).
+        max_images: calibration images to use (default the whole loader).
+        fold: fold the constants; otherwise leave :class:`ChannelScale` modules.
+        inplace: modify ``model``; by default a deep copy is converted.
+
+    Returns:
+        ``(converted model, CalibrationReport)``.
+    """
+    model = unwrap_model(model)
+    select_sites(find_attention(model), layers)  # clear errors before any data is read
+    result = record_stripes(model, loader, layers=layers, max_images=max_images, max_samples=0)
+    converted = constant_model(model, result, inplace=inplace)
+    summaries = result.summary()
+    if fold:
+        with eval_mode(converted):
+            folded = fold_scales(converted)
+    else:
+        folded = [FoldedLayer(x.name, "kept", None) for x in result.layers]
+    for f in folded:
+        f.gate_mean = summaries[f.name]["gate_mean"]
+        f.gate_mean_std = summaries[f.name]["gate_mean_std"]
+    return converted, CalibrationReport(result.num_images, folded, result)

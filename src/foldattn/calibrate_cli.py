@@ -1,0 +1,147 @@
+"""``foldattn calibrate``: make a trained input-dependent attention model zero-cost.
+
+Example::
+
+    foldattn calibrate runs/se/best.pt --data digits --max-images 2048 --finetune-epochs 2 -o out/calibrated
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._utils import atomic_path
+from .stripe_cli import add_data_args, add_model_args, load_model_and_data, prepare_output
+
+__all__ = ["register", "run_calibrate", "latency_ms", "compare_latency"]
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, example: torch.Tensor, runs: int = 20, warmup: int = 3) -> float:
+    """Median wall time (ms) of one forward pass of ``model`` on ``example`` (eval mode)."""
+    was = model.training
+    model.eval()
+    try:
+        for _ in range(warmup):
+            model(example)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model(example)
+            times.append((time.perf_counter() - t0) * 1000)
+    finally:
+        model.train(was)
+    return statistics.median(times)
+
+
+def compare_latency(a: nn.Module, b: nn.Module, example: torch.Tensor, rounds: int = 7,
+                    runs: int = 10) -> tuple[float, float]:
+    """Median latency (ms) of ``a`` and ``b``, measured in alternating rounds (fair under background load)."""
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta.append(latency_ms(a, example, runs=runs))
+        tb.append(latency_ms(b, example, runs=runs))
+    return statistics.median(ta), statistics.median(tb)
+
+
+def _save(model: nn.Module, path: Path, name: str | None, kwargs: dict[str, Any], all_folded: bool,
+          meta: dict[str, Any]) -> Path:
+    """Write the converted model with :func:`foldattn.deploy.save_deployed`.
+
+    When every attention module folded away and the model is a foldattn model, it *is* the
+    plain backbone: the file then names ``create_model(name)`` as its builder, so
+    ``foldattn.deploy.load_deployed(path)`` rebuilds it. Otherwise (modules kept, torchvision
+    or timm models, whose deployed tree differs from their builder's) load it with ``model=``.
+    """
+    from .deploy import save_deployed
+
+    if name is not None and all_folded:
+        try:
+            return save_deployed(model, path, "foldattn.models:create_model", {"name": name, **kwargs},
+                                 metadata=meta)
+        except ValueError:  # the tree is not the plain model's after all: save without a builder
+            pass
+    return save_deployed(model, path, metadata=meta)
+
+
+def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``foldattn calibrate``; returns the report written to ``OUT/calibration.json``."""
+    from .calibrate import calibrate, constant_model, evaluate, finetune
+    from .summary import count_params
+    from .verify import verify
+
+    if args.finetune_epochs < 0:
+        raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    out = prepare_output(args.output)
+    model, label, data, name, kwargs = load_model_and_data(args)
+    model.eval()
+    before = evaluate(model, data.val)
+    print(f"before: top-1 {before['top1']:.2f} % on {int(before['images'])} validation images")
+    deployed, report = calibrate(model, data.train_eval, layers=args.layers or None, max_images=args.max_images)
+    print(report.table())
+    # the fold itself must be exact: compare with the unfolded constant model
+    example = next(iter(data.val))[0][: args.batch_size]
+    stripes = report.stripes
+    if stripes is None:  # pragma: no cover - calibrate() always records
+        raise RuntimeError("calibrate() returned no statistics")
+    check = verify(constant_model(model, stripes), deployed, example)
+    print(f"fold check (constant model vs folded): {check}")
+    after = evaluate(deployed, data.val)
+    print(f"after calibration: top-1 {after['top1']:.2f} % (change {after['top1'] - before['top1']:+.2f})")
+    result: dict[str, Any] = {
+        "model": label, "data": data.name, "before": before, "after_calibration": after,
+        "fold_check": str(check), **report.to_dict(),
+        "params_before": count_params(model), "params_after": count_params(deployed),
+    }
+    if args.finetune_epochs:
+        losses = finetune(deployed, data.train, args.finetune_epochs, lr=args.lr)
+        tuned = evaluate(deployed, data.val)
+        print(f"after {args.finetune_epochs} fine-tuning epoch(s): top-1 {tuned['top1']:.2f} % "
+              f"(change {tuned['top1'] - before['top1']:+.2f})")
+        result.update({"finetune_epochs": args.finetune_epochs, "finetune_losses": losses, "after_finetune": tuned})
+    bench = example[:1] if args.bench_batch == 1 else next(iter(data.val))[0][: args.bench_batch]
+    before_ms, after_ms = compare_latency(copy.deepcopy(model), copy.deepcopy(deployed), bench)
+    result["latency_ms_before"], result["latency_ms_after"] = before_ms, after_ms
+    result["bench_batch"] = int(bench.shape[0])
+    print(f"latency, batch {bench.shape[0]}: {result['latency_ms_before']:.2f} ms -> "
+          f"{result['latency_ms_after']:.2f} ms; parameters {result['params_before']:,} -> {result['params_after']:,}")
+    weights = _save(deployed, out / "calibrated.safetensors", name, kwargs, report.folded == len(report.layers),
+                    {"source": label, "data": data.name, "calibrated_layers": len(report.layers)})
+    result["weights"] = str(weights)
+    with atomic_path(out / "calibration.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {weights}, {out / 'calibration.json'}")
+    return result
+
+
+def _main(args: argparse.Namespace) -> int:
+    run_calibrate(args)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate", help="replace input-dependent channel attention by its expected gate and fold it away",
+        description="Replace each channel-attention module by its mean attention vector over calibration images, "
+                    "fold the constants into neighbouring layers (zero inference cost), report validation accuracy "
+                    "before and after, optionally fine-tune the folded model.",
+    )
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--layers", nargs="+", default=None, metavar="NAME",
+                   help="attention modules to convert: names or glob patterns (default: all)")
+    p.add_argument("--max-images", type=int, default=2048,
+                   help="training images (no augmentation) used for calibration (default 2048)")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the folded model this many epochs")
+    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (SGD, cosine; default 0.01)")
+    p.add_argument("--bench-batch", type=int, default=1, help="batch size of the latency comparison (default 1)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.set_defaults(func=_main)

@@ -1,0 +1,283 @@
+"""``foldattn stripe``: record and draw the Stripe Observation of a model's channel attention.
+
+Examples::
+
+    foldattn stripe cifar_resnet20 --attention se --data digits -o out/stripes
+    foldattn stripe runs/se/best.pt --data imagefolder:cifar10 --layers 'layer3.*' -o out/stripes
+    foldattn stripe --history runs/se/stripe_history.json -o out/stripes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    "register", "run_stripe", "DataSource", "Loaded", "load_model_and_data", "load_data", "add_model_args",
+    "add_data_args",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Where models and data come from (shared with ``foldattn calibrate``)
+# --------------------------------------------------------------------------------------
+@dataclass
+class DataSource:
+    """Loaders over one dataset, plus what a model needs to know about it."""
+
+    name: str
+    val: Iterable[Any]
+    train_eval: Iterable[Any]  # training images without augmentation (calibration)
+    train: Iterable[Any]       # training images, shuffled and augmented (fine-tuning)
+    num_classes: int
+    in_channels: int
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", "--dataset", dest="data", default=None,
+                   help="dataset: digits (built in, no download), cifar10, cifar100, stl10 or imagefolder:PATH "
+                        "(default: a checkpoint's own dataset, else digits)")
+    p.add_argument("--data-dir", default=None, help="root of torchvision-format datasets")
+    p.add_argument("--val-split", type=float, default=None,
+                   help="hold out this fraction (< 1) or number (>= 1) of training images as the validation set "
+                        "(default: a checkpoint's own split)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of splits, shuffling and the picture sample")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="CKPT_OR_MODEL", nargs="?",
+                   help="a training checkpoint (file or run folder), a foldattn model name (e.g. cifar_resnet20), "
+                        "torchvision:NAME or timm:NAME (names build randomly initialised models)")
+    p.add_argument("--attention", default=None, help="with a model name: the attention module (e.g. se)")
+    p.add_argument("--num-classes", type=int, default=None, help="with a model name: classifier outputs "
+                                                                   "(default: the dataset's)")
+
+
+def load_data(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> DataSource:
+    """The loaders named by ``--data`` (via :mod:`foldattn.data` when present).
+
+    ``defaults`` (a training config) fills in ``--data``, ``--data-dir`` and ``--val-split``
+    when they are not given, so a checkpoint is measured on its own validation split.
+    """
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    cfg = defaults or {}
+    spec = args.data or cfg.get("dataset") or "digits"
+    data_dir = args.data_dir or cfg.get("data_dir")
+    val_split = args.val_split if args.val_split is not None else cfg.get("val_split")
+    if isinstance(val_split, float) and val_split >= 1:
+        val_split = int(val_split)
+    split_seed = int(cfg.get("split_seed", args.seed)) if args.data is None and cfg else args.seed
+    try:
+        from . import data as _data
+    except ImportError:  # pragma: no cover - the data module arrives with the training CLI
+        _data = None  # type: ignore[assignment]
+    if _data is not None and hasattr(_data, "load_dataset"):
+        bundle = _data.load_dataset(spec, data_dir=data_dir, val_split=val_split, split_seed=split_seed,
+                                    cache_dir=cfg.get("cache_dir"), image_size=cfg.get("image_size"))
+
+        def loader(split: Any, train: bool) -> Any:
+            return _data.TensorLoader(split, args.batch_size, bundle.mean, bundle.std, train=train,
+                                      pad=bundle.pad if train else 0, flip=bundle.flip and train, seed=args.seed)
+
+        return DataSource(bundle.name, loader(bundle.val, False), loader(bundle.train, False),
+                          loader(bundle.train, True), bundle.num_classes, bundle.in_channels)
+    return _builtin_digits(args, spec)
+
+
+def _builtin_digits(args: argparse.Namespace, spec: str) -> DataSource:
+    """scikit-learn's 8x8 digits upscaled to 16x16, 3 channels (fallback without foldattn.data)."""
+    if spec != "digits":
+        raise ValueError(f"dataset {spec!r} needs foldattn.data (the training CLI); available here: digits")
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    x = F.interpolate(torch.from_numpy(raw.images).float().div(16).unsqueeze(1), size=(16, 16), mode="bilinear",
+                      align_corners=False).expand(-1, 3, -1, -1)
+    y = torch.from_numpy(raw.target).long()
+    g = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(y), generator=g)
+    n_val = round(len(y) * (args.val_split or 0.2))
+    val_idx, tr_idx = order[:n_val], order[n_val:]
+    mean, std = x[tr_idx].mean(), x[tr_idx].std()
+    x = (x - mean) / std
+
+    def batches(idx: torch.Tensor, shuffle: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if shuffle:
+            idx = idx[torch.randperm(len(idx), generator=g)]
+        return [(x[idx[i:i + args.batch_size]], y[idx[i:i + args.batch_size]])
+                for i in range(0, len(idx), args.batch_size)]
+
+    class _Shuffled:
+        def __iter__(self) -> Any:
+            return iter(batches(tr_idx, True))
+
+    return DataSource("digits", batches(val_idx, False), batches(tr_idx, False), _Shuffled(), 10, 3)
+
+
+class Loaded(NamedTuple):
+    """What ``CKPT_OR_MODEL`` gave: the model, a label, the data, and how to build the plain
+    architecture (``name`` for :func:`foldattn.models.create_model` and its keyword arguments; the
+    name is ``None`` for torchvision/timm models)."""
+
+    model: nn.Module
+    label: str
+    data: DataSource
+    name: str | None
+    kwargs: dict[str, Any]
+
+
+def load_model_and_data(args: argparse.Namespace) -> Loaded:
+    """The model named by ``CKPT_OR_MODEL`` and the data (a checkpoint's own by default)."""
+    spec = args.model
+    if not spec:
+        raise ValueError("give a model: a checkpoint path, a foldattn model name, torchvision:NAME or timm:NAME")
+    if os.path.exists(spec):
+        blob = _read_checkpoint(spec)
+        data = load_data(args, blob.get("config"))
+        model, name, kwargs = _model_from_checkpoint(spec, blob, data)
+        return Loaded(model, spec, data, name, kwargs)
+    data = load_data(args)
+    num_classes = args.num_classes or data.num_classes
+    torch.manual_seed(args.seed)  # a model built by name is randomly initialised: make it reproducible
+    source, _, name = spec.partition(":")
+    if name and source in _EXTERNAL:
+        return Loaded(_EXTERNAL[source](name, num_classes), spec, data, None, {})
+    from .models import create_model, list_models
+
+    if spec not in list_models():
+        raise ValueError(f"{spec!r} is neither a file nor a model name; models: {', '.join(list_models())}, "
+                         "or torchvision:NAME / timm:NAME")
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if data.in_channels != 3:
+        kwargs["in_channels"] = data.in_channels
+    return Loaded(create_model(spec, attention=args.attention, **kwargs), spec, data, spec, kwargs)
+
+
+def _torchvision_model(name: str, num_classes: int) -> nn.Module:
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    except ValueError as e:
+        raise ValueError(f"torchvision:{name}: {e}") from None
+
+
+def _timm_model(name: str, num_classes: int) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise ValueError("timm:NAME needs timm: pip install 'foldattn[timm]'") from None
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    except RuntimeError as e:
+        raise ValueError(f"timm:{name}: {e}") from None
+
+
+_EXTERNAL = {"torchvision": _torchvision_model, "timm": _timm_model}
+
+
+def _read_checkpoint(path: str) -> dict[str, Any]:
+    try:
+        from .checkpoint import load_checkpoint
+    except ImportError:  # pragma: no cover - arrives with the training CLI
+        raise ValueError("reading checkpoints needs foldattn.checkpoint (the training CLI)") from None
+    return load_checkpoint(path)
+
+
+def _model_from_checkpoint(path: str, blob: dict[str, Any],
+                           data: DataSource) -> tuple[nn.Module, str | None, dict[str, Any]]:
+    """Rebuild the trained model from a ``foldattn train`` checkpoint (config + state dict)."""
+    from .checkpoint import load_model_state
+    from .train import TrainConfig, build_model
+
+    cfg = TrainConfig.from_dict(blob.get("config") or {})
+    num_classes = int((blob.get("run") or {}).get("classes") or data.num_classes)
+    model = build_model(cfg, num_classes, data.in_channels)
+    load_model_state(model, blob["model"], source=str(path))
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if data.in_channels != 3:
+        kwargs["in_channels"] = data.in_channels
+    return model, (None if ":" in cfg.model else cfg.model), kwargs
+
+
+def prepare_output(out: str | os.PathLike[str]) -> Path:
+    """Create ``out`` (and parents); a clear error when it cannot be written."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create output folder {path}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"output folder {path} is not writable")
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------
+def run_stripe(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``foldattn stripe``; returns the paths written and the result summary."""
+    from .stripe import StripeHistory, record_stripes
+    from .stripe_plot import plot_heatmaps, plot_history, plot_summary
+
+    out = prepare_output(args.output)
+    written: list[Path] = []
+    if args.history:
+        history = StripeHistory.load(args.history)
+        written += plot_history(history, out / "stripe_curves.png")
+        if not args.model:
+            return {"written": [str(p) for p in written]}
+    model, label, data, _, _ = load_model_and_data(args)
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
+    split = {"val": data.val, "train": data.train_eval}[args.split]
+    result = record_stripes(model, split, layers=args.layers or None, max_images=args.max_images,
+                            max_samples=args.samples, seed=args.seed)
+    result.meta.update({"model": label, "data": data.name, "split": args.split})
+    result.save(out / "stripes.json")
+    written.append(out / "stripes.json")
+    written += plot_summary(result, out / "stripe_summary.png")
+    if args.samples > 0:
+        written += plot_heatmaps(result, out / "stripe_heatmaps.png", layers=args.heatmap_layers or None,
+                                 unit_scale=args.unit_scale)
+    print(result.table())
+    return {"written": [str(p) for p in written], "summary": result.summary()}
+
+
+def _main(args: argparse.Namespace) -> int:
+    report = run_stripe(args)
+    print("wrote " + ", ".join(report["written"]))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stripe", help="measure how constant a model's channel-attention vectors are (the Stripe Observation)",
+        description="Record each channel-attention module's attention vector a(x) and input descriptor over a "
+                    "dataset; write per-channel statistics (JSON), heat maps and a per-layer summary (PNG + JSON).",
+    )
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--split", choices=("val", "train"), default="val", help="which images to record (default val)")
+    p.add_argument("--layers", nargs="+", default=None, metavar="NAME",
+                   help="attention modules to record: names or glob patterns (default: all)")
+    p.add_argument("--heatmap-layers", nargs="+", default=None, metavar="NAME",
+                   help="layers drawn as heat maps (default: first, middle and last)")
+    p.add_argument("--unit-scale", action="store_true",
+                   help="draw attention heat maps on a fixed [0, 1] colour scale (default: each panel's own range)")
+    p.add_argument("--max-images", type=int, default=1024, help="images to record (default 1024)")
+    p.add_argument("--samples", type=int, default=64, help="images kept for the heat maps (default 64)")
+    p.add_argument("--history", default=None, metavar="JSON",
+                   help="also (or only, without a model) plot a stripe history written during training")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.set_defaults(func=_main)
