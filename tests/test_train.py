@@ -256,3 +256,20 @@ def test_train_streamed_imagefolder(tmp_path: Path) -> None:
     s = train(TrainConfig(dataset=f"imagefolder:{tmp_path / 'tree'}", stream=True, image_size=16, val_split=4,
                           epochs=1, batch_size=4, attention="se", asr=True, output=str(tmp_path / "run")), log=None)
     assert s["run"]["train_images"] == 8 and s["run"]["image_size"] == [16, 16] and s["finished"]
+
+
+def test_cli_stripe_every_records_during_training(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--attention", "se", "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "16",
+            "--stripe-every", "1", "-o", str(out), "--no-progress"]
+    assert main(args) == 0
+    history = json.loads((out / "stripes" / "stripe_history.json").read_text())
+    assert history["epochs"] == [1, 2]
+    assert (out / "stripes" / "stripe_curves.png").stat().st_size > 0
+
+
+def test_stripe_every_needs_classic_attention(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["train", "--attention", "se", "--asr", "--epochs", "1", "--steps-per-epoch", "1",
+            "--stripe-every", "1", "-o", str(tmp_path / "o"), "--no-progress"]
+    assert main(args) == 2
+    assert "attention" in capsys.readouterr().err

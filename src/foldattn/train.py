@@ -102,6 +102,7 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = False
     tensorboard: bool = False
+    stripe_every: int = 0  # record the Stripe Observation statistics every N epochs (0: never)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -641,6 +642,12 @@ def _train(cfg: TrainConfig, device: torch.device, dist: _Dist, resume: str | os
     log(f"{_label(cfg)} on {bundle.name}: {len(bundle.train)} train / {len(bundle.val)} val images, "
         f"{params_train:,} params ({params_deployed:,} deployed), {steps} steps/epoch, amp={run_info['amp']}, "
         f"world={dist.world}")
+    monitor = None
+    if cfg.stripe_every and dist.main:
+        from .stripe import StripeMonitor
+
+        monitor = StripeMonitor(cfg.stripe_every, out / "stripes")
+        monitor.check(model)  # a model without attention to record fails now, not after an epoch
     try:
         with _StopFlag() as stop:
             for epoch in range(start_epoch, cfg.epochs):
@@ -695,6 +702,8 @@ def _train(cfg: TrainConfig, device: torch.device, dist: _Dist, resume: str | os
                     if improved:
                         checkpoint("best.pt", epoch + 1, 0, None)
                 tb.log(row)
+                if monitor is not None:
+                    monitor(epoch + 1, model, val_loader)
                 summary = write_summary(epoch + 1 == cfg.epochs)
                 log(f"epoch {epoch + 1:>3}/{cfg.epochs}  lr {row['lr']:.4f}  train loss {row['train_loss']:.3f} "
                     f"top1 {row['train_top1']:.2f}  val (folded) loss {val['loss']:.3f} top1 {val['top1']:.2f} "

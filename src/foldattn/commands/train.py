@@ -19,7 +19,7 @@ _FIELDS = (
     "attention", "asr", "both", "psi_init", "every", "epochs", "lr", "momentum", "nesterov", "weight_decay",
     "batch_size", "schedule", "milestones", "gamma", "warmup_epochs", "label_smoothing", "workers", "seed",
     "amp", "channels_last", "compile", "sync_bn", "deterministic", "steps_per_epoch", "output", "device",
-    "progress", "tensorboard", "stream", "threads",
+    "progress", "tensorboard", "stream", "threads", "stripe_every",
 )
 
 
@@ -132,4 +132,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar [on when stderr is a terminal]")
     g.add_argument("--tensorboard", action="store_true", default=None, help="also log to OUTPUT/tensorboard")
+    g.add_argument("--stripe-every", type=int, metavar="N",
+                   help="every N epochs record the attention statistics (Stripe Observation) of the classic "
+                        "attention modules on the validation set: OUTPUT/stripes/ (history JSON, curves, heat maps)")
     p.set_defaults(func=_main)
