@@ -399,3 +399,20 @@ def test_random_residual_nets(spec: list[tuple[int, str, str]], every: int, trac
         for _, layer in asr_layers(out):
             layer.attention.psi.uniform_(-1, 1)
     foldattn.verify(out, foldattn.fold(out), x)  # float64: 1e-10 relative
+
+
+def test_dia_both_chains_the_classic_twins() -> None:
+    import torchvision
+
+    from foldattn import ASR
+    from foldattn.attention import DIA
+
+    model = foldattn.attach(torchvision.models.resnet18(num_classes=10), "dia", both=True)
+    layers = [m for m in model.modules() if isinstance(m, ASR)]
+    assert all(isinstance(m.classic, DIA) for m in layers)
+    assert layers[1].classic.previous is layers[0].classic  # same stage: one shared classic cell
+    assert layers[1].classic.shared_cell is not layers[1].attention.shared_cell  # ASR chain is separate
+    x = torch.randn(2, 3, 32, 32)
+    model.train()(x).sum().backward()
+    deployed = foldattn.fold(model)
+    foldattn.verify(model, deployed, x)

@@ -41,7 +41,7 @@ from torch.utils import _pytree as pytree
 
 from . import attention as _attention
 from ._utils import eval_mode, set_submodule, unwrap_model
-from .asr import ASR, HOST_TYPES, host_channels
+from .asr import ASR, HOST_TYPES, ChannelsLast, host_channels
 
 __all__ = [
     "attach", "find_sites", "AttachReport", "Site", "Skipped",
@@ -677,6 +677,7 @@ def attach(
         model = copy.deepcopy(model)
     chain_dia = isinstance(attention, str) and _attention.get(attention) is _attention.DIA
     previous: _attention.ChannelAttention | None = None
+    previous_classic: _attention.ChannelAttention | None = None
     for site in report.sites:
         host = model.get_submodule(site.name)
         if chain_dia:  # DIA shares one LSTM cell along a stage: chain consecutive sites of equal width
@@ -684,6 +685,13 @@ def attach(
             module = _attention.create("dia", site.channels, previous=prev, **attention_kwargs)
             layer = ASR(host, module, psi_init=psi_init)
             previous = module
+            if both:  # the classic twins form their own chain (their own cell per stage)
+                prev_c = previous_classic if prev is not None else None
+                classic = _attention.create("dia", site.channels, previous=prev_c, **attention_kwargs)
+                psi = layer.attention.psi
+                classic = classic.to(device=psi.device, dtype=psi.dtype)
+                layer.classic = ChannelsLast(classic) if layer.channel_dim == -1 else classic
+                previous_classic = classic
         elif isinstance(attention, str):
             layer = ASR(host, attention, both=both, psi_init=psi_init, **attention_kwargs)
         else:
