@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from foldattn.calibrate import calibrate, evaluate, finetune
+from foldattn.commands.stripe import load_data
 from foldattn.models import create_model
 from foldattn.stripe import StripeHistory, record_stripes
-from foldattn.stripe_cli import load_data
 from foldattn.stripe_plot import plot_heatmaps, plot_history, plot_summary
 
 

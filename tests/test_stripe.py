@@ -486,6 +486,6 @@ def test_cli_reads_training_checkpoint(tmp_path, capsys) -> None:
 def _digits_val():
     import argparse
 
-    from foldattn.stripe_cli import load_data
+    from foldattn.commands.stripe import load_data
 
     return load_data(argparse.Namespace(data="digits", data_dir=None, val_split=None, batch_size=128, seed=0)).val

@@ -13,7 +13,7 @@ __all__ = ["main", "build_parser"]
 # module (relative to foldattn) providing ``register(subparsers)`` for each command
 _COMMANDS: tuple[str, ...] = (
     "demo", "commands.train", "commands.evaluate", "commands.fold", "commands.export", "commands.import_reference",
-    "bench", "stripe_cli", "calibrate_cli",
+    "bench", "commands.stripe", "commands.calibrate",
 )
 
 

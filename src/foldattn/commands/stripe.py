@@ -62,7 +62,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_data(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> DataSource:
-    """The loaders named by ``--data`` (via :mod:`foldattn.data` when present).
+    """The loaders named by ``--data`` (any :func:`foldattn.data.load_dataset` name).
 
     ``defaults`` (a training config) fills in ``--data``, ``--data-dir`` and ``--val-split``
     when they are not given, so a checkpoint is measured on its own validation split.
@@ -76,52 +76,17 @@ def load_data(args: argparse.Namespace, defaults: dict[str, Any] | None = None) 
     if isinstance(val_split, float) and val_split >= 1:
         val_split = int(val_split)
     split_seed = int(cfg.get("split_seed", args.seed)) if args.data is None and cfg else args.seed
-    try:
-        from . import data as _data
-    except ImportError:  # pragma: no cover - the data module arrives with the training CLI
-        _data = None  # type: ignore[assignment]
-    if _data is not None and hasattr(_data, "load_dataset"):
-        bundle = _data.load_dataset(spec, data_dir=data_dir, val_split=val_split, split_seed=split_seed,
-                                    cache_dir=cfg.get("cache_dir"), image_size=cfg.get("image_size"))
+    from .. import data as _data
 
-        def loader(split: Any, train: bool) -> Any:
-            return _data.TensorLoader(split, args.batch_size, bundle.mean, bundle.std, train=train,
-                                      pad=bundle.pad if train else 0, flip=bundle.flip and train, seed=args.seed)
+    bundle = _data.load_dataset(spec, data_dir=data_dir, val_split=val_split, split_seed=split_seed,
+                                cache_dir=cfg.get("cache_dir"), image_size=cfg.get("image_size"))
 
-        return DataSource(bundle.name, loader(bundle.val, False), loader(bundle.train, False),
-                          loader(bundle.train, True), bundle.num_classes, bundle.in_channels)
-    return _builtin_digits(args, spec)
+    def loader(split: Any, train: bool) -> Any:
+        return _data.TensorLoader(split, args.batch_size, bundle.mean, bundle.std, train=train,
+                                  pad=bundle.pad if train else 0, flip=bundle.flip and train, seed=args.seed)
 
-
-def _builtin_digits(args: argparse.Namespace, spec: str) -> DataSource:
-    """scikit-learn's 8x8 digits upscaled to 16x16, 3 channels (fallback without foldattn.data)."""
-    if spec != "digits":
-        raise ValueError(f"dataset {spec!r} needs foldattn.data (the training CLI); available here: digits")
-    import torch.nn.functional as F
-    from sklearn.datasets import load_digits
-
-    raw = load_digits()
-    x = F.interpolate(torch.from_numpy(raw.images).float().div(16).unsqueeze(1), size=(16, 16), mode="bilinear",
-                      align_corners=False).expand(-1, 3, -1, -1)
-    y = torch.from_numpy(raw.target).long()
-    g = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(y), generator=g)
-    n_val = round(len(y) * (args.val_split or 0.2))
-    val_idx, tr_idx = order[:n_val], order[n_val:]
-    mean, std = x[tr_idx].mean(), x[tr_idx].std()
-    x = (x - mean) / std
-
-    def batches(idx: torch.Tensor, shuffle: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if shuffle:
-            idx = idx[torch.randperm(len(idx), generator=g)]
-        return [(x[idx[i:i + args.batch_size]], y[idx[i:i + args.batch_size]])
-                for i in range(0, len(idx), args.batch_size)]
-
-    class _Shuffled:
-        def __iter__(self) -> Any:
-            return iter(batches(tr_idx, True))
-
-    return DataSource("digits", batches(val_idx, False), batches(tr_idx, False), _Shuffled(), 10, 3)
+    return DataSource(bundle.name, loader(bundle.val, False), loader(bundle.train, False),
+                      loader(bundle.train, True), bundle.num_classes, bundle.in_channels)
 
 
 class Loaded(NamedTuple):
@@ -152,7 +117,7 @@ def load_model_and_data(args: argparse.Namespace) -> Loaded:
     source, _, name = spec.partition(":")
     if name and source in _EXTERNAL:
         return Loaded(_EXTERNAL[source](name, num_classes), spec, data, None, {})
-    from .models import create_model, list_models
+    from ..models import create_model, list_models
 
     if spec not in list_models():
         raise ValueError(f"{spec!r} is neither a file nor a model name; models: {', '.join(list_models())}, "
@@ -188,7 +153,7 @@ _EXTERNAL = {"torchvision": _torchvision_model, "timm": _timm_model}
 
 def _read_checkpoint(path: str) -> dict[str, Any]:
     try:
-        from .checkpoint import load_checkpoint
+        from ..checkpoint import load_checkpoint
     except ImportError:  # pragma: no cover - arrives with the training CLI
         raise ValueError("reading checkpoints needs foldattn.checkpoint (the training CLI)") from None
     return load_checkpoint(path)
@@ -197,8 +162,8 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
 def _model_from_checkpoint(path: str, blob: dict[str, Any],
                            data: DataSource) -> tuple[nn.Module, str | None, dict[str, Any]]:
     """Rebuild the trained model from a ``foldattn train`` checkpoint (config + state dict)."""
-    from .checkpoint import load_model_state
-    from .train import TrainConfig, build_model
+    from ..checkpoint import load_model_state
+    from ..train import TrainConfig, build_model
 
     cfg = TrainConfig.from_dict(blob.get("config") or {})
     num_classes = int((blob.get("run") or {}).get("classes") or data.num_classes)
@@ -227,8 +192,8 @@ def prepare_output(out: str | os.PathLike[str]) -> Path:
 # --------------------------------------------------------------------------------------
 def run_stripe(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``foldattn stripe``; returns the paths written and the result summary."""
-    from .stripe import StripeHistory, record_stripes
-    from .stripe_plot import plot_heatmaps, plot_history, plot_summary
+    from ..stripe import StripeHistory, record_stripes
+    from ..stripe_plot import plot_heatmaps, plot_history, plot_summary
 
     out = prepare_output(args.output)
     written: list[Path] = []

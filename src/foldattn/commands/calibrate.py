@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._utils import atomic_path
-from .stripe_cli import add_data_args, add_model_args, load_model_and_data, prepare_output
+from .._utils import atomic_path
+from .stripe import add_data_args, add_model_args, load_model_and_data, prepare_output
 
 __all__ = ["register", "run_calibrate", "latency_ms", "compare_latency"]
 
@@ -61,7 +61,7 @@ def _save(model: nn.Module, path: Path, name: str | None, kwargs: dict[str, Any]
     ``foldattn.deploy.load_deployed(path)`` rebuilds it. Otherwise (modules kept, torchvision
     or timm models, whose deployed tree differs from their builder's) load it with ``model=``.
     """
-    from .deploy import save_deployed
+    from ..deploy import save_deployed
 
     if name is not None and all_folded:
         try:
@@ -74,9 +74,9 @@ def _save(model: nn.Module, path: Path, name: str | None, kwargs: dict[str, Any]
 
 def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``foldattn calibrate``; returns the report written to ``OUT/calibration.json``."""
-    from .calibrate import calibrate, constant_model, evaluate, finetune
-    from .summary import count_params
-    from .verify import verify
+    from ..calibrate import calibrate, constant_model, evaluate, finetune
+    from ..summary import count_params
+    from ..verify import verify
 
     if args.finetune_epochs < 0:
         raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
