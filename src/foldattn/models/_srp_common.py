@@ -6,22 +6,11 @@ from typing import Any
 
 from torch import nn
 
-from .. import attention as _attention
 from .. import srp as _srp
 from ..asr import ASR
-from .cifar_resnet import _AttentionFactory
+from .cifar_resnet import _AttentionFactory, check_attention_args
 
 __all__ = ["check_attention_args", "factories", "rep_layer"]
-
-
-def check_attention_args(attention: str | None, asr: bool, both: bool) -> None:
-    """Reject inconsistent ``attention``/``asr``/``both`` the way :class:`CifarResNet` does."""
-    if (asr or both) and attention is None:
-        raise ValueError("asr=True and both=True need an attention module, e.g. attention='se'")
-    if both and not asr:
-        raise ValueError("both=True means ASR(X) + X and needs asr=True; for X alone use asr=False")
-    if attention is not None:
-        _attention.get(attention)  # unknown names fail here, listing the valid ones
 
 
 def factories(attention: str | None, asr: bool, both: bool, deploy: bool,

@@ -19,6 +19,16 @@ from ._registry import register_model
 __all__ = ["CifarResNet", "BasicBlock", "Bottleneck"]
 
 
+def check_attention_args(attention: str | None, asr: bool, both: bool) -> None:
+    """Reject inconsistent ``attention`` / ``asr`` / ``both`` builder arguments."""
+    if (asr or both) and attention is None:
+        raise ValueError("asr=True and both=True need an attention module, e.g. attention='se'")
+    if both and not asr:
+        raise ValueError("both=True means ASR(X) + X and needs asr=True; for X alone use asr=False")
+    if attention is not None:
+        _attention.get(attention)  # unknown names fail here, listing the valid ones
+
+
 class _AttentionFactory:
     """Builds one stage's attention modules (classic or ASR), chaining DIA blocks."""
 
@@ -141,12 +151,7 @@ class CifarResNet(nn.Module):
         per = 6 if block == "basic" else 9
         if depth < per + 2 or (depth - 2) % per:
             raise ValueError(f"a {block} CIFAR ResNet needs depth = {per}n + 2 (n >= 1), got {depth}")
-        if (asr or both) and attention is None:
-            raise ValueError("asr=True and both=True need an attention module, e.g. attention='se'")
-        if both and not asr:
-            raise ValueError("both=True means ASR(X) + X and needs asr=True; for X alone use asr=False")
-        if attention is not None:
-            _attention.get(attention)  # unknown names fail here, listing the valid ones
+        check_attention_args(attention, asr, both)
         n = (depth - 2) // per
         asr_factory = _AttentionFactory(attention if asr else None, attention_kwargs)
         classic_factory = _AttentionFactory(attention if (both or not asr) else None, attention_kwargs)
