@@ -458,16 +458,19 @@ class TensorLoader:
             return torch.arange(len(self.data))
         return torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
 
+    def _rank_indices(self, order: Tensor, b: int) -> Tensor:
+        """This rank's sample indices of global batch ``b`` (training: equal shares; eval: strided)."""
+        idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+        if self.train:
+            local = self.batch_size // self.world
+            return idx[self.rank * local:(self.rank + 1) * local]
+        return idx[self.rank::self.world]
+
     def batches(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``(x, y)`` from batch index ``start`` on (this rank's share)."""
         order = self._order()
         for b in range(start, len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            if self.train:
-                local = self.batch_size // self.world
-                idx = idx[self.rank * local:(self.rank + 1) * local]
-            else:
-                idx = idx[self.rank::self.world]
+            idx = self._rank_indices(order, b)
             x = self.data.images[idx]
             if self.train:
                 x = self._augment(x, torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 65_537 + b))
@@ -556,12 +559,7 @@ class StreamLoader(TensorLoader):
         order = self._order()
         chunks = []
         for b in range(start, len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            if self.train:
-                local = self.batch_size // self.world
-                idx = idx[self.rank * local:(self.rank + 1) * local]
-            else:
-                idx = idx[self.rank::self.world]
+            idx = self._rank_indices(order, b)
             chunks.append(idx.tolist())
         if not chunks:
             return
