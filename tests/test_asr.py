@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import foldattn
 from foldattn import ASR, attention
@@ -18,29 +25,77 @@ from foldattn.asr import absorbing_parameters, host_channels
 from .conftest import randomize_norms
 
 C = 12
-HOSTS = {
-    "batchnorm1d": (lambda: nn.BatchNorm1d(C), (3, C, 5), 1),
-    "batchnorm2d": (lambda: nn.BatchNorm2d(C), (3, C, 5, 4), 1),
-    "batchnorm3d": (lambda: nn.BatchNorm3d(C), (3, C, 3, 4, 2), 1),
-    "groupnorm": (lambda: nn.GroupNorm(3, C), (3, C, 5, 4), 1),
-    "conv1d": (lambda: nn.Conv1d(5, C, 3), (3, 5, 7), 1),
-    "conv2d": (lambda: nn.Conv2d(5, C, 3, stride=2), (3, 5, 9, 8), 1),
-    "conv2d_nobias": (lambda: nn.Conv2d(5, C, 1, bias=False), (3, 5, 4, 4), 1),
-    "conv3d": (lambda: nn.Conv3d(5, C, 2), (2, 5, 3, 4, 3), 1),
-    "linear": (lambda: nn.Linear(7, C), (3, 4, 7), -1),
-    "layernorm": (lambda: nn.LayerNorm(C), (3, 4, C), -1),
+# (N, C_in, *spatial) maps or (N, L, C_in) tokens, from the host's channels, a batch size and spatial sizes
+Shape = Callable[[int, int, Sequence[int]], tuple[int, ...]]
+
+
+def _maps(dims: int, in_channels: int | None = None) -> Shape:
+    """A norm's input has the host's channels, a conv's its own ``in_channels``."""
+    return lambda c, n, s: (n, in_channels or c, *s[:dims])
+
+
+def _tokens(in_features: int | None = None) -> Shape:
+    return lambda c, n, s: (n, s[0], in_features or c)
+
+
+# name -> (build(channels), input shape, channel dim of the output)
+HOSTS: dict[str, tuple[Callable[[int], nn.Module], Shape, int]] = {
+    "batchnorm1d": (nn.BatchNorm1d, _maps(1), 1),
+    "batchnorm2d": (nn.BatchNorm2d, _maps(2), 1),
+    "batchnorm3d": (nn.BatchNorm3d, _maps(3), 1),
+    # without an initialised process group, SyncBatchNorm runs plain batch_norm in both modes on CPU
+    # (test_gradients_match_output_scaling trains it); under one it refuses CPU input in training
+    "syncbatchnorm": (nn.SyncBatchNorm, _maps(2), 1),
+    "groupnorm": (lambda c: nn.GroupNorm(math.gcd(c, 3), c), _maps(2), 1),
+    "instancenorm1d": (lambda c: nn.InstanceNorm1d(c, affine=True), _maps(1), 1),
+    "instancenorm2d_tracked": (lambda c: nn.InstanceNorm2d(c, affine=True, track_running_stats=True), _maps(2), 1),
+    "conv1d": (lambda c: nn.Conv1d(5, c, 3), _maps(1, 5), 1),
+    "conv2d": (lambda c: nn.Conv2d(5, c, 3, stride=2), _maps(2, 5), 1),
+    "conv2d_nobias": (lambda c: nn.Conv2d(5, c, 1, bias=False), _maps(2, 5), 1),
+    "conv3d": (lambda c: nn.Conv3d(5, c, 2), _maps(3, 5), 1),
+    "linear": (lambda c: nn.Linear(7, c), _tokens(7), -1),
+    "layernorm": (nn.LayerNorm, _tokens(), -1),
+    "rmsnorm": (nn.RMSNorm, _tokens(), -1),
 }
+SPATIAL = (5, 4, 3)  # >= 3 everywhere: conv2d's 3x3 kernel
 # classic modules that need a 2-D map cannot run on (N, L, C) tokens or 1-D/3-D maps
 NEEDS_2D = {"cbam", "spa"}
 ALL = attention.names()
 
 
-def _make(host_name: str, att: str, dtype: torch.dtype, both: bool = False) -> tuple[ASR, torch.Tensor]:
-    build, shape, _ = HOSTS[host_name]
-    layer = ASR(randomize_norms(build()), att, both=both).to(dtype)
+def _randomize(host: nn.Module, seed: int = 0) -> nn.Module:
+    """``randomize_norms``, plus the norms it does not know: InstanceNorm (affine, tracked) and RMSNorm."""
+    randomize_norms(host, seed)
+    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        layer.attention.psi.normal_()
-    return layer, torch.randn(shape, dtype=dtype)
+        for m in host.modules():
+            if isinstance(m, (_InstanceNorm, nn.RMSNorm)) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            if isinstance(m, _InstanceNorm) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+            if isinstance(m, _InstanceNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return host
+
+
+def _make(
+    host_name: str,
+    att: str,
+    dtype: torch.dtype,
+    both: bool = False,
+    channels: int = C,
+    batch: int = 3,
+    spatial: Sequence[int] = SPATIAL,
+    seed: int = 0,
+) -> tuple[ASR, torch.Tensor]:
+    build, shape, dim = HOSTS[host_name]
+    layer = ASR(_randomize(build(channels), seed), att, both=both).to(dtype)
+    assert layer.channel_dim == dim
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        layer.attention.psi.copy_(torch.randn(layer.attention.psi.shape, generator=g))
+    return layer, torch.randn(shape(channels, batch, spatial), generator=g).to(dtype)
 
 
 def _ref_output(layer: ASR, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +115,9 @@ def test_training_form_is_host_times_v(host_name: str, att: str) -> None:
 
 
 @pytest.mark.parametrize("att", ["se", "srm", "dia"])
-@pytest.mark.parametrize("host_name", ["batchnorm2d", "conv2d", "linear", "layernorm"])
+@pytest.mark.parametrize(
+    "host_name", ["batchnorm2d", "syncbatchnorm", "instancenorm1d", "conv2d", "linear", "layernorm", "rmsnorm"]
+)
 def test_gradients_match_output_scaling(host_name: str, att: str) -> None:
     layer, x = _make(host_name, att, torch.float64)
     ref_layer = copy.deepcopy(layer)
@@ -111,6 +168,75 @@ def test_conv_bn_fold_on_odd_shapes(att: str, channels: int, batch: int, hw: tup
     deployed = foldattn.fold(model)
     assert isinstance(deployed[1], nn.BatchNorm2d)
     assert foldattn.verify(model, deployed, x).max_rel <= 1e-10
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    host_name=st.sampled_from(list(HOSTS)),
+    att=st.sampled_from(ALL),
+    channels=st.integers(1, 17),
+    batch=st.integers(1, 4),
+    spatial=st.tuples(st.integers(3, 9), st.integers(3, 9), st.integers(3, 6)),
+    dtype_tol=st.sampled_from([(torch.float64, 1e-10), (torch.float32, 1e-5)]),
+    seed=st.integers(0, 2**16),
+)
+def test_fold_every_host_on_odd_shapes(
+    host_name: str,
+    att: str,
+    channels: int,
+    batch: int,
+    spatial: tuple[int, int, int],
+    dtype_tol: tuple[torch.dtype, float],
+    seed: int,
+) -> None:
+    dtype, tol = dtype_tol
+    layer, x = _make(host_name, att, dtype, channels=channels, batch=batch, spatial=spatial, seed=seed)
+    layer.eval()
+    deployed = foldattn.fold(layer)
+    assert type(deployed) is type(layer.host)
+    report = foldattn.verify(layer, deployed, x, tolerance=tol)  # max |a - b| / max |a|: the output scale
+    assert report.dtype == dtype and report.max_rel <= tol
+
+
+class _BigOps(TorchDispatchMode):
+    """Counts the aten ops (forward and backward) with an output of at least ``numel`` elements."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.ops, self.small = numel, Counter[str](), 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if any(n >= self.numel for n in sizes):
+            self.ops[func.overloadpacket.__name__] += 1
+        else:
+            self.small += 1
+        return out
+
+
+def _big_ops(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> _BigOps:
+    x = x.clone().requires_grad_()  # as inside a network: the input gradient is computed too
+    grad = torch.randn(x.shape)
+    with _BigOps(x.numel()) as rec:
+        fn(x).backward(grad)
+    return rec
+
+
+@pytest.mark.parametrize("att", ALL)
+def test_training_form_adds_no_pass_over_the_feature_map(att: str) -> None:
+    # the issue's cost rule: v goes into the host's C-sized parameters, never onto its N*C*H*W output
+    x = torch.randn(2, 8, 16, 16)  # 4096 elements, more than any psi/gate tensor (SPA's largest: 168)
+    plain = _big_ops(randomize_norms(nn.BatchNorm2d(8)).train(), x)
+    layer = ASR(randomize_norms(nn.BatchNorm2d(8)), att).train()
+    asr = _big_ops(layer, x)
+    assert plain.ops["native_batch_norm_backward"] == 1  # the backward pass was recorded
+    assert asr.ops == plain.ops, asr.ops - plain.ops
+    assert asr.small > plain.small  # the attention's work is there, on small tensors
+    # negative control, the reference code's host(x) * v: three full-size muls (y * v forward,
+    # grad * v and grad * y backward), which this check would catch
+    scaled = _big_ops(lambda t: _ref_output(layer, t), x)
+    assert scaled.ops - plain.ops == Counter(mul=3)
 
 
 def test_psi_created_on_host_dtype() -> None:

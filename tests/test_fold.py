@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import foldattn
 from foldattn import ASR, attention, create_model, fold
@@ -81,12 +83,61 @@ def test_fold_without_asr_warns_and_returns_unchanged() -> None:
     assert out is model
 
 
+def _assert_plain_tree(deployed: nn.Module, model: nn.Module) -> None:
+    assert isinstance(deployed, type(model)) and not asr_layers(deployed)
+    assert not [k for k in deployed.state_dict() if k.startswith(("module.", "_orig_mod."))]
+    create_model("cifar_resnet20").load_state_dict(deployed.state_dict(), strict=True)
+
+
 def test_fold_unwraps_data_parallel_and_compile_wrappers() -> None:
     model = _trained_like(attention="se", asr=True).eval()
-    deployed = fold(nn.DataParallel(model))
-    assert isinstance(deployed, type(model))
-    plain = create_model("cifar_resnet20")
-    plain.load_state_dict(deployed.state_dict(), strict=True)  # no "module." prefix
+    _assert_plain_tree(fold(nn.DataParallel(model)), model)
+    compiled = torch.compile(model)  # wrapping only (nothing is compiled until it runs)
+    assert hasattr(compiled, "_orig_mod")
+    _assert_plain_tree(fold(compiled), model)
+    _assert_plain_tree(fold(torch.compile(nn.DataParallel(model))), model)  # nested wrappers
+
+
+def test_fold_unwraps_distributed_data_parallel(tmp_path: Path) -> None:
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    model = _trained_like(attention="se", asr=True).eval()
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        assert next(iter(ddp.state_dict())).startswith("module.")
+        deployed = fold(ddp)
+    finally:
+        dist.destroy_process_group()
+    _assert_plain_tree(deployed, model)
+    assert foldattn.verify(model, deployed, X).max_rel <= 1e-5
+
+
+_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks", "_backward_hooks",
+          "_backward_pre_hooks")
+
+
+@pytest.mark.parametrize(
+    "name,kw,fuse_bn",
+    [
+        ("cifar_resnet20", {"attention": "se", "asr": True}, False),
+        ("cifar_resnet20", {"attention": "dia", "asr": True, "both": True}, False),
+        ("cifar_resnet20", {"attention": "srm", "asr": True}, True),
+        ("cifar_resnet20_dbb", {"attention": "eca", "asr": True}, False),
+    ],
+)
+def test_fold_leaves_no_hooks_or_parametrizations(name: str, kw: dict[str, object], fuse_bn: bool) -> None:
+    model = _trained_like(name, **kw)
+    model(X).sum().backward()  # a training step's forward and backward first
+    deployed = fold(model, fuse_bn=fuse_bn)
+    for n, m in deployed.named_modules():
+        for attr in _HOOKS:
+            assert not getattr(m, attr), f"{n or 'model'}.{attr}"
+        assert not parametrize.is_parametrized(m), n
+    for n, p in deployed.named_parameters():
+        assert not p._backward_hooks and not getattr(p, "_post_accumulate_grad_hooks", None), n
 
 
 def test_fold_names_the_layer_with_nan() -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import nn
 
-from foldattn import create_model, summary
+from foldattn import ASR, create_model, summary
 from foldattn.summary import count_flops, count_params
 
 
@@ -23,8 +25,32 @@ def test_summary_lists_layers_and_both_forms() -> None:
 
 
 def test_summary_without_asr_or_inputs() -> None:
-    s = summary(create_model("cifar_resnet20"))
-    assert not s.layers and s.params_train == s.params_deploy and s.flops_train is None
+    model = create_model("cifar_resnet20")
+    s = summary(model)
+    assert not s.layers and s.params_train == s.params_deploy
+    assert s.flops_train == s.flops_deploy == count_flops(model, torch.randn(1, 3, 32, 32)) > 0
+    assert "on default_input_size (1, 3, 32, 32)" in str(s)
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "cifar_resnet20_dbb", "cifar_vit_tiny"])
+def test_summary_counts_flops_on_the_default_input_size(name: str) -> None:
+    model = create_model(name, attention="se", asr=True)
+    x = torch.randn(1, *model.default_input_size)
+    s = summary(model)
+    ref = summary(model, x)
+    assert (s.flops_train, s.flops_deploy) == (ref.flops_train, ref.flops_deploy)
+    assert s.flops_deploy is not None and s.flops_train is not None and 0 < s.flops_deploy < s.flops_train
+    plain = create_model(name, deploy=True) if name.endswith("dbb") else create_model(name)  # the folded tree
+    assert s.flops_deploy == count_flops(plain, x)
+    assert f"on example_inputs {tuple(x.shape)}" in str(ref)
+
+
+def test_summary_without_default_input_size_says_how_to_get_flops() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), ASR(nn.BatchNorm2d(4), "se"))
+    s = summary(model)
+    assert s.flops_train is None and s.flops_deploy is None and s.params_deploy < s.params_train
+    assert "FLOPs: not counted" in str(s) and "pass example_inputs" in str(s)
+    assert summary(model, torch.randn(1, 3, 8, 8)).flops_train is not None
 
 
 def test_flops_of_every_asr_training_form() -> None:

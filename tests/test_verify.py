@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from foldattn import TOLERANCES, EquivalenceError, verify
+from foldattn import TOLERANCES, EquivalenceError, create_model, fold, verify
+
+from .conftest import randomize_norms, randomize_psi
 
 
 def _pair() -> tuple[nn.Module, nn.Module]:
@@ -49,6 +51,26 @@ def test_half_precision_tolerances(dtype: torch.dtype) -> None:
     report = verify(a, b, torch.randn(2, 3, 5, 5), dtype=dtype)
     assert report.tolerance == TOLERANCES[dtype]
     assert next(a.parameters()).dtype == torch.float32  # the caller's models are not cast
+
+
+@pytest.mark.parametrize("att", ["se", "srm", "dia"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_a_folded_model(att: str, dtype: torch.dtype) -> None:
+    model = randomize_psi(randomize_norms(create_model("cifar_resnet20", attention=att, asr=True))).eval()
+    deployed = fold(model)
+    x = torch.randn(2, 3, 16, 16)
+    report = verify(model, deployed, x, dtype=dtype)
+    assert report.passed and report.dtype == dtype and report.tolerance == TOLERANCES[dtype]
+    # both forms really ran in half precision: their round-off differs (a float32 fold is typically exact)
+    assert 0 < report.max_rel <= TOLERANCES[dtype] and report.max_abs > 0
+    # a fold that forgot v on one layer: the host's unscaled gamma and beta (about 0.3-0.4 relative here)
+    host = model.layer2[1].bn2.host
+    with torch.no_grad():
+        deployed.layer2[1].bn2.weight.copy_(host.weight)
+        deployed.layer2[1].bn2.bias.copy_(host.bias)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(EquivalenceError, match=rf"FAILED: .*tolerance {TOLERANCES[dtype]:.0e}, {name}"):
+        verify(model, deployed, x, dtype=dtype)
 
 
 def test_wrong_input_shape_is_a_clear_error() -> None:

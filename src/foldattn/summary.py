@@ -39,6 +39,8 @@ class Summary:
     params_deploy: int = 0
     flops_train: int | None = None
     flops_deploy: int | None = None
+    #: what the FLOPs were counted on, e.g. "example_inputs (2, 3, 32, 32)"; "" if not counted
+    flops_inputs: str = ""
 
     def __str__(self) -> str:
         lines = [f"{'layer':<28} {'host':<14} {'attention':<9} {'C':>5} {'psi':<12} {'v min/mean/max':>22}"]
@@ -51,7 +53,13 @@ class Summary:
         lines.append(f"parameters: training {self.params_train:,}  deployed {self.params_deploy:,}")
         if self.flops_train is not None:
             lines.append(
-                f"FLOPs (matmul/conv, per input batch): training {self.flops_train:,}  deployed {self.flops_deploy:,}"
+                f"FLOPs (matmul/conv, on {self.flops_inputs}): training {self.flops_train:,}  "
+                f"deployed {self.flops_deploy:,}"
+            )
+        else:
+            lines.append(
+                "FLOPs: not counted (the model has no default_input_size); "
+                "pass example_inputs, a batch shaped like its input: summary(model, x)"
             )
         return "\n".join(lines)
 
@@ -77,12 +85,31 @@ def count_flops(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> 
     return int(counter.get_total_flops())
 
 
+def _shapes(inputs: Tensor | Sequence[Tensor]) -> str:
+    args = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+    return ", ".join(str(tuple(a.shape)) if isinstance(a, Tensor) else type(a).__name__ for a in args)
+
+
+def _default_inputs(model: nn.Module) -> Tensor | None:
+    """A zero batch of one ``default_input_size`` input (the foldattn models declare it), or None."""
+    size = getattr(model, "default_input_size", None)
+    if size is None:
+        return None
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if ref is None:
+        return torch.zeros(1, *size)
+    return torch.zeros(1, *size, dtype=ref.dtype, device=ref.device)
+
+
 def summary(model: nn.Module, example_inputs: Tensor | Sequence[Tensor] | None = None) -> Summary:
     """Describe ``model``'s ASR layers and compare its training and deployed forms.
 
     Args:
         model: a model with (or without) ASR layers; it is not modified.
-        example_inputs: if given, FLOPs of both forms are counted on it.
+        example_inputs: FLOPs of both forms are counted on it. By default on a batch of
+            one zero input of the model's ``default_input_size`` (every foldattn model
+            has one; FLOPs do not depend on the values); a model without that
+            attribute gets no FLOPs (``None``) unless example inputs are given.
     """
     model = unwrap_model(model)
     rows = []
@@ -104,7 +131,11 @@ def summary(model: nn.Module, example_inputs: Tensor | Sequence[Tensor] | None =
         )
     deployed = fold(model) if rows else model
     result = Summary(rows, count_params(model), count_params(deployed))
+    where = "example_inputs"
+    if example_inputs is None:
+        example_inputs, where = _default_inputs(model), "default_input_size"
     if example_inputs is not None:
         result.flops_train = count_flops(model, example_inputs)
         result.flops_deploy = count_flops(deployed, example_inputs)
+        result.flops_inputs = f"{where} {_shapes(example_inputs)}"
     return result
