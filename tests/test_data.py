@@ -72,6 +72,25 @@ def test_imagefolder_train_val_layout_and_resize(tmp_path: Path) -> None:
     assert len(b.train) == 6 and len(b.val) == 2 and b.image_size == (8, 8)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "streamed"])
+@pytest.mark.parametrize("with_val", [False, True], ids=["train-only", "train+val"])
+def test_imagefolder_split_layout_with_val_split(tmp_path: Path, stream: bool, with_val: bool) -> None:
+    # the CIFAR-10 JPEG archive's layout: PATH/train/<class>/... and nothing else; the classes are
+    # the folders under train/, never "train" and "val" themselves
+    _tree(tmp_path / "train", {"x": 4, "y": 4})
+    if with_val:
+        _tree(tmp_path / "val", {"x": 1, "y": 1})
+    b = load_dataset(f"imagefolder:{tmp_path}", val_split=2, stream=stream, image_size=8)
+    assert b.classes == ["x", "y"] and len(b.train) == 6 and len(b.val) == 2
+
+
+def test_imagefolder_no_images_message_names_the_folder(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    with pytest.raises(DatasetError, match=rf"expected {tmp_path}/<class>/<image>.jpg"):
+        load_dataset(f"imagefolder:{tmp_path}", stream=True)
+
+
 @pytest.mark.parametrize("case", ["empty", "no-images", "empty-class", "corrupt", "missing"])
 def test_imagefolder_bad_input(tmp_path: Path, case: str) -> None:
     root = tmp_path / "t"

@@ -51,7 +51,16 @@ def test_resume_is_exact(tmp_path: Path, where: tuple[str, int, int | None]) -> 
         train(_cfg(tmp_path / "cut"), bundle=DIGITS, log=None, hook=_interrupt_at(*where))
     ckpt = load_checkpoint(tmp_path / "cut" / "last.pt")
     assert (ckpt["epoch"], ckpt["step"]) == ((1, 0) if where[0] == "epoch" else (1, 1))
-    resumed = train(_cfg(tmp_path / "cut"), resume=tmp_path / "cut", bundle=DIGITS, log=None)
+    steps: list[tuple[int, int]] = []
+
+    def record(ev: str, info: dict[str, Any]) -> None:
+        if ev == "step":
+            steps.append((info["epoch"], info["step"]))
+
+    resumed = train(_cfg(tmp_path / "cut"), resume=tmp_path / "cut", bundle=DIGITS, log=None, hook=record)
+    # the resumed run does only the steps the cut run had not done (a restart would redo them all)
+    done = 3 if where[0] == "epoch" else 3 + 1
+    assert steps == [(e, i) for e in range(3) for i in range(3)][done:]
     a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "cut" / "last.pt")["model"]
     assert a.keys() == b.keys()
@@ -273,3 +282,48 @@ def test_stripe_every_needs_classic_attention(tmp_path: Path, capsys: pytest.Cap
             "--stripe-every", "1", "-o", str(tmp_path / "o"), "--no-progress"]
     assert main(args) == 2
     assert "attention" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["fold", "export", "import-reference"])
+def test_cli_output_under_a_file_is_a_clear_error(trained_run: Path, tmp_path: Path, command: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    target = blocker / "sub"
+    argv = {"fold": ["fold", str(trained_run), "-o", str(target)],
+            "export": ["export", str(trained_run), "--onnx", str(target / "m.onnx")],
+            "import-reference": ["import-reference", str(trained_run / "last.pt"), "-o", str(target)]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"foldattn {command}: error:") and "Traceback" not in err
+    assert blocker.read_text() == "x"
+
+
+def test_ctrl_c_inside_any_command_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import foldattn.demo
+
+    def interrupted(*_: Any, **__: Any) -> None:
+        raise TrainingInterrupted(tmp_path / "last.pt")
+
+    monkeypatch.setattr(foldattn.demo, "run_demo", interrupted)
+    assert main(["demo", "--quick", "-o", str(tmp_path / "demo")]) == 130
+    err = capsys.readouterr().err
+    assert "resumable checkpoint" in err and str(tmp_path / "last.pt") in err
+
+
+def test_cli_trains_a_torchvision_model_through_attach(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torchvision
+
+    out = tmp_path / "tv"
+    assert main(["train", "--model", "torchvision:resnet18", "--attention", "se", "--asr", "--epochs", "1",
+                 "--steps-per-epoch", "2", "--batch-size", "16", "-o", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    model, _, _ = load_trained(out)
+    assert sum(type(m).__name__ == "ASR" for m in model.modules()) == 8  # one per BasicBlock
+    assert main(["fold", str(out), "-o", str(tmp_path / "dep")]) == 0
+    assert "verify: OK" in capsys.readouterr().out
+    import foldattn
+
+    plain = torchvision.models.resnet18(num_classes=10)
+    plain.load_state_dict(foldattn.load_deployed(tmp_path / "dep" / "deployed.safetensors").state_dict())

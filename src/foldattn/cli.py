@@ -41,12 +41,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    from .train import TrainingInterrupted
+    from .verify import EquivalenceError
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, FileNotFoundError, PermissionError, TypeError) as e:
+    except TrainingInterrupted as e:  # Ctrl-C inside a training loop (train, demo, calibrate's fine-tuning)
+        print(f"foldattn {args.command}: {e}", file=sys.stderr)
+        return 130
+    # OSError: unwritable or clashing output paths (a file where a folder should be, ...);
+    # EquivalenceError: a fold that does not reproduce its model, reported as such
+    except (CLIError, ValueError, OSError, TypeError, EquivalenceError) as e:
         print(f"foldattn {args.command}: error: {e}", file=sys.stderr)
         return 2
 

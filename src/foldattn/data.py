@@ -316,7 +316,7 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         files.extend((p, i) for p in found)
     if not files:
         raise DatasetError(f"no images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)} in {len(classes)} "
-                           "class folders); expected {root}/<class>/<image>.jpg")
+                           f"class folders); expected {root}/<class>/<image>.jpg")
     if empty:
         raise DatasetError(f"class folders without images under {root}: {', '.join(empty[:10])}; remove them or "
                            "add images")
@@ -369,18 +369,32 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _split_layout(path: Path, val_split: float | int | None) -> tuple[Path, Path | None]:
+    """The training tree and the validation tree (or None: hold out ``val_split``) under ``path``.
+
+    ``PATH/train`` (+ ``PATH/val`` or ``PATH/test``), with no other sub-folders, is a split
+    layout (the CIFAR-10 JPEG archive has only ``train/``); anything else is one class tree.
+    An explicit ``val_split`` holds images out of ``PATH/train`` and ignores the ``val`` tree.
+    """
+    subdirs = {p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")} if path.is_dir() else set()
+    if "train" not in subdirs or not subdirs <= {"train", "val", "test"}:
+        return path, None
+    val = next((path / d for d in ("val", "test") if d in subdirs), None)
+    return path / "train", (val if val_split is None else None)
+
+
 def _streamed(path: Path, val_split: float | int | None, split_seed: int, image_size: int | None) -> DataBundle:
-    val_dir = next((path / d for d in ("val", "test") if (path / d).is_dir()), None)
-    if (path / "train").is_dir() and val_dir is not None and val_split is None:
-        classes, files = _scan(path / "train")
+    root, val_dir = _split_layout(path, val_split)
+    if val_dir is not None:
+        classes, files = _scan(root)
         val_classes, val_files = _scan(val_dir)
         if val_classes != classes:
-            raise DatasetError(f"{path}/train and {val_dir} have different class folders")
+            raise DatasetError(f"{root} and {val_dir} have different class folders")
         train = FileData([p for p, _ in files], torch.tensor([c for _, c in files]))
         val = FileData([p for p, _ in val_files], torch.tensor([c for _, c in val_files]))
         notes = {"validation": str(val_dir)}
     else:
-        classes, files = _scan(path)
+        classes, files = _scan(root)
         data = FileData([p for p, _ in files], torch.tensor([c for _, c in files]))
         train, val = _split(data, 0.1 if val_split is None else val_split, split_seed)
         notes = {"validation": f"{len(val)} images held out (stratified, seed {split_seed})"}
@@ -396,15 +410,15 @@ def _imagefolder(path: Path, val_split: float | int | None = None, split_seed: i
     """``PATH/<class>/<image>``, or ``PATH/train`` + ``PATH/val`` (or ``test``) trees."""
     if stream:
         return _streamed(path, val_split, split_seed, image_size)
-    val_dir = next((path / d for d in ("val", "test") if (path / d).is_dir()), None)
-    if (path / "train").is_dir() and val_dir is not None and val_split is None:
-        train, classes = _folder(path / "train", image_size, cache_dir)
+    root, val_dir = _split_layout(path, val_split)
+    if val_dir is not None:
+        train, classes = _folder(root, image_size, cache_dir)
         val, val_classes = _folder(val_dir, image_size or train.images.shape[-1], cache_dir)
         if val_classes != classes:
-            raise DatasetError(f"{path}/train and {val_dir} have different class folders")
+            raise DatasetError(f"{root} and {val_dir} have different class folders")
         notes = {"validation": str(val_dir)}
     else:
-        data, classes = _folder(path, image_size, cache_dir)
+        data, classes = _folder(root, image_size, cache_dir)
         split = 0.1 if val_split is None else val_split
         train, val = _split(data, split, split_seed)
         notes = {"validation": f"{len(val)} images held out (stratified, seed {split_seed})"}

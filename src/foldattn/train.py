@@ -164,8 +164,8 @@ class TrainingInterrupted(Exception):
 def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
     """The model named by ``cfg.model`` with its attention / ASR options.
 
-    ``torchvision:NAME`` and ``timm:NAME`` go through :func:`foldattn.attach` (when
-    this build has it); other names are :func:`foldattn.models.create_model` names.
+    ``torchvision:NAME`` and ``timm:NAME`` go through :func:`foldattn.attach`; other names
+    are :func:`foldattn.models.create_model` names.
     """
     if cfg.attention is not None:
         _attention.get(cfg.attention)
@@ -190,12 +190,8 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 3) -> nn.
 
 
 def _external_model(source: str, name: str, cfg: TrainConfig, num_classes: int) -> nn.Module:
-    try:
-        from . import attach  # type: ignore[attr-defined]
-    except ImportError:
-        raise ValueError(f"{cfg.model!r} needs foldattn.attach, which this build does not have; use a "
-                         "foldattn.models name (foldattn.list_models())") from None
-    attach_fn = getattr(attach, "attach", attach)
+    from .attach import attach
+
     if source == "torchvision":
         import torchvision
 
@@ -211,7 +207,7 @@ def _external_model(source: str, name: str, cfg: TrainConfig, num_classes: int) 
     if not cfg.asr:
         raise ValueError(f"{cfg.model}: attach inserts attention in ASR form only; add --asr (or --asr --both for "
                          "ASR(X) + X), or use a foldattn.models name for classic attention")
-    return attach_fn(model, cfg.attention, both=cfg.both, psi_init=cfg.psi_init, every=cfg.every)
+    return attach(model, cfg.attention, both=cfg.both, psi_init=cfg.psi_init, every=cfg.every)
 
 
 def _keep_every(model: nn.Module, every: int) -> None:

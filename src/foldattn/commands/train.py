@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from ..checkpoint import load_checkpoint
-from ..train import TrainConfig, TrainingInterrupted, list_recipes, recipe_defaults, train
+from ..train import TrainConfig, list_recipes, recipe_defaults, train
 
 __all__ = ["register", "config_from_args"]
 
@@ -61,9 +61,6 @@ def _main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, saved)
     try:
         summary = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
-    except TrainingInterrupted as e:
-        print(f"foldattn train: {e}", file=sys.stderr)
-        return 130
     except FloatingPointError as e:
         raise CLIError(str(e)) from None
     if int(os.environ.get("RANK", "0")) != 0:
