@@ -433,3 +433,22 @@ def test_cuda_runs_are_synchronised(monkeypatch) -> None:
     bench._sync_for(torch.device("cuda"))()
     bench._sync_for(torch.device("cpu"))()
     assert calls == [torch.device("cuda")]
+
+
+def test_onnx_rows_and_channels_last(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    cfg = bench.BenchConfig(models=("cifar_resnet20",), attentions=("se",), reps=1, warmup=1, min_sample_s=0.0,
+                            throughput_batch=4, channels_last=True, onnx=True, memory=False, train=False, threads=1)
+    result = bench.run_bench(cfg)
+    bench.validate_result(result)
+    assert result["config"]["channels_last"] and result["config"]["onnx"]
+    rows = {r["variant"]: r for r in result["groups"][0]["rows"]}
+    onnx_keys = [row for row, _, _ in bench.ONNX_ROWS]
+    assert set(onnx_keys) <= set(rows)
+    for key in onnx_keys:
+        assert rows[key]["latency_ms"]["median"] > 0 and rows[key]["throughput_ips"] > 0
+    md = bench.render_markdown(result)
+    assert "channels_last" in md and all(rows[k]["label"] in md for k in onnx_keys)
+    # without the training figures the training target is not checked (no FAIL line for it)
+    assert {t["name"] for t in result["targets"]} == {"folded_speed_latency", "folded_speed_throughput",
+                                                      "fused_faster_latency"}

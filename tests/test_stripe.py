@@ -468,8 +468,8 @@ def test_register_custom_kind() -> None:
 
 def test_cli_reads_training_checkpoint(tmp_path, capsys) -> None:
     """A `foldattn train` checkpoint: the model is rebuilt from its config, the data defaults to its own."""
-    ckpt = pytest.importorskip("foldattn.checkpoint")
-    train = pytest.importorskip("foldattn.train")
+    from foldattn import checkpoint as ckpt
+    from foldattn import train
     cfg = train.TrainConfig(model="cifar_resnet20", attention="se", dataset="digits")
     torch.manual_seed(0)
     model = create_model("cifar_resnet20", num_classes=10, attention="se")

@@ -144,7 +144,7 @@ def _attach_builder(factory: Callable[[], nn.Module]) -> Builder:
     ASR(X): ``foldattn.attach(model, X)``: the last layer of every residual branch before
     the addition (``bn3`` of a torchvision Bottleneck, ``bn2`` of a BasicBlock), SE-ResNet's
     place. Classic X: the same sites (``foldattn.find_sites``) become ``nn.Sequential(layer, X)``.
-    ASR(X)+X: both. (``attach(both=True)`` is not used: it does not chain DIA's twin.)
+    ASR(X)+X: both, from the same site list.
     """
 
     def build(attention: str | None, asr: bool, both: bool) -> nn.Module:
@@ -920,6 +920,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Date: {result['date']} ({result['seconds']} s). Median of {cfg['reps']} interleaved samples after "
         f"{cfg['warmup']} warm-up round(s), {cfg.get('clock', 'wall')} clock; (x) = ratio to plain in the same group."
         + (" channels_last." if cfg["channels_last"] else ""),
+        "FLOPs: torch.utils.flop_counter.FlopCounterMode at batch 1 (matmuls and convolutions, 2 per multiply-add; "
+        "elementwise work such as BatchNorm, activations and gating products is not counted).",
         "",
     ]
     by_family: dict[str, list[dict[str, Any]]] = {}

@@ -751,7 +751,7 @@ class StripeHistory:
         >>> history = StripeHistory()                                        # doctest: +SKIP
         >>> if epoch % every == 0:                                           # doctest: +SKIP
         ...     history.append(epoch, record_stripes(model, val_loader, max_images=512))
-        ...     history.save(out / "stripe_history.json"); plot_history(history, out / "stripe_history.png")
+        ...     history.save(out / "stripe_history.json"); plot_history(history, out / "stripe_curves.png")
     """
 
     epochs: list[float] = field(default_factory=list)

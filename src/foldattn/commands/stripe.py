@@ -4,7 +4,7 @@ Examples::
 
     foldattn stripe cifar_resnet20 --attention se --data digits -o out/stripes
     foldattn stripe runs/se/best.pt --data imagefolder:cifar10 --layers 'layer3.*' -o out/stripes
-    foldattn stripe --history runs/se/stripe_history.json -o out/stripes
+    foldattn stripe --history runs/se/stripes/stripe_history.json -o out/stripes
 """
 
 from __future__ import annotations
@@ -152,10 +152,8 @@ _EXTERNAL = {"torchvision": _torchvision_model, "timm": _timm_model}
 
 
 def _read_checkpoint(path: str) -> dict[str, Any]:
-    try:
-        from ..checkpoint import load_checkpoint
-    except ImportError:  # pragma: no cover - arrives with the training CLI
-        raise ValueError("reading checkpoints needs foldattn.checkpoint (the training CLI)") from None
+    from ..checkpoint import load_checkpoint
+
     return load_checkpoint(path)
 
 
