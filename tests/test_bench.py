@@ -435,7 +435,7 @@ def test_cuda_runs_are_synchronised(monkeypatch) -> None:
     assert calls == [torch.device("cuda")]
 
 
-def test_onnx_rows_and_channels_last(tmp_path: Path) -> None:
+def test_onnx_rows_and_channels_last() -> None:
     pytest.importorskip("onnxruntime")
     cfg = bench.BenchConfig(models=("cifar_resnet20",), attentions=("se",), reps=1, warmup=1, min_sample_s=0.0,
                             throughput_batch=4, channels_last=True, onnx=True, memory=False, train=False, threads=1)
