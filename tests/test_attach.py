@@ -164,6 +164,24 @@ def test_timm_se_resnet_keeps_its_se_and_gets_asr_before_it() -> None:
     foldattn.verify(out, foldattn.fold(out), x)
 
 
+def test_timm_eca_is_left_alone() -> None:
+    model = _timm("ecaresnet26t", num_classes=10)
+    eca = {n: m for n, m in model.named_modules() if type(m).__name__ == "EcaModule"}
+    assert len(eca) == 8 and all(is_existing_attention(m) for m in eca.values())
+    before = {n: (repr(m), copy.deepcopy(m.state_dict())) for n, m in eca.items()}
+    out, report = attach(model, "se", return_report=True)
+    for n, (text, state) in before.items():
+        kept = out.get_submodule(n)
+        assert type(kept).__name__ == "EcaModule" and repr(kept) == text and not asr_layers(kept)
+        assert all(torch.equal(v, state[k]) for k, v in kept.state_dict().items())
+    # ASR goes on the norm before each ECA ("ASR(X) + X" with the model's ECA), and the report says so
+    assert report.names == [f"layer{i}.{j}.bn3" for i in range(1, 5) for j in range(2)]
+    assert [s.note for s in report.sites] == [f"before the existing EcaModule '{n}'" for n in eca]
+    with pytest.raises(ValueError, match=r"layer1\.0\.se\.conv: inside EcaModule 'layer1\.0\.se', left as it is"):
+        attach(model, "se", where=None, include="layer1.0.se.*")
+    foldattn.verify(out.eval(), foldattn.fold(out), torch.randn(2, 3, 32, 32))
+
+
 def test_recorded_pass_does_not_change_the_model() -> None:
     model = TwoUse().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}

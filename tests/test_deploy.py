@@ -18,6 +18,8 @@ from foldattn.deploy import (
     metadata_path,
     read_metadata,
 )
+from foldattn.fold import asr_layers
+from foldattn.srp import rep_blocks
 
 tv = pytest.importorskip("torchvision.models")
 X = torch.randn(2, 3, 32, 32)
@@ -192,3 +194,51 @@ def test_failed_save_leaves_no_file(trained: nn.Module, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(FileNotFoundError, match="does not exist"):
         save_deployed(trained, tmp_path / "no" / "m.safetensors")
+
+
+def _one_step(model: nn.Module) -> nn.Module:
+    """One training step, so BN statistics and ASR's psi are no longer their initial values."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    nn.functional.cross_entropy(model(X), torch.tensor([1, 2])).backward()
+    opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,deploy_kwargs",
+    [
+        ("cifar_resnet20", {"attention": "se", "asr": True, "psi_init": 0.2}, {}),
+        ("cifar_resnet20", {"attention": "se", "asr": True, "both": True, "reduction": 8},
+         {"attention": "se", "reduction": 8}),  # ASR(X) + X deploys with the classic X
+        ("cifar_resnet20_acnet", {"attention": "se", "asr": True}, {"deploy": True}),
+        ("cifar_resnet20_acnet", {}, {"deploy": True}),  # no ASR: the blocks are still fused
+    ],
+)
+@pytest.mark.parametrize("save_folded", [False, True])
+def test_create_model_records_its_builder(tmp_path: Path, name: str, kwargs: dict, deploy_kwargs: dict,
+                                          save_folded: bool) -> None:
+    torch.manual_seed(0)
+    model = _one_step(foldattn.create_model(name, **kwargs))
+    path = save_deployed(foldattn.fold(model) if save_folded else model, tmp_path / "m.safetensors")  # no builder
+    meta = read_metadata(path)
+    assert meta["builder"] == f"foldattn.models:{name}" and meta["kwargs"] == deploy_kwargs
+    loaded = load_deployed(path)
+    assert not asr_layers(loaded) and next(rep_blocks(loaded), None) is None
+    foldattn.verify(model, loaded, X)  # float32, 1e-5 relative
+
+
+def test_recorded_builder_that_does_not_fit_is_dropped(tmp_path: Path) -> None:
+    model = foldattn.create_model("cifar_resnet20", attention="se", asr=True).eval()
+    fused = foldattn.fold(model, fuse_bn=True)  # no BatchNorm left: not cifar_resnet20's tree
+    path = save_deployed(fused, tmp_path / "f.safetensors")
+    assert read_metadata(path)["builder"] is None
+    with pytest.raises(ValueError, match="does not say how to rebuild"):
+        load_deployed(path)
+
+
+def test_no_builder_error_names_the_argument(trained: nn.Module, tmp_path: Path) -> None:
+    path = save_deployed(trained, tmp_path / "nb.safetensors")  # torchvision: nothing recorded
+    assert read_metadata(path)["builder"] is None
+    with pytest.raises(ValueError, match=r'saved without builder=.*builder="torchvision\.models:resnet18", '
+                                         r'kwargs=\{"num_classes": 10\}'):
+        load_deployed(path)

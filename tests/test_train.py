@@ -327,3 +327,19 @@ def test_cli_trains_a_torchvision_model_through_attach(tmp_path: Path, capsys: p
 
     plain = torchvision.models.resnet18(num_classes=10)
     plain.load_state_dict(foldattn.load_deployed(tmp_path / "dep" / "deployed.safetensors").state_dict())
+
+
+@pytest.mark.parametrize("model, extra", [("cifar_resnet20_acnet", {}), ("cifar_resnet20", {"both": True})],
+                         ids=["srp-asr", "asr+classic"])
+def test_cli_fold_records_a_builder_that_rebuilds(tmp_path: Path, model: str, extra: dict[str, Any],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import foldattn
+
+    out = tmp_path / "run"
+    train(TrainConfig(model=model, dataset="digits", epochs=1, steps_per_epoch=1, batch_size=16, attention="se",
+                      asr=True, output=str(out), **extra), bundle=DIGITS, log=None)
+    assert main(["fold", str(out), "-o", str(tmp_path / "dep")]) == 0
+    assert f"rebuilt by foldattn.models:{model}" in capsys.readouterr().out
+    deployed = foldattn.load_deployed(tmp_path / "dep" / "deployed.safetensors")  # no model= needed
+    trained, _, _ = load_trained(out)
+    foldattn.verify(trained, deployed, torch.randn(2, 3, 16, 16))

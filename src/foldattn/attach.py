@@ -12,12 +12,15 @@ control flow, ...), from one recorded forward pass on ``example_inputs``. The ru
 
 1. the branch with more parametrised layers since the two operands split is the residual
    branch (the other is the shortcut); equal counts are ambiguous and skipped;
-2. walking back from the residual operand through operations that commute with a
-   per-channel scale (dropout, drop-path, activations, permute/reshape, multiplication
-   by a constant such as ConvNeXt's layer-scale, an existing attention module), the first
-   layer reached is the site if it can absorb a per-channel scale (BatchNorm, GroupNorm,
-   LayerNorm, InstanceNorm, Conv, Linear, RMSNorm, or a module with ``asr_parameters()``);
-   anything else (e.g. ``nn.MultiheadAttention``) is reported as skipped, with the reason.
+2. walking back from the residual operand, the first layer reached is the site if it can
+   absorb a per-channel scale (BatchNorm, GroupNorm, LayerNorm, InstanceNorm, Conv, Linear,
+   RMSNorm, or a module with ``asr_parameters()``); anything else (e.g.
+   ``nn.MultiheadAttention``) is reported as skipped, with the reason. The walk passes
+   dropout, drop-path, permute/reshape, multiplication by a constant (such as ConvNeXt's
+   layer-scale), ReLU and LeakyReLU, which commute with a positive per-channel scale, and other
+   activations (GELU, SiLU, Hardswish, ...) and existing attention modules, which do not:
+   there ASR scales their input, still exactly foldable but a slightly different function
+   from attention after them.
 
 Attention modules the model already has (torchvision's ``SqueezeExcitation``, timm's
 SE/ECA/CBAM/..., foldattn's) are never hosts and are left as they are.

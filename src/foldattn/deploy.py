@@ -4,6 +4,8 @@ A deployed file is one ``.safetensors`` file. Its header carries, under the key
 ``"foldattn"``, a JSON document: the format version, the foldattn and torch versions,
 the ``folded`` flag, how to rebuild the architecture (``"builder": "package.module:function"``
 with JSON ``"kwargs"``), a SHA-256 checksum of the tensors and the names of tied tensors.
+Models built by :func:`foldattn.create_model` name their builder themselves; for others
+(torchvision, timm, your own) pass ``builder=``, or the file loads only into a ``model=``.
 
 :func:`load_deployed` rebuilds the model by importing the builder from an allowlist of
 modules (``torchvision.models``, ``timm``, ``foldattn.models`` and those added with
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 
 from ._utils import atomic_path, unwrap_model
 from .fold import asr_layers, fold
+from .srp import rep_blocks
 
 __all__ = [
     "save_deployed", "load_deployed", "read_metadata", "metadata_path", "allow_builder_module",
@@ -124,6 +127,28 @@ def _split_aliases(state: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[st
     return tensors, aliases
 
 
+def _recorded_builder(model: nn.Module, tensors: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]] | None:
+    """``(spec, kwargs)`` that :func:`foldattn.create_model` recorded on ``model``, if they build
+    the architecture of ``tensors``; otherwise (e.g. after ``fold(fuse_bn=True)`` or a calibration
+    that kept modules) None, and the file is saved without a builder, as for any model."""
+    from . import models
+    from .models._registry import _BUILDERS, BUILDER_ATTR
+
+    record = getattr(model, BUILDER_ATTR, None)
+    if not isinstance(record, Mapping) or record.get("name") not in _BUILDERS:
+        return None
+    name, fn = record["name"], _BUILDERS[record["name"]]
+    spec = f"foldattn.models:{name}" if getattr(models, name, None) is fn else f"{fn.__module__}:{fn.__name__}"
+    try:
+        if _resolve_builder(spec) is not fn:
+            return None
+        kwargs = json.loads(json.dumps(dict(record.get("kwargs") or {})))  # what load_deployed will pass
+        rebuilt = _build({"builder": spec, "kwargs": kwargs})
+    except (TypeError, ValueError):  # not importable from an allowlisted module, or not JSON
+        return None
+    return None if _mismatch(rebuilt, tensors) else (spec, kwargs)
+
+
 def _mismatch(target: nn.Module, tensors: Mapping[str, Tensor]) -> str:
     expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
     missing = [k for k in expected if k not in tensors]
@@ -152,19 +177,22 @@ def save_deployed(
     The metadata is stored in the safetensors header (what :func:`load_deployed` reads)
     and, for people and tools, as a JSON file beside it (:func:`metadata_path`).
 
-    ASR layers (Zhong et al., arXiv 2304.06345) are folded first, on a copy; wrappers
-    (DataParallel/DDP ``module.``, ``torch.compile`` ``_orig_mod.``) are removed, so the
-    file holds the plain backbone's ``state_dict``. The write is atomic.
+    ASR layers (Zhong et al., arXiv 2304.06345) and re-parameterization blocks are folded
+    first (:func:`foldattn.fold`, on a copy); wrappers (DataParallel/DDP ``module.``,
+    ``torch.compile`` ``_orig_mod.``) are removed, so the file holds the plain backbone's
+    ``state_dict``. The write is atomic.
 
     Args:
         model: the trained model (with or without ASR layers).
         path: the output file (its folder must exist).
         builder: how to rebuild the plain architecture, ``"torchvision.models:resnet18"``
-            or the function itself; without it, loading needs ``model=``.
+            or the function itself. By default, the builder :func:`foldattn.create_model`
+            recorded on the model (``foldattn.models:NAME`` and its deploy-time kwargs) when it
+            builds the deployed tree; otherwise none, and loading needs ``model=``.
         kwargs: JSON-serialisable keyword arguments for the builder.
         metadata: extra JSON-serialisable information stored under ``"user"``.
         check_builder: build ``builder(**kwargs)`` now and check the weights fit it, so a
-            file that cannot be loaded is never written.
+            file that cannot be loaded is never written (a recorded builder is always checked).
 
     Returns:
         The path written.
@@ -173,7 +201,8 @@ def save_deployed(
         raise TypeError(f"save_deployed expects an nn.Module, got {type(model).__name__}")
     model = unwrap_model(model)
     n_asr = len(asr_layers(model))
-    deployed = fold(model) if n_asr else model
+    # fold fuses re-parameterization blocks too: without ASR they are still not deployed
+    deployed = fold(model) if n_asr or next(rep_blocks(model), None) is not None else model
     state = deployed.state_dict()
     meta: dict[str, Any] = {
         "format": FORMAT,
@@ -194,6 +223,10 @@ def save_deployed(
     if metadata is not None:
         meta["user"] = dict(metadata)
     tensors, aliases = _split_aliases(state)
+    if builder is None:
+        recorded = _recorded_builder(model, {**tensors, **{a: tensors[t] for a, t in aliases.items()}})
+        if recorded is not None:
+            meta["builder"], meta["kwargs"] = recorded
     meta["aliases"] = aliases
     meta["checksum"] = _checksum(tensors)
     try:
@@ -308,8 +341,12 @@ def load_deployed(path: str | os.PathLike[str], model: nn.Module | None = None) 
         raise DeployedFileError(f"{path} holds an unfolded model; deployed files hold folded weights")
     if model is None:
         if not meta.get("builder"):
-            raise ValueError(f"{path} does not say how to rebuild its model (saved without builder=); "
-                             f"pass model=<a fresh {meta.get('class', 'instance')}>")
+            raise ValueError(
+                f"{path} does not say how to rebuild its model: it was saved without builder= (only models from "
+                f"foldattn.create_model record one themselves); pass model=<a fresh {meta.get('class', 'instance')}>, "
+                "or save it again naming the builder, e.g. save_deployed(model, path, "
+                'builder="torchvision.models:resnet18", kwargs={"num_classes": 10})'
+            )
         target = _build(meta)
     else:
         if not isinstance(model, nn.Module):

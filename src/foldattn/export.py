@@ -120,7 +120,8 @@ def export_onnx(
         path: the ``.onnx`` file to write (atomically; nothing is written if a check fails).
         fold_asr: fold ASR layers on a copy before exporting (the deployed form).
         allow_unfolded: with ``fold_asr=False``, export ASR layers as they are (the
-            training form, attention included; uses the dynamo exporter); refused otherwise.
+            training form); refused otherwise. The TorchScript exporter keeps the attention
+            modules in the graph; the dynamo one constant-folds most of the static attention.
         check: validate the file with ``onnx.checker`` and run it with onnxruntime
             (CPU) against PyTorch in float32.
         tolerance: largest accepted ``max |ort - torch| / max |torch|``.
@@ -148,8 +149,6 @@ def export_onnx(
             "would be exported and run at inference. Fold them (fold_asr=True, or foldattn.fold(model) first), "
             "or pass allow_unfolded=True to export the training form on purpose"
         )
-    if layers and not fold_asr:
-        dynamo = True  # the TorchScript exporter cannot trace torch.func.functional_call (ASR's forward)
     if any(isinstance(a, Tensor) and a.is_floating_point() and a.dtype != torch.float32 for a in args) and check:
         raise ValueError("the onnxruntime check runs in float32: pass float32 example inputs (or check=False)")
     dest = Path(path)

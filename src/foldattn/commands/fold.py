@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..deploy import save_deployed
+from ..deploy import read_metadata, save_deployed
 from ..fold import fold
 from ..summary import count_params
 from ..train import TrainConfig, example_input, load_trained
@@ -16,12 +16,15 @@ __all__ = ["register", "builder_for"]
 
 
 def builder_for(cfg: TrainConfig, classes: int) -> tuple[str | None, dict[str, Any] | None]:
-    """How :func:`foldattn.load_deployed` rebuilds the deployed (plain) architecture, or ``(None, None)``."""
-    if cfg.both:  # the classic twin stays in the deployed model: no plain builder describes it
-        return None, None
+    """How :func:`foldattn.load_deployed` rebuilds a torchvision/timm run's deployed architecture.
+
+    ``(None, None)`` for foldattn models, whose builder :func:`foldattn.create_model` recorded on
+    the model (deploy-time kwargs included: ``deploy=True`` of SRP backbones, the classic twin of
+    ASR(X) + X), and for torchvision/timm ASR(X) + X, whose classic twin no plain builder describes.
+    """
     source, sep, name = cfg.model.partition(":")
-    if not sep:
-        return f"foldattn.models:{cfg.model}", {"num_classes": classes}
+    if not sep or cfg.both:
+        return None, None
     if source == "torchvision":
         return f"torchvision.models:{name}", {"num_classes": classes}
     return "timm:create_model", {"model_name": name, "num_classes": classes, "pretrained": False}
@@ -43,8 +46,10 @@ def _main(args: argparse.Namespace) -> int:
     save_deployed(deployed, out, builder, kwargs, metadata=meta)
     print(f"{cfg.model}: {count_params(model):,} parameters in training form, {count_params(deployed):,} deployed")
     print(f"verify: {report}")
+    recorded = read_metadata(out).get("builder")
     print(f"wrote {out} and {out.with_suffix('.json')}"
-          + ("" if builder else " (no builder recorded: load with foldattn.load_deployed(path, model=...))"))
+          + (f" (rebuilt by {recorded})" if recorded else
+             " (no builder recorded: load with foldattn.load_deployed(path, model=...))"))
     return 0
 
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-__all__ = ["register_model", "create_model", "list_models"]
+__all__ = ["register_model", "create_model", "list_models", "BUILDER_ATTR"]
+
+BUILDER_ATTR = "foldattn_builder"
+"""Attribute :func:`create_model` sets on its models: ``{"name": ..., "kwargs": ...}``, the
+call that builds their deployed (folded) form; :func:`foldattn.save_deployed` records it."""
+# the ASR-only arguments: the folded model is the backbone built without them
+_TRAINING_ONLY = ("asr", "both", "psi_init")
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 F = Callable[..., nn.Module]
@@ -29,9 +36,25 @@ def list_models() -> list[str]:
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build the registered model ``name``.
 
+    The model remembers how to build its deployed form (attribute :data:`BUILDER_ATTR`), so
+    ``foldattn.save_deployed(model, path)`` needs no ``builder=``.
+
     Example:
         >>> model = create_model("cifar_resnet164", num_classes=100, attention="se", asr=True)
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
-    return _BUILDERS[name](**kwargs)
+    fn = _BUILDERS[name]
+    model = fn(**kwargs)
+    setattr(model, BUILDER_ATTR, {"name": name, "kwargs": _deploy_kwargs(fn, kwargs)})
+    return model
+
+
+def _deploy_kwargs(fn: F, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments that build what :func:`foldattn.fold` makes of ``fn(**kwargs)``."""
+    out = {k: v for k, v in kwargs.items() if k not in _TRAINING_ONLY}
+    if kwargs.get("asr") and not kwargs.get("both"):
+        out.pop("attention", None)  # ASR(X) folds away; ASR(X) + X keeps the classic X
+    if "deploy" in inspect.signature(fn).parameters:
+        out["deploy"] = True  # fold also fuses the re-parameterization blocks
+    return out
