@@ -213,6 +213,33 @@ def test_tensorboard_is_optional(tmp_path: Path) -> None:
         assert any((tmp_path / "tensorboard").iterdir())
 
 
+def test_tensorboard_logs_every_metric_per_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # tensorboard is not a dependency: a stand-in SummaryWriter checks what training hands it
+    import sys
+    import types
+
+    calls: list[tuple[str, float, int]] = []
+    opened: list[str] = []
+
+    class Writer:
+        def __init__(self, logdir: str) -> None:
+            opened.append(logdir)
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            calls.append((tag, value, step))
+
+        def close(self) -> None:
+            opened.append("closed")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    train(_cfg(tmp_path, epochs=2, steps_per_epoch=1, tensorboard=True), bundle=DIGITS, log=None)
+    assert opened == [str(tmp_path / "tensorboard"), "closed"]
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    expected = [(k, pytest.approx(float(v)), int(r["epoch"])) for r in rows for k, v in r.items() if k != "epoch"]
+    assert calls == expected and {step for _, _, step in calls} == {1, 2}
+
+
 @pytest.mark.parametrize("schedule, expected", [
     # 10 steps/epoch, 4 epochs, 1 warm-up epoch
     ("step", {0: 0.1, 9: 1.0, 10: 1.0, 19: 1.0, 20: 0.1, 30: 0.01}),
