@@ -15,13 +15,17 @@ from foldattn.train import TrainConfig, build_model
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def test_two_process_ddp_ranks_agree(tmp_path: Path) -> None:
+def _torchrun(*args: object) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           str(tmp_path)]
+           *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_process_ddp_ranks_agree(tmp_path: Path) -> None:
+    _torchrun(tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0.keys() == r1.keys() and any(k.endswith("psi") for k in r0)
     for k in r0:
@@ -32,3 +36,19 @@ def test_two_process_ddp_ranks_agree(tmp_path: Path) -> None:
     init = dict(build_model(TrainConfig(attention="se", asr=True), num_classes=10).named_parameters())
     assert any(not torch.equal(init[k].detach(), r0[k]) for k in r0)
     assert load_checkpoint(tmp_path)["run"]["world_size"] == 2
+
+
+def test_ctrl_c_on_one_rank_stops_all_ranks_at_the_same_step_and_resumes_exactly(tmp_path: Path) -> None:
+    _torchrun(tmp_path / "full")
+    cut = tmp_path / "cut"
+    _torchrun(cut, "cut")  # Ctrl-C reaches rank 1 only, after its first step
+    assert {p.name for p in cut.glob("interrupted-rank*")} == {"interrupted-rank0", "interrupted-rank1"}
+    blob = load_checkpoint(cut)
+    assert (blob["epoch"], blob["step"]) == (0, 1)
+    assert blob["partial"][2] == 16  # images of the one step done, over both ranks (8 each)
+    _torchrun(cut, "resume")
+    full = torch.load(tmp_path / "full" / "rank0.pt", weights_only=True)
+    for r in (0, 1):
+        resumed = torch.load(cut / f"rank{r}.pt", weights_only=True)
+        for k in full:
+            assert torch.equal(full[k], resumed[k]), (r, k)

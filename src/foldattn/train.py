@@ -312,6 +312,7 @@ class _Dist:
         self.rank = int(os.environ.get("RANK", "0"))
         self.enabled = self.world > 1
         self.owns_group = False
+        self.device = device  # NCCL reduces CUDA tensors only
         if self.enabled:
             import torch.distributed as dist
 
@@ -328,9 +329,13 @@ class _Dist:
             return values
         import torch.distributed as dist
 
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """``flag`` of any rank, on every rank: a Ctrl-C seen by one rank stops all at the same step."""
+        return flag if not self.enabled else self.sum([float(flag)])[0] > 0
 
     def barrier(self) -> None:
         if self.enabled:
@@ -650,7 +655,9 @@ def _train(cfg: TrainConfig, device: torch.device, dist: _Dist, resume: str | os
                 train_loader.set_epoch(epoch)
                 train_model.train()
                 first = start_step if epoch == start_epoch else 0
-                sums = list(partial) if (partial is not None and epoch == start_epoch and first) else [0.0, 0.0, 0.0]
+                # the saved partial sums are over all ranks: rank 0 carries them, the others start at 0
+                resumed = partial is not None and epoch == start_epoch and first and dist.main
+                sums = list(partial) if resumed else [0.0, 0.0, 0.0]
                 t0 = time.perf_counter()
                 batches = itertools.islice(train_loader.batches(first), max(steps - first, 0))
                 bar = _progress(batches, steps - first, cfg.progress and dist.main, f"epoch {epoch + 1}/{cfg.epochs}")
@@ -675,9 +682,10 @@ def _train(cfg: TrainConfig, device: torch.device, dist: _Dist, resume: str | os
                         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}", refresh=False)
                     if hook is not None:
                         hook("step", {"epoch": epoch, "step": i, "loss": loss.item(), "model": model})
-                    if stop.requested and i + 1 < steps:
+                    if dist.any(stop.requested) and i + 1 < steps:
+                        tot = dist.sum(sums)
                         if dist.main:
-                            checkpoint("last.pt", epoch, i + 1, sums)
+                            checkpoint("last.pt", epoch, i + 1, tot)
                         write_summary(False)
                         raise TrainingInterrupted(out / "last.pt")
                 train_time = time.perf_counter() - t0
@@ -706,7 +714,7 @@ def _train(cfg: TrainConfig, device: torch.device, dist: _Dist, resume: str | os
                     f"top5 {val['top5']:.2f}  {epoch_time:.1f}s ({row['images_per_s']:.0f} img/s)")
                 if hook is not None:
                     hook("epoch", {"epoch": epoch, "metrics": row, "model": model})
-                if stop.requested and epoch + 1 < cfg.epochs:
+                if dist.any(stop.requested) and epoch + 1 < cfg.epochs:
                     raise TrainingInterrupted(out / "last.pt")
         summary = write_summary(len(history) >= cfg.epochs)
     finally:
