@@ -254,7 +254,8 @@ def test_lr_schedules(schedule: str, expected: dict[int, float]) -> None:
         assert f(step) == pytest.approx(value), step
 
 
-def test_cli_ctrl_c_writes_a_resumable_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signals", [1, 2], ids=["once", "twice-at-once"])  # twice: what torchrun's workers get
+def test_cli_ctrl_c_writes_a_resumable_checkpoint(tmp_path: Path, signals: int) -> None:
     import subprocess
     import sys
     import time
@@ -269,7 +270,8 @@ def test_cli_ctrl_c_writes_a_resumable_checkpoint(tmp_path: Path) -> None:
         deadline = time.time() + 120
         while not (out / "summary.json").exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        for _ in range(signals):
+            proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()

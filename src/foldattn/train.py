@@ -357,10 +357,18 @@ class _Dist:
 
 
 class _StopFlag:
-    """First Ctrl-C asks to stop after the current step; a second one raises at once."""
+    """First Ctrl-C asks to stop after the current step; a second one raises at once.
+
+    A second SIGINT within ``grace_s`` of the first is the same Ctrl-C delivered twice:
+    ``torchrun`` forwards the terminal's SIGINT to workers that already got it from the
+    terminal, and aborting then would lose the checkpoint.
+    """
+
+    grace_s = 2.0
 
     def __init__(self) -> None:
         self.requested = False
+        self._first = 0.0
         self._previous: Any = None
 
     def __enter__(self) -> _StopFlag:
@@ -372,8 +380,10 @@ class _StopFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
+            if time.monotonic() - self._first < self.grace_s:
+                return
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self._first = True, time.monotonic()
         print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
 
     def __exit__(self, *exc: object) -> None:
