@@ -204,3 +204,18 @@ def test_stratified_split_properties(counts: list[int], frac: float, seed: int) 
     # per class, the held-out count is within one of the exact proportion
     for c, k in enumerate(counts):
         assert abs(int((labels[va] == c).sum()) - k * va.numel() / n) < 1 + 1e-9
+
+
+@pytest.mark.parametrize("layout", ["val-split", "val-folder"])
+def test_splits_are_not_listed_class_by_class(tmp_path: Path, layout: str) -> None:
+    # a pass capped at the first N images (record_stripes, calibrate) must see every class
+    if layout == "val-split":
+        b = load_dataset(f"imagefolder:{_tree(tmp_path, {c: 10 for c in 'abcd'})}", val_split=8)
+    else:
+        _tree(tmp_path / "train", {c: 10 for c in "abcd"})
+        _tree(tmp_path / "val", {c: 4 for c in "abcd"})
+        b = load_dataset(f"imagefolder:{tmp_path}")
+    for split in (b.train, b.val):
+        assert len(set(split.labels[:8].tolist())) >= 3, split.labels.tolist()
+    again = load_dataset(f"imagefolder:{tmp_path}", val_split=8 if layout == "val-split" else None)
+    assert torch.equal(again.val.labels, b.val.labels)  # seeded: the same order every time

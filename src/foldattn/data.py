@@ -188,6 +188,9 @@ def stratified_split(labels: Tensor, val: float | int, seed: int = 0) -> tuple[T
 
     Per-class counts use largest remainders so they sum exactly to the requested total;
     the choice within each class is a permutation from a generator seeded with ``seed``.
+    Both index lists come in a seeded random order, not sorted: image folders list their
+    files class by class, and a pass capped at the first N images (``record_stripes``,
+    ``calibrate``) must see every class, not the first one or two.
     """
     n = labels.numel()
     if isinstance(val, float) and not 0 < val < 1:
@@ -208,7 +211,13 @@ def stratified_split(labels: Tensor, val: float | int, seed: int = 0) -> tuple[T
         idx = idx[torch.randperm(idx.numel(), generator=g)]
         val_idx.append(idx[:k])
         train_idx.append(idx[k:])
-    return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+    tr, va = torch.cat(train_idx), torch.cat(val_idx)
+    return tr[torch.randperm(tr.numel(), generator=g)], va[torch.randperm(va.numel(), generator=g)]
+
+
+def _mixed(data: Any, seed: int) -> Any:
+    """``data`` in a seeded random order (an image folder is listed class by class)."""
+    return data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)))
 
 
 def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -284,6 +293,7 @@ def _tv_loader(name: str) -> Loader:
     def load(data_dir: Path, val_split: float | int | None = None, split_seed: int = 0, download: bool = False,
              **_: object) -> DataBundle:
         train, test, classes = _torchvision(name, data_dir, download)
+        train, test = _mixed(train, split_seed), _mixed(test, split_seed)  # STL-10 lists its test split by class
         notes = {"validation": "the official test split"}
         if val_split is not None:
             train, test = _split(train, val_split, split_seed)
@@ -390,8 +400,8 @@ def _streamed(path: Path, val_split: float | int | None, split_seed: int, image_
         val_classes, val_files = _scan(val_dir)
         if val_classes != classes:
             raise DatasetError(f"{root} and {val_dir} have different class folders")
-        train = FileData([p for p, _ in files], torch.tensor([c for _, c in files]))
-        val = FileData([p for p, _ in val_files], torch.tensor([c for _, c in val_files]))
+        train = _mixed(FileData([p for p, _ in files], torch.tensor([c for _, c in files])), split_seed)
+        val = _mixed(FileData([p for p, _ in val_files], torch.tensor([c for _, c in val_files])), split_seed)
         notes = {"validation": str(val_dir)}
     else:
         classes, files = _scan(root)
@@ -416,6 +426,7 @@ def _imagefolder(path: Path, val_split: float | int | None = None, split_seed: i
         val, val_classes = _folder(val_dir, image_size or train.images.shape[-1], cache_dir)
         if val_classes != classes:
             raise DatasetError(f"{root} and {val_dir} have different class folders")
+        train, val = _mixed(train, split_seed), _mixed(val, split_seed)
         notes = {"validation": str(val_dir)}
     else:
         data, classes = _folder(root, image_size, cache_dir)
