@@ -659,6 +659,8 @@ def _train(cfg: TrainConfig, device: torch.device, dist: _Dist, resume: str | os
 
         monitor = StripeMonitor(cfg.stripe_every, out / "stripes")
         monitor.check(model)  # a model without attention to record fails now, not after an epoch
+        if start_epoch == 0 and start_step == 0:
+            monitor(0, model, val_loader)  # the initialised model: where the curves start
     try:
         with _StopFlag() as stop:
             for epoch in range(start_epoch, cfg.epochs):

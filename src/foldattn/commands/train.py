@@ -130,6 +130,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="progress bar [on when stderr is a terminal]")
     g.add_argument("--tensorboard", action="store_true", default=None, help="also log to OUTPUT/tensorboard")
     g.add_argument("--stripe-every", type=int, metavar="N",
-                   help="every N epochs record the attention statistics (Stripe Observation) of the classic "
-                        "attention modules on the validation set: OUTPUT/stripes/ (history JSON, curves, heat maps)")
+                   help="before training and every N epochs record the attention statistics (Stripe "
+                        "Observation) of the classic attention modules on 512 validation images: "
+                        "OUTPUT/stripes/ (history JSON, curves, heat maps)")
     p.set_defaults(func=_main)
