@@ -339,6 +339,38 @@ def test_register_transparent_type() -> None:
     assert find_sites(Block()).names == ["bn"] == report.names
 
 
+class _MySE(nn.Module):  # a user's own SE: unknown to attach until registered
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.fc = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+
+def test_register_attention_type() -> None:
+    from foldattn.attach import register_attention_type
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.se = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), _MySE(4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x + self.se(self.bn(self.conv(x)))
+
+    net = nn.Sequential(Block(), Block())
+    with pytest.raises(ValueError, match=r"register_attention_type\(cls\)"):  # the error says what to do
+        find_sites(net)
+    register_attention_type(_MySE)
+    report = find_sites(net)
+    assert report.names == ["0.bn", "1.bn"]  # ASR before the existing attention: "ASR(X) + X"
+    model = attach(net, "se")
+    assert all(isinstance(m.se, _MySE) for m in model)  # left as it is
+    x = torch.randn(2, 4, 8, 8)
+    foldattn.verify(model, foldattn.fold(model), x)
+
+
 def test_report_type() -> None:
     report = find_sites(tv.resnet18())
     assert isinstance(report, AttachReport)

@@ -584,7 +584,10 @@ def find_sites(
             candidates.append(n)
 
     if not candidates:
-        extra = "" if where != "block" else " The model may have no residual connections: try where='norms'."
+        extra = "" if where != "block" else (
+            " If the model has no residual connections, try where='norms'; if its branches end in a module of "
+            "your own (an attention x * gate, a layer-scale), declare it with "
+            "foldattn.register_attention_type(cls) or foldattn.register_transparent_type(cls).")
         raise ValueError(f"no eligible ASR site: looked for {looked_for} (graph: {method}).{extra}"
                          + (f" Skipped: {'; '.join(f'{s.name}: {s.reason}' for s in skipped[:5])}" if skipped else ""))
 
