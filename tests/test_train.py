@@ -374,3 +374,12 @@ def test_cli_fold_records_a_builder_that_rebuilds(tmp_path: Path, model: str, ex
     deployed = foldattn.load_deployed(tmp_path / "dep" / "deployed.safetensors")  # no model= needed
     trained, _, _ = load_trained(out)
     foldattn.verify(trained, deployed, torch.randn(2, 3, 16, 16))
+
+
+def test_plain_srp_model_is_validated_and_counted_in_its_deploy_form(tmp_path: Path) -> None:
+    from foldattn import create_model
+
+    s = train(_cfg(tmp_path, model="cifar_resnet20_acnet", attention=None, asr=False, epochs=1, steps_per_epoch=1),
+              bundle=DIGITS, log=None)
+    deploy = create_model("cifar_resnet20_acnet", num_classes=10, deploy=True)
+    assert s["run"]["params_deployed"] == sum(p.numel() for p in deploy.parameters()) < s["run"]["params_train"]

@@ -49,6 +49,7 @@ from .checkpoint import (
 )
 from .data import DataBundle, load_dataset, make_loader
 from .fold import asr_layers, fold
+from .srp import rep_blocks
 from .summary import count_params
 
 __all__ = [
@@ -253,9 +254,10 @@ def example_input(blob: dict[str, Any], batch: int = 2) -> torch.Tensor:
 
 
 def deployed_copy(model: nn.Module) -> nn.Module:
-    """The deployed form for evaluation: a folded copy if the model has ASR layers, else the model itself."""
+    """The deployed form for evaluation: a folded copy if the model has ASR layers or
+    re-parameterization blocks (a plain SRP network deploys fused too), else the model itself."""
     inner = unwrap_model(model)
-    return fold(inner) if asr_layers(inner) else inner
+    return fold(inner) if asr_layers(inner) or next(rep_blocks(inner), None) is not None else inner
 
 
 # ----------------------------------------------------------------------------- runtime
