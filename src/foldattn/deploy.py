@@ -28,8 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ._utils import atomic_path, unwrap_model
-from .fold import asr_layers, fold
-from .srp import rep_blocks
+from .fold import asr_layers, fold, has_foldable
 
 __all__ = [
     "save_deployed", "load_deployed", "read_metadata", "metadata_path", "allow_builder_module",
@@ -201,8 +200,7 @@ def save_deployed(
         raise TypeError(f"save_deployed expects an nn.Module, got {type(model).__name__}")
     model = unwrap_model(model)
     n_asr = len(asr_layers(model))
-    # fold fuses re-parameterization blocks too: without ASR they are still not deployed
-    deployed = fold(model) if n_asr or next(rep_blocks(model), None) is not None else model
+    deployed = fold(model) if has_foldable(model) else model
     state = deployed.state_dict()
     meta: dict[str, Any] = {
         "format": FORMAT,

@@ -22,7 +22,18 @@ from .asr import ASR
 from .srp import rep_blocks, reparameterize
 from .transforms import fuse_conv_bn
 
-__all__ = ["fold", "asr_layers", "conv_bn_pairs"]
+__all__ = ["fold", "asr_layers", "conv_bn_pairs", "has_foldable"]
+
+
+def _has_rep_blocks(model: nn.Module) -> bool:
+    return next(rep_blocks(model), None) is not None
+
+
+def has_foldable(model: nn.Module) -> bool:
+    """True if :func:`fold` changes ``model``: it has ASR layers or re-parameterization blocks
+    (a plain RepVGG/ACNet/DBB network still deploys fused)."""
+    model = unwrap_model(model)
+    return bool(asr_layers(model)) or _has_rep_blocks(model)
 
 
 def asr_layers(model: nn.Module) -> list[tuple[str, ASR]]:
@@ -62,7 +73,7 @@ def fold(model: nn.Module, inplace: bool = False, fuse_bn: bool = False, reparam
     if not inplace:
         model = copy.deepcopy(model)
     layers = asr_layers(model)
-    has_blocks = reparam and next(rep_blocks(model), None) is not None
+    has_blocks = reparam and _has_rep_blocks(model)
     if not layers and not fuse_bn and not has_blocks:
         warnings.warn("fold: the model has no ASR layer; returned unchanged", stacklevel=3)
     for name, layer in layers:

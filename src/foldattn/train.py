@@ -48,8 +48,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import DataBundle, load_dataset, make_loader
-from .fold import asr_layers, fold
-from .srp import rep_blocks
+from .fold import fold, has_foldable
 from .summary import count_params
 
 __all__ = [
@@ -257,7 +256,7 @@ def deployed_copy(model: nn.Module) -> nn.Module:
     """The deployed form for evaluation: a folded copy if the model has ASR layers or
     re-parameterization blocks (a plain SRP network deploys fused too), else the model itself."""
     inner = unwrap_model(model)
-    return fold(inner) if asr_layers(inner) or next(rep_blocks(inner), None) is not None else inner
+    return fold(inner) if has_foldable(inner) else inner
 
 
 # ----------------------------------------------------------------------------- runtime
