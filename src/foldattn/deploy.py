@@ -222,7 +222,7 @@ def save_deployed(
         meta["user"] = dict(metadata)
     tensors, aliases = _split_aliases(state)
     if builder is None:
-        recorded = _recorded_builder(model, {**tensors, **{a: tensors[t] for a, t in aliases.items()}})
+        recorded = _recorded_builder(model, state)  # the full state: aliases included
         if recorded is not None:
             meta["builder"], meta["kwargs"] = recorded
     meta["aliases"] = aliases
