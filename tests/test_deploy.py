@@ -14,9 +14,11 @@ from foldattn import attach, load_deployed, save_deployed
 from foldattn.deploy import (
     ArchitectureMismatchError,
     DeployedFileError,
-    allow_builder_module,
+    UntrustedBuilderError,
     metadata_path,
     read_metadata,
+    register_builder,
+    unregister_builder,
 )
 from foldattn.fold import asr_layers
 from foldattn.srp import rep_blocks
@@ -68,7 +70,7 @@ def test_builder_as_function_and_foldattn_registry(tmp_path: Path) -> None:
     model = foldattn.create_model("cifar_resnet20", attention="se", asr=True)
     path = save_deployed(model, tmp_path / "c.safetensors", foldattn.models.cifar_resnet20, metadata={"acc": 0.5})
     meta = read_metadata(path)
-    assert meta["builder"] == "foldattn.models.cifar_resnet:cifar_resnet20" and meta["user"] == {"acc": 0.5}
+    assert meta["builder"] == "foldattn.models:cifar_resnet20" and meta["user"] == {"acc": 0.5}
     foldattn.verify(model, load_deployed(path), X)
 
 
@@ -115,32 +117,42 @@ def test_builder_that_does_not_fit_is_refused_at_save(trained: nn.Module, tmp_pa
 @pytest.mark.parametrize(
     "builder,match",
     [
-        ("os:system", "not allowlisted"),
-        ("torchvision.models.resnet18", "package.module:function"),
-        ("torchvision.models:_private", "public names only"),
-        ("torchvision.models:nope", "no callable 'nope'"),
-        ("torchvision.models.nothere:x", "cannot import"),
+        ("os:system", "not allowed: a deployed file may only name 'foldattn.models:NAME'"),
+        ("torchvision.models.resnet18", "is not a spec"),
+        ("torchvision.models:_private", "not allowed"),
+        ("torchvision.models:nope", "not allowed"),
+        ("torchvision.models.nothere:x", "not allowed"),
+        ("timm.models:load_state_dict", "not allowed"),
     ],
 )
 def test_bad_builders(trained: nn.Module, tmp_path: Path, builder: str, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UntrustedBuilderError, match=match):
         save_deployed(trained, tmp_path / "x.safetensors", builder)
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_allowlist_is_enforced_at_load(saved: Path, tmp_path: Path) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+def test_builder_functions_map_to_their_specs(tmp_path: Path) -> None:
+    model = tv.resnet18(num_classes=10)
+    path = save_deployed(model, tmp_path / "r.safetensors", tv.resnet18, {"num_classes": 10})
+    assert read_metadata(path)["builder"] == "torchvision.models:resnet18"
+    with pytest.raises(UntrustedBuilderError, match="register_builder"):
+        save_deployed(model, tmp_path / "s.safetensors", torch.nn.Linear)
 
-    with safe_open(str(saved), "pt") as f:
-        meta = json.loads(f.metadata()["foldattn"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    meta["builder"] = "subprocess:getoutput"
-    evil = tmp_path / "evil.safetensors"
-    save_file(tensors, str(evil), metadata={"foldattn": json.dumps(meta)})
-    with pytest.raises(ValueError, match="'subprocess' is not allowlisted"):
-        load_deployed(evil)
-    with pytest.raises(ValueError, match="dotted module name"):
-        allow_builder_module("os; rm")
+
+def test_registered_builder(tmp_path: Path) -> None:
+    def my_net(width: int = 4) -> nn.Module:
+        return nn.Sequential(nn.Linear(3, width), nn.ReLU(), nn.Linear(width, 2))
+
+    register_builder("mypkg:my_net", my_net)
+    try:
+        model = my_net(width=6)
+        path = save_deployed(model, tmp_path / "m.safetensors", my_net, {"width": 6})
+        assert read_metadata(path)["builder"] == "mypkg:my_net"
+        foldattn.verify(model, load_deployed(path), torch.randn(2, 3))
+    finally:
+        unregister_builder("mypkg:my_net")
+    with pytest.raises(UntrustedBuilderError, match="not allowed"):
+        load_deployed(path)
 
 
 def test_no_builder_needs_model(trained: nn.Module, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import foldattn
-from foldattn import attach, export_onnx
+from foldattn import EquivalenceError, attach, export_onnx
 from foldattn.export import onnx_op_counts
 from foldattn.fold import asr_layers
 
@@ -115,6 +115,16 @@ def test_export_options_and_errors(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"], "no temp file left behind"
     with pytest.raises(TypeError, match=r"nn\.Module"):
         export_onnx("model", x, tmp_path / "x.onnx")  # type: ignore[arg-type]
+
+
+def test_onnx_check_fails_on_non_finite_outputs(tmp_path: Path) -> None:
+    model = _trained_asr(BUILDERS["resnet18"], torch.randn(2, 3, 32, 32))
+    with torch.no_grad():
+        model.fc.bias[3] = float("inf")
+    with pytest.raises(EquivalenceError, match=r"PyTorch model's outputs are not finite \(output 0 \(1, 10\): "
+                                               r"0 NaN and 1 Inf"):
+        export_onnx(model, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == [], "nothing written"
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")

@@ -201,6 +201,20 @@ def test_cli_deploy_commands_refuse_bad_checkpoints(tmp_path: Path, command: str
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("command", ["eval", "fold", "export"])
+def test_cli_deploy_commands_refuse_non_finite_models(trained_run: Path, tmp_path: Path, command: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    blob = torch.load(trained_run / "last.pt", weights_only=True)
+    blob["model"]["fc.weight"][0, 0] = float("nan")  # a broken model whose fold is 'exact' (NaN - NaN)
+    bad = tmp_path / "nan.pt"
+    torch.save(blob, bad)
+    extra = {"eval": [], "fold": ["-o", str(tmp_path / "o")], "export": ["--onnx", str(tmp_path / "m.onnx")]}[command]
+    assert main([command, str(bad), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "outputs are not finite" in err and "NaN" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pt"], "nothing written"
+
+
 def test_tensorboard_is_optional(tmp_path: Path) -> None:
     try:
         import tensorboard  # noqa: F401

@@ -117,3 +117,41 @@ def test_nested_outputs_are_compared() -> None:
     b.shift = 1.0
     with pytest.raises(EquivalenceError):
         verify(a, b, torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])  # -inf would be cut to 0 by the ReLU
+@pytest.mark.parametrize("where", ["deployed", "reference"])
+def test_non_finite_outputs_fail(bad: float, where: str) -> None:
+    a, b = _pair()
+    broken = b if where == "deployed" else a
+    with torch.no_grad():
+        broken[0].bias[1] = bad  # channel 1 of every image: 2 images x 3 x 3 positions
+    kind = "NaN" if bad != bad else "Inf"
+    counts = "18 NaN and 0 Inf" if kind == "NaN" else "0 NaN and 18 Inf"
+    with pytest.raises(EquivalenceError, match=rf"the {where} model's outputs are not finite \(output 0 "
+                                               rf"\(2, 4, 3, 3\): {counts} of 72 values\)"):
+        verify(a, b, torch.randn(2, 3, 5, 5))
+
+
+def test_non_finite_both_and_nested_outputs_name_the_output() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.lin(x), self.lin(x) / 0.0 * 0.0  # second output: NaN everywhere
+
+    a = Two()
+    with pytest.raises(EquivalenceError, match=r"reference model's outputs are not finite \(output 1 \(4, 2\): "
+                                               r"8 NaN"):
+        verify(a, copy.deepcopy(a), torch.randn(4, 3))
+
+
+def test_non_finite_folded_model_fails_verify() -> None:
+    model = create_model("cifar_resnet20", attention="se", asr=True).eval()
+    deployed = fold(model)
+    with torch.no_grad():
+        deployed.fc.weight[0, 0] = float("nan")
+    with pytest.raises(EquivalenceError, match="deployed model's outputs are not finite"):
+        verify(model, deployed, torch.randn(2, 3, 32, 32))

@@ -11,77 +11,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
-from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.utils import parametrize
 
 from . import attention as _attention
 from ._utils import eval_mode
+from .hosts import HOST_TYPES, absorbing_parameters, channel_dim, get_tensor, host_channels, scaled_forward
 from .transforms import scale_out_channels
 
 __all__ = ["ASR", "ChannelsLast", "HOST_TYPES", "host_channels", "absorbing_parameters"]
-
-# Hosts whose output is linear in per-output-channel parameters (weight, bias), so
-# that scaling those parameters scales the output channel: ``host(x; w*v, b*v) == host(x) * v``.
-_CHANNEL_FIRST: tuple[type[nn.Module], ...] = (_BatchNorm, nn.GroupNorm, _InstanceNorm, _ConvNd)
-_CHANNEL_LAST: tuple[type[nn.Module], ...] = (nn.Linear, nn.LayerNorm, nn.RMSNorm)
-HOST_TYPES: tuple[type[nn.Module], ...] = _CHANNEL_FIRST + _CHANNEL_LAST
-_ABSORBING = ("weight", "bias")
-
-
-def absorbing_parameters(host: nn.Module) -> list[str]:
-    """Dotted names of the host's parameters whose dim 0 is the output channel.
-
-    Scaling exactly these by ``v`` scales the host's output channels by ``v``. Standard
-    layers use ``weight`` and ``bias``; a custom module (e.g. a multi-branch
-    re-parameterizable block) declares its own by defining ``asr_parameters()``
-    returning such names (and may set ``asr_channel_dim``, default 1).
-    """
-    custom = getattr(host, "asr_parameters", None)
-    if callable(custom):
-        names = list(custom())
-        if not names:
-            raise ValueError(f"{type(host).__name__}.asr_parameters() returned no parameter")
-        return names
-    host_channels(host)
-    return [n for n in _ABSORBING if isinstance(getattr(host, n, None), Tensor)]
-
-
-def _channel_dim(host: nn.Module) -> int:
-    if callable(getattr(host, "asr_parameters", None)):
-        return int(getattr(host, "asr_channel_dim", 1))
-    return -1 if isinstance(host, _CHANNEL_LAST) else 1
-
-
-def host_channels(host: nn.Module) -> int:
-    """Output channels of a host layer; raises ``ValueError`` if it cannot absorb a scale."""
-    if callable(getattr(host, "asr_parameters", None)):
-        params = dict(host.named_parameters())
-        names = absorbing_parameters(host)
-        missing = [n for n in names if n not in params]
-        if missing:
-            raise ValueError(f"{type(host).__name__}.asr_parameters() names unknown parameters {missing}")
-        sizes = {params[n].shape[0] for n in names}
-        if len(sizes) != 1:
-            raise ValueError(f"{type(host).__name__}.asr_parameters() disagree on the channel count: {sorted(sizes)}")
-        return sizes.pop()
-    if not isinstance(host, HOST_TYPES):
-        raise ValueError(
-            f"{type(host).__name__} cannot absorb a per-channel scale; ASR hosts are "
-            "BatchNorm, SyncBatchNorm, GroupNorm, InstanceNorm (affine), Conv1d/2d/3d, Linear, LayerNorm, RMSNorm"
-        )
-    if isinstance(host, _ConvNd) and host.transposed:
-        raise ValueError(f"{type(host).__name__}: transposed convs are not ASR hosts (their weight is (in, out, ...))")
-    weight = getattr(host, "weight", None)
-    if not isinstance(weight, Tensor):
-        raise ValueError(
-            f"{type(host).__name__} has no affine weight (affine=False / elementwise_affine=False), so it cannot "
-            "absorb a scale; build it with affine parameters or put ASR on another layer"
-        )
-    if isinstance(host, (nn.LayerNorm, nn.RMSNorm)) and weight.dim() != 1:
-        raise ValueError(f"{type(host).__name__} must normalise over one (the channel) dim, got {tuple(weight.shape)}")
-    return int(weight.shape[0])
 
 
 class ChannelsLast(nn.Module):
@@ -102,10 +39,16 @@ class ASR(nn.Module):
     same function with the same gradients as scaling the output, costs no extra
     pass over the feature map, and makes :meth:`fuse` exact by construction.
 
+    The host is run functionally (:func:`foldattn.hosts.scaled_forward`): its type's
+    functional form called with the scaled tensors and its own buffers. Nothing is ever
+    assigned to the host, so one model may run in several threads, hooks on the host see
+    its true parameters, and parametrized hosts (weight_norm, spectral_norm) work.
+
     Args:
         host: the layer whose output is scaled: BatchNorm/SyncBatchNorm, GroupNorm,
             InstanceNorm (affine), Conv1d/2d/3d, Linear, LayerNorm, RMSNorm, or any
-            module that declares ``asr_parameters()`` (see :func:`absorbing_parameters`).
+            module that declares ``asr_parameters()`` and ``forward_scaled(v, x)``
+            (see :mod:`foldattn.hosts`).
         attention: a registered attention name (see :func:`foldattn.attention.names`)
             or a :class:`~foldattn.attention.ChannelAttention` instance.
         both: also apply the classic (input-dependent) module on the output,
@@ -148,10 +91,10 @@ class ASR(nn.Module):
         if not module.is_static:
             module.make_static(psi_init)
         self._absorbing = absorbing_parameters(host)
-        ref = host.get_parameter(self._absorbing[0])
+        ref = get_tensor(host, self._absorbing[0])
         self.host = host
         self.attention = module.to(device=ref.device, dtype=ref.dtype)
-        self.channel_dim = _channel_dim(host)
+        self.channel_dim = channel_dim(host)
         self.classic: nn.Module | None = None
         if both:
             classic = _attention.create(name, channels, **attention_kwargs).to(device=ref.device, dtype=ref.dtype)
@@ -167,49 +110,19 @@ class ASR(nn.Module):
         return self.attention.static_gate()
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        y = self._scaled_host(self.vector(), args, kwargs)
+        y = scaled_forward(self.host, self.vector(), *args, **kwargs)
         if self.classic is not None:
             y = self.classic(y)
         return y
-
-    def _scaled_host(self, v: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-        """``host(*args, **kwargs)`` with each absorbing parameter ``p`` replaced by ``p * v``.
-
-        The scaled tensors are put into the owning modules' ``_parameters`` for the call
-        and the parameters restored afterwards: the same swap ``torch.func.functional_call``
-        does, without its per-call bookkeeping (about a tenth of a millisecond per layer
-        and training step on CPU, several per cent of a small model's step; see
-        docs/benchmarks.md). ``functional_call`` is still used under ``torch.compile`` and
-        for a parameter that is not a plain ``_parameters`` entry (e.g. parametrized).
-        """
-        slots = []
-        for name in self._absorbing:
-            prefix, _, leaf = name.rpartition(".")
-            owner = self.host.get_submodule(prefix) if prefix else self.host
-            p = owner._parameters.get(leaf)
-            if p is None:
-                slots = None
-                break
-            slots.append((owner, leaf, p))
-        if slots is None or torch.compiler.is_compiling():
-            params = {}
-            for name in self._absorbing:
-                p = self.host.get_parameter(name)
-                params[name] = p * v.reshape(-1, *([1] * (p.dim() - 1)))
-            return functional_call(self.host, params, args, kwargs)
-        try:
-            for owner, leaf, p in slots:
-                owner._parameters[leaf] = p * v.reshape(-1, *([1] * (p.dim() - 1)))
-            return self.host(*args, **kwargs)
-        finally:
-            for owner, leaf, p in slots:
-                owner._parameters[leaf] = p
 
     @torch.no_grad()
     def fuse(self) -> nn.Module:
         """The deployed replacement: the host with ``v`` folded into its parameters.
 
-        With ``both=True`` the result is ``nn.Sequential(host, classic)``. Computed
+        With ``both=True`` the result is ``nn.Sequential(host, classic)``. A parametrized
+        weight (``torch.nn.utils.parametrize``: weight_norm, spectral_norm, ...) is
+        evaluated in eval mode and stored as a plain parameter, scaled: the result has no
+        parametrization, since ``v`` cannot be folded into the parametrization's inputs. Computed
         under ``no_grad`` with the attention in eval mode (modes restored), products
         in float64, cast back to each parameter's dtype. ``self`` is not modified
         (a classic module of ``both=True`` is shared with the result, not copied).
@@ -222,7 +135,7 @@ class ASR(nn.Module):
             v = self.vector().detach()
         if not torch.isfinite(v).all():
             raise ValueError(f"the ASR vector contains NaN or Inf ({int((~torch.isfinite(v)).sum())} of {v.numel()})")
-        host = copy.deepcopy(self.host)
+        host = _plain_copy(self.host)
         for name in self._absorbing:
             p = host.get_parameter(name)
             p.copy_(scale_out_channels(p, v))
@@ -246,3 +159,27 @@ class ASR(nn.Module):
 
     def extra_repr(self) -> str:
         return f"attention={self.attention_name!r}, channels={self.channels}, both={self.classic is not None}"
+
+
+def _plain_copy(host: nn.Module) -> nn.Module:
+    """A deep copy of ``host`` whose parametrized tensors are plain parameters holding their values.
+
+    ``torch.nn.utils.parametrize`` parametrizations are evaluated in eval mode (so spectral
+    norm does no power iteration) and dropped. (The deprecated hook-based
+    ``torch.nn.utils.weight_norm`` cannot be deep-copied at all, a PyTorch limitation: use
+    ``torch.nn.utils.parametrizations.weight_norm``.) ``remove_parametrizations`` is not
+    used on the copy: a deep copy shares the original's generated ``Parametrized*`` class, and
+    that function deletes the property from the class, which would break the original.
+    """
+    copy_ = copy.deepcopy(host)
+    for m in list(copy_.modules()):
+        if parametrize.is_parametrized(m):
+            with eval_mode(m), torch.no_grad():
+                values = {name: getattr(m, name).detach().clone() for name in m.parametrizations}
+            grads = {name: any(p.requires_grad for p in m.parametrizations[name].parameters()) for name in values}
+            m.__class__ = next(c for c in type(m).__mro__ if not getattr(c, "__module__", "").startswith(
+                "torch.nn.utils.parametrize"))
+            del m._modules["parametrizations"]
+            for name, value in values.items():
+                m.register_parameter(name, nn.Parameter(value, requires_grad=grads[name]))
+    return copy_

@@ -2,24 +2,29 @@
 
 A deployed file is one ``.safetensors`` file. Its header carries, under the key
 ``"foldattn"``, a JSON document: the format version, the foldattn and torch versions,
-the ``folded`` flag, how to rebuild the architecture (``"builder": "package.module:function"``
-with JSON ``"kwargs"``), a SHA-256 checksum of the tensors and the names of tied tensors.
-Models built by :func:`foldattn.create_model` name their builder themselves; for others
-(torchvision, timm, your own) pass ``builder=``, or the file loads only into a ``model=``.
+the ``folded`` flag, which model to rebuild (``"builder"``: an allowlisted spec such as
+``"torchvision.models:resnet18"``, with JSON ``"kwargs"``), a SHA-256 checksum of the
+tensors and the names of tied tensors. Models built by :func:`foldattn.create_model` name
+their builder themselves; for others (torchvision, timm, your own) pass ``builder=``, or
+the file loads only into a ``model=``.
 
-:func:`load_deployed` rebuilds the model by importing the builder from an allowlist of
-modules (``torchvision.models``, ``timm``, ``foldattn.models`` and those added with
-:func:`allow_builder_module`; nothing is ever evaluated) or loads into a ``model=`` you
-pass, strictly: another architecture, a truncated or a corrupted file are clear errors.
+What :func:`load_deployed` trusts: the file is data. It may name a constructor from the
+exact allowlist of :mod:`foldattn.builders` (this package's models, torchvision's and
+timm's model names, built without pretrained weights, and specs the program registered
+with :func:`register_builder`), with plain JSON keyword arguments that the constructor
+declares. Nothing is imported by name, evaluated, unpickled, downloaded or written, and
+no path in the file is followed. The architecture is first built on the ``meta`` device
+and compared with the file's tensors, so a file cannot make it allocate more than it holds.
+The embedded checksum detects corruption, not tampering: anyone who can edit the file
+can recompute it. To detect tampering, publish :func:`file_sha256` of the file through a
+channel you trust and pass it as ``load_deployed(path, sha256=...)``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,19 +33,27 @@ import torch
 from torch import Tensor, nn
 
 from ._utils import atomic_path, unwrap_model
+from .builders import (
+    UntrustedBuilderError,
+    builder_spec,
+    check_kwargs,
+    register_builder,
+    resolve_builder,
+    unregister_builder,
+)
 from .fold import asr_layers, fold, has_foldable
 
 __all__ = [
-    "save_deployed", "load_deployed", "read_metadata", "metadata_path", "allow_builder_module",
-    "DeployedFileError", "ArchitectureMismatchError", "FORMAT_VERSION",
+    "save_deployed", "load_deployed", "read_metadata", "metadata_path", "file_sha256",
+    "register_builder", "unregister_builder",
+    "DeployedFileError", "ArchitectureMismatchError", "UntrustedBuilderError", "FORMAT_VERSION",
 ]
 
 FORMAT = "foldattn.deployed"
 FORMAT_VERSION = 1
 _META_KEY = "foldattn"
-_ALLOWED_MODULES: set[str] = {"torchvision.models", "timm", "foldattn.models"}
-_DOTTED = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
-_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+#: the largest metadata document read (the header of a real file is a few kB)
+_MAX_META_BYTES = 1 << 20
 
 
 class DeployedFileError(ValueError):
@@ -49,52 +62,6 @@ class DeployedFileError(ValueError):
 
 class ArchitectureMismatchError(ValueError):
     """The deployed weights do not fit the model they are loaded into."""
-
-
-def allow_builder_module(prefix: str) -> None:
-    """Allow :func:`load_deployed` to import builders from ``prefix`` and its submodules
-    (e.g. ``"mypackage.models"``). Only do this for code you trust."""
-    if not isinstance(prefix, str) or not _DOTTED.fullmatch(prefix):
-        raise ValueError(f"expected a dotted module name such as 'mypackage.models', got {prefix!r}")
-    _ALLOWED_MODULES.add(prefix)
-
-
-def _allowed(module: str) -> bool:
-    return any(module == p or module.startswith(p + ".") for p in _ALLOWED_MODULES)
-
-
-def _resolve_builder(spec: str) -> Callable[..., nn.Module]:
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ValueError(f"builder must look like 'package.module:function', got {spec!r}")
-    module_name, attr = spec.split(":")
-    if not _DOTTED.fullmatch(module_name) or not _NAME.fullmatch(attr):
-        raise ValueError(f"builder {spec!r} is not 'package.module:function' (public names only)")
-    if not _allowed(module_name):
-        raise ValueError(
-            f"builder module {module_name!r} is not allowlisted (allowed: {', '.join(sorted(_ALLOWED_MODULES))}); "
-            f"call foldattn.deploy.allow_builder_module({module_name.split('.')[0]!r}) if you trust it, "
-            "or pass model=<a fresh instance>"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"cannot import the builder module {module_name!r}: {e}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"{module_name!r} has no callable {attr!r} (builder {spec!r})")
-    return fn
-
-
-def _builder_spec(builder: str | Callable[..., nn.Module]) -> str:
-    if isinstance(builder, str):
-        _resolve_builder(builder)
-        return builder
-    if callable(builder) and hasattr(builder, "__module__") and hasattr(builder, "__name__"):
-        spec = f"{builder.__module__}:{builder.__name__}"
-        if _resolve_builder(spec) is not builder:
-            raise ValueError(f"builder {spec!r} does not import back to the function given; pass it as a string")
-        return spec
-    raise TypeError(f"builder must be 'package.module:function' or a function, got {type(builder).__name__}")
 
 
 def _checksum(tensors: Mapping[str, Tensor]) -> str:
@@ -130,20 +97,16 @@ def _recorded_builder(model: nn.Module, tensors: Mapping[str, Tensor]) -> tuple[
     """``(spec, kwargs)`` that :func:`foldattn.create_model` recorded on ``model``, if they build
     the architecture of ``tensors``; otherwise (e.g. after ``fold(fuse_bn=True)`` or a calibration
     that kept modules) None, and the file is saved without a builder, as for any model."""
-    from . import models
     from .models._registry import _BUILDERS, BUILDER_ATTR
 
     record = getattr(model, BUILDER_ATTR, None)
     if not isinstance(record, Mapping) or record.get("name") not in _BUILDERS:
         return None
-    name, fn = record["name"], _BUILDERS[record["name"]]
-    spec = f"foldattn.models:{name}" if getattr(models, name, None) is fn else f"{fn.__module__}:{fn.__name__}"
+    spec = f"foldattn.models:{record['name']}"
     try:
-        if _resolve_builder(spec) is not fn:
-            return None
         kwargs = json.loads(json.dumps(dict(record.get("kwargs") or {})))  # what load_deployed will pass
-        rebuilt = _build({"builder": spec, "kwargs": kwargs})
-    except (TypeError, ValueError):  # not importable from an allowlisted module, or not JSON
+        rebuilt = _build({"builder": spec, "kwargs": kwargs}, tensors)
+    except (TypeError, ValueError):  # not JSON, or kwargs a file may not carry
         return None
     return None if _mismatch(rebuilt, tensors) else (spec, kwargs)
 
@@ -184,11 +147,13 @@ def save_deployed(
     Args:
         model: the trained model (with or without ASR layers).
         path: the output file (its folder must exist).
-        builder: how to rebuild the plain architecture, ``"torchvision.models:resnet18"``
-            or the function itself. By default, the builder :func:`foldattn.create_model`
+        builder: which allowlisted constructor rebuilds the plain architecture:
+            ``"foldattn.models:NAME"``, ``"torchvision.models:NAME"``, ``"timm:NAME"`` (see
+            :mod:`foldattn.builders`), or the function itself. By default, the builder :func:`foldattn.create_model`
             recorded on the model (``foldattn.models:NAME`` and its deploy-time kwargs) when it
             builds the deployed tree; otherwise none, and loading needs ``model=``.
-        kwargs: JSON-serialisable keyword arguments for the builder.
+        kwargs: keyword arguments for the builder: parameters it declares, with plain JSON
+            values (numbers, booleans, null, short words, flat lists).
         metadata: extra JSON-serialisable information stored under ``"user"``.
         check_builder: build ``builder(**kwargs)`` now and check the weights fit it, so a
             file that cannot be loaded is never written (a recorded builder is always checked).
@@ -216,7 +181,7 @@ def save_deployed(
     if kwargs is not None and builder is None:
         raise ValueError("kwargs= only makes sense with builder=")
     if builder is not None:
-        meta["builder"] = _builder_spec(builder)
+        meta["builder"] = builder_spec(builder)
         meta["kwargs"] = dict(kwargs or {})
     if metadata is not None:
         meta["user"] = dict(metadata)
@@ -231,9 +196,15 @@ def save_deployed(
         header = json.dumps(meta, sort_keys=True)
     except TypeError as e:
         raise TypeError(f"kwargs and metadata must be JSON-serialisable: {e}") from None
+    if builder is not None:  # a file that load_deployed would refuse is never written
+        check_kwargs(resolve_builder(meta["builder"]), meta["kwargs"])
     if builder is not None and check_builder:
-        rebuilt = _build(meta)
-        problem = _mismatch(rebuilt, {**tensors, **{a: tensors[t] for a, t in aliases.items()}})
+        full = {**tensors, **{a: tensors[t] for a, t in aliases.items()}}
+        try:
+            rebuilt = _build(meta, full)
+            problem = _mismatch(rebuilt, full)
+        except ArchitectureMismatchError as e:
+            problem = str(e)
         if problem:
             raise ArchitectureMismatchError(
                 f"{meta['builder']}(**{meta['kwargs']}) does not build this model's architecture ({problem}); "
@@ -263,14 +234,39 @@ def _version() -> str:
     return __version__
 
 
-def _build(meta: Mapping[str, Any]) -> nn.Module:
-    spec = meta.get("builder")
-    fn = _resolve_builder(spec)  # type: ignore[arg-type]
-    kwargs = meta.get("kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise DeployedFileError(f"the file's builder kwargs are a {type(kwargs).__name__}, not an object")
+def _legacy(spec: Any, kwargs: Any) -> tuple[Any, Any]:
+    """Files of foldattn 0.1 named timm models as ``timm:create_model`` with ``model_name=``."""
+    if spec == "timm:create_model" and isinstance(kwargs, dict) and isinstance(kwargs.get("model_name"), str):
+        kwargs = dict(kwargs)
+        name = kwargs.pop("model_name")
+        if kwargs.pop("pretrained", False) is not False:
+            raise UntrustedBuilderError("builder 'timm:create_model' with pretrained weights is refused")
+        return f"timm:{name}", kwargs
+    return spec, kwargs
+
+
+def _build(meta: Mapping[str, Any], tensors: Mapping[str, Tensor] | None = None) -> nn.Module:
+    """The model the file's builder names (allowlisted, kwargs checked); with ``tensors``, the
+    architecture is built on the meta device first and must fit them before any real allocation."""
+    spec, kwargs = _legacy(meta.get("builder"), meta.get("kwargs") or {})
+    builder = resolve_builder(spec)
+    check_kwargs(builder, kwargs)
+    if tensors is not None:
+        try:
+            with torch.device("meta"):
+                probe = builder.build(kwargs)
+        except UntrustedBuilderError:
+            raise
+        except Exception:  # a constructor that cannot run on the meta device: the real build decides
+            probe = None
+        if isinstance(probe, nn.Module):
+            problem = _mismatch(probe, tensors)
+            if problem:
+                raise ArchitectureMismatchError(f"{spec}(**{kwargs}) does not build the file's architecture: {problem}")
     try:
-        model = fn(**kwargs)
+        model = builder.build(kwargs)
+    except UntrustedBuilderError:
+        raise
     except Exception as e:
         raise ValueError(f"{spec}(**{kwargs}) failed: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
@@ -294,6 +290,9 @@ def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tenso
         ) from None
     if _META_KEY not in header:
         raise DeployedFileError(f"{p} is a safetensors file without foldattn metadata; write it with save_deployed")
+    if len(header[_META_KEY]) > _MAX_META_BYTES:
+        raise DeployedFileError(f"{p}: the foldattn metadata is {len(header[_META_KEY]):,} bytes (at most "
+                                f"{_MAX_META_BYTES:,}); this is not a file save_deployed wrote")
     try:
         meta = json.loads(header[_META_KEY])
     except json.JSONDecodeError as e:
@@ -307,8 +306,11 @@ def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tenso
         )
     if meta.get("checksum") != _checksum(tensors):
         raise DeployedFileError(f"{p}: the tensors do not match their checksum; the file is corrupted, save it again")
-    for alias, target in (meta.get("aliases") or {}).items():
-        if target not in tensors:
+    aliases = meta.get("aliases") or {}
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise DeployedFileError(f"{p}: 'aliases' must map tensor names to tensor names; the file is corrupted")
+    for alias, target in aliases.items():
+        if alias in tensors or target not in tensors:
             raise DeployedFileError(f"{p}: tied tensor {alias!r} points at missing {target!r}; the file is corrupted")
         tensors[alias] = tensors[target]
     return meta, tensors
@@ -319,13 +321,28 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return _read(path)[0]
 
 
-def load_deployed(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a whole file, ``"sha256:<hex>"``: publish it beside a deployed file so users can
+    pass it to :func:`load_deployed` (``sha256=``) and detect tampering, which the embedded checksum cannot."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def load_deployed(path: str | os.PathLike[str], model: nn.Module | None = None, *,
+                  sha256: str | None = None) -> nn.Module:
     """Rebuild (or fill ``model``) from a file written by :func:`save_deployed`.
 
     Args:
         path: the deployed ``.safetensors`` file.
         model: a fresh instance of the plain architecture to load into; by default the
-            model is rebuilt from the file's ``builder`` (allowlisted imports only).
+            model is rebuilt from the file's ``builder``, which must be on the exact
+            allowlist of :mod:`foldattn.builders` (see the module docstring for what is
+            trusted).
+        sha256: the expected :func:`file_sha256` of the file, obtained from a source you trust;
+            the file is refused before it is parsed if it differs.
 
     Returns:
         The model with the weights loaded strictly, in eval mode.
@@ -333,7 +350,16 @@ def load_deployed(path: str | os.PathLike[str], model: nn.Module | None = None) 
     Raises:
         DeployedFileError: truncated, corrupted or foreign file.
         ArchitectureMismatchError: the weights do not fit (missing/unexpected keys, shapes).
+        UntrustedBuilderError: the file names a builder or keyword arguments outside the allowlist.
     """
+    if sha256 is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no deployed file at {path}")
+        actual = file_sha256(path)
+        expected = sha256 if sha256.startswith("sha256:") else "sha256:" + sha256
+        if actual != expected.lower():
+            raise DeployedFileError(f"{path}: SHA-256 {actual} differs from the expected {expected}; the file was "
+                                    "changed since that hash was published, do not load it")
     meta, tensors = _read(path)
     if meta.get("folded") is not True:
         raise DeployedFileError(f"{path} holds an unfolded model; deployed files hold folded weights")
@@ -345,7 +371,7 @@ def load_deployed(path: str | os.PathLike[str], model: nn.Module | None = None) 
                 "or save it again naming the builder, e.g. save_deployed(model, path, "
                 'builder="torchvision.models:resnet18", kwargs={"num_classes": 10})'
             )
-        target = _build(meta)
+        target = _build(meta, tensors)
     else:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ._utils import atomic_path, eval_mode, unwrap_model
 from .fold import asr_layers, fold
-from .verify import EquivalenceError, _as_args, _flatten
+from .verify import EquivalenceError, _as_args, _flatten, check_finite
 
 __all__ = ["export_onnx", "onnx_op_counts", "ExportReport"]
 
@@ -186,6 +186,8 @@ def _compare_with_ort(model: nn.Module, args: tuple[Any, ...], path: Path) -> tu
     feeds = {inp.name: t.detach().cpu().numpy() for inp, t in zip(session.get_inputs(), tensors, strict=False)}
     got = session.run(None, feeds)
     ref = _flatten(model(*args))
+    check_finite(ref, "PyTorch")
+    check_finite([torch.from_numpy(g) for g in got], "onnxruntime")
     if len(ref) != len(got):
         raise ValueError(f"onnxruntime returned {len(got)} output(s), PyTorch {len(ref)}")
     max_abs, scale = 0.0, 0.0

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ._utils import eval_mode, unwrap_model
 
-__all__ = ["verify", "EquivalenceError", "VerifyReport", "TOLERANCES"]
+__all__ = ["verify", "check_finite", "EquivalenceError", "VerifyReport", "TOLERANCES"]
 
 #: Largest accepted ``max |a - b| / max |a|`` per dtype: a few hundred ulps of the
 #: output scale for float64 and float32, the round-off of whole networks in half precision.
@@ -109,7 +109,8 @@ def verify(
         error is relative to the output scale, ``max |a - b| / max |a|``.
 
     Raises:
-        EquivalenceError: the relative error exceeds the tolerance.
+        EquivalenceError: the relative error exceeds the tolerance, or an output of either
+            model holds NaN or Inf.
         ValueError: the inputs do not fit the models, or the outputs differ in structure.
     """
     model, deployed = unwrap_model(model), unwrap_model(deployed)
@@ -128,6 +129,8 @@ def verify(
             f"output structure differs: reference {[tuple(t.shape) for t in ref]}, "
             f"deployed {[tuple(t.shape) for t in out]}"
         )
+    check_finite(ref, "reference")
+    check_finite(out, "deployed")
     max_abs, scale = 0.0, 0.0
     for a, b in zip(ref, out, strict=True):
         a64, b64 = a.double(), b.double()
@@ -136,6 +139,25 @@ def verify(
             scale = max(scale, a64.abs().max().item())
     max_rel = max_abs / scale if scale > 0 else max_abs
     report = VerifyReport(max_abs, max_rel, tol, run_dtype, len(ref))
-    if not report.passed or max_rel != max_rel:  # NaN fails too
+    if not report.passed:
         raise EquivalenceError(str(report))
     return report
+
+
+def check_finite(outputs: Sequence[Tensor], label: str) -> None:
+    """Raise :class:`EquivalenceError` if any output holds NaN or Inf (how many, in which output).
+
+    A non-finite output is never "equal": ``max`` over errors would silently drop a NaN.
+    """
+    problems = []
+    for i, t in enumerate(outputs):
+        if not t.is_floating_point() and not t.is_complex():
+            continue
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        if nan or inf:
+            problems.append(f"output {i} {tuple(t.shape)}: {nan} NaN and {inf} Inf of {t.numel()} values")
+    if problems:
+        raise EquivalenceError(
+            f"the {label} model's outputs are not finite ({'; '.join(problems)}); a model that produces NaN or Inf "
+            "cannot be verified (diverged training, overflow in low precision, or broken weights)"
+        )

@@ -11,6 +11,9 @@ state flows along the chain.
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -49,6 +52,17 @@ class DIACell(nn.Module):
         return o.sigmoid() * c.sigmoid(), c
 
 
+def _hand_over(module: DIA, slot: str, value: object) -> None:
+    """Leave ``value`` for the next block of the chain, in this thread's slot: several threads may
+    run one model at once, and each forward pass must receive its own predecessor's state."""
+    module.__dict__.setdefault(slot, {})[threading.get_ident()] = value
+
+
+def _take(module: DIA, slot: str) -> Any:
+    """What :func:`_hand_over` left in this thread's slot (once: the graph is not kept alive), or None."""
+    return module.__dict__.get(slot, {}).pop(threading.get_ident(), None)
+
+
 @register("dia")
 class DIA(ChannelAttention):
     """One block's view of a stage-shared :class:`DIACell`.
@@ -69,7 +83,6 @@ class DIA(ChannelAttention):
         super().__init__(channels)
         # links are plain attributes (not submodules) so the cell is registered once
         self.__dict__["_previous"] = previous
-        self.__dict__["_state"] = None
         self._has_next = False
         if previous is None:
             self.cell = DIACell(channels, reduction)
@@ -97,19 +110,18 @@ class DIA(ChannelAttention):
         prev = self.previous
         if prev is None:
             return None
-        state = prev.__dict__["_state"]
+        state = _take(prev, "_state")
         if state is None or state[0].shape[0] != batch:
             raise RuntimeError(
                 "DIA blocks of a stage must run in order within one forward pass: the previous block "
                 "of this chain has not produced a state for this batch"
             )
-        prev.__dict__["_state"] = None  # consumed: do not keep the graph alive
         return state
 
     def gate(self, d: Tensor) -> Tensor:
         h, c = self.shared_cell(d, self._take_previous_state(d.shape[0]))
         if self._has_next:
-            self.__dict__["_state"] = (h, c)
+            _hand_over(self, "_state", (h, c))
         return h
 
     def _static_key(self) -> tuple[object, ...]:
@@ -135,12 +147,11 @@ class DIA(ChannelAttention):
         prev = self.previous
         state = None
         if prev is not None:
-            cached = prev.__dict__.get("_static_cache")
-            prev.__dict__["_static_cache"] = None
+            cached = _take(prev, "_static_cache")
             state = cached[1] if cached is not None and cached[0] == prev._static_key() else prev.static_state()
         h, c = self.shared_cell(self.psi, state)
         if self._has_next:
-            self.__dict__["_static_cache"] = (self._static_key(), (h, c))
+            _hand_over(self, "_static_cache", (self._static_key(), (h, c)))
         return h, c
 
     def static_gate(self) -> Tensor:

@@ -57,7 +57,7 @@ def _save(model: nn.Module, path: Path, name: str | None, kwargs: dict[str, Any]
     """Write the converted model with :func:`foldattn.deploy.save_deployed`.
 
     When every attention module folded away and the model is a foldattn model, it *is* the
-    plain backbone: the file then names ``create_model(name)`` as its builder, so
+    plain backbone: the file then names ``foldattn.models:NAME`` as its builder, so
     ``foldattn.deploy.load_deployed(path)`` rebuilds it. Otherwise (modules kept, torchvision
     or timm models, whose deployed tree differs from their builder's) load it with ``model=``.
     """
@@ -65,8 +65,7 @@ def _save(model: nn.Module, path: Path, name: str | None, kwargs: dict[str, Any]
 
     if name is not None and all_folded:
         try:
-            return save_deployed(model, path, "foldattn.models:create_model", {"name": name, **kwargs},
-                                 metadata=meta)
+            return save_deployed(model, path, f"foldattn.models:{name}", kwargs, metadata=meta)
         except ValueError:  # the tree is not the plain model's after all: save without a builder
             pass
     return save_deployed(model, path, metadata=meta)

@@ -27,7 +27,7 @@ def builder_for(cfg: TrainConfig, classes: int) -> tuple[str | None, dict[str, A
         return None, None
     if source == "torchvision":
         return f"torchvision.models:{name}", {"num_classes": classes}
-    return "timm:create_model", {"model_name": name, "num_classes": classes, "pretrained": False}
+    return f"timm:{name}", {"num_classes": classes}
 
 
 def _main(args: argparse.Namespace) -> int:

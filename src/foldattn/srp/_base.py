@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .._utils import set_submodule, unwrap_model
+from ..hosts import scaled_forward
 from ..transforms import add_branches, pad_kernel
 
 __all__ = [
@@ -47,12 +48,23 @@ def centred_padding(kernel_size: int, small: int, padding: int, what: str) -> in
 
 
 class Branch(nn.Module):
-    """One linear branch of a :class:`RepBlock`; its last layer is the BatchNorm ``self.bn``.
+    """One linear branch of a :class:`RepBlock`: ``bn(body(x))``, its last layer the BatchNorm ``self.bn``.
 
-    Subclasses implement :meth:`forward` and :meth:`kernel`.
+    Subclasses implement :meth:`body` and :meth:`kernel`.
     """
 
     bn: nn.BatchNorm2d
+
+    def body(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Everything the branch computes before its last BatchNorm."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.body(x))
+
+    def forward_scaled(self, v: Tensor, x: Tensor) -> Tensor:
+        """The branch with its last BatchNorm's weight and bias multiplied by ``v`` (ASR's training form)."""
+        return scaled_forward(self.bn, v, self.body(x))
 
     def kernel(self, kernel_size: tuple[int, int]) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         """``(weight, bias)`` in float64 of the eval-mode branch as one conv with ``kernel_size``."""
@@ -104,6 +116,16 @@ class RepBlock(nn.Module):
         out: Tensor | None = None
         for branch in self.branches.values():
             y = branch(x)
+            out = y if out is None else out + y
+        if out is None:
+            raise RuntimeError(f"{type(self).__name__} has no branches; subclasses add them in __init__")
+        return out
+
+    def forward_scaled(self, v: Tensor, x: Tensor) -> Tensor:
+        """The block with every branch's last BatchNorm scaled by ``v``: ``block(x) * v``, functionally."""
+        out: Tensor | None = None
+        for branch in self.branches.values():
+            y = branch.forward_scaled(v, x)
             out = y if out is None else out + y
         if out is None:
             raise RuntimeError(f"{type(self).__name__} has no branches; subclasses add them in __init__")

@@ -31,8 +31,8 @@ class ConvBN(Branch):
                               groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.bn(self.conv(x))
+    def body(self, x: Tensor) -> Tensor:
+        return self.conv(x)
 
     def kernel(self, kernel_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         s, t = self._bn_affine()
@@ -47,8 +47,8 @@ class IdentityBN(Branch):
         self.groups = groups
         self.bn = nn.BatchNorm2d(channels)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.bn(x)
+    def body(self, x: Tensor) -> Tensor:
+        return x
 
     def kernel(self, kernel_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         s, t = self._bn_affine()
@@ -118,8 +118,8 @@ class OneByOneThen(Branch):
             eye = identity_as_conv(self.conv1.in_channels, 1, self.groups)
             self.conv1.weight.copy_(eye.to(self.conv1.weight))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.bn(self.op(self.mid(self.conv1(x))))
+    def body(self, x: Tensor) -> Tensor:
+        return self.op(self.mid(self.conv1(x)))
 
     def kernel(self, kernel_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         s1, t1 = self._bn_affine(self.mid.bn)
