@@ -14,13 +14,8 @@ from torch import Tensor, nn
 
 import foldattn
 from foldattn import ASR, attach, find_sites
-from foldattn.attach import (
-    AttachReport,
-    _BlockFinder,
-    _graph_from_run,
-    is_existing_attention,
-    register_transparent_type,
-)
+from foldattn.attach import AttachReport, is_existing_attention, register_transparent_type
+from foldattn.graph import graph_from_run
 from foldattn.fold import asr_layers
 
 tv = pytest.importorskip("torchvision.models")
@@ -127,9 +122,8 @@ def test_fx_and_recorded_graph_agree(name: str) -> None:
     model = build()
     traced = find_sites(model)
     assert traced.method == "torch.fx trace"
-    recorded_graph = _graph_from_run(model, torch.randn(1, 3, size, size))
-    found, _ = _BlockFinder(model, recorded_graph).find()
-    assert [n for n, _ in found] == traced.names
+    recorded = find_sites(model, graph=graph_from_run(model, torch.randn(1, 3, size, size)))
+    assert recorded.method == "recorded forward pass" and recorded.names == traced.names
 
 
 def test_block_sites_of_known_families() -> None:

@@ -49,7 +49,8 @@ def test_register_new_module() -> None:
         x = torch.randn(2, 4, 3, 3)
         torch.testing.assert_close(attention.create("test_identity_gate", 4)(x), x * 0.5)
     finally:
-        attention._registry._REGISTRY.pop("test_identity_gate")
+        attention.unregister("test_identity_gate")
+    assert "test_identity_gate" not in attention.names()
 
 
 @pytest.mark.parametrize("channels", [0, -3, 2.5, True])

@@ -91,3 +91,39 @@ def test_models_hold_no_global_state() -> None:
     b = create_model("cifar_resnet20", attention="se", asr=True)
     assert float(a.layer1[0].bn2.attention.psi.detach().mean()) == 0.5
     assert float(b.layer1[0].bn2.attention.psi.detach().mean()) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "sites"),
+    [
+        ("cifar_resnet20", {}, 9),
+        ("cifar_resnet20_acnet", {}, 9),
+        ("cifar_repvgg_a0", {"num_blocks": (1, 2, 2, 1), "widths": (8, 8, 16, 16)}, 6),
+        ("cifar_vit_tiny", {"embed_dim": 16, "depth": 5, "num_heads": 2}, 10),  # proj and fc2 of 5 blocks
+    ],
+)
+@pytest.mark.parametrize("every", [1, 2, 3])
+@pytest.mark.parametrize("form", ["asr", "classic", "both"])
+def test_every_is_a_builder_argument_of_every_family(name: str, kwargs: dict, sites: int, every: int,
+                                                     form: str) -> None:
+    from foldattn import ASR, fold
+    from foldattn.attention import ChannelAttention
+
+    flags = {"asr": {"asr": True}, "classic": {}, "both": {"asr": True, "both": True}}[form]
+    model = create_model(name, attention="se", every=every, **flags, **kwargs)
+    n_asr = sum(isinstance(m, ASR) for m in model.modules())
+    n_classic = sum(isinstance(m, ChannelAttention) and not m.is_static for m in model.modules())
+    expected = len(range(0, sites // (2 if name == "cifar_vit_tiny" else 1), every))
+    if name == "cifar_vit_tiny":
+        expected *= 2  # one schedule per site kind (proj, fc2) along the depth
+    assert n_asr == (expected if form != "classic" else 0)
+    assert n_classic == (expected if form != "asr" else 0)
+    if form == "asr":  # and the folded model is the plain one
+        srp = name in ("cifar_resnet20_acnet", "cifar_repvgg_a0")  # fold fuses their blocks too
+        plain = create_model(name, **kwargs, **({"deploy": True} if srp else {}))
+        plain.load_state_dict(fold(model).state_dict(), strict=True)
+
+
+def test_every_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="every must be a positive integer"):
+        create_model("cifar_resnet20", attention="se", asr=True, every=0)

@@ -125,6 +125,8 @@ def test_every_keeps_attention_in_every_kth_block() -> None:
     model = build_model(TrainConfig(attention="se", asr=True, every=2), num_classes=10)
     n_asr = sum(type(m).__name__ == "ASR" for m in model.modules())
     assert n_asr == 5  # 9 blocks of ResNet-20: blocks 0, 2, 4, 6, 8
+    vit = build_model(TrainConfig(model="cifar_vit_tiny", attention="se", asr=True, every=2), num_classes=10)
+    assert sum(type(m).__name__ == "ASR" for m in vit.modules()) == 6  # proj and fc2 of blocks 0, 2, 4 of 6
 
 
 def test_paper_recipe() -> None:

@@ -153,8 +153,8 @@ def test_same_rule_on_timm_and_torchvision_vits(make, expected):
 
 
 def test_vit_rule_errors():
-    with pytest.raises(ValueError, match="no transformer block"):
+    with pytest.raises(ValueError, match="no eligible ASR site"):
         vit_asr_sites(nn.Sequential(nn.Linear(2, 2)))
     model = attach_vit_asr(create_model("cifar_vit_tiny", **SMALL), "ie")
-    with pytest.raises(ValueError, match="already has ASR"):
+    with pytest.raises(ValueError, match="already have ASR"):
         attach_vit_asr(model, "ie")

@@ -54,6 +54,8 @@ class ASR(nn.Module):
         both: also apply the classic (input-dependent) module on the output,
             "ASR(X) + X"; only the ASR part folds away.
         psi_init: constant the learnable input ``psi`` starts at.
+        classic: a classic module instance for "ASR(X) + X" (instead of ``both=True``,
+            which builds one from the attention's name); e.g. a DIA module of a chain.
         **attention_kwargs: passed to the attention constructor.
 
     Example:
@@ -68,6 +70,7 @@ class ASR(nn.Module):
         *,
         both: bool = False,
         psi_init: float = 0.1,
+        classic: _attention.ChannelAttention | None = None,
         **attention_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -96,8 +99,12 @@ class ASR(nn.Module):
         self.attention = module.to(device=ref.device, dtype=ref.dtype)
         self.channel_dim = channel_dim(host)
         self.classic: nn.Module | None = None
-        if both:
-            classic = _attention.create(name, channels, **attention_kwargs).to(device=ref.device, dtype=ref.dtype)
+        if both and classic is None:
+            classic = _attention.create(name, channels, **attention_kwargs)
+        if classic is not None:
+            if not isinstance(classic, _attention.ChannelAttention) or classic.channels != channels:
+                raise ValueError(f"classic must be a ChannelAttention for {channels} channels, got {classic!r}")
+            classic = classic.to(device=ref.device, dtype=ref.dtype)
             self.classic = ChannelsLast(classic) if self.channel_dim == -1 else classic
         self.attention_name = name
 

@@ -31,20 +31,24 @@ from __future__ import annotations
 import copy
 import fnmatch
 import logging
-import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
 
 from . import attention as _attention
-from ._utils import eval_mode, set_submodule, unwrap_model
-from .asr import ASR, HOST_TYPES, ChannelsLast, host_channels
+from ._utils import set_submodule, unwrap_model
+from .asr import ASR, host_channels
+from .graph import (
+    Graph,
+    build_graph,
+    is_existing_attention,
+    is_transparent,
+    register_attention_type,
+    register_transparent_type,
+)
 
 __all__ = [
     "attach", "find_sites", "AttachReport", "Site", "Skipped",
@@ -53,46 +57,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Where = Literal["block", "norms"] | None
-
-# --------------------------------------------------------------------------------------
-# Type registries (qualified class names, so that optional packages need not be imported)
-# --------------------------------------------------------------------------------------
-
-#: Attention modules a model may already contain: never hosts, never entered, passed through
-#: when walking back from an addition (ASR then sits before them: "ASR(X) + X").
-_ATTENTION_TYPES: set[str] = {
-    "torchvision.ops.misc.SqueezeExcitation",
-    "timm.layers.squeeze_excite.SEModule",
-    "timm.layers.squeeze_excite.EffectiveSEModule",
-    "timm.layers.squeeze_excite.SqueezeExcite",
-    "timm.layers.squeeze_excite.SqueezeExciteCl",
-    "timm.layers.eca.EcaModule",
-    "timm.layers.eca.CecaModule",
-    "timm.layers.cbam.CbamModule",
-    "timm.layers.cbam.LightCbamModule",
-    "timm.layers.gather_excite.GatherExcite",
-    "timm.layers.global_context.GlobalContext",
-    "timm.models._efficientnet_blocks.SqueezeExcite",
-}
-
-#: Modules that commute with a positive per-channel scale of their input (or are the identity
-#: at inference): the walk from an addition back to its host passes through them.
-_TRANSPARENT_TYPES: set[str] = {
-    "torch.nn.modules.linear.Identity",
-    "torch.nn.modules.dropout.Dropout",
-    "torch.nn.modules.dropout.Dropout1d",
-    "torch.nn.modules.dropout.Dropout2d",
-    "torch.nn.modules.dropout.Dropout3d",
-    "torch.nn.modules.dropout.AlphaDropout",
-    "torch.nn.modules.dropout.FeatureAlphaDropout",
-    "torch.nn.modules.flatten.Flatten",
-    "torchvision.ops.stochastic_depth.StochasticDepth",
-    "torchvision.ops.misc.Permute",
-    "timm.layers.drop.DropPath",
-    "timm.layers.layer_scale.LayerScale",
-    "timm.layers.layer_scale.LayerScale2d",
-}
+Where = Literal["block", "transformer", "norms"] | None
 
 #: Function / method names (normalised: without leading/trailing underscores) the walk passes.
 _TRANSPARENT_FUNCS = frozenset({
@@ -105,48 +70,6 @@ _TRANSPARENT_FUNCS = frozenset({
 _SCALE_FUNCS = frozenset({"mul", "imul", "rmul", "truediv", "itruediv", "div", "div_"})
 _ADD_FUNCS = frozenset({"add", "iadd", "radd"})
 _NORM_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
-
-
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _register(registry: set[str], cls: type | str) -> None:
-    name = cls if isinstance(cls, str) else _qualname(cls)
-    if "." not in name:
-        raise ValueError(f"expected a class or its qualified name 'package.module.Class', got {name!r}")
-    registry.add(name)
-
-
-def register_attention_type(cls: type | str) -> None:
-    """Declare a class (or ``"package.module.Class"``) as an attention module the model
-    already has: :func:`attach` never puts ASR on it or inside it and leaves it in place."""
-    _register(_ATTENTION_TYPES, cls)
-
-
-def register_transparent_type(cls: type | str) -> None:
-    """Declare a module type that commutes with a per-channel scale (e.g. a custom
-    layer-scale or drop-path): ``where="block"`` walks through it to find the host."""
-    _register(_TRANSPARENT_TYPES, cls)
-
-
-def _matches(module: nn.Module, registry: set[str]) -> bool:
-    return any(_qualname(c) in registry for c in type(module).__mro__)
-
-
-def is_existing_attention(module: nn.Module) -> bool:
-    """True for attention modules (SE, ECA, CBAM, ...) that :func:`attach` leaves alone."""
-    return isinstance(module, _attention.ChannelAttention) or _matches(module, _ATTENTION_TYPES)
-
-
-def _is_transparent_module(module: nn.Module) -> bool:
-    if _matches(module, _TRANSPARENT_TYPES):
-        return True
-    # activations (not softmax-like normalisers or attention): elementwise, positive-homogeneous
-    # or at least applied after the scale in the same place as SE's output would be
-    return module.__class__.__module__ == "torch.nn.modules.activation" and not isinstance(
-        module, (nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d)
-    )
 
 
 def _is_host(module: nn.Module) -> bool:
@@ -165,174 +88,20 @@ def _host_problem(module: nn.Module) -> str:
     return ""
 
 
-def _is_leaf(module: nn.Module) -> bool:
-    """Modules kept whole in the dataflow graph (not traced into)."""
-    if isinstance(module, ASR) or is_existing_attention(module) or _is_transparent_module(module):
-        return True
-    if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-        return False
-    if isinstance(module, (*HOST_TYPES, nn.MultiheadAttention)) or callable(getattr(module, "asr_parameters", None)):
-        return True
-    if any(True for _ in module.children()):
-        return False  # containers (also torch.nn ones such as TransformerEncoderLayer) are traced into
-    # torch.nn layers, and custom layers with their own parameters, are atomic operations
-    return type(module).__module__.startswith(("torch.nn.", "torch.ao.nn.")) or any(
-        True for _ in module.parameters(recurse=False)
-    )
+def _channels(module: nn.Module) -> int:
+    return module.channels if isinstance(module, ASR) else host_channels(module)
 
 
-# --------------------------------------------------------------------------------------
-# A small dataflow graph, built from torch.fx or from a recorded forward pass
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Node:
-    kind: str  # "input" | "module" | "function" | "const"
-    target: str  # module name, or normalised function name
-    inputs: list[int]  # indices of the live nodes this node reads
-    live: bool  # depends on the model input
-
-
-class _Graph:
-    def __init__(self, method: str) -> None:
-        self.method = method
-        self.nodes: list[_Node] = []
-
-    def add(self, kind: str, target: str, inputs: Iterable[int], force_live: bool = False) -> int:
-        ins = [i for i in dict.fromkeys(inputs) if self.nodes[i].live]
-        live = force_live or bool(ins)
-        self.nodes.append(_Node(kind if live or kind == "input" else "const", target, ins, live))
-        return len(self.nodes) - 1
-
-    def called_modules(self) -> set[str]:
-        return {n.target for n in self.nodes if n.kind == "module"}
-
-
-def _norm_name(name: str) -> str:
-    return name.strip("_")
-
-
-def _func_name(target: Any) -> str:
-    if target is operator.getitem:
-        return "getitem"
-    return _norm_name(getattr(target, "__name__", str(target)))
-
-
-class _Tracer(torch.fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _is_leaf(m)
-
-
-def _graph_from_fx(model: nn.Module) -> _Graph:
-    fx_graph = _Tracer().trace(model)
-    graph = _Graph("torch.fx trace")
-    index: dict[torch.fx.Node, int] = {}
-
-    def inputs_of(node: torch.fx.Node) -> list[int]:
-        found: list[int] = []
-        torch.fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(index[a]) if a in index else None)
-        return found
-
-    for node in fx_graph.nodes:
-        if node.op == "placeholder":
-            index[node] = graph.add("input", node.target, [], force_live=True)
-        elif node.op == "get_attr":
-            index[node] = graph.add("const", node.target, [])
-        elif node.op == "call_module":
-            index[node] = graph.add("module", str(node.target), inputs_of(node))
-        elif node.op in ("call_function", "call_method"):
-            name = _norm_name(node.target) if node.op == "call_method" else _func_name(node.target)
-            index[node] = graph.add("function", name, inputs_of(node))
-    return graph
-
-
-class _Recorder(TorchFunctionMode):
-    """Records tensor operations run outside leaf modules; leaf modules are recorded by hooks."""
-
-    def __init__(self, graph: _Graph) -> None:
-        super().__init__()
-        self.graph = graph
-        self.producer: dict[int, int] = {}
-        self.keep: list[Tensor] = []  # keeps ids unique while recording
-        self.depth = 0
-
-    def tensors(self, tree: Any) -> list[Tensor]:
-        return [t for t in pytree.tree_leaves(tree) if isinstance(t, Tensor)]
-
-    def inputs(self, tree: Any) -> list[int]:
-        return [self.producer[id(t)] for t in self.tensors(tree) if id(t) in self.producer]
-
-    def produced(self, out: Any, node: int) -> None:
-        for t in self.tensors(out):
-            self.producer[id(t)] = node
-            self.keep.append(t)
-
-    def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if self.depth == 0 and self.tensors(out):
-            node = self.graph.add("function", _func_name(func), self.inputs((args, kwargs)))
-            self.produced(out, node)
-        return out
-
-
-def _graph_from_run(model: nn.Module, example_inputs: Any) -> _Graph:
-    graph = _Graph("recorded forward pass")
-    rec = _Recorder(graph)
-    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    for t in rec.tensors(args):
-        rec.produced(t, graph.add("input", "input", [], force_live=True))
-    names: dict[int, str] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(m), n)  # a module shared under two names keeps its first, as torch.fx does
-    leaves = {id(m) for m in model.modules() if _is_leaf(m)}
-
-    def pre(module: nn.Module, a: Any, kw: Any) -> None:
-        if id(module) in leaves:
-            rec.depth += 1
-
-    def post(module: nn.Module, a: Any, kw: Any, out: Any) -> None:
-        if id(module) in leaves:
-            rec.depth -= 1
-            if rec.depth == 0:
-                rec.produced(out, graph.add("module", names.get(id(module), "?"), rec.inputs((a, kw))))
-
-    handles = []
-    try:
-        for m in model.modules():
-            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(m.register_forward_hook(post, with_kwargs=True))
-        with torch.no_grad(), eval_mode(model), rec:
-            model(*args)
-    finally:
-        for h in handles:
-            h.remove()
-    return graph
-
-
-def _build_graph(model: nn.Module, example_inputs: Any, need: bool) -> tuple[_Graph | None, str]:
-    """The dataflow graph: torch.fx first, then a recorded forward pass. Returns (graph, why-not)."""
-    try:
-        return _graph_from_fx(model), ""
-    except Exception as e:  # symbolic tracing fails on data-dependent control flow, ...
-        fx_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    if example_inputs is None:
-        if need:
-            raise ValueError(
-                f"where='block' needs the model's dataflow graph, but torch.fx cannot trace this model "
-                f"({fx_error[:300]}). Pass example_inputs=<a small input batch> so attach can record one "
-                "forward pass instead."
-            ) from None
-        return None, fx_error
-    try:
-        return _graph_from_run(model, example_inputs), ""
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+def _graph_for(model: nn.Module, example_inputs: Any, need: bool) -> tuple[Graph | None, str]:
+    """The dataflow graph (see :mod:`foldattn.graph`); where="block" cannot do without one."""
+    graph, fx_error = build_graph(model, example_inputs, sequential_fallback=False)
+    if graph is None and need:
         raise ValueError(
-            f"torch.fx cannot trace the model ({fx_error[:200]}) and it cannot run on example_inputs "
-            f"to record its graph: {first}. Pass inputs shaped like the model's real inputs."
-        ) from None
+            f"where='block' needs the model's dataflow graph, but torch.fx cannot trace this model "
+            f"({fx_error[:300]}). Pass example_inputs=<a small input batch> so attach can record one "
+            "forward pass instead."
+        )
+    return graph, fx_error
 
 
 # --------------------------------------------------------------------------------------
@@ -402,17 +171,13 @@ def _bits(n: int) -> Iterable[int]:
 
 
 class _BlockFinder:
-    """Applies the ``where="block"`` rules to a :class:`_Graph`."""
+    """Applies the ``where="block"`` rules to a :class:`~foldattn.graph.Graph`."""
 
-    def __init__(self, model: nn.Module, graph: _Graph) -> None:
+    def __init__(self, model: nn.Module, graph: Graph, branch_input: bool = False) -> None:
         self.modules = dict(model.named_modules())
         self.graph = graph
-        self.anc: list[int] = []  # bitset of ancestors per node
-        for node in graph.nodes:
-            bits = 0
-            for i in node.inputs:
-                bits |= self.anc[i] | (1 << i)
-            self.anc.append(bits)
+        self.branch_input = branch_input  # where="transformer": the branch's first host if its last is none
+        self.anc = [graph.ancestors(i) for i in range(len(graph.nodes))]  # bitset of ancestors per node
 
     def _weight(self, idx: int) -> bool:
         node = self.graph.nodes[idx]
@@ -429,7 +194,7 @@ class _BlockFinder:
         """Walk back from ``idx``. Returns ``(site, note, "")`` or ``(None, where it stopped, why)``."""
         notes: list[str] = []
         nodes = self.graph.nodes
-        last = ""
+        last, start = "", idx
         while True:
             node = nodes[idx]
             if idx <= split or not node.live or node.kind not in ("module", "function"):
@@ -438,13 +203,16 @@ class _BlockFinder:
                 m = self.modules.get(node.target)
                 if m is not None and (isinstance(m, ASR) or _is_host(m)):
                     return node.target, ", ".join(notes), ""
-                if m is not None and (is_existing_attention(m) or _is_transparent_module(m)) and len(node.inputs) == 1:
+                if m is not None and (is_existing_attention(m) or is_transparent(m)) and len(node.inputs) == 1:
                     if is_existing_attention(m):
                         notes.append(f"before the existing {type(m).__name__} {node.target!r}")
                     last, idx = node.target, node.inputs[0]
                     continue
                 if isinstance(m, nn.MultiheadAttention):
                     why = "nn.MultiheadAttention uses out_proj's weights directly, so no layer inside it can be wrapped"
+                    first = self._first_host(start, split) if self.branch_input else None
+                    if first is not None:
+                        return first, f"at the branch input: {node.target!r} ({why.split(',')[0]})", ""
                 else:
                     why = _host_problem(m).split(";")[0] if m is not None else "unknown module"
                 return None, node.target, f"the branch ends in {type(m).__name__}, which is not an ASR host ({why})"
@@ -455,6 +223,16 @@ class _BlockFinder:
                 continue
             where = f"<{node.target} after {last}>" if last else f"<{node.target}>"
             return None, where, f"the branch ends in the operation {node.target!r}, not in a layer"
+
+    def _first_host(self, operand: int, split: int) -> str | None:
+        """The first layer of the residual branch (after the split) that can host ASR, e.g. a pre-norm."""
+        members = self.anc[operand] | (1 << operand)
+        for i in _bits(members):
+            if i > split and (self.anc[i] >> split) & 1 and self.graph.nodes[i].kind == "module":
+                m = self.modules.get(self.graph.nodes[i].target)
+                if m is not None and (isinstance(m, ASR) or _is_host(m)):
+                    return self.graph.nodes[i].target
+        return None
 
     def find(self) -> tuple[list[tuple[str, str]], list[Skipped]]:
         sites: list[tuple[str, str]] = []
@@ -512,17 +290,22 @@ def find_sites(
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     example_inputs: Tensor | Sequence[Tensor] | None = None,
+    graph: Graph | None = None,
+    allow_existing: bool = False,
 ) -> AttachReport:
     """Where :func:`attach` would put ASR, as an :class:`AttachReport`; the model is not changed.
 
-    Arguments are those of :func:`attach`. Raises ``ValueError`` when no site is eligible
-    (saying what was looked for), when a pattern matches nothing, or when a selected site
-    already has ASR.
+    Arguments are those of :func:`attach`; ``graph`` is a dataflow graph built beforehand
+    (:func:`foldattn.graph.build_graph`, ``graph_from_run``, ...) to use instead of building one;
+    ``allow_existing`` reports sites that already have ASR (the rule applied to an attached model)
+    instead of refusing them. Raises ``ValueError`` when no site is eligible (saying what was
+    looked for), when a pattern matches nothing, or when a selected site already has ASR.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    if where not in ("block", "norms", None):
-        raise ValueError(f"where must be 'block', 'norms' or None (then include= names the sites), got {where!r}")
+    if where not in ("block", "transformer", "norms", None):
+        raise ValueError(f"where must be 'block', 'transformer', 'norms' or None (then include= names the sites), "
+                         f"got {where!r}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be a positive integer (keep every k-th site), got {every!r}")
     includes, excludes = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
@@ -532,20 +315,18 @@ def find_sites(
     modules = dict(model.named_modules())
     asr_names = [n for n, m in modules.items() if isinstance(m, ASR)]
     attn_names = [n for n, m in modules.items() if is_existing_attention(m) and not isinstance(m, ASR)]
-    graph, why_not = _build_graph(model, example_inputs, need=where == "block")
+    why_not = ""
+    if graph is None:
+        graph, why_not = _graph_for(model, example_inputs, need=where in ("block", "transformer"))
     method = graph.method if graph is not None else "module tree (no graph: " + why_not[:120] + ")"
     called: set[str] | None = graph.called_modules() if graph is not None else None
-    calls: dict[str, int] = {}
-    if graph is not None:
-        for n in graph.nodes:
-            if n.kind == "module":
-                calls[n.target] = calls.get(n.target, 0) + 1
+    calls: dict[str, int] = graph.calls() if graph is not None else {}
 
     skipped: list[Skipped] = []
     notes: dict[str, str] = {}
-    if where == "block":
+    if where in ("block", "transformer"):
         assert graph is not None
-        found, skipped = _BlockFinder(model, graph).find()
+        found, skipped = _BlockFinder(model, graph, branch_input=where == "transformer").find()
         candidates = [n for n, _ in found]
         notes = {n: note for n, note in found if note}
         looked_for = (
@@ -584,7 +365,7 @@ def find_sites(
             candidates.append(n)
 
     if not candidates:
-        extra = "" if where != "block" else (
+        extra = "" if where not in ("block", "transformer") else (
             " If the model has no residual connections, try where='norms'; if its branches end in a module of "
             "your own (an attention x * gate, a layer-scale), declare it with "
             "foldattn.register_attention_type(cls) or foldattn.register_transparent_type(cls).")
@@ -610,13 +391,13 @@ def find_sites(
     candidates = [c for i, c in enumerate(candidates) if i % every == 0]
 
     already = [c for c in candidates if isinstance(modules[c], ASR)]
-    if already:
+    if already and not allow_existing:
         raise ValueError(
             f"{len(already)} selected site(s) already have ASR ({', '.join(already[:5])}); attach ASR once per "
             "host: fold the model first, or exclude= these sites"
         )
     sites = [
-        Site(c, type(modules[c]).__name__, host_channels(modules[c]), calls.get(c, 1), notes.get(c, ""))
+        Site(c, type(modules[c]).__name__, _channels(modules[c]), calls.get(c, 1), notes.get(c, ""))
         for c in candidates
     ]
     return AttachReport(where=str(where) if where else "include", method=method, sites=sites, skipped=skipped)
@@ -647,8 +428,12 @@ def attach(
         attention: a registered attention name (``foldattn.attention.names()``), or a
             callable ``channels -> ChannelAttention``.
         where: ``"block"``: the last layer of each residual branch, before the addition
-            (SE's place); ``"norms"``: every BatchNorm, GroupNorm and LayerNorm; ``None``:
-            exactly the modules matched by ``include``.
+            (SE's place); ``"transformer"``: the same, and where a branch ends in a module
+            that uses its weights directly (``nn.MultiheadAttention``), the branch's first
+            layer (its pre-norm) instead: two sites per ViT block (timm's ``attn.proj`` and
+            ``mlp.fc2``; torchvision's ``ln_1`` and the MLP's last Linear); ``"norms"``:
+            every BatchNorm, GroupNorm and LayerNorm; ``None``: exactly the modules matched
+            by ``include``.
         every: keep every k-th site in forward order (the 1st, (k+1)-th, ...).
         include: module names or glob patterns (``"layer3.*"``) the sites must match.
         exclude: module names or glob patterns removed from the sites.
@@ -681,30 +466,16 @@ def attach(
     model = unwrap_model(model)
     if not inplace:
         model = copy.deepcopy(model)
-    chain_dia = isinstance(attention, str) and _attention.get(attention) is _attention.DIA
-    previous: _attention.ChannelAttention | None = None
-    previous_classic: _attention.ChannelAttention | None = None
+    # one factory per role: DIA modules share a cell along consecutive sites of equal width
+    asr_f = _attention.Factory(attention, **attention_kwargs) if isinstance(attention, str) else None
+    classic_f = _attention.Factory(attention, **attention_kwargs) if both else None
     for site in report.sites:
         host = model.get_submodule(site.name)
-        if chain_dia:  # DIA shares one LSTM cell along a stage: chain consecutive sites of equal width
-            prev = previous if previous is not None and previous.channels == site.channels else None
-            module = _attention.create("dia", site.channels, previous=prev, **attention_kwargs)
-            layer = ASR(host, module, psi_init=psi_init)
-            previous = module
-            if both:  # the classic twins form their own chain (their own cell per stage)
-                prev_c = previous_classic if prev is not None else None
-                classic = _attention.create("dia", site.channels, previous=prev_c, **attention_kwargs)
-                psi = layer.attention.psi
-                classic = classic.to(device=psi.device, dtype=psi.dtype)
-                layer.classic = ChannelsLast(classic) if layer.channel_dim == -1 else classic
-                previous_classic = classic
-        elif isinstance(attention, str):
-            layer = ASR(host, attention, both=both, psi_init=psi_init, **attention_kwargs)
-        else:
-            module = attention(site.channels)
-            if not isinstance(module, _attention.ChannelAttention):
-                raise TypeError(f"the attention factory returned {type(module).__name__}, not a ChannelAttention")
-            layer = ASR(host, module, psi_init=psi_init)
+        module = asr_f(site.channels) if asr_f is not None else attention(site.channels)  # type: ignore[operator]
+        if not isinstance(module, _attention.ChannelAttention):
+            raise TypeError(f"the attention factory returned {type(module).__name__}, not a ChannelAttention")
+        classic = classic_f(site.channels) if classic_f is not None else None
+        layer = ASR(host, module, psi_init=psi_init, classic=classic)
         set_submodule(model, site.name, layer)
     log.info("%s", report)
     return (model, report) if return_report else model

@@ -118,15 +118,16 @@ def _keywords(fn: Callable[..., Any], extra: set[str] = frozenset()) -> frozense
 
 
 def _foldattn(name: str, spec: str) -> Builder:
-    from .attention._registry import _REGISTRY as attentions
-    from .models._registry import _BUILDERS, create_model
+    from .attention import get as attention_class
+    from .attention import names as attention_names
+    from .models import create_model, get_builder
 
     def create(**kwargs: Any) -> nn.Module:  # through create_model, so the model records its builder again
         return create_model(name, **kwargs)
 
     # attention keyword arguments (reduction=8, ...) pass through to this package's own modules
-    extra = set().union(*(_init_params(cls.__init__)[0] for cls in attentions.values())) - {"channels", "previous"}
-    return Builder(spec, create, _keywords(_BUILDERS[name], extra))
+    extra = set().union(*(_init_params(attention_class(a).__init__)[0] for a in attention_names()))
+    return Builder(spec, create, _keywords(get_builder(name), extra - {"channels", "previous"}))
 
 
 def _torchvision(name: str, spec: str) -> Builder:
@@ -172,10 +173,10 @@ def resolve_builder(spec: Any) -> Builder:
     if not _NAME.fullmatch(name):
         raise refusal
     if family == "foldattn.models" or family.startswith("foldattn.models."):
-        from .models._registry import _BUILDERS
+        from .models import get_builder, list_models
 
         # the legacy spelling 'foldattn.models.cifar_resnet:cifar_resnet20' is the same exact entry
-        if name in _BUILDERS and family in ("foldattn.models", _BUILDERS[name].__module__):
+        if name in list_models() and family in ("foldattn.models", get_builder(name).__module__):
             return _foldattn(name, spec)
         raise refusal
     if family == "torchvision.models":
@@ -204,10 +205,10 @@ def builder_spec(builder: str | Callable[..., nn.Module]) -> str:
     if not callable(builder):
         raise TypeError(f"builder must be a spec such as 'torchvision.models:resnet18' or a function, "
                         f"got {type(builder).__name__}")
-    from .models._registry import _BUILDERS
+    from .models import get_builder, list_models
 
     name = getattr(builder, "__name__", "")
-    if _BUILDERS.get(name) is builder:
+    if name in list_models() and get_builder(name) is builder:
         return f"foldattn.models:{name}"
     for spec, fn in _REGISTERED.items():
         if fn is builder:

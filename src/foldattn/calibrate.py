@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,8 +38,9 @@ from torch import Tensor, nn
 
 from ._utils import eval_mode, set_submodule, unwrap_model
 from .asr import ASR, absorbing_parameters
-from .attention import DIA, ChannelAttention
-from .stripe import StripeResult, _images, _to_model, find_attention, record_stripes, select_sites
+from .attention import DIA
+from .graph import build_graph
+from .stripe import StripeResult, _device_of, _images, _to_model, find_attention, record_stripes, select_sites
 from .transforms import scale_out_channels
 
 __all__ = [
@@ -190,35 +191,26 @@ def _fold_in(m: nn.Module, v: Tensor) -> None:
     m.weight.copy_(scale_in_channels(m.weight, v, m.groups))  # type: ignore[union-attr, operator]
 
 
-class _Tracer(torch.fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (ChannelScale, ChannelAttention, ASR)) or super().is_leaf_module(m, qualname)
-
-
-def _plan_from_trace(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[str, str]]:
-    graph = _Tracer().trace(model)
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+def _plan(model: nn.Module, names: Sequence[str], example_inputs: Any = None) -> dict[str, tuple[str, str]]:
+    """Where each scale can go, read from the model's dataflow graph (:mod:`foldattn.graph`): the
+    layer that is its only input and whose only use it is (backward), else the conv that is its
+    only reader (forward)."""
+    graph, _ = build_graph(model, example_inputs, extra_leaves=(ChannelScale,))
+    assert graph is not None  # the nn.Sequential fallback always gives one
+    calls = graph.calls()
     plan: dict[str, tuple[str, str]] = {}
-    for node in graph.nodes:
-        target = str(node.target)
-        if node.op != "call_module" or target not in names or calls[target] != 1:
+    for i in graph.module_nodes(ChannelScale):
+        name = graph.nodes[i].target
+        if name not in names or calls[name] != 1:
             continue
-        src = node.args[0] if node.args else None
-        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1
-                and calls[str(src.target)] == 1):
-            found = _absorbs_out(str(src.target), modules.get(str(src.target)))
-            if found is not None:
-                plan[target] = found
-                continue
-        users = list(node.users)
-        if len(users) == 1 and users[0].op == "call_module" and calls[str(users[0].target)] == 1:
-            user = users[0]
-            if _absorbs_in(modules.get(str(user.target))) and len(user.args) == 1 and not user.kwargs:
-                plan[target] = ("into-conv-in", str(user.target))
+        src = graph.sole_producer(i)
+        found = _absorbs_out(graph.nodes[src].target, graph.module(src)) if src is not None else None
+        if found is not None:
+            plan[name] = found
+            continue
+        dst = graph.sole_consumer(i)
+        if dst is not None and _absorbs_in(graph.module(dst)):
+            plan[name] = ("into-conv-in", graph.nodes[dst].target)
     return plan
 
 
@@ -233,48 +225,15 @@ def _plan_asr_classic(model: nn.Module, names: Sequence[str]) -> dict[str, tuple
     return plan
 
 
-def _first_last(m: nn.Module, last: bool) -> tuple[str, nn.Module]:
-    path = ""
-    while isinstance(m, nn.Sequential) and len(m):
-        key = list(m._modules)[-1 if last else 0]
-        path, m = f"{path}.{key}" if path else key, m._modules[key]  # type: ignore[assignment]
-    return path, m
-
-
-def _plan_from_sequentials(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[str, str]]:
-    plan: dict[str, tuple[str, str]] = {}
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else None
-        if not isinstance(parent, nn.Sequential):
-            continue
-        keys = list(parent._modules)
-        i = keys.index(child)
-        prefix = f"{parent_name}." if parent_name else ""
-        if i > 0:
-            sub, m = _first_last(parent._modules[keys[i - 1]], last=True)  # type: ignore[arg-type]
-            found = _absorbs_out(prefix + keys[i - 1] + (f".{sub}" if sub else ""), m)
-            if found is not None:
-                plan[name] = found
-                continue
-        if i + 1 < len(keys):
-            sub, m = _first_last(parent._modules[keys[i + 1]], last=False)  # type: ignore[arg-type]
-            if _absorbs_in(m):
-                plan[name] = ("into-conv-in", prefix + keys[i + 1] + (f".{sub}" if sub else ""))
-    return plan
-
-
 @torch.no_grad()
-def fold_scales(model: nn.Module) -> list[FoldedLayer]:
+def fold_scales(model: nn.Module, example_inputs: Any = None) -> list[FoldedLayer]:
     """Fold every :class:`ChannelScale` of ``model`` (in place) into a neighbouring layer where exact.
 
-    Returns one :class:`FoldedLayer` per scale, saying where it went.
+    ``example_inputs`` (an input batch) lets the dataflow be recorded from one forward pass
+    when the model does not trace. Returns one :class:`FoldedLayer` per scale, saying where it went.
     """
     names = [n for n, m in model.named_modules() if isinstance(m, ChannelScale)]
-    try:
-        plan = _plan_from_trace(model, names)
-    except Exception:  # data-dependent control flow and friends: fall back to containers
-        plan = _plan_from_sequentials(model, names)
+    plan = _plan(model, names, example_inputs)
     plan.update(_plan_asr_classic(model, names))
     used: set[str] = set()
     out = []
@@ -431,8 +390,13 @@ def calibrate(
     converted = constant_model(model, result, inplace=inplace)
     summaries = result.summary()
     if fold:
+        example = None  # lets the dataflow be recorded where the model does not trace
+        if not isinstance(loader, Iterator):  # a one-shot iterator was consumed by the recording
+            batch = next(iter(loader), None)
+            if batch is not None:
+                example = _to_model(_images(batch)[:2], converted, _device_of(converted))
         with eval_mode(converted):
-            folded = fold_scales(converted)
+            folded = fold_scales(converted, example)
     else:
         folded = [FoldedLayer(x.name, "kept", None) for x in result.layers]
     for f in folded:

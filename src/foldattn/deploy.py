@@ -97,10 +97,11 @@ def _recorded_builder(model: nn.Module, tensors: Mapping[str, Tensor]) -> tuple[
     """``(spec, kwargs)`` that :func:`foldattn.create_model` recorded on ``model``, if they build
     the architecture of ``tensors``; otherwise (e.g. after ``fold(fuse_bn=True)`` or a calibration
     that kept modules) None, and the file is saved without a builder, as for any model."""
-    from .models._registry import _BUILDERS, BUILDER_ATTR
+    from .models import list_models
+    from .models._registry import BUILDER_ATTR
 
     record = getattr(model, BUILDER_ATTR, None)
-    if not isinstance(record, Mapping) or record.get("name") not in _BUILDERS:
+    if not isinstance(record, Mapping) or record.get("name") not in list_models():
         return None
     spec = f"foldattn.models:{record['name']}"
     try:

@@ -9,7 +9,6 @@ afterwards so the deployed graph has no BatchNorm. The algebra lives in :mod:`fo
 from __future__ import annotations
 
 import copy
-import itertools
 import warnings
 
 import torch
@@ -19,6 +18,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from ._utils import set_submodule, unwrap_model
 from .asr import ASR
+from .graph import build_graph
 from .srp import rep_blocks, reparameterize
 from .transforms import fuse_conv_bn
 
@@ -95,44 +95,22 @@ def fold(model: nn.Module, inplace: bool = False, fuse_bn: bool = False, reparam
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """``(conv_name, bn_name)`` pairs where the BN's only input is the conv's only use.
 
-    Found from a ``torch.fx`` trace where the model traces; otherwise from
-    ``nn.Sequential`` containers only (whose order is their execution order).
+    Read from the model's dataflow graph (:func:`foldattn.graph.build_graph`: a ``torch.fx``
+    trace, else a recorded pass on the model's ``default_input_size``, else the order of
+    ``nn.Sequential`` containers).
     """
-    try:
-        return _pairs_from_trace(model)
-    except Exception:  # tracing fails on data-dependent control flow: fall back
-        return _pairs_from_sequentials(model)
-
-
-def _pairs_from_trace(model: nn.Module) -> list[tuple[str, str]]:
-    graph = torch.fx.Tracer().trace(model)
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    graph, _ = build_graph(model)
+    assert graph is not None  # the nn.Sequential fallback always gives one
+    calls = graph.calls()
     pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _BatchNorm):
+    for i in graph.module_nodes(_BatchNorm):
+        src = graph.sole_producer(i)
+        bn_name = graph.nodes[i].target
+        if src is None or calls[bn_name] != 1:
             continue
-        src = node.args[0] if node.args else None
-        if not isinstance(src, torch.fx.Node) or src.op != "call_module":
-            continue
-        single_use = len(src.users) == 1 and calls[src.target] == 1 and calls[node.target] == 1
-        if single_use and _fusable(modules.get(src.target), modules[node.target]):
-            pairs.append((str(src.target), str(node.target)))
-    return pairs
-
-
-def _pairs_from_sequentials(model: nn.Module) -> list[tuple[str, str]]:
-    pairs = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Sequential):
-            children = list(m.named_children())
-            for (a, conv), (b, bn) in itertools.pairwise(children):
-                if _fusable(conv, bn):
-                    prefix = f"{name}." if name else ""
-                    pairs.append((prefix + a, prefix + b))
+        conv_name = graph.nodes[src].target
+        if _fusable(graph.modules.get(conv_name), graph.modules[bn_name]):
+            pairs.append((conv_name, bn_name))
     return pairs
 
 

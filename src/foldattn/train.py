@@ -182,10 +182,10 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 3) -> nn.
         kwargs: dict[str, Any] = {}
         if in_channels != 3:
             kwargs["in_channels"] = in_channels
+        if cfg.every != 1:
+            kwargs["every"] = cfg.every
         model = create_model(cfg.model, num_classes=num_classes, attention=cfg.attention, asr=cfg.asr,
                              both=cfg.both, psi_init=cfg.psi_init, **kwargs)
-        if cfg.every > 1:
-            _keep_every(model, cfg.every)
     return model
 
 
@@ -208,24 +208,6 @@ def _external_model(source: str, name: str, cfg: TrainConfig, num_classes: int) 
         raise ValueError(f"{cfg.model}: attach inserts attention in ASR form only; add --asr (or --asr --both for "
                          "ASR(X) + X), or use a foldattn.models name for classic attention")
     return attach(model, cfg.attention, both=cfg.both, psi_init=cfg.psi_init, every=cfg.every)
-
-
-def _keep_every(model: nn.Module, every: int) -> None:
-    """Keep attention (ASR and classic) only in every ``every``-th block: blocks 0, k, 2k, ..."""
-    from ._utils import set_submodule
-    from .asr import ASR
-
-    skip = (ASR, _attention.ChannelAttention)
-    blocks = [m for m in model.modules() if hasattr(m, "attention") and not isinstance(m, skip)]
-    for i, block in enumerate(blocks):
-        if i % every == 0:
-            continue
-        if isinstance(block.attention, _attention.DIA):
-            raise ValueError("--every > 1 would break DIA's stage-shared chain; use --every 1 with DIA")
-        block.attention = None
-        for name, child in list(block.named_children()):
-            if isinstance(child, ASR):
-                set_submodule(block, name, child.host)
 
 
 def load_trained(path: str | os.PathLike[str]) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:

@@ -8,7 +8,8 @@
 """
 
 from ._base import ChannelAttention
-from ._registry import create, get, names, register
+from ._factory import Factory
+from ._registry import create, get, names, register, unregister
 from .cbam import CBAM
 from .dia import DIA
 from .eca import ECA
@@ -19,6 +20,6 @@ from .spa import SPA
 from .srm import SRM
 
 __all__ = [
-    "ChannelAttention", "create", "get", "names", "register",
+    "ChannelAttention", "Factory", "create", "get", "names", "register", "unregister",
     "CBAM", "DIA", "ECA", "GE", "IE", "SE", "SPA", "SRM",
 ]

@@ -5,39 +5,40 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from .._registry import Registry
 from ._base import ChannelAttention
 
-__all__ = ["register", "create", "names", "get"]
+__all__ = ["register", "unregister", "create", "names", "get", "REGISTRY"]
 
-_REGISTRY: dict[str, type[ChannelAttention]] = {}
 T = TypeVar("T", bound=type[ChannelAttention])
+
+
+def _check(cls: object) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, ChannelAttention)):
+        raise TypeError(f"attention registry expects a ChannelAttention subclass, got {cls!r}")
+
+
+REGISTRY: Registry[type[ChannelAttention]] = Registry("attention", _check)
 
 
 def register(name: str) -> Callable[[T], T]:
     """Class decorator: make an attention module available as ``create(name, ...)``."""
-    key = name.lower()
+    return REGISTRY.register(name)  # type: ignore[return-value]
 
-    def deco(cls: T) -> T:
-        if not (isinstance(cls, type) and issubclass(cls, ChannelAttention)):
-            raise TypeError(f"register({name!r}) expects a ChannelAttention subclass, got {cls!r}")
-        if key in _REGISTRY and _REGISTRY[key] is not cls:
-            raise ValueError(f"attention name {name!r} is already registered to {_REGISTRY[key].__name__}")
-        _REGISTRY[key] = cls
-        return cls
 
-    return deco
+def unregister(name: str) -> type[ChannelAttention]:
+    """Remove a registered attention module (e.g. one a test registered)."""
+    return REGISTRY.unregister(name)
 
 
 def names() -> list[str]:
     """Sorted names of the registered attention modules."""
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
 
 
 def get(name: str) -> type[ChannelAttention]:
     """The class registered under ``name`` (case-insensitive)."""
-    if not isinstance(name, str) or name.lower() not in _REGISTRY:
-        raise ValueError(f"unknown attention {name!r}; valid names: {', '.join(names())}")
-    return _REGISTRY[name.lower()]
+    return REGISTRY.get(name)
 
 
 def create(name: str, channels: int, **kwargs: Any) -> ChannelAttention:

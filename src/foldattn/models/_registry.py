@@ -8,7 +8,10 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["register_model", "create_model", "list_models", "BUILDER_ATTR"]
+from .._registry import Registry
+
+__all__ = ["register_model", "unregister_model", "create_model", "list_models", "get_builder", "BUILDER_ATTR",
+           "REGISTRY"]
 
 BUILDER_ATTR = "foldattn_builder"
 """Attribute :func:`create_model` sets on its models: ``{"name": ..., "kwargs": ...}``, the
@@ -16,21 +19,28 @@ call that builds their deployed (folded) form; :func:`foldattn.save_deployed` re
 # the ASR-only arguments: the folded model is the backbone built without them
 _TRAINING_ONLY = ("asr", "both", "psi_init")
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 F = Callable[..., nn.Module]
+REGISTRY: Registry[F] = Registry("model", case_sensitive=True)
 
 
 def register_model(fn: F) -> F:
     """Decorator: register a builder function under its own name."""
-    if fn.__name__ in _BUILDERS:
-        raise ValueError(f"model {fn.__name__!r} is already registered")
-    _BUILDERS[fn.__name__] = fn
-    return fn
+    return REGISTRY.register(fn.__name__, fn)
+
+
+def unregister_model(name: str) -> F:
+    """Remove a registered builder (e.g. one a test registered)."""
+    return REGISTRY.unregister(name)
 
 
 def list_models() -> list[str]:
     """Sorted names accepted by :func:`create_model`."""
-    return sorted(_BUILDERS)
+    return REGISTRY.names()
+
+
+def get_builder(name: str) -> F:
+    """The builder function registered as ``name``."""
+    return REGISTRY.get(name)
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
@@ -42,9 +52,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     Example:
         >>> model = create_model("cifar_resnet164", num_classes=100, attention="se", asr=True)
     """
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
-    fn = _BUILDERS[name]
+    fn = get_builder(name)
     model = fn(**kwargs)
     setattr(model, BUILDER_ATTR, {"name": name, "kwargs": _deploy_kwargs(fn, kwargs)})
     return model

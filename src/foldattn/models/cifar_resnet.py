@@ -29,31 +29,10 @@ def check_attention_args(attention: str | None, asr: bool, both: bool) -> None:
         _attention.get(attention)  # unknown names fail here, listing the valid ones
 
 
-class _AttentionFactory:
-    """Builds one stage's attention modules (classic or ASR), chaining DIA blocks."""
-
-    def __init__(self, name: str | None, kwargs: dict[str, Any]) -> None:
-        self.name, self.kwargs = name, kwargs
-        self.previous: _attention.ChannelAttention | None = None
-
-    def new_stage(self) -> None:
-        self.previous = None
-
-    def __call__(self, channels: int) -> _attention.ChannelAttention | None:
-        if self.name is None:
-            return None
-        kwargs = dict(self.kwargs)
-        if _attention.get(self.name) is _attention.DIA:
-            kwargs["previous"] = self.previous
-        module = _attention.create(self.name, channels, **kwargs)
-        self.previous = module
-        return module
-
-
 class _Block(nn.Module):
     expansion = 1
 
-    def _finish(self, out_bn: nn.Module, last: str, asr: _AttentionFactory, classic: _AttentionFactory,
+    def _finish(self, out_bn: nn.Module, last: str, asr: _attention.Factory, classic: _attention.Factory,
                 psi_init: float, inplanes: int, planes: int, stride: int) -> None:
         static = asr(planes * self.expansion)
         if static is not None:
@@ -81,8 +60,8 @@ class BasicBlock(_Block):
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int, asr: _AttentionFactory,
-                 classic: _AttentionFactory, psi_init: float) -> None:
+    def __init__(self, inplanes: int, planes: int, stride: int, asr: _attention.Factory,
+                 classic: _attention.Factory, psi_init: float) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -99,8 +78,8 @@ class Bottleneck(_Block):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int, asr: _AttentionFactory,
-                 classic: _AttentionFactory, psi_init: float) -> None:
+    def __init__(self, inplanes: int, planes: int, stride: int, asr: _attention.Factory,
+                 classic: _attention.Factory, psi_init: float) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -127,6 +106,7 @@ class CifarResNet(nn.Module):
         both: with ``asr=True``, also keep the classic module ("ASR(X) + X").
         psi_init: initial value of every ``psi``.
         in_channels: image channels.
+        every: attention (ASR and classic) in every ``every``-th block only (blocks 0, k, 2k, ...).
         **attention_kwargs: passed to the attention constructor.
     """
 
@@ -142,6 +122,7 @@ class CifarResNet(nn.Module):
         both: bool = False,
         psi_init: float = 0.1,
         in_channels: int = 3,
+        every: int = 1,
         **attention_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -153,16 +134,16 @@ class CifarResNet(nn.Module):
             raise ValueError(f"a {block} CIFAR ResNet needs depth = {per}n + 2 (n >= 1), got {depth}")
         check_attention_args(attention, asr, both)
         n = (depth - 2) // per
-        asr_factory = _AttentionFactory(attention if asr else None, attention_kwargs)
-        classic_factory = _AttentionFactory(attention if (both or not asr) else None, attention_kwargs)
+        asr_factory = _attention.Factory(attention if asr else None, every=every, **attention_kwargs)
+        classic_factory = _attention.Factory(attention if (both or not asr) else None, every=every, **attention_kwargs)
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
         inplanes = 16
         stages = []
         for planes, stride in ((16, 1), (32, 2), (64, 2)):
-            asr_factory.new_stage()
-            classic_factory.new_stage()
+            asr_factory.new_chain()
+            classic_factory.new_chain()
             blocks = []
             for i in range(n):
                 stride_i = stride if i == 0 else 1

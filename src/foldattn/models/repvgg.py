@@ -51,6 +51,7 @@ class CifarRepVGG(nn.Module):
             module tree of :func:`foldattn.fold` applied to the training form.
         stem_width: stem channels; default ``min(64, widths[0])``.
         in_channels: image channels.
+        every: attention in every ``every``-th stage block only (blocks 0, k, 2k, ... in forward order).
         **attention_kwargs: passed to the attention constructor.
     """
 
@@ -69,20 +70,21 @@ class CifarRepVGG(nn.Module):
         deploy: bool = False,
         stem_width: int | None = None,
         in_channels: int = 3,
+        every: int = 1,
         **attention_kwargs: Any,
     ) -> None:
         super().__init__()
         if len(num_blocks) != 4 or len(widths) != 4 or min(num_blocks) < 1:
             raise ValueError(f"num_blocks and widths need 4 stages (>= 1 block each), got {num_blocks}, {widths}")
         check_attention_args(attention, asr, both)
-        asr_f, classic_f = factories(attention, asr, both, deploy, attention_kwargs)
+        asr_f, classic_f = factories(attention, asr, both, deploy, attention_kwargs, every)
         stem = min(64, widths[0]) if stem_width is None else stem_width
         self.stem = RepUnit(rep_layer(block, in_channels, stem, 3, 1, None, psi_init, deploy), None)
         inplanes = stem
         stages = []
         for n, width, stride in zip(num_blocks, widths, (1, 2, 2, 2), strict=True):
-            asr_f.new_stage()
-            classic_f.new_stage()
+            asr_f.new_chain()
+            classic_f.new_chain()
             units = []
             for i in range(n):
                 conv = rep_layer(block, inplanes, width, 3, stride if i == 0 else 1, asr_f, psi_init, deploy)

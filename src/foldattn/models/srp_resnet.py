@@ -14,10 +14,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..attention import Factory
 from ..srp import OneByOneThen
 from ._registry import register_model
 from ._srp_common import check_attention_args, factories, rep_layer
-from .cifar_resnet import _AttentionFactory
 
 __all__ = ["SrpCifarResNet", "RepBasicBlock"]
 
@@ -25,8 +25,8 @@ __all__ = ["SrpCifarResNet", "RepBasicBlock"]
 class RepBasicBlock(nn.Module):
     """``ReLU(attention(conv2(ReLU(conv1(x)))) + shortcut(x))``; ``conv2`` is the ASR host."""
 
-    def __init__(self, kind: str, inplanes: int, planes: int, stride: int, asr: _AttentionFactory,
-                 classic: _AttentionFactory, psi_init: float, deploy: bool) -> None:
+    def __init__(self, kind: str, inplanes: int, planes: int, stride: int, asr: Factory,
+                 classic: Factory, psi_init: float, deploy: bool) -> None:
         super().__init__()
         self.conv1 = rep_layer(kind, inplanes, planes, 3, stride, None, psi_init, deploy)
         self.conv2 = rep_layer(kind, planes, planes, 3, 1, asr, psi_init, deploy)
@@ -57,6 +57,7 @@ class SrpCifarResNet(nn.Module):
         deploy: build the inference form (every block a conv with bias, no ASR): the
             module tree of :func:`foldattn.fold` applied to the training form.
         widths: planes of the three stages.
+        every: attention in every ``every``-th block only (blocks 0, k, 2k, ...).
     """
 
     default_input_size = (3, 32, 32)
@@ -73,6 +74,7 @@ class SrpCifarResNet(nn.Module):
         deploy: bool = False,
         widths: Sequence[int] = (16, 32, 64),
         in_channels: int = 3,
+        every: int = 1,
         **attention_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -81,15 +83,15 @@ class SrpCifarResNet(nn.Module):
         if len(widths) != 3:
             raise ValueError(f"widths needs 3 stages, got {widths}")
         check_attention_args(attention, asr, both)
-        asr_f, classic_f = factories(attention, asr, both, deploy, attention_kwargs)
+        asr_f, classic_f = factories(attention, asr, both, deploy, attention_kwargs, every)
         n = (depth - 2) // 6
         self.conv1 = rep_layer(block, in_channels, widths[0], 3, 1, None, psi_init, deploy)
         self.relu = nn.ReLU(inplace=True)
         inplanes = widths[0]
         stages = []
         for planes, stride in zip(widths, (1, 2, 2), strict=True):
-            asr_f.new_stage()
-            classic_f.new_stage()
+            asr_f.new_chain()
+            classic_f.new_chain()
             blocks = []
             for i in range(n):
                 blocks.append(RepBasicBlock(block, inplanes, planes, stride if i == 0 else 1, asr_f, classic_f,

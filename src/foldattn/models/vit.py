@@ -20,7 +20,6 @@ well. What does *not* fold is a scale after GELU or after the addition.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -29,11 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._utils import set_submodule, unwrap_model
-from ..asr import ASR
+from ..attach import attach, find_sites
+from ..attention import Factory
 from ._registry import register_model
 from ._srp_common import check_attention_args
-from .cifar_resnet import _AttentionFactory
 
 __all__ = ["CifarViT", "ViTBlock", "ASR_SITES", "vit_asr_sites", "attach_vit_asr"]
 
@@ -121,6 +119,7 @@ class CifarViT(nn.Module):
         asr_sites: subset of :data:`ASR_SITES` (``"proj"``, ``"fc2"``, ``"norm1"``, ``"norm2"``);
             classic attention (``asr=False`` or ``both``) sits at the same sites.
         in_channels: image channels.
+        every: attention (ASR and classic) in every ``every``-th block only (blocks 0, k, 2k, ...).
         **attention_kwargs: passed to the attention constructor.
     """
 
@@ -139,6 +138,7 @@ class CifarViT(nn.Module):
         psi_init: float = 0.1,
         asr_sites: Sequence[str] = ("proj", "fc2"),
         in_channels: int = 3,
+        every: int = 1,
         **attention_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -157,14 +157,12 @@ class CifarViT(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes)
         self._init_weights()
         for site in asr_sites:  # one attention chain per site (DIA shares its cell along the depth)
-            asr_f = _AttentionFactory(attention if asr else None, attention_kwargs)
-            classic_f = _AttentionFactory(attention if (both or not asr) else None, attention_kwargs)
+            path = ASR_SITES[site]
+            if asr:  # the placement is an attach policy: these named hosts, every k-th block
+                attach(self, attention, where=None, include=f"blocks.*.{path}", every=every, psi_init=psi_init,
+                       inplace=True, **attention_kwargs)
+            classic_f = Factory(attention if (both or not asr) else None, every=every, **attention_kwargs)
             for block in self.blocks:
-                static = asr_f(embed_dim)
-                if static is not None:
-                    static.make_static(psi_init)
-                    path = ASR_SITES[site]
-                    set_submodule(block, path, ASR(block.get_submodule(path), static))
                 classic = classic_f(embed_dim)
                 if classic is not None:
                     block.gates[site] = TokenAttention(classic, grid)
@@ -180,14 +178,18 @@ class CifarViT(nn.Module):
         nn.init.zeros_(self.patch_embed.bias)  # type: ignore[arg-type]
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-2:] != self.default_input_size[-2:]:
-            raise ValueError(
-                f"{type(self).__name__} was built for {self.default_input_size[-2:]} images, got {tuple(x.shape)}; "
-                "build it with img_size matching the data"
-            )
+        _check_size(x, self.default_input_size[-2:])
         x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
         x = self.norm(self.blocks(x))
         return self.head(x.mean(dim=1))
+
+
+@torch.fx.wrap
+def _check_size(x: Tensor, size: tuple[int, ...]) -> None:
+    # a leaf of torch.fx traces (the graph engine traces the model to place ASR)
+    if tuple(x.shape[-2:]) != tuple(size):
+        raise ValueError(f"CifarViT was built for {tuple(size)} images, got {tuple(x.shape)}; "
+                         "build it with img_size matching the data")
 
 
 @register_model
@@ -197,76 +199,26 @@ def cifar_vit_tiny(num_classes: int = 10, attention: str | None = None, asr: boo
     return CifarViT(num_classes=num_classes, attention=attention, asr=asr, both=both, psi_init=psi_init, **kwargs)
 
 
-_ATTENTION_NAMES = ("attn", "self_attention", "attention")
-_OUT_PROJ_NAMES = ("proj", "out_proj", "o_proj")
-_PRE_NORM_NAMES = ("norm1", "ln_1", "layernorm_before")
-
-
-def _child(module: nn.Module, names: Sequence[str], kind: type[nn.Module] | tuple[type[nn.Module], ...]
-           ) -> tuple[str, nn.Module] | None:
-    for n in names:
-        m = getattr(module, n, None)
-        if isinstance(m, kind):
-            return n, m
-    return None
-
-
-def _output_candidates(mlp: nn.Module) -> list[str]:
-    """Names of the Linear (or ASR) layers of ``mlp`` in module order, not looking inside ASR layers."""
-    found: list[str] = []
-    for n, m in mlp.named_modules():
-        if any(n.startswith(f + ".") for f in found if isinstance(mlp.get_submodule(f), ASR)):
-            continue
-        if isinstance(m, (nn.Linear, ASR)):
-            found.append(n)
-    return found
-
-
 def vit_asr_sites(model: nn.Module) -> list[str]:
     """Dotted names of the layers that take ASR in a ViT, two per transformer block.
 
-    The rule (the one :class:`CifarViT` uses): the Linear that *ends* each residual
-    branch -- the attention output projection and the MLP's last Linear -- so the
-    scale acts on the branch before the addition and folds into that Linear's rows.
-    Where the attention does not call its output projection as a module
-    (``nn.MultiheadAttention``, as in torchvision's ViT) the LayerNorm that feeds
-    the attention takes the scale instead (its affine folds exactly too).
-    A block is any module with an attention child (``attn``, ``self_attention``,
-    ``attention``) and an ``mlp`` child; works for timm's and torchvision's ViTs.
+    The rule is :func:`foldattn.attach`'s ``where="transformer"`` (the one :class:`CifarViT`
+    uses): the Linear that *ends* each residual branch -- the attention output projection and
+    the MLP's last Linear -- so the scale acts on the branch before the addition and folds
+    into that Linear's rows. Where the attention does not call its output projection as a
+    module (``nn.MultiheadAttention``, as in torchvision's ViT) the LayerNorm that starts the
+    branch takes the scale instead (its affine folds exactly too). Sites that already have
+    ASR are reported as well.
 
     Raises:
-        ValueError: no transformer block found, or a block without a usable host.
+        ValueError: no residual branch with a usable host.
     """
-    sites: list[str] = []
-    for name, block in unwrap_model(model).named_modules():
-        attn, mlp = _child(block, _ATTENTION_NAMES, nn.Module), getattr(block, "mlp", None)
-        if attn is None or not isinstance(mlp, nn.Module) or isinstance(block, ASR):
-            continue
-        prefix = f"{name}." if name else ""
-        if isinstance(attn[1], nn.MultiheadAttention):
-            host = _child(block, _PRE_NORM_NAMES, (nn.LayerNorm, ASR))
-            where = None if host is None else host[0]
-        else:
-            host = _child(attn[1], _OUT_PROJ_NAMES, (nn.Linear, ASR))
-            where = None if host is None else f"{attn[0]}.{host[0]}"
-        linears = _output_candidates(mlp)
-        if where is None or not linears:
-            raise ValueError(
-                f"transformer block {name!r} ({type(block).__name__}) has no attention output Linear "
-                f"({'/'.join(_OUT_PROJ_NAMES)}) or pre-norm LayerNorm, or no Linear in its mlp"
-            )
-        sites += [prefix + where, f"{prefix}mlp.{linears[-1]}"]
-    if not sites:
-        raise ValueError(
-            f"{type(model).__name__} has no transformer block (a module with an attn/self_attention child and an "
-            "mlp child); pass the ASR hosts explicitly"
-        )
-    return sites
+    return find_sites(model, "transformer", allow_existing=True).names
 
 
 def attach_vit_asr(model: nn.Module, attention: str = "se", *, psi_init: float = 0.1, inplace: bool = False,
                    **attention_kwargs: Any) -> nn.Module:
-    """Wrap every :func:`vit_asr_sites` layer of a ViT in :class:`~foldattn.ASR` (one module each).
+    """:func:`foldattn.attach` with ``where="transformer"``: ASR on every :func:`vit_asr_sites` layer.
 
     By default a deep copy is changed. ``foldattn.fold`` of the result loads strictly
     into the original model.
@@ -274,12 +226,5 @@ def attach_vit_asr(model: nn.Module, attention: str = "se", *, psi_init: float =
     Example:
         >>> model = attach_vit_asr(timm.create_model("vit_tiny_patch16_224"), "se")
     """
-    model = unwrap_model(model)
-    if not inplace:
-        model = copy.deepcopy(model)
-    for site in vit_asr_sites(model):
-        host = model.get_submodule(site)
-        if isinstance(host, ASR):
-            raise ValueError(f"{site!r} already has ASR; attach ASR once per host")
-        set_submodule(model, site, ASR(host, attention, psi_init=psi_init, **attention_kwargs))
-    return model
+    return attach(model, attention, "transformer", psi_init=psi_init, inplace=inplace,  # type: ignore[return-value]
+                  **attention_kwargs)

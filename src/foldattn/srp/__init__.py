@@ -11,11 +11,23 @@ block: the deployed network is a plain conv network.
 >>> conv = fold(layer)  # one nn.Conv2d
 """
 
-from ._base import Branch, RepBlock, centred_padding, create, get, names, register, rep_blocks, reparameterize
+from ._base import (
+    Branch,
+    RepBlock,
+    centred_padding,
+    create,
+    get,
+    names,
+    register,
+    rep_blocks,
+    reparameterize,
+    unregister,
+)
 from .blocks import ACBlock, ConvBNBlock, DBBlock, RepVGGBlock
 from .branches import BNAndPad, ConvBN, IdentityBN, OneByOneThen
 
 __all__ = [
-    "RepBlock", "Branch", "register", "create", "get", "names", "rep_blocks", "reparameterize", "centred_padding",
+    "RepBlock", "Branch", "register", "unregister", "create", "get", "names", "rep_blocks", "reparameterize",
+    "centred_padding",
     "ConvBNBlock", "RepVGGBlock", "ACBlock", "DBBlock", "ConvBN", "IdentityBN", "OneByOneThen", "BNAndPad",
 ]

@@ -16,12 +16,13 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from .._registry import Registry
 from .._utils import set_submodule, unwrap_model
 from ..hosts import scaled_forward
 from ..transforms import add_branches, pad_kernel
 
 __all__ = [
-    "Branch", "RepBlock", "register", "create", "names", "get", "rep_blocks", "reparameterize",
+    "Branch", "RepBlock", "register", "unregister", "create", "names", "get", "rep_blocks", "reparameterize",
     "centred_padding", "deploy_conv",
 ]
 
@@ -186,35 +187,35 @@ def deploy_conv(in_channels: int, out_channels: int, kernel_size: int, stride: i
 
 
 # --- registry ------------------------------------------------------------------------
-_REGISTRY: dict[str, type[RepBlock]] = {}
 T = TypeVar("T", bound=type[RepBlock])
+
+
+def _check(cls: object) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, RepBlock)):
+        raise TypeError(f"the block registry expects a RepBlock subclass, got {cls!r}")
+
+
+REGISTRY: Registry[type[RepBlock]] = Registry("re-parameterization block", _check)
 
 
 def register(name: str) -> Callable[[T], T]:
     """Class decorator: make a :class:`RepBlock` subclass available as ``create(name, ...)``."""
-    key = name.lower()
+    return REGISTRY.register(name)  # type: ignore[return-value]
 
-    def deco(cls: T) -> T:
-        if not (isinstance(cls, type) and issubclass(cls, RepBlock)):
-            raise TypeError(f"register({name!r}) expects a RepBlock subclass, got {cls!r}")
-        if key in _REGISTRY and _REGISTRY[key] is not cls:
-            raise ValueError(f"block name {name!r} is already registered to {_REGISTRY[key].__name__}")
-        _REGISTRY[key] = cls
-        return cls
 
-    return deco
+def unregister(name: str) -> type[RepBlock]:
+    """Remove a registered block class."""
+    return REGISTRY.unregister(name)
 
 
 def names() -> list[str]:
     """Sorted names of the registered blocks."""
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
 
 
 def get(name: str) -> type[RepBlock]:
     """The block class registered under ``name`` (case-insensitive)."""
-    if not isinstance(name, str) or name.lower() not in _REGISTRY:
-        raise ValueError(f"unknown re-parameterization block {name!r}; valid names: {', '.join(names())}")
-    return _REGISTRY[name.lower()]
+    return REGISTRY.get(name)
 
 
 def create(name: str, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
