@@ -9,7 +9,7 @@ interrupted ones resumed when the command is repeated.
 Example (the setting of docs/training.md)::
 
     nice -n 10 python -u benchmarks/cifar10_asr.py \
-        --tar ../shared/data/cifar10-train-jpg.tar.gz --work-dir /tmp/foldattn-bench \
+        --tar ../shared/data/cifar10-train-jpg.tar.gz --work-dir runs/cifar10 \
         --model cifar_resnet20 --epochs 8 --seeds 0 1 --threads 1
 """
 
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from foldattn._utils import atomic_path
-from foldattn.data import load_dataset
 from foldattn.train import TrainConfig, recipe_defaults, train
+from foldattn.train.data import load_dataset
 
 VARIANTS = {
     "plain": {},

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from foldattn.calibrate import calibrate, evaluate, finetune
-from foldattn.commands.stripe import load_data
+from foldattn.cli.stripe import load_data
 from foldattn.models import create_model
 from foldattn.stripe import StripeHistory, record_stripes
-from foldattn.stripe_plot import plot_heatmaps, plot_history, plot_summary
+from foldattn.stripe.plots import plot_heatmaps, plot_history, plot_summary
 
 
 def main() -> None:

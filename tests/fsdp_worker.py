@@ -56,6 +56,9 @@ def main() -> None:
         results[how + "_param_types"] = sorted({type(p).__name__ for p in model.parameters()})
     if rank == 0:
         torch.save(results, out / "fsdp.pt")
+    # both ranks reach this point before gloo's threads are torn down (an early exit of one rank
+    # aborted the other with "terminate called without an active exception" on a loaded machine)
+    dist.barrier()
     dist.destroy_process_group()
 
 

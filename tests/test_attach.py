@@ -15,8 +15,8 @@ from torch import Tensor, nn
 import foldattn
 from foldattn import ASR, attach, find_sites
 from foldattn.attach import AttachReport, is_existing_attention, register_transparent_type
-from foldattn.graph import graph_from_run
 from foldattn.fold import asr_layers
+from foldattn.graph import graph_from_run
 
 tv = pytest.importorskip("torchvision.models")
 

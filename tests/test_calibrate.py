@@ -22,7 +22,6 @@ from foldattn.calibrate import (
     evaluate,
     finetune,
     fold_scales,
-    scale_in_channels,
 )
 from foldattn.cli import main
 from foldattn.models import create_model
@@ -60,38 +59,6 @@ def _check_exact_fold(model: nn.Module, data: list, expected_actions: set[str]) 
     assert all(x.action == "kept" for x in rep0.layers)
     assert not any(isinstance(m, ChannelScale) for m in folded.modules()) or "kept" in expected_actions
     verify(unfolded, folded, data[0][0], tolerance=TOL64)
-
-
-# ----------------------------------------------------------------------------- the pure transform
-@settings(max_examples=30, deadline=None)
-@given(groups=st.integers(1, 4), per_in=st.integers(1, 3), per_out=st.integers(1, 3), k=st.sampled_from([1, 3]),
-       seed=st.integers(0, 10_000))
-def test_scale_in_channels_conv(groups: int, per_in: int, per_out: int, k: int, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    cin, cout = groups * per_in, groups * per_out
-    conv = nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups).double()
-    x = torch.randn(2, cin, 5, 5, generator=g, dtype=torch.float64)
-    v = torch.rand(cin, generator=g, dtype=torch.float64) + 0.1
-    ref = conv(x * v.view(1, -1, 1, 1))
-    with torch.no_grad():
-        conv.weight.copy_(scale_in_channels(conv.weight, v, groups))
-    torch.testing.assert_close(conv(x), ref, rtol=1e-12, atol=1e-12)
-
-
-def test_scale_in_channels_linear_and_dtype() -> None:
-    lin = nn.Linear(4, 3)
-    v = torch.tensor([0.5, 1.0, 2.0, 0.25])
-    x = torch.randn(5, 4)
-    ref = lin(x * v)
-    w = scale_in_channels(lin.weight, v)
-    assert w.dtype == torch.float32
-    torch.testing.assert_close(nn.functional.linear(x, w, lin.bias), ref, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize(("shape", "v", "groups"), [((4, 2, 3, 3), 3, 1), ((4, 2, 3, 3), 4, 3), ((4,), 4, 1)])
-def test_scale_in_channels_errors(shape: tuple[int, ...], v: int, groups: int) -> None:
-    with pytest.raises(ValueError):
-        scale_in_channels(torch.ones(shape), torch.ones(v), groups)
 
 
 def test_channel_scale() -> None:

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from foldattn.checkpoint import (
+from foldattn.models import create_model
+from foldattn.train.checkpoint import (
     CheckpointError,
     capture_rng,
     config_diff,
@@ -18,7 +19,6 @@ from foldattn.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from foldattn.models import create_model
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Datasets and the batch loader of foldattn.data."""
+"""Datasets and the batch loader of foldattn.train.data."""
 
 from __future__ import annotations
 
@@ -11,7 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from foldattn.data import DatasetError, ImageData, TensorLoader, load_dataset, stratified_split
+from foldattn.train.data import (
+    DataBundle,
+    DatasetError,
+    ImageData,
+    TensorLoader,
+    list_datasets,
+    load_dataset,
+    register_dataset,
+    stratified_split,
+    unregister_dataset,
+)
 
 
 def _tree(root: Path, classes: dict[str, int], size: tuple[int, int] = (8, 8)) -> Path:
@@ -118,6 +128,25 @@ def test_torchvision_offline_message(tmp_path: Path, name: str, expected: str) -
         load_dataset(name, data_dir=tmp_path)
 
 
+def test_register_and_unregister_a_dataset() -> None:
+    images = torch.randint(0, 256, (20, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.arange(20) % 2
+
+    @register_dataset("tiny_test_set")
+    def _tiny(**_: object) -> DataBundle:
+        data = ImageData(images, labels)
+        return DataBundle("tiny_test_set", data, data, ["a", "b"], (0.5,) * 3, (0.25,) * 3)
+
+    try:
+        assert "tiny_test_set" in list_datasets()
+        with pytest.raises(ValueError, match="already registered"):
+            register_dataset("tiny_test_set")(lambda **_: None)
+        assert torch.equal(load_dataset("tiny_test_set").train.images, images)
+    finally:
+        assert unregister_dataset("tiny_test_set") is _tiny
+    assert "tiny_test_set" not in list_datasets()
+
+
 def test_unknown_dataset_lists_names() -> None:
     with pytest.raises(DatasetError, match="digits"):
         load_dataset("mnist-typo")
@@ -165,7 +194,7 @@ def test_loader_rejects_tiny_train_set() -> None:
 
 
 def test_streamed_imagefolder_is_reproducible_and_worker_independent(tmp_path: Path) -> None:
-    from foldattn.data import FileData, make_loader
+    from foldattn.train.data import FileData, make_loader
 
     root = _tree(tmp_path / "t", {"a": 5, "b": 5, "c": 5}, size=(24, 20))
     b = load_dataset(f"imagefolder:{root}", val_split=3, image_size=16, stream=True)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from foldattn.checkpoint import load_checkpoint
 from foldattn.train import TrainConfig, build_model
+from foldattn.train.checkpoint import load_checkpoint
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 

@@ -145,13 +145,13 @@ def test_jit_trace_and_torch_export_of_folded_model(name: str) -> None:
 
 
 def test_readme_example_runs(tmp_path: Path) -> None:
-    """The README's "Use it on your own model" example, run as written in a fresh interpreter."""
+    """The README's "Your own model" example, run as written in a fresh interpreter."""
     import os
     import subprocess
     import sys
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Use it on your own model", 1)[1]
+    section = readme.split("## Your own model", 1)[1]
     (tmp_path / "example.py").write_text(section.split("```python\n", 1)[1].split("```", 1)[0])
     src = str(Path(foldattn.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
@@ -162,3 +162,76 @@ def test_readme_example_runs(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "example.py", "resnet18_asr.json", "resnet18_asr.onnx", "resnet18_asr.safetensors"
     ]
+
+
+# --- dynamic batch, names, opset, what fold would export, torch.export programs ------------------
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_onnx_has_a_dynamic_batch_and_named_io(tmp_path: Path, dynamo: bool) -> None:
+    import onnxruntime as ort
+
+    model = foldattn.create_model("cifar_resnet20", attention="se", asr=True).eval()
+    x = torch.randn(1, 3, 32, 32)
+    report = export_onnx(model, x, tmp_path / "m.onnx", dynamo=dynamo)
+    assert report.input_names == ("input",) and report.output_names == ("output",) and report.dynamic_batch
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input"] and session.get_outputs()[0].name == "output"
+    x5 = torch.randn(5, 3, 32, 32)
+    (got,) = session.run(None, {"input": x5.numpy()})
+    with torch.no_grad():
+        ref = model(x5)
+    torch.testing.assert_close(torch.from_numpy(got), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_onnx_static_batch_and_custom_names(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    report = export_onnx(model, torch.randn(2, 3, 5, 5), tmp_path / "s.onnx", dynamic_batch=False,
+                         input_names=["pixels"], output_names=["features"])
+    assert "batch fixed" in str(report)
+    session = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == 2 and session.get_inputs()[0].name == "pixels"
+    with pytest.raises(ValueError, match="input_names must be 1 distinct"):
+        export_onnx(model, torch.randn(2, 3, 5, 5), tmp_path / "t.onnx", input_names=["a", "b"])
+    assert not (tmp_path / "t.onnx").exists()
+
+
+@pytest.mark.parametrize(("opset", "dynamo"), [(99, False), (21, False), (6, False), (17, True), ("17", False)])
+def test_unsupported_opset_is_refused_before_export(tmp_path: Path, opset: object, dynamo: bool) -> None:
+    with pytest.raises(ValueError, match=r"is not supported by the .* exporter .* choose"):
+        export_onnx(nn.Linear(2, 2), torch.randn(1, 2), tmp_path / "m.onnx", opset_version=opset, dynamo=dynamo)
+    assert not list(tmp_path.iterdir())
+
+
+def test_plain_reparameterizable_model_exports_its_fused_form(tmp_path: Path) -> None:
+    model = foldattn.create_model("cifar_repvgg_a0").eval()
+    counts = export_onnx(model, torch.randn(1, 3, 32, 32), tmp_path / "r.onnx").op_counts
+    assert counts["Conv"] == 22 and "BatchNormalization" not in counts  # fold's form, not the training form
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "cifar_repvgg_a0"])
+def test_torch_export_program_round_trip(tmp_path: Path, name: str) -> None:
+    from foldattn.export import export_program
+
+    model = foldattn.create_model(name, attention="se", asr=True).eval()
+    report = export_program(model, torch.randn(1, 3, 32, 32), tmp_path / "m.pt2")
+    assert report.batches == (1, 4) and report.max_rel <= 1e-5 and report.folded_layers > 0
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        ref = foldattn.fold(model)(x)
+    torch.testing.assert_close(program(x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]  # no temporary file left
+
+
+def test_torch_export_program_refuses_non_finite_outputs(tmp_path: Path) -> None:
+    from foldattn.export import export_program
+
+    model = nn.Sequential(nn.Linear(3, 3))
+    with torch.no_grad():
+        model[0].bias.fill_(float("nan"))
+    with pytest.raises(EquivalenceError, match="not finite"):
+        export_program(model, torch.randn(2, 3), tmp_path / "n.pt2")
+    assert not list(tmp_path.iterdir())

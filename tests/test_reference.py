@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from foldattn.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from foldattn.cli import main
-from foldattn.reference import load_reference
 from foldattn.train import TrainConfig, build_model
+from foldattn.train.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from foldattn.train.reference import load_reference
 
 VARIANTS = {"plain": (False, False), "se": (False, True), "asr": (True, False), "asr+se": (True, True)}
 

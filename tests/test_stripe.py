@@ -1,4 +1,4 @@
-"""Tests of foldattn.stripe (recording), foldattn.stripe_plot (pictures) and ``foldattn stripe``."""
+"""Tests of foldattn.stripe (recording), foldattn.stripe.plots (pictures) and ``foldattn stripe``."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from foldattn.stripe import (
     record_stripes,
     stripe_score,
 )
-from foldattn.stripe_plot import plot_heatmaps, plot_history, plot_summary
+from foldattn.stripe.plots import plot_heatmaps, plot_history, plot_summary
 
 torch.set_num_threads(1)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -468,8 +468,8 @@ def test_register_custom_kind() -> None:
 
 def test_cli_reads_training_checkpoint(tmp_path, capsys) -> None:
     """A `foldattn train` checkpoint: the model is rebuilt from its config, the data defaults to its own."""
-    from foldattn import checkpoint as ckpt
     from foldattn import train
+    from foldattn.train import checkpoint as ckpt
     cfg = train.TrainConfig(model="cifar_resnet20", attention="se", dataset="digits")
     torch.manual_seed(0)
     model = create_model("cifar_resnet20", num_classes=10, attention="se")
@@ -486,6 +486,6 @@ def test_cli_reads_training_checkpoint(tmp_path, capsys) -> None:
 def _digits_val():
     import argparse
 
-    from foldattn.commands.stripe import load_data
+    from foldattn.cli.stripe import load_data
 
     return load_data(argparse.Namespace(data="digits", data_dir=None, val_split=None, batch_size=128, seed=0)).val

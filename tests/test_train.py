@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from foldattn.checkpoint import load_checkpoint
 from foldattn.cli import main
-from foldattn.data import load_dataset
+from foldattn.fold import asr_layers
 from foldattn.train import (
     TrainConfig,
     TrainingInterrupted,
@@ -26,6 +25,8 @@ from foldattn.train import (
     recipe_defaults,
     train,
 )
+from foldattn.train.checkpoint import load_checkpoint
+from foldattn.train.data import load_dataset
 
 DIGITS = load_dataset("digits")
 
@@ -95,7 +96,7 @@ def test_validation_uses_folded_copy_and_leaves_model_untouched() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     deployed = deployed_copy(model)
     assert not any(type(m).__name__ == "ASR" for m in deployed.modules())
-    from foldattn.data import TensorLoader
+    from foldattn.train.data import TensorLoader
 
     loader = TensorLoader(DIGITS.val, 64, DIGITS.mean, DIGITS.std, train=False)
     folded = evaluate(deployed, loader)
@@ -187,9 +188,31 @@ def test_cli_eval_fold_export(trained_run: Path, tmp_path: Path, capsys: pytest.
     foldattn.verify(model, deployed, x)  # float32: 1e-5 relative
     meta = json.loads((tmp_path / "dep" / "deployed.json").read_text())
     assert meta["user"]["verify"].startswith("OK")
+    assert meta["asr_layers_folded"] == len(asr_layers(model)) == 9
+    assert meta["fuse_bn"] is False
 
-    assert main(["export", str(trained_run), "--onnx", str(tmp_path / "m.onnx")]) == 0
-    assert "onnxruntime vs PyTorch" in capsys.readouterr().out and (tmp_path / "m.onnx").is_file()
+    assert main(["fold", str(trained_run), "-o", str(tmp_path / "fused"), "--fuse-bn"]) == 0
+    assert "fuse_bn: fused all 21 norm layers" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "fused" / "deployed.json").read_text())
+    assert meta["fuse_bn"] is True and meta["asr_layers_folded"] == 9 and "fused 21" in meta["user"]["fuse_bn_report"]
+    fused = foldattn.load_deployed(tmp_path / "fused" / "deployed.safetensors",
+                                   model=foldattn.fold(model, fuse_bn=True))
+    foldattn.verify(model, fused, x)
+
+    assert main(["export", str(trained_run), "--onnx", str(tmp_path / "m.onnx"), "--pt2", str(tmp_path / "m.pt2")]) == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime vs PyTorch at two batch sizes" in out and (tmp_path / "m.onnx").is_file()
+    assert "loaded back and run at batch 1, 4" in out
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    x3 = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        ref = model.eval()(x3)
+        torch.testing.assert_close(program(x3), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+    assert main(["export", str(trained_run), "--onnx", str(tmp_path / "o.onnx"), "--opset", "99"]) == 2
+    assert "opset_version=99 is not supported" in capsys.readouterr().err and not (tmp_path / "o.onnx").exists()
+    assert main(["export", str(trained_run)]) == 2
+    assert "give --onnx" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["eval", "fold", "export"])
@@ -263,11 +286,18 @@ def test_tensorboard_logs_every_metric_per_epoch(tmp_path: Path, monkeypatch: py
     ("constant", {0: 0.1, 10: 1.0, 39: 1.0}),
 ])
 def test_lr_schedules(schedule: str, expected: dict[int, float]) -> None:
-    from foldattn.train import _lr_lambda
+    from foldattn.train.optim import create_scheduler
 
-    f = _lr_lambda(TrainConfig(epochs=4, schedule=schedule, milestones=[2, 3], warmup_epochs=1), 10)
+    cfg = TrainConfig(epochs=4, schedule=schedule, milestones=[2, 3], warmup_epochs=1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = create_scheduler(cfg, opt, 10)
+    seen = {}
+    for step in range(40):
+        seen[step] = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
     for step, value in expected.items():
-        assert f(step) == pytest.approx(value), step
+        assert seen[step] == pytest.approx(value), step
 
 
 @pytest.mark.parametrize("signals", [1, 2], ids=["once", "twice-at-once"])  # twice: what torchrun's workers get
@@ -348,12 +378,12 @@ def test_cli_output_under_a_file_is_a_clear_error(trained_run: Path, tmp_path: P
 
 def test_ctrl_c_inside_any_command_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    import foldattn.demo
+    import foldattn.cli.demo
 
     def interrupted(*_: Any, **__: Any) -> None:
         raise TrainingInterrupted(tmp_path / "last.pt")
 
-    monkeypatch.setattr(foldattn.demo, "run_demo", interrupted)
+    monkeypatch.setattr(foldattn.cli.demo, "run_demo", interrupted)
     assert main(["demo", "--quick", "-o", str(tmp_path / "demo")]) == 130
     err = capsys.readouterr().err
     assert "resumable checkpoint" in err and str(tmp_path / "last.pt") in err

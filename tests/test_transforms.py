@@ -7,15 +7,18 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from foldattn.transforms import (
     add_branches,
     avgpool_as_conv,
+    bn_zero_response,
     fuse_bn,
     fuse_conv_bn,
     identity_as_conv,
     merge_1x1_kxk,
     pad_kernel,
+    scale_in_channels,
     scale_out_channels,
 )
 
@@ -195,3 +198,55 @@ def test_per_channel_kernel_errors():
         avgpool_as_conv(6, 3, groups=4)
     with pytest.raises(ValueError, match="kernel_size"):
         avgpool_as_conv(4, 0)
+
+
+# --- input-channel scale (calibrate folds a constant gate into the conv that reads it) ---
+@settings(max_examples=30, deadline=None)
+@given(groups=st.integers(1, 4), per_in=st.integers(1, 3), per_out=st.integers(1, 3), k=st.sampled_from([1, 3]),
+       seed=st.integers(0, 10_000))
+def test_scale_in_channels_conv(groups: int, per_in: int, per_out: int, k: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    cin, cout = groups * per_in, groups * per_out
+    conv = nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups).double()
+    x = torch.randn(2, cin, 5, 5, generator=g, dtype=torch.float64)
+    v = torch.rand(cin, generator=g, dtype=torch.float64) + 0.1
+    ref = conv(x * v.view(1, -1, 1, 1))
+    with torch.no_grad():
+        conv.weight.copy_(scale_in_channels(conv.weight, v, groups))
+    torch.testing.assert_close(conv(x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_scale_in_channels_linear_and_dtype() -> None:
+    lin = nn.Linear(4, 3)
+    v = torch.tensor([0.5, 1.0, 2.0, 0.25])
+    x = torch.randn(5, 4)
+    ref = lin(x * v)
+    w = scale_in_channels(lin.weight, v)
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(nn.functional.linear(x, w, lin.bias), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("shape", "v", "groups"), [((4, 2, 3, 3), 3, 1), ((4, 2, 3, 3), 4, 3), ((4,), 4, 1)])
+def test_scale_in_channels_errors(shape: tuple[int, ...], v: int, groups: int) -> None:
+    with pytest.raises(ValueError):
+        scale_in_channels(torch.ones(shape), torch.ones(v), groups)
+
+
+def test_bn_zero_response_is_the_eval_output_at_zero_and_differentiable() -> None:
+    bn = nn.BatchNorm2d(5).double()
+    with torch.no_grad():
+        for p in (bn.weight, bn.bias, bn.running_mean):
+            p.copy_(torch.randn(5, dtype=torch.float64))
+        bn.running_var.copy_(torch.rand(5, dtype=torch.float64) + 0.5)
+    bn.eval()
+    got = bn_zero_response(bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+    torch.testing.assert_close(got, bn(torch.zeros(1, 5, 1, 1, dtype=torch.float64)).flatten(), rtol=1e-12, atol=1e-12)
+    got.sum().backward()
+    assert bn.weight.grad is not None and bn.bias.grad is not None
+
+
+def test_scale_out_channels_dtype_argument() -> None:
+    w = torch.randn(3, 2, dtype=torch.float32)
+    out = scale_out_channels(w, torch.tensor([1.0, 2.0, 3.0]), dtype=torch.float64)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, w.double() * torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64))

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-__all__ = ["eval_mode", "unwrap_model", "set_submodule", "atomic_path"]
+__all__ = ["eval_mode", "unwrap_model", "set_submodule", "atomic_path", "require"]
 
 
 @contextlib.contextmanager
@@ -66,3 +68,23 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+#: the pip package that provides an importable module, where the names differ
+_PIP_NAMES = {"sklearn": "scikit-learn", "yaml": "pyyaml"}
+
+
+def require(module: str, extra: str) -> Any:
+    """Import ``module`` or raise an ImportError saying which foldattn extra installs it.
+
+    The library needs only torch, torchvision, numpy and safetensors; the apps' packages
+    (matplotlib, tqdm, scikit-learn, timm, onnx, ...) come with extras.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = _PIP_NAMES.get(module, module)
+        raise ImportError(
+            f"this needs {package}, which foldattn's library does not install: pip install 'foldattn[{extra}]' "
+            f"(or pip install {package})"
+        ) from None

@@ -28,6 +28,8 @@ from typing import Any
 
 from torch import nn
 
+from ._utils import require
+
 __all__ = ["register_builder", "unregister_builder", "resolve_builder", "builder_spec", "check_kwargs",
            "UntrustedBuilderError"]
 
@@ -141,7 +143,7 @@ def _torchvision(name: str, spec: str) -> Builder:
 
 
 def _timm(name: str, spec: str) -> Builder:
-    import timm
+    timm = require("timm", "timm")
     from timm.models import get_arch_name, model_entrypoint
 
     entry = model_entrypoint(get_arch_name(name))
@@ -189,7 +191,7 @@ def resolve_builder(spec: Any) -> Builder:
         try:
             import timm
         except ImportError:
-            raise UntrustedBuilderError(f"builder {spec!r} needs timm: pip install timm") from None
+            raise UntrustedBuilderError(f"builder {spec!r} needs timm: pip install 'foldattn[timm]'") from None
         if name in timm.list_models():
             return _timm(name, spec)
         raise refusal

@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._utils import eval_mode, set_submodule, unwrap_model
@@ -41,7 +40,7 @@ from .asr import ASR, absorbing_parameters
 from .attention import DIA
 from .graph import build_graph
 from .stripe import StripeResult, _device_of, _images, _to_model, find_attention, record_stripes, select_sites
-from .transforms import scale_out_channels
+from .transforms import scale_in_channels, scale_out_channels
 
 __all__ = [
     "ChannelScale", "scale_in_channels", "FoldedLayer", "CalibrationReport", "calibrate", "constant_model",
@@ -70,25 +69,6 @@ class ChannelScale(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.scale.numel()}"
-
-
-def scale_in_channels(weight: Tensor, v: Tensor, groups: int = 1) -> Tensor:
-    """A conv/linear ``weight`` ``(out, in / groups, ...)`` whose *input* channel ``c`` is scaled by ``v[c]``.
-
-    ``conv(x * v) == conv'(x)`` for any zero-padded conv. Computed in float64, returned in
-    ``weight``'s dtype.
-    """
-    if weight.dim() < 2:
-        raise ValueError(f"weight must be at least 2-D (out, in, ...), got shape {tuple(weight.shape)}")
-    out_ch, per_group = weight.shape[0], weight.shape[1]
-    if groups < 1 or out_ch % groups or v.dim() != 1 or v.numel() != per_group * groups:
-        raise ValueError(
-            f"scale of {v.numel()} channels does not fit a weight {tuple(weight.shape)} with groups={groups}"
-        )
-    # output channel o belongs to group o // (out / groups) and reads inputs [g * per_group, (g+1) * per_group)
-    v_og = v.detach().double().reshape(groups, 1, per_group).expand(groups, out_ch // groups, per_group)
-    v_og = v_og.reshape(out_ch, per_group, *([1] * (weight.dim() - 2)))
-    return (weight.detach().double() * v_og).to(weight.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -259,42 +239,23 @@ def fold_scales(model: nn.Module, example_inputs: Any = None) -> list[FoldedLaye
 # --------------------------------------------------------------------------------------
 # Accuracy and fine-tuning
 # --------------------------------------------------------------------------------------
-def _labelled(batch: Any) -> tuple[Tensor, Tensor]:
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
-        return _images(batch), batch[1]
-    raise TypeError("evaluation and fine-tuning need a loader yielding (images, labels)")
-
-
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Any], max_images: int | None = None) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of ``model`` (eval mode, restored) over ``loader``."""
-    model = unwrap_model(model)
-    p = next(model.parameters(), None)
-    dev = p.device if p is not None else torch.device("cpu")
-    correct, total, loss = 0, 0, 0.0
-    with eval_mode(model):
-        for batch in loader:
-            x, y = _labelled(batch)
-            if max_images is not None:
-                x, y = x[: max_images - total], y[: max_images - total]
-            logits = model(_to_model(x, model, dev))
-            y = y.to(logits.device)
-            loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-            correct += int((logits.argmax(dim=1) == y).sum())
-            total += int(y.numel())
-            if max_images is not None and total >= max_images:
-                break
-    if total == 0:
-        raise ValueError("the evaluation loader yielded no images")
-    return {"top1": 100.0 * correct / total, "loss": loss / total, "images": float(total)}
+    """Top-1 accuracy (%), mean cross-entropy and image count of ``model`` (eval mode, restored) over
+    ``loader`` (``(images, labels)`` batches): :func:`foldattn.train.evaluate`."""
+    from .train.engine import evaluate as _evaluate
+
+    return _evaluate(unwrap_model(model), loader, max_images=max_images)
 
 
 def finetune(model: nn.Module, loader: Iterable[Any], epochs: int, lr: float = 0.01, momentum: float = 0.9,
              weight_decay: float = 1e-4) -> list[float]:
     """Train ``model`` (in place) with SGD and a cosine schedule for ``epochs``; mean loss per epoch.
 
-    Meant for a few epochs on the folded model, to recover what replacing ``a(x)`` by its mean cost.
+    Meant for a few epochs on the folded model, to recover what replacing ``a(x)`` by its mean
+    cost. Each step is :func:`foldattn.train.training_step`.
     """
+    from .train.engine import batch_images, training_step
+
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     if epochs == 0:
@@ -302,8 +263,7 @@ def finetune(model: nn.Module, loader: Iterable[Any], epochs: int, lr: float = 0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    p = next(model.parameters(), None)
-    dev = p.device if p is not None else torch.device("cpu")
+    dev = _device_of(model)
     losses = []
     was_training = model.training
     model.train()
@@ -311,12 +271,9 @@ def finetune(model: nn.Module, loader: Iterable[Any], epochs: int, lr: float = 0
         for _ in range(epochs):
             total, n = 0.0, 0
             for batch in loader:
-                x, y = _labelled(batch)
-                loss = F.cross_entropy(model(_to_model(x, model, dev)), y.to(dev))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * x.shape[0]
+                x, y = batch_images(batch)
+                loss, _ = training_step(model, _to_model(x, model, dev), y.to(dev), opt)
+                total += float(loss) * x.shape[0]
                 n += x.shape[0]
             if n == 0:
                 raise ValueError("the fine-tuning loader yielded no images")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,7 @@ def save_deployed(
     *,
     metadata: Mapping[str, Any] | None = None,
     check_builder: bool = True,
+    fuse_bn: bool = False,
 ) -> Path:
     """Write the deployed form of ``model`` to ``path`` (safetensors + JSON metadata).
 
@@ -158,6 +160,8 @@ def save_deployed(
         metadata: extra JSON-serialisable information stored under ``"user"``.
         check_builder: build ``builder(**kwargs)`` now and check the weights fit it, so a
             file that cannot be loaded is never written (a recorded builder is always checked).
+        fuse_bn: fold with ``fuse_bn=True`` (norms fused into the convs); such a file no longer
+            fits the plain builder, so load it with ``load_deployed(path, model=...)``.
 
     Returns:
         The path written.
@@ -166,7 +170,12 @@ def save_deployed(
         raise TypeError(f"save_deployed expects an nn.Module, got {type(model).__name__}")
     model = unwrap_model(model)
     n_asr = len(asr_layers(model))
-    deployed = fold(model) if has_foldable(model) else model
+    if fuse_bn:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the norms left (if any) are the caller's to report
+            deployed = fold(model, fuse_bn=True)
+    else:
+        deployed = fold(model) if has_foldable(model) else model
     state = deployed.state_dict()
     meta: dict[str, Any] = {
         "format": FORMAT,
@@ -174,6 +183,7 @@ def save_deployed(
         "foldattn_version": _version(),
         "torch_version": torch.__version__.split("+")[0],
         "folded": True,
+        "fuse_bn": bool(fuse_bn),
         "asr_layers_folded": n_asr,
         "class": f"{type(deployed).__module__}.{type(deployed).__qualname__}",
         "builder": None,

@@ -13,14 +13,11 @@ import warnings
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
 
 from ._utils import set_submodule, unwrap_model
 from .asr import ASR
-from .graph import build_graph
+from .fuse import FuseReport, fuse_norms, norm_pairs
 from .srp import rep_blocks, reparameterize
-from .transforms import fuse_conv_bn
 
 __all__ = ["fold", "asr_layers", "conv_bn_pairs", "has_foldable"]
 
@@ -42,7 +39,8 @@ def asr_layers(model: nn.Module) -> list[tuple[str, ASR]]:
 
 
 @torch.no_grad()
-def fold(model: nn.Module, inplace: bool = False, fuse_bn: bool = False, reparam: bool = True) -> nn.Module:
+def fold(model: nn.Module, inplace: bool = False, fuse_bn: bool = False, reparam: bool = True,
+         return_report: bool = False) -> nn.Module | tuple[nn.Module, FuseReport | None]:
     """The deployed form of ``model``: each ASR layer replaced by its folded host.
 
     DataParallel/DDP and ``torch.compile`` wrappers are removed first. Without
@@ -55,13 +53,19 @@ def fold(model: nn.Module, inplace: bool = False, fuse_bn: bool = False, reparam
     Args:
         model: a model containing :class:`~foldattn.ASR` layers and/or RepBlocks.
         inplace: modify ``model`` itself; by default a deep copy is folded.
-        fuse_bn: also fuse every Conv -> BatchNorm pair (BN replaced by Identity).
+        fuse_bn: also fuse every norm with running statistics into the conv/linear layer
+            before it (:func:`foldattn.fuse.fuse_norms`: BatchNorm1d/2d/3d, SyncBatchNorm,
+            FrozenBatchNorm2d, timm's BatchNormAct2d with its activation kept). Norms it cannot
+            fuse (after an addition, a conv feeding two consumers, ...) stay, with a warning
+            that names them and the reason.
         reparam: fuse every :class:`~foldattn.srp.RepBlock` (after the ASR fold);
             ``False`` keeps the blocks' training form.
+        return_report: also return the :class:`~foldattn.fuse.FuseReport` (``None`` without
+            ``fuse_bn``).
 
     Returns:
-        The folded model; the caller's train/eval modes are kept. Folding a model
-        without ASR layers returns it unchanged (with a warning), so ``fold`` is
+        The folded model (and the report); the caller's train/eval modes are kept. Folding a
+        model without ASR layers returns it unchanged (with a warning), so ``fold`` is
         idempotent.
 
     Raises:
@@ -87,48 +91,18 @@ def fold(model: nn.Module, inplace: bool = False, fuse_bn: bool = False, reparam
             model = replacement
     if has_blocks:
         model = reparameterize(model, inplace=True)
+    report = None
     if fuse_bn:
-        _fuse_conv_bn_pairs(model)
-    return model
+        report = fuse_norms(model)
+        if report.left:
+            shown = "; ".join(f"{x.norm}: {x.reason}" for x in report.left[:3])
+            more = f" (and {len(report.left) - 3} more)" if len(report.left) > 3 else ""
+            warnings.warn(f"fold(fuse_bn=True) fused {len(report.fused)} norm layer(s) and left "
+                          f"{len(report.left)}: {shown}{more}; fold(..., return_report=True) lists all",
+                          stacklevel=3)
+    return (model, report) if return_report else model
 
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``(conv_name, bn_name)`` pairs where the BN's only input is the conv's only use.
-
-    Read from the model's dataflow graph (:func:`foldattn.graph.build_graph`: a ``torch.fx``
-    trace, else a recorded pass on the model's ``default_input_size``, else the order of
-    ``nn.Sequential`` containers).
-    """
-    graph, _ = build_graph(model)
-    assert graph is not None  # the nn.Sequential fallback always gives one
-    calls = graph.calls()
-    pairs = []
-    for i in graph.module_nodes(_BatchNorm):
-        src = graph.sole_producer(i)
-        bn_name = graph.nodes[i].target
-        if src is None or calls[bn_name] != 1:
-            continue
-        conv_name = graph.nodes[src].target
-        if _fusable(graph.modules.get(conv_name), graph.modules[bn_name]):
-            pairs.append((conv_name, bn_name))
-    return pairs
-
-
-def _fusable(conv: nn.Module | None, bn: nn.Module) -> bool:
-    return (
-        isinstance(conv, _ConvNd)
-        and not conv.transposed
-        and isinstance(bn, _BatchNorm)
-        and bn.track_running_stats
-        and bn.running_mean is not None
-        and bn.num_features == conv.out_channels
-    )
-
-
-def _fuse_conv_bn_pairs(model: nn.Module) -> None:
-    for conv_name, bn_name in conv_bn_pairs(model):
-        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        w, b = fuse_conv_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-        conv.weight = nn.Parameter(w, requires_grad=conv.weight.requires_grad)
-        conv.bias = nn.Parameter(b)
-        set_submodule(model, bn_name, nn.Identity())
+    """``(producer, norm)`` pairs that ``fold(..., fuse_bn=True)`` fuses (see :func:`foldattn.fuse.norm_pairs`)."""
+    return norm_pairs(model)[0]

@@ -75,6 +75,15 @@ _TRANSPARENT_TYPES: set[str] = {
     "timm.layers.layer_scale.LayerScale2d",
 }
 
+#: Norm layers with buffers only (no parameters, no children) that must stay whole so that
+#: deployment fusion (:mod:`foldattn.fuse`) sees them as one layer.
+FROZEN_NORM_TYPES: frozenset[str] = frozenset({
+    "torchvision.ops.misc.FrozenBatchNorm2d",
+    "timm.layers.norm_act.FrozenBatchNorm2d",
+    "timm.layers.norm_act.FrozenBatchNormAct2d",
+})
+
+
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -124,6 +133,8 @@ def is_leaf(module: nn.Module, extra: tuple[type[nn.Module], ...] = ()) -> bool:
     from .asr import ASR  # ASR imports the attention zoo; the graph is imported by fold and attach
 
     if isinstance(module, (ASR, *extra)) or is_existing_attention(module) or is_transparent(module):
+        return True
+    if _qualname(type(module)) in FROZEN_NORM_TYPES:
         return True
     if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
         return False

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "scale_out_channels", "fuse_bn", "fuse_conv_bn",
+    "scale_out_channels", "scale_in_channels", "fuse_bn", "fuse_conv_bn", "bn_zero_response",
     "pad_kernel", "add_branches", "merge_1x1_kxk", "avgpool_as_conv", "identity_as_conv",
 ]
 
@@ -21,16 +21,35 @@ def _view_channels(v: Tensor, like: Tensor, dim: int = 0) -> Tensor:
     return v.reshape(shape)
 
 
-def scale_out_channels(t: Tensor, v: Tensor, dim: int = 0) -> Tensor:
+def scale_out_channels(t: Tensor, v: Tensor, dim: int = 0, dtype: torch.dtype | None = None) -> Tensor:
     """``t`` with output channel ``c`` (along ``dim``) multiplied by ``v[c]``.
 
     Folds a per-channel scale into a conv/linear weight (dim 0), a bias, or a
-    norm's affine parameters. Computed in float64, returned in ``t``'s dtype.
+    norm's affine parameters. Computed in float64, returned in ``dtype`` (default: ``t``'s).
     """
-    if v.dim() != 1 or v.numel() != t.shape[dim]:
+    if v.dim() != 1 or t.dim() == 0 or v.numel() != t.shape[dim]:
         raise ValueError(f"scale vector of shape {tuple(v.shape)} does not match dim {dim} of {tuple(t.shape)}")
     out = t.detach().double() * _view_channels(v.detach().double(), t, dim)
-    return out.to(t.dtype)
+    return out.to(dtype or t.dtype)
+
+
+def scale_in_channels(weight: Tensor, v: Tensor, groups: int = 1) -> Tensor:
+    """A conv/linear ``weight`` ``(out, in / groups, ...)`` whose *input* channel ``c`` is scaled by ``v[c]``.
+
+    ``conv(x * v) == conv'(x)`` for any zero-padded conv. Computed in float64, returned in
+    ``weight``'s dtype.
+    """
+    if weight.dim() < 2:
+        raise ValueError(f"weight must be at least 2-D (out, in, ...), got shape {tuple(weight.shape)}")
+    out_ch, per_group = weight.shape[0], weight.shape[1]
+    if groups < 1 or out_ch % groups or v.dim() != 1 or v.numel() != per_group * groups:
+        raise ValueError(
+            f"scale of {v.numel()} channels does not fit a weight {tuple(weight.shape)} with groups={groups}"
+        )
+    # output channel o belongs to group o // (out / groups) and reads inputs [g * per_group, (g+1) * per_group)
+    v_og = v.detach().double().reshape(groups, 1, per_group).expand(groups, out_ch // groups, per_group)
+    v_og = v_og.reshape(out_ch, per_group, *([1] * (weight.dim() - 2)))
+    return (weight.detach().double() * v_og).to(weight.dtype)
 
 
 def fuse_bn(
@@ -66,6 +85,17 @@ def fuse_conv_bn(
     w = conv_weight.detach().double() * _view_channels(s, conv_weight)
     b = t if conv_bias is None else conv_bias.detach().double() * s + t
     return w.to(conv_weight.dtype), b.to(conv_weight.dtype)
+
+
+def bn_zero_response(
+    running_mean: Tensor, running_var: Tensor, eps: float, weight: Tensor, bias: Tensor
+) -> Tensor:
+    """An eval-mode BatchNorm's output at zero input, ``bias - mean * weight / sqrt(var + eps)``.
+
+    Unlike the other transforms this one is differentiable and keeps the inputs' dtype: DBB's
+    BN-and-pad layer pads with it during training, so gradients flow into ``weight`` and ``bias``.
+    """
+    return bias - running_mean * weight * torch.rsqrt(running_var + eps)
 
 
 # --- structural re-parameterization (RepVGG, ACNet, DBB) -------------------------------

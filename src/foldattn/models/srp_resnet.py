@@ -43,7 +43,8 @@ class RepBasicBlock(nn.Module):
         if self.attention is not None:
             out = self.attention(out)
         identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+        out += identity  # in place, as torchvision's ResNet (see cifar_resnet._Block._merge)
+        return self.relu(out)
 
 
 class SrpCifarResNet(nn.Module):

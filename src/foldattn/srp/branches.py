@@ -11,14 +11,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..transforms import avgpool_as_conv, identity_as_conv, merge_1x1_kxk, pad_kernel
+from ..transforms import (
+    avgpool_as_conv,
+    bn_zero_response,
+    identity_as_conv,
+    merge_1x1_kxk,
+    pad_kernel,
+    scale_out_channels,
+)
 from ._base import Branch
 
 __all__ = ["ConvBN", "IdentityBN", "OneByOneThen"]
 
 
 def _scale(w: Tensor, s: Tensor) -> Tensor:
-    return w.detach().double() * s.reshape(-1, *([1] * (w.dim() - 1)))
+    # branch kernels are composed in float64 and cast once, at the end of the fold
+    return scale_out_channels(w, s, dtype=torch.float64)
 
 
 class ConvBN(Branch):
@@ -71,7 +79,7 @@ class BNAndPad(nn.Module):
 
     def zero_response(self) -> Tensor:
         bn = self.bn
-        return bn.bias - bn.running_mean * bn.weight / (bn.running_var + bn.eps).sqrt()
+        return bn_zero_response(bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.bn(x)

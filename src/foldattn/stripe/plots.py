@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._utils import atomic_path
-from .stripe import LayerStripes, StripeHistory, StripeResult
+from .._utils import atomic_path
+from . import LayerStripes, StripeHistory, StripeResult
 
 __all__ = ["plot_heatmaps", "plot_history", "plot_summary", "default_heatmap_layers"]
 

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as _dt
 import gc
@@ -31,7 +30,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -46,14 +44,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import attention as _attention
-from ._utils import atomic_path, set_submodule
-from .asr import ASR, host_channels
-from .attach import attach, find_sites
-from .export import export_onnx
-from .fold import fold
-from .models import create_model, list_models
-from .summary import count_flops, count_params
+from .. import attention as _attention
+from .._utils import atomic_path, set_submodule
+from ..asr import ASR, host_channels
+from ..attach import attach, find_sites
+from ..export import export_onnx
+from ..fold import fold
+from ..models import create_model, list_models
+from ..summary import count_flops, count_params
+from ..train.engine import training_step
 
 __all__ = [
     "BenchConfig", "Family", "Variant", "register_family", "families", "get_family", "VARIANTS",
@@ -497,10 +496,7 @@ def _train_step(model: nn.Module, family: Family, batch: int, cfg: BenchConfig,
     y = torch.randint(0, family.num_classes, (batch,), generator=g).to(device)
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
+        training_step(model, x, y, opt)
 
     return step, opt
 
@@ -974,108 +970,3 @@ def write_outputs(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> tu
     with atomic_path(paths[1]) as tmp:
         tmp.write_text(render_markdown(result))
     return paths
-
-
-# ----------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a positive integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive; give a positive integer")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
-
-
-def _command_line(args: argparse.Namespace) -> str:
-    """The options given, as one reproducible ``foldattn bench ...`` line."""
-    parts = ["foldattn", "bench"]
-    for action in _PARSER_ACTIONS:
-        value = getattr(args, action.dest, None)
-        if value is None or value is False or (action.dest == "out" and value == action.default):
-            continue
-        flag = action.option_strings[-1]
-        if value is True:
-            parts.append(flag)
-        elif isinstance(value, (list, tuple)):
-            parts += [flag, *map(str, value)]
-        else:
-            parts += [flag, str(value)]
-    return " ".join(shlex.quote(p) for p in parts)
-
-
-_PARSER_ACTIONS: list[argparse.Action] = []
-
-
-def _main(args: argparse.Namespace) -> int:
-    base = QUICK if args.quick else BenchConfig()
-    overrides = {k: getattr(args, k) for k in (
-        "latency_batch", "throughput_batch", "train_batch", "reps", "warmup", "threads", "device", "clock", "seed")
-        if getattr(args, k) is not None}
-    if args.models:
-        overrides["models"] = tuple(args.models)
-    if args.attentions:
-        overrides["attentions"] = tuple(args.attentions)
-    overrides.update(channels_last=args.channels_last or base.channels_last, onnx=args.onnx or base.onnx,
-                     memory=base.memory and not args.no_memory, train=base.train and not args.no_train)
-    cfg = replace(base, **overrides).validated()
-    command = _command_line(args)
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    result = run_bench(cfg, log=log, command=command)
-    if args.profile_failures:
-        _profile_failures(result, cfg, log)
-    json_path, md_path = write_outputs(result, args.out)
-    print(render_markdown(result))
-    print(f"wrote {json_path} and {md_path}")
-    failed = [t for t in result["targets"] if not t["passed"]]
-    return 1 if failed and args.strict else 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``bench`` sub-command."""
-    p = sub.add_parser(
-        "bench",
-        help="cost of plain / +X / ASR(X) / folded forms side by side (latency, throughput, memory, training)",
-        description="Interleaved, median-of-N benchmark of plain, +X, +ASR(X) (training form), folded, "
-                    "folded+fuse_bn and ASR(X)+X folded, with ratios to plain and PASS/FAIL target lines.",
-    )
-    p.add_argument("--quick", action="store_true",
-                   help="CI size: cifar_resnet20, SE and ECA, 3 samples (other options override it)")
-    p.add_argument("--models", nargs="+", metavar="MODEL", help=f"default: cifar_resnet164 resnet50; "
-                   f"any of {', '.join(families())}")
-    p.add_argument("--attentions", nargs="+", metavar="X",
-                   help=f"default: all of {', '.join(_attention.names())}")
-    p.add_argument("--latency-batch", type=_positive_int, help="batch of the latency figure (default 1)")
-    p.add_argument("--throughput-batch", type=_positive_int, help="batch of the throughput figure (default 64)")
-    p.add_argument("--train-batch", type=_positive_int, help="batch of the training step (default per model)")
-    p.add_argument("--reps", type=_positive_int, help="timed samples per variant (default 7)")
-    p.add_argument("--warmup", type=_nonnegative_int, help="untimed rounds first (default 2; at least 1 is run)")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
-    p.add_argument("--device", help="cpu (default) or cuda[:N]")
-    p.add_argument("--clock", choices=sorted(_CLOCKS),
-                   help="wall (default) or cpu: CPU time of the process, steadier on a shared machine "
-                        "(use with --threads 1)")
-    p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last")
-    p.add_argument("--onnx", action="store_true", help="add ONNX Runtime rows (plain and folded, exported)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
-    p.add_argument("--seed", type=int, help="seed of weights and inputs (default 0)")
-    p.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md (default runs/bench)")
-    p.add_argument("--profile-failures", action="store_true",
-                   help="profile (torch.profiler) plain and the variant of each missed target; tables go "
-                        "into bench.md and bench.json")
-    p.add_argument("--strict", action="store_true", help="exit 1 when a target FAILs")
-    p.set_defaults(func=_main)
-    _PARSER_ACTIONS[:] = [a for a in p._actions if a.option_strings and a.dest != "help"]

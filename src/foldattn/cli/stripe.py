@@ -62,7 +62,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_data(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> DataSource:
-    """The loaders named by ``--data`` (any :func:`foldattn.data.load_dataset` name).
+    """The loaders named by ``--data`` (any :func:`foldattn.train.data.load_dataset` name).
 
     ``defaults`` (a training config) fills in ``--data``, ``--data-dir`` and ``--val-split``
     when they are not given, so a checkpoint is measured on its own validation split.
@@ -76,7 +76,7 @@ def load_data(args: argparse.Namespace, defaults: dict[str, Any] | None = None) 
     if isinstance(val_split, float) and val_split >= 1:
         val_split = int(val_split)
     split_seed = int(cfg.get("split_seed", args.seed)) if args.data is None and cfg else args.seed
-    from .. import data as _data
+    from ..train import data as _data
 
     bundle = _data.load_dataset(spec, data_dir=data_dir, val_split=val_split, split_seed=split_seed,
                                 cache_dir=cfg.get("cache_dir"), image_size=cfg.get("image_size"))
@@ -152,7 +152,7 @@ _EXTERNAL = {"torchvision": _torchvision_model, "timm": _timm_model}
 
 
 def _read_checkpoint(path: str) -> dict[str, Any]:
-    from ..checkpoint import load_checkpoint
+    from ..train.checkpoint import load_checkpoint
 
     return load_checkpoint(path)
 
@@ -160,8 +160,8 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
 def _model_from_checkpoint(path: str, blob: dict[str, Any],
                            data: DataSource) -> tuple[nn.Module, str | None, dict[str, Any]]:
     """Rebuild the trained model from a ``foldattn train`` checkpoint (config + state dict)."""
-    from ..checkpoint import load_model_state
     from ..train import TrainConfig, build_model
+    from ..train.checkpoint import load_model_state
 
     cfg = TrainConfig.from_dict(blob.get("config") or {})
     num_classes = int((blob.get("run") or {}).get("classes") or data.num_classes)
@@ -191,7 +191,7 @@ def prepare_output(out: str | os.PathLike[str]) -> Path:
 def run_stripe(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``foldattn stripe``; returns the paths written and the result summary."""
     from ..stripe import StripeHistory, record_stripes
-    from ..stripe_plot import plot_heatmaps, plot_history, plot_summary
+    from ..stripe.plots import plot_heatmaps, plot_history, plot_summary
 
     out = prepare_output(args.output)
     written: list[Path] = []

@@ -8,8 +8,8 @@ import os
 import sys
 from typing import Any
 
-from ..checkpoint import load_checkpoint
 from ..train import TrainConfig, list_recipes, recipe_defaults, train
+from ..train.checkpoint import load_checkpoint
 
 __all__ = ["register", "config_from_args"]
 

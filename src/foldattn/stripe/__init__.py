@@ -43,8 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._utils import atomic_path, eval_mode, unwrap_model
-from .attention import ChannelAttention
+from .._utils import atomic_path, eval_mode, unwrap_model
+from ..attention import ChannelAttention
 
 __all__ = [
     "AttentionKind", "AttentionSite", "Tap", "register_kind", "attention_kinds", "find_attention", "select_sites",
@@ -841,7 +841,7 @@ class StripeMonitor:
         """Record at epochs divisible by ``every`` (and write the files); otherwise do nothing."""
         if epoch % self.every:
             return None
-        from .stripe_plot import plot_heatmaps, plot_history
+        from .plots import plot_heatmaps, plot_history
 
         result = record_stripes(model, loader, layers=self.layers, max_images=self.max_images,
                                 max_samples=self.max_samples, seed=self.seed)

@@ -31,11 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._utils import atomic_path
+from .._registry import Registry
+from .._utils import atomic_path, require
 
 __all__ = [
     "ImageData", "FileData", "DataBundle", "DatasetError", "TensorLoader", "StreamLoader", "make_loader",
-    "register_dataset", "load_dataset", "list_datasets", "stratified_split", "IMAGE_EXTENSIONS",
+    "register_dataset", "unregister_dataset", "DATASETS", "load_dataset", "list_datasets", "stratified_split",
+    "IMAGE_EXTENSIONS",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -118,24 +120,22 @@ class DataBundle:
 
 
 Loader = Callable[..., DataBundle]
-_DATASETS: dict[str, Loader] = {}
+DATASETS: Registry[Loader] = Registry("dataset", case_sensitive=True)
 
 
 def register_dataset(name: str) -> Callable[[Loader], Loader]:
     """Decorator: register ``fn(data_dir=..., val_split=..., split_seed=..., **kw) -> DataBundle`` as ``name``."""
+    return DATASETS.register(name)
 
-    def deco(fn: Loader) -> Loader:
-        if name in _DATASETS:
-            raise ValueError(f"dataset {name!r} is already registered")
-        _DATASETS[name] = fn
-        return fn
 
-    return deco
+def unregister_dataset(name: str) -> Loader:
+    """Remove a registered dataset (tests, plug-ins); returns its loader."""
+    return DATASETS.unregister(name)
 
 
 def list_datasets() -> list[str]:
     """Registered names (``imagefolder`` takes a path: ``imagefolder:PATH``)."""
-    return sorted(_DATASETS)
+    return DATASETS.names()
 
 
 def load_dataset(
@@ -167,7 +167,7 @@ def load_dataset(
             everything into memory.
     """
     name, _, arg = spec.partition(":")
-    if name not in _DATASETS:
+    if name not in DATASETS.names():
         raise DatasetError(f"unknown dataset {spec!r}; valid: {', '.join(list_datasets())} (imagefolder:PATH)")
     if name == "imagefolder" and not arg:
         raise DatasetError("imagefolder needs a path: --dataset imagefolder:PATH (PATH/<class>/<image>.jpg)")
@@ -180,7 +180,7 @@ def load_dataset(
     if arg:
         kwargs["path"] = Path(arg)
         kwargs["stream"] = stream
-    return _DATASETS[name](**kwargs)
+    return DATASETS.get(name)(**kwargs)
 
 
 def stratified_split(labels: Tensor, val: float | int, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -236,9 +236,7 @@ def _split(data: ImageData | FileData, val_split: float | int, seed: int) -> tup
 @register_dataset("digits")
 def _digits(val_split: float | int | None = None, split_seed: int = 0, **_: object) -> DataBundle:
     """scikit-learn's 1,797 8x8 digits, bilinearly upscaled to 16x16, 3 channels."""
-    from sklearn.datasets import load_digits
-
-    raw = load_digits()
+    raw = require("sklearn.datasets", "train").load_digits()
     x = torch.from_numpy(raw.images).float().div(16).unsqueeze(1)  # values 0..16
     x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
     images = x.mul(255).round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._utils import atomic_path, unwrap_model
+from .._utils import atomic_path, unwrap_model
 
 __all__ = [
     "CheckpointError", "FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load_model_state",

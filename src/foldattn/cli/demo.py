@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._utils import atomic_path
-from .checkpoint import load_checkpoint, load_model_state
-from .data import load_dataset
-from .fold import asr_layers, fold
-from .summary import count_params
-from .train import TrainConfig, build_model, recipe_defaults, train, write_curves
-from .verify import verify
+from .._utils import atomic_path
+from ..fold import asr_layers, fold
+from ..summary import count_params
+from ..train import TrainConfig, build_model, recipe_defaults, train, write_curves
+from ..train.checkpoint import load_checkpoint, load_model_state
+from ..train.data import load_dataset
+from ..verify import verify
 
 __all__ = ["VARIANTS", "run_demo", "register"]
 

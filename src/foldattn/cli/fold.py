@@ -33,7 +33,7 @@ def builder_for(cfg: TrainConfig, classes: int) -> tuple[str | None, dict[str, A
 def _main(args: argparse.Namespace) -> int:
     model, cfg, blob = load_trained(args.checkpoint)
     x = example_input(blob)
-    deployed = fold(model, fuse_bn=args.fuse_bn)
+    deployed, fused = fold(model, fuse_bn=args.fuse_bn, return_report=True)
     report = verify(model, deployed, x)
     classes = int((blob.get("run") or {}).get("classes") or 10)
     builder, kwargs = (None, None) if args.fuse_bn else builder_for(cfg, classes)
@@ -43,8 +43,14 @@ def _main(args: argparse.Namespace) -> int:
         out = out / "deployed.safetensors"
     meta = {"checkpoint": str(args.checkpoint), "config": cfg.to_dict(), "epoch": blob.get("epoch"),
             "best": blob.get("best"), "verify": str(report), "fuse_bn": args.fuse_bn}
-    save_deployed(deployed, out, builder, kwargs, metadata=meta)
+    if fused is not None:
+        meta["fuse_bn_report"] = str(fused)
+    # the trained model, so that the metadata counts the ASR layers folded (save_deployed folds it
+    # exactly as above)
+    save_deployed(model, out, builder, kwargs, metadata=meta, fuse_bn=args.fuse_bn)
     print(f"{cfg.model}: {count_params(model):,} parameters in training form, {count_params(deployed):,} deployed")
+    if fused is not None:
+        print(fused if fused.left else f"fuse_bn: fused all {len(fused.fused)} norm layers (graph: {fused.graph})")
     print(f"verify: {report}")
     recorded = read_metadata(out).get("builder")
     print(f"wrote {out} and {out.with_suffix('.json')}"
@@ -57,5 +63,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fold", help="fold a checkpoint's ASR layers; write safetensors + JSON with the verify report")
     p.add_argument("checkpoint", help="a foldattn checkpoint (.pt) or run folder")
     p.add_argument("-o", "--output", required=True, help="a .safetensors file, or a folder (deployed.safetensors)")
-    p.add_argument("--fuse-bn", action="store_true", help="also fuse Conv->BatchNorm pairs")
+    p.add_argument("--fuse-bn", action="store_true",
+                   help="also fuse every norm into the conv/linear before it (those left are listed with the reason)")
     p.set_defaults(func=_main)

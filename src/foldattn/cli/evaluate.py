@@ -7,11 +7,11 @@ import json
 
 import torch
 
-from ..checkpoint import load_checkpoint, load_model_state
-from ..data import load_dataset, make_loader
 from ..fold import asr_layers, fold
 from ..summary import count_params
 from ..train import TrainConfig, build_model, evaluate
+from ..train.checkpoint import load_checkpoint, load_model_state
+from ..train.data import load_dataset, make_loader
 from ..verify import verify
 
 __all__ = ["register"]

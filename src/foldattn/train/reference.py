@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..models import CifarResNet
 from .checkpoint import CheckpointError, load_model_state
-from .models import CifarResNet
 
 __all__ = ["ReferenceInfo", "convert_reference_state", "load_reference"]
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_checkpoint
 from ..fold import fold
 from ..models import list_models
-from ..reference import load_reference
 from ..summary import count_params
 from ..train import TrainConfig, recipe_defaults
+from ..train.checkpoint import save_checkpoint
+from ..train.reference import load_reference
 from ..verify import verify
 
 __all__ = ["register"]

@@ -1,5 +1,5 @@
-"""The ``foldattn`` command line. Each sub-command lives in its own module and
-registers itself through a ``register(subparsers)`` function listed in ``_COMMANDS``."""
+"""The ``foldattn`` command line: every command in one place, a module each under ``foldattn.cli``,
+each adding its sub-parser through ``register(subparsers)`` (the modules listed in ``_COMMANDS``)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ __all__ = ["main", "build_parser"]
 
 # module (relative to foldattn) providing ``register(subparsers)`` for each command
 _COMMANDS: tuple[str, ...] = (
-    "demo", "commands.train", "commands.evaluate", "commands.fold", "commands.export", "commands.import_reference",
-    "bench", "commands.stripe", "commands.calibrate",
+    "demo", "train", "evaluate", "fold", "export", "import_reference", "bench", "stripe", "calibrate",
 )
 
 
@@ -22,7 +21,7 @@ class CLIError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="foldattn",
@@ -31,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"foldattn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _COMMANDS:
-        importlib.import_module(f"foldattn.{mod}").register(sub)
+        importlib.import_module(f"foldattn.cli.{mod}").register(sub)
     return parser
 
 
@@ -41,8 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    from .train import TrainingInterrupted
-    from .verify import EquivalenceError
+    from ..train import TrainingInterrupted
+    from ..verify import EquivalenceError
 
     try:
         return int(args.func(args) or 0)

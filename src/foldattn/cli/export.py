@@ -1,0 +1,46 @@
+"""``foldattn export CKPT --onnx OUT [--pt2 OUT]``: deploy a checkpoint and export it, checked."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..export import export_onnx, export_program
+from ..train import example_input, load_trained
+from . import CLIError
+
+__all__ = ["register"]
+
+
+def _main(args: argparse.Namespace) -> int:
+    if not args.onnx and not args.pt2:
+        raise CLIError("export: give --onnx FILE.onnx, --pt2 FILE.pt2 or both")
+    if args.pt2 and Path(args.pt2).suffix != ".pt2":
+        raise CLIError(f"--pt2 {args.pt2}: the file name must end in .pt2 (torch.export's archive format)")
+    model, cfg, blob = load_trained(args.checkpoint)
+    example = example_input(blob, batch=1)
+    for path in (args.onnx, args.pt2):
+        if path and not Path(path).parent.exists():
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if args.onnx:
+        report = export_onnx(model, example, args.onnx, opset_version=args.opset, fuse_bn=args.fuse_bn,
+                             dynamic_batch=not args.static_batch)
+        print(f"{cfg.model}: {report}")
+        print(f"wrote {args.onnx}")
+    if args.pt2:
+        program = export_program(model, example, args.pt2, fuse_bn=args.fuse_bn, dynamic_batch=not args.static_batch)
+        print(f"{cfg.model}: {program}")
+        print(f"wrote {args.pt2} (load: torch.export.load(path).module())")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="deploy a checkpoint and export it to ONNX (checked with onnxruntime) "
+                                      "and/or a torch.export program")
+    p.add_argument("checkpoint", help="a foldattn checkpoint (.pt) or run folder")
+    p.add_argument("--onnx", help="output .onnx file")
+    p.add_argument("--pt2", help="output .pt2 file (torch.export.save; loaded back and compared)")
+    p.add_argument("--opset", type=int, help="ONNX opset [exporter default]; validated against the exporter")
+    p.add_argument("--fuse-bn", action="store_true", help="also fuse the norm layers into the convs")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch size to 1 instead of a dynamic axis")
+    p.set_defaults(func=_main)

@@ -1,1 +1,0 @@
-"""Sub-commands of the ``foldattn`` CLI (each module exposes ``register(subparsers)``)."""

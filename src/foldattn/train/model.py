@@ -1,0 +1,96 @@
+"""The model of a training run: built from its config, or rebuilt from a checkpoint."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import attention as _attention
+from .._utils import require, unwrap_model
+from ..fold import fold, has_foldable
+from .checkpoint import load_checkpoint, load_model_state
+from .config import TrainConfig
+
+__all__ = ["build_model", "load_trained", "example_input", "deployed_copy"]
+
+
+def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """The model named by ``cfg.model`` with its attention / ASR options.
+
+    ``torchvision:NAME`` and ``timm:NAME`` go through :func:`foldattn.attach`; other names
+    are :func:`foldattn.models.create_model` names.
+    """
+    if cfg.attention is not None:
+        _attention.get(cfg.attention)
+    if (cfg.asr or cfg.both) and cfg.attention is None:
+        raise ValueError("--asr/--both need --attention NAME (e.g. --attention se)")
+    if cfg.every < 1:
+        raise ValueError(f"--every must be >= 1, got {cfg.every}")
+    source, sep, name = cfg.model.partition(":")
+    if sep:
+        model = _external_model(source, name, cfg, num_classes)
+    else:
+        from ..models import create_model
+
+        kwargs: dict[str, Any] = {}
+        if in_channels != 3:
+            kwargs["in_channels"] = in_channels
+        if cfg.every != 1:
+            kwargs["every"] = cfg.every
+        model = create_model(cfg.model, num_classes=num_classes, attention=cfg.attention, asr=cfg.asr,
+                             both=cfg.both, psi_init=cfg.psi_init, **kwargs)
+    return model
+
+
+def _external_model(source: str, name: str, cfg: TrainConfig, num_classes: int) -> nn.Module:
+    from ..attach import attach
+
+    if source == "torchvision":
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    elif source == "timm":
+        timm = require("timm", "timm")
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    else:
+        raise ValueError(f"unknown model source {source!r}; use torchvision:NAME, timm:NAME or a foldattn model name")
+    if cfg.attention is None:
+        return model
+    if not cfg.asr:
+        raise ValueError(f"{cfg.model}: attach inserts attention in ASR form only; add --asr (or --asr --both for "
+                         "ASR(X) + X), or use a foldattn.models name for classic attention")
+    return attach(model, cfg.attention, both=cfg.both, psi_init=cfg.psi_init, every=cfg.every)
+
+
+def load_trained(path: str | os.PathLike[str]) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+    """Rebuild the (training-form) model of a checkpoint: ``(model in eval mode, config, checkpoint dict)``.
+
+    Raises :class:`~foldattn.train.checkpoint.CheckpointError` for unreadable files or weights that
+    do not fit the architecture recorded in the checkpoint's config.
+    """
+    blob = load_checkpoint(path)
+    cfg = TrainConfig.from_dict(blob["config"])
+    run = blob.get("run") or {}
+    classes = run.get("classes")
+    if classes is None:  # older checkpoints: the classifier's output size
+        heads = [v for k, v in blob["model"].items() if k.endswith("weight") and v.dim() == 2]
+        classes = int(heads[-1].shape[0]) if heads else 10
+    model = build_model(cfg, int(classes))
+    load_model_state(model, blob["model"], f"checkpoint {path}")
+    return model.eval(), cfg, blob
+
+
+def example_input(blob: dict[str, Any], batch: int = 2) -> torch.Tensor:
+    """A random normalised input batch of the checkpoint's image size (32x32 if unknown)."""
+    h, w = (blob.get("run") or {}).get("image_size", (32, 32))
+    return torch.randn(batch, 3, int(h), int(w), generator=torch.Generator().manual_seed(0))
+
+
+def deployed_copy(model: nn.Module) -> nn.Module:
+    """The deployed form for evaluation: a folded copy if the model has ASR layers or
+    re-parameterization blocks (a plain SRP network deploys fused too), else the model itself."""
+    inner = unwrap_model(model)
+    return fold(inner) if has_foldable(inner) else inner

@@ -1,0 +1,336 @@
+"""The training loop: :class:`Trainer` (setup, train_one_epoch, validate, checkpoint) and :func:`train`.
+
+Each epoch trains the model (with ASR layers, if any), then validates a *folded copy*
+(:func:`foldattn.fold`; the training model is never modified), so the reported accuracy is the
+deployed network's. Files in the output folder, each written atomically: ``last.pt`` /
+``best.pt`` (model, optimizer, scheduler, scaler, RNG, config), ``metrics.csv``,
+``summary.json`` (config, versions, best and final top-1/top-5, time per epoch) and
+``curves.png``. A run resumes exactly where it stopped, also mid-epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..summary import count_params
+from .callbacks import (
+    Callback,
+    Hook,
+    ProgressBar,
+    RunFiles,
+    StopOnSignal,
+    StripeMonitoring,
+    TensorBoard,
+    write_csv,
+    write_json,
+)
+from .checkpoint import config_diff, load_checkpoint, load_model_state, restore_rng, save_checkpoint
+from .config import RESUME_IGNORED, TrainConfig
+from .data import DataBundle, load_dataset, make_loader
+from .engine import backward, evaluate, forward_loss, optimizer_step
+from .model import build_model, deployed_copy
+from .optim import create_optimizer, create_scheduler
+from .plots import write_curves
+from .runtime import Distributed, TrainingInterrupted, amp_dtype, check_writable, resolve_device, versions
+
+__all__ = ["Trainer", "train"]
+
+
+def label(cfg: TrainConfig) -> str:
+    """``"cifar_resnet20 +ASR(SE)"`` and the like."""
+    if cfg.attention is None:
+        return f"{cfg.model} (plain)"
+    name = cfg.attention.upper()
+    kind = f"+ASR({name})+{name}" if cfg.both else (f"+ASR({name})" if cfg.asr else f"+{name}")
+    return f"{cfg.model} {kind}"
+
+
+class Trainer:
+    """One training run of a :class:`~foldattn.train.TrainConfig`.
+
+    ``fit()`` does everything (what :func:`train` calls); the steps are public so that a
+    script can drive them: :meth:`setup` (data, model, optimizer, schedule, resumed state,
+    callbacks), :meth:`train_one_epoch`, :meth:`validate` (the folded copy) and
+    :meth:`checkpoint`.
+
+    Args:
+        cfg: the run's configuration.
+        dist: the process group (torchrun) or a single process.
+        resume: a checkpoint (or an output folder: its ``last.pt``) to continue from.
+        allow_config_change: on resume, warn about config differences instead of refusing.
+        bundle: already-loaded data (else ``cfg.dataset`` is loaded).
+        callbacks: extra :class:`~foldattn.train.callbacks.Callback` objects (after the defaults).
+        log: where one line per epoch goes (rank 0 only); None for silence.
+    """
+
+    def __init__(self, cfg: TrainConfig, dist: Distributed, *, resume: str | os.PathLike[str] | None = None,
+                 allow_config_change: bool = False, bundle: DataBundle | None = None,
+                 callbacks: Sequence[Callback] = (), log: Callable[[str], None] | None = print) -> None:
+        self.cfg, self.dist = cfg, dist
+        self.device = dist.device
+        self.amp = amp_dtype(cfg, self.device)
+        self.out = Path(cfg.output)
+        self.resume, self.allow_config_change = resume, allow_config_change
+        self.bundle = bundle
+        self.log = log if (log is not None and dist.main) else (lambda _s: None)
+        self.extra_callbacks = list(callbacks)
+        self.callbacks: list[Callback] = []
+        self.stop_requested = False
+        self.history: list[dict[str, float]] = []
+        self.best: dict[str, float] = {"top1": -1.0, "top5": 0.0, "epoch": 0}
+        self.start_epoch = self.start_step = 0
+        self.partial: list[float] | None = None
+
+    # --- setup ------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load the data, build the model, optimizer and schedule, restore a resumed run."""
+        cfg, dist = self.cfg, self.dist
+        state = None
+        if self.resume is not None:
+            state = load_checkpoint(self.resume)
+            saved = TrainConfig.from_dict(state["config"]).to_dict()
+            diff = config_diff(saved, cfg.to_dict(), ignore=RESUME_IGNORED)
+            if diff and not self.allow_config_change:
+                raise ValueError("--resume with a changed configuration:\n  " + "\n  ".join(diff)
+                                 + "\nrerun with the saved options, or pass --allow-config-change to continue anyway")
+            if diff:
+                warnings.warn("resuming with a changed configuration: " + "; ".join(diff), stacklevel=2)
+        if dist.main:
+            check_writable(self.out)
+        torch.manual_seed(cfg.seed)
+        if self.bundle is None:
+            self.bundle = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, cfg.split_seed, cfg.cache_dir,
+                                       cfg.image_size, cfg.download, cfg.stream)
+        bundle = self.bundle
+        self.train_loader = make_loader(bundle.train, cfg.batch_size, bundle, train=True, seed=cfg.seed,
+                                        rank=dist.rank, world=dist.world, channels_last=cfg.channels_last,
+                                        workers=cfg.workers)
+        self.val_loader = make_loader(bundle.val, cfg.batch_size, bundle, train=False, rank=dist.rank,
+                                      world=dist.world, channels_last=cfg.channels_last, workers=cfg.workers)
+        n = len(self.train_loader)
+        self.steps = n if cfg.steps_per_epoch is None else min(cfg.steps_per_epoch, n)
+
+        model = build_model(cfg, bundle.num_classes, bundle.in_channels)
+        if cfg.sync_bn and dist.enabled:
+            if self.device.type != "cuda":
+                raise ValueError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); drop it on CPU")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(self.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.optimizer = create_optimizer(cfg, model)
+        self.scheduler = create_scheduler(cfg, self.optimizer, self.steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        if state is not None:
+            load_model_state(model, state["model"], f"checkpoint {self.resume}")
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler") is not None:
+                self.scaler.load_state_dict(state["scaler"])
+            restore_rng(state["rng"])
+            self.start_epoch, self.start_step = int(state["epoch"]), int(state["step"])
+            self.history = list(state.get("history", []))
+            self.best = dict(state.get("best", self.best))
+            self.partial = state.get("partial")
+            self.log(f"resumed from {self.resume}: epoch {self.start_epoch}, step {self.start_step}")
+
+        self.train_model: nn.Module = model
+        if dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        params_train, params_deployed = count_params(model), count_params(deployed_copy(model))
+        self.run_info = {
+            "dataset": bundle.name, "train_images": len(bundle.train), "val_images": len(bundle.val),
+            "classes": bundle.num_classes, "image_size": list(bundle.image_size), "notes": bundle.notes,
+            "params_train": params_train, "params_deployed": params_deployed, "world_size": dist.world,
+            "device": str(self.device), "amp": str(self.amp).replace("torch.", "") if self.amp else "none",
+            "steps_per_epoch": self.steps,
+        }
+        self.callbacks = self._default_callbacks() + self.extra_callbacks
+        self.log(f"{label(cfg)} on {bundle.name}: {len(bundle.train)} train / {len(bundle.val)} val images, "
+                 f"{params_train:,} params ({params_deployed:,} deployed), {self.steps} steps/epoch, "
+                 f"amp={self.run_info['amp']}, world={dist.world}")
+
+    def _default_callbacks(self) -> list[Callback]:
+        cfg, main = self.cfg, self.dist.main
+        out: list[Callback] = [StopOnSignal()]
+        if main:
+            out.append(RunFiles())
+        if cfg.progress and main:
+            out.append(ProgressBar())
+        if cfg.tensorboard and main:
+            out.append(TensorBoard(self.out))
+        if cfg.stripe_every and main:
+            out.append(StripeMonitoring(cfg.stripe_every, self.out / "stripes"))
+        return out
+
+    def _call(self, event: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(self, *args)
+
+    # --- checkpoints and summary --------------------------------------------------------
+    def checkpoint(self, name: str, epoch: int, step: int, partial: list[float] | None = None) -> Path:
+        """Write ``OUTPUT/name``: everything needed to continue at ``epoch``/``step`` exactly."""
+        return save_checkpoint(self.out / name, model=self.model, config=self.cfg.to_dict(),
+                               optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, epoch=epoch,
+                               step=step, history=self.history, best=self.best, partial=partial, run=self.run_info)
+
+    def summary(self, finished: bool | None = None) -> dict[str, Any]:
+        """The run's summary (what ``summary.json`` holds)."""
+        final = self.history[-1] if self.history else {}
+        times = [h["epoch_time_s"] for h in self.history]
+        done = len(self.history) >= self.cfg.epochs if finished is None else finished
+        return {"config": self.cfg.to_dict(), "versions": versions(), "run": self.run_info, "finished": done,
+                "epochs_done": len(self.history),
+                "best": {"top1": self.best["top1"], "top5": self.best["top5"], "epoch": self.best["epoch"]},
+                "final": {"top1": final.get("val_top1"), "top5": final.get("val_top5"),
+                          "loss": final.get("val_loss")},
+                "time_per_epoch_s": sum(times) / len(times) if times else None}
+
+    def write_summary(self) -> None:
+        """``summary.json``, ``metrics.csv`` and ``curves.png`` (rank 0; a plotting problem never stops a run)."""
+        if not self.dist.main:
+            return
+        write_json(self.out / "summary.json", self.summary())
+        write_csv(self.out / "metrics.csv", self.history)
+        with contextlib.suppress(Exception):
+            write_curves(self.out / "curves.png", {self.cfg.model: self.history}, title=label(self.cfg))
+
+    # --- the loop -----------------------------------------------------------------------
+    def first_step(self, epoch: int) -> int:
+        """The batch an epoch starts at: mid-epoch for the epoch a resumed run stopped in."""
+        return self.start_step if epoch == self.start_epoch else 0
+
+    def _interrupt(self, epoch: int, step: int, sums: list[float]) -> None:
+        total = self.dist.sum(sums)
+        if self.dist.main:
+            self.checkpoint("last.pt", epoch, step, total)
+        self.write_summary()
+        raise TrainingInterrupted(self.out / "last.pt")
+
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch (from the resumed step, if any); returns the train loss, top-1 and speed.
+
+        Raises :class:`~foldattn.train.TrainingInterrupted` after a stop request (Ctrl-C),
+        once a resumable checkpoint is written.
+        """
+        cfg, dist = self.cfg, self.dist
+        self.train_loader.set_epoch(epoch)
+        self.train_model.train()
+        first = self.first_step(epoch)
+        # the saved partial sums are over all ranks: rank 0 carries them, the others start at 0
+        resumed = self.partial is not None and epoch == self.start_epoch and first and dist.main
+        sums = list(self.partial) if resumed else [0.0, 0.0, 0.0]  # loss sum, correct, images
+        t0 = time.perf_counter()
+        batches = itertools.islice(self.train_loader.batches(first), max(self.steps - first, 0))
+        for i, (x, y) in enumerate(batches, start=first):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            loss, logits = forward_loss(self.train_model, x, y, self.criterion, self.amp)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} step {i + 1}; training "
+                                         "diverged (lower --lr, or check the data)")
+            backward(loss, self.scaler)
+            optimizer_step(self.optimizer, self.scaler)
+            self.scheduler.step()
+            sums[0] += loss.item() * y.numel()
+            sums[1] += (logits.argmax(1) == y).sum().item()
+            sums[2] += y.numel()
+            self._call("on_step_end", {"epoch": epoch, "step": i, "loss": loss.item()})
+            if dist.any(self.stop_requested) and i + 1 < self.steps:
+                self._interrupt(epoch, i + 1, sums)
+        elapsed = time.perf_counter() - t0
+        tot = dist.sum(sums)
+        return {"train_loss": tot[0] / max(tot[2], 1), "train_top1": 100 * tot[1] / max(tot[2], 1),
+                "images_per_s": (self.steps - first) * cfg.batch_size / max(elapsed, 1e-9)}
+
+    def validate(self) -> dict[str, float]:
+        """Loss, top-1 and top-5 of the deployed (folded) copy on the validation split."""
+        return evaluate(deployed_copy(self.model), self.val_loader, self.amp, self.device, self.dist)
+
+    def fit(self) -> dict[str, Any]:
+        """Set up (if not done), train every remaining epoch, validate, checkpoint; returns the summary."""
+        if not hasattr(self, "model"):
+            self.setup()
+        cfg = self.cfg
+        self._call("on_fit_start")
+        try:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                self._call("on_epoch_start", epoch)
+                t0 = time.perf_counter()
+                train_metrics = self.train_one_epoch(epoch)
+                val = self.validate()
+                row = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+                       "train_loss": train_metrics["train_loss"], "train_top1": train_metrics["train_top1"],
+                       "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+                       "epoch_time_s": time.perf_counter() - t0, "images_per_s": train_metrics["images_per_s"]}
+                self.history.append(row)
+                improved = val["top1"] > self.best["top1"]
+                if improved:
+                    self.best = {"top1": val["top1"], "top5": val["top5"], "epoch": epoch + 1}
+                if self.dist.main:
+                    self.checkpoint("last.pt", epoch + 1, 0)
+                    if improved:
+                        self.checkpoint("best.pt", epoch + 1, 0)
+                self.log(f"epoch {epoch + 1:>3}/{cfg.epochs}  lr {row['lr']:.4f}  train loss {row['train_loss']:.3f} "
+                         f"top1 {row['train_top1']:.2f}  val (folded) loss {val['loss']:.3f} top1 {val['top1']:.2f} "
+                         f"top5 {val['top5']:.2f}  {row['epoch_time_s']:.1f}s ({row['images_per_s']:.0f} img/s)")
+                self._call("on_epoch_end", row)
+                if self.dist.any(self.stop_requested) and epoch + 1 < cfg.epochs:
+                    raise TrainingInterrupted(self.out / "last.pt")
+        finally:
+            self._call("on_fit_end")
+        self.dist.barrier()
+        return self.summary()
+
+
+def train(cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, allow_config_change: bool = False,
+          hook: Callable[[str, dict[str, Any]], None] | None = None, bundle: DataBundle | None = None,
+          log: Callable[[str], None] | None = print, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Train, validate the folded model each epoch, checkpoint; return the summary dict.
+
+    Args:
+        cfg: the run's configuration.
+        resume: a checkpoint (or an output folder: its ``last.pt``) to continue from;
+            the run then continues exactly where it stopped (also mid-epoch).
+        allow_config_change: on resume, warn about config differences instead of refusing.
+        hook: called as ``hook(event, info)`` with ``"step"`` after each optimizer step and
+            ``"epoch"`` after each validation (for callbacks and tests); ``info["epoch"]`` is
+            the 0-based epoch index and ``info["model"]`` the (unwrapped) training model.
+        bundle: already-loaded data (else ``cfg.dataset`` is loaded).
+        log: where one line per epoch goes (rank 0 only); None for silence.
+        callbacks: extra :class:`~foldattn.train.callbacks.Callback` objects.
+
+    Raises:
+        TrainingInterrupted: after Ctrl-C, once a resumable checkpoint is written.
+    """
+    device = resolve_device(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    threads, was_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    extra = [*callbacks, *([Hook(hook)] if hook is not None else [])]
+    try:
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        with Distributed(device) as dist:
+            trainer = Trainer(cfg, dist, resume=resume, allow_config_change=allow_config_change, bundle=bundle,
+                              callbacks=extra, log=log)
+            return trainer.fit()
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(threads)
