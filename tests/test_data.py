@@ -75,6 +75,32 @@ def test_imagefolder_split_and_cache(tmp_path: Path) -> None:
     assert any(torch.equal(first, img) for img in torch.cat([b.train.images, b.val.images]))
 
 
+def test_imagefolder_cache_follows_the_content(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    g = torch.Generator().manual_seed(3)
+    for c, value in (("a", 10), ("b", 200)):  # class a dark, class b bright: labels visible in the pixels
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            px = (torch.full((8, 8, 3), value) + torch.randint(0, 5, (8, 8, 3), generator=g)).to(torch.uint8).numpy()
+            Image.fromarray(px).save(root / c / f"{i}.png")
+
+    def dark_label(bundle) -> set[int]:
+        data = ImageData(torch.cat([bundle.train.images, bundle.val.images]),
+                         torch.cat([bundle.train.labels, bundle.val.labels]))
+        return {int(y) for x, y in zip(data.images, data.labels, strict=True) if x.float().mean() < 100}
+
+    cache = tmp_path / "cache"
+    first = load_dataset(f"imagefolder:{root}", val_split=2, cache_dir=cache)
+    assert dark_label(first) == {0}
+    # swap the two class folders: same names, counts, sizes; a path-and-count key would serve stale labels
+    (root / "a").rename(root / "tmp")
+    (root / "b").rename(root / "a")
+    (root / "tmp").rename(root / "b")
+    swapped = load_dataset(f"imagefolder:{root}", val_split=2, cache_dir=cache)
+    assert dark_label(swapped) == {1}
+    assert len(list(cache.glob("*.pt"))) == 2
+
+
 def test_imagefolder_train_val_layout_and_resize(tmp_path: Path) -> None:
     _tree(tmp_path / "train", {"x": 3, "y": 3}, size=(12, 10))
     _tree(tmp_path / "val", {"x": 1, "y": 1}, size=(12, 10))

@@ -13,6 +13,7 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
+    assert "SMOKE TEST" in printed  # --quick says that its accuracies mean nothing
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| model")}
     assert set(rows) == {"plain", "+SE", "+ASR(SE)"}
@@ -23,7 +24,7 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for r in rows.values():
         assert 0.0 <= float(r[0]) <= 100.0 and float(r[4]) > 0
     report = (out / "report.md").read_text()
-    assert "tolerance 1e-10" in report and "curves.png" in report
+    assert "tolerance 1e-10" in report and "curves.png" in report and "SMOKE TEST" in report
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 

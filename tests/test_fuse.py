@@ -152,3 +152,13 @@ def test_norm_pairs_does_not_change_the_model_and_fuse_norms_reports() -> None:
     report = fuse_norms(model.eval())
     assert [p.norm for p in report.fused] == ["1", "3"]
     assert isinstance(model[1], nn.Identity)
+
+
+def test_detection_backbone_with_frozen_batch_norm() -> None:
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=FrozenBatchNorm2d,
+                                   trainable_layers=5)
+    report = _check(backbone.double(), torch.randn(1, 3, 64, 64, dtype=torch.float64), fused=20)
+    assert {p.norm_type for p in report.fused} == {"FrozenBatchNorm2d"}

@@ -127,6 +127,13 @@ def test_cli_import_resnet164(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     model = build_model(cfg, num_classes=100)
     load_model_state(model, blob["model"])  # strict: every key matches
     assert sum(k.endswith("attention.psi") for k in blob["model"]) == 54
+    # the reference normalised CIFAR-100 with CIFAR-10's statistics; eval must feed it the same inputs
+    recorded = blob["run"]["preprocessing"]
+    assert recorded["mean"] == [0.4914, 0.4822, 0.4465] and recorded["std"] == [0.2023, 0.1994, 0.2010]
+    from foldattn.train.data import load_dataset, with_preprocessing
+
+    bundle = with_preprocessing(load_dataset("digits"), recorded)
+    assert bundle.mean == (0.4914, 0.4822, 0.4465) and bundle.std == (0.2023, 0.1994, 0.2010)
 
 
 @pytest.mark.parametrize("bad", ["truncated", "not-resnet", "missing"])

@@ -15,6 +15,7 @@ import torch
 
 from foldattn.cli import main
 from foldattn.fold import asr_layers
+from foldattn.models import create_model as foldattn_create
 from foldattn.train import (
     TrainConfig,
     TrainingInterrupted,
@@ -46,10 +47,11 @@ def _interrupt_at(event: str, epoch: int, step: int | None = None):
 
 
 @pytest.mark.parametrize("where", [("epoch", 0, None), ("step", 1, 0)], ids=["after-epoch-1", "mid-epoch-2"])
-def test_resume_is_exact(tmp_path: Path, where: tuple[str, int, int | None]) -> None:
-    full = train(_cfg(tmp_path / "full"), bundle=DIGITS, log=None)
+@pytest.mark.parametrize("extra", [{}, {"opt": "adamw", "lr": 1e-3, "clip_grad": 1.0}], ids=["sgd", "adamw-clip"])
+def test_resume_is_exact(tmp_path: Path, where: tuple[str, int, int | None], extra: dict[str, Any]) -> None:
+    full = train(_cfg(tmp_path / "full", **extra), bundle=DIGITS, log=None)
     with pytest.raises(TrainingInterrupted):
-        train(_cfg(tmp_path / "cut"), bundle=DIGITS, log=None, hook=_interrupt_at(*where))
+        train(_cfg(tmp_path / "cut", **extra), bundle=DIGITS, log=None, hook=_interrupt_at(*where))
     ckpt = load_checkpoint(tmp_path / "cut" / "last.pt")
     assert (ckpt["epoch"], ckpt["step"]) == ((1, 0) if where[0] == "epoch" else (1, 1))
     steps: list[tuple[int, int]] = []
@@ -58,7 +60,7 @@ def test_resume_is_exact(tmp_path: Path, where: tuple[str, int, int | None]) -> 
         if ev == "step":
             steps.append((info["epoch"], info["step"]))
 
-    resumed = train(_cfg(tmp_path / "cut"), resume=tmp_path / "cut", bundle=DIGITS, log=None, hook=record)
+    resumed = train(_cfg(tmp_path / "cut", **extra), resume=tmp_path / "cut", bundle=DIGITS, log=None, hook=record)
     # the resumed run does only the steps the cut run had not done (a restart would redo them all)
     done = 3 if where[0] == "epoch" else 3 + 1
     assert steps == [(e, i) for e in range(3) for i in range(3)][done:]
@@ -300,8 +302,11 @@ def test_lr_schedules(schedule: str, expected: dict[int, float]) -> None:
         assert seen[step] == pytest.approx(value), step
 
 
-@pytest.mark.parametrize("signals", [1, 2], ids=["once", "twice-at-once"])  # twice: what torchrun's workers get
-def test_cli_ctrl_c_writes_a_resumable_checkpoint(tmp_path: Path, signals: int) -> None:
+# twice: what torchrun's workers get; SIGTERM: what SLURM and Kubernetes send before killing
+@pytest.mark.parametrize(("signals", "signum", "code"), [(1, signal.SIGINT, 130), (2, signal.SIGINT, 130),
+                                                         (1, signal.SIGTERM, 143)],
+                         ids=["once", "twice-at-once", "sigterm"])
+def test_cli_ctrl_c_writes_a_resumable_checkpoint(tmp_path: Path, signals: int, signum: int, code: int) -> None:
     import subprocess
     import sys
     import time
@@ -317,11 +322,11 @@ def test_cli_ctrl_c_writes_a_resumable_checkpoint(tmp_path: Path, signals: int) 
         while not (out / "summary.json").exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
         for _ in range(signals):
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == code, err[-2000:]
     assert "resumable checkpoint" in err and "Traceback" not in err
     blob = load_checkpoint(out)
     assert 1 <= blob["epoch"] < 1000
@@ -429,3 +434,75 @@ def test_plain_srp_model_is_validated_and_counted_in_its_deploy_form(tmp_path: P
               bundle=DIGITS, log=None)
     deploy = create_model("cifar_resnet20_acnet", num_classes=10, deploy=True)
     assert s["run"]["params_deployed"] == sum(p.numel() for p in deploy.parameters()) < s["run"]["params_train"]
+
+
+def test_two_runs_cannot_share_an_output_folder(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    base = [sys.executable, "-m", "foldattn.cli", "train", "--steps-per-epoch", "2", "--batch-size", "16", "-o",
+            str(out), "--no-progress"]
+    first = subprocess.Popen([*base, "--epochs", "1000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "summary.json").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        second = subprocess.run([*base, "--epochs", "1", "--attention", "se"], env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"in use by PID {first.pid}" in second.stderr and "Traceback" not in second.stderr
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 143
+    # the folder holds the first run only, and is free again
+    assert load_checkpoint(out)["config"]["attention"] is None and not (out / ".lock").exists()
+
+
+def test_optimizers_come_from_timm_and_skip_decay_on_norms_biases_and_psi(tmp_path: Path) -> None:
+    from foldattn.train.optim import create_optimizer
+
+    model = foldattn_create("cifar_resnet20", attention="se", asr=True)
+    opt = create_optimizer(TrainConfig(opt="adamw", lr=1e-3, weight_decay=0.05), model)
+    assert type(opt).__name__ == "AdamW"
+    decay = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        expected = p.ndim > 1 and not name.endswith("psi")  # conv kernels, linear and attention-MLP weights
+        assert (id(p) in decay) == expected, name
+    everything = create_optimizer(TrainConfig(decay_all=True, weight_decay=0.05), model)
+    assert type(everything) is torch.optim.SGD and all(g["weight_decay"] == 0.05 for g in everything.param_groups)
+    with pytest.raises(ValueError, match="--opt 'nosuch'"):
+        create_optimizer(TrainConfig(opt="nosuch"), model)
+
+
+def test_clip_grad_bounds_the_update(tmp_path: Path) -> None:
+    a = train(_cfg(tmp_path / "a", epochs=1, lr=0.5), bundle=DIGITS, log=None)
+    b = train(_cfg(tmp_path / "b", epochs=1, lr=0.5, clip_grad=1e-4), bundle=DIGITS, log=None)
+    torch.manual_seed(0)  # as the trainer seeds before building: the same initial weights
+    start = build_model(_cfg(tmp_path / "c"), DIGITS.num_classes)
+    wa, wb = (load_checkpoint(tmp_path / x / "last.pt")["model"]["conv1.weight"] for x in ("a", "b"))
+    w0 = start.state_dict()["conv1.weight"]
+    assert (wb - w0).abs().max() < (wa - w0).abs().max() and a["final"] != b["final"]
+
+
+def test_cli_config_file_model_kwargs_and_opt(tmp_path: Path) -> None:
+    pytest.importorskip("timm")
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("model: timm:vit_tiny_patch16_224\nmodel-kwargs: img_size=16,patch_size=4,depth=2\n"
+                        "attention: se\nasr: true\nwhere: transformer\nopt: adamw\nlr: 0.001\nepochs: 3\n"
+                        "batch-size: 8\nsteps-per-epoch: 1\n")
+    out = tmp_path / "vit"
+    assert main(["train", "-c", str(cfg_file), "--dataset", "digits", "--epochs", "1", "-o", str(out),
+                 "--no-progress"]) == 0
+    saved = json.loads((out / "summary.json").read_text())["config"]
+    assert saved["epochs"] == 1  # the command line overrides the file
+    assert saved["opt"] == "adamw" and saved["model_kwargs"] == {"img_size": 16, "patch_size": 4, "depth": 2}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochz: 3\n")
+    assert main(["train", "-c", str(bad), "-o", str(tmp_path / "x")]) == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from foldattn._utils import atomic_path
+from foldattn._utils import atomic_path, strict_json
 
 
 def test_atomic_path_writes_with_umask_mode(tmp_path: Path) -> None:
@@ -33,3 +33,51 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path: Path) -> None:
 def test_atomic_path_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"), atomic_path(tmp_path / "no" / "x"):
         pass
+
+
+def test_atomic_path_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync " + ("dir" if stat.S_ISDIR(os.fstat(fd).st_mode)
+                                                                           else "file")), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("rename"), real_replace(a, b)))
+    with atomic_path(tmp_path / "f.txt") as tmp:
+        tmp.write_text("data")
+    assert events == ["fsync file", "rename", "fsync dir"]
+    assert (tmp_path / "f.txt").read_text() == "data"
+
+
+def test_strict_json_writes_null_for_nan_and_inf() -> None:
+    import json
+
+    text = strict_json({"loss": float("nan"), "x": [1.0, float("inf")], "ok": 2.5})
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"loss": None, "x": [1.0, None], "ok": 2.5}
+
+
+def test_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path: Path) -> None:
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from foldattn.train.runtime import RunLock, RunLockedError
+
+    # a live holder: another process
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "since": "t"}))
+        with pytest.raises(RunLockedError, match=f"in use by PID {holder.pid} on host"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: stale, taken over with a warning; leftovers of killed writes removed
+    (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"partial")
+    with pytest.warns(UserWarning, match="stale lock"):
+        lock = RunLock(tmp_path).acquire()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert not (tmp_path / ".last.pt.abc123.tmp").exists()
+    lock.release()
+    assert not (tmp_path / ".lock").exists()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -12,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["eval_mode", "unwrap_model", "set_submodule", "atomic_path", "require"]
+__all__ = ["eval_mode", "unwrap_model", "set_submodule", "atomic_path", "require", "strict_json", "first_line"]
 
 
 @contextlib.contextmanager
@@ -51,9 +53,30 @@ def _umask() -> int:
     return mask
 
 
+def _fsync(path: str | os.PathLike[str], directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:  # some platforms cannot open folders; the file itself was synced
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The file is fsynced before the rename and the folder after it, so a crash leaves either the
+    old file or the complete new one.
+    """
     dest = Path(path)
     if not dest.parent.exists():
         raise FileNotFoundError(f"folder {dest.parent} does not exist; create it first or choose another path")
@@ -63,7 +86,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield Path(tmp)
         if not Path(tmp).is_dir():  # mkstemp makes 0600 files; give the usual umask-based mode
             os.chmod(tmp, 0o666 & ~_umask())
+            _fsync(tmp)  # the data reaches the disk before the name does: no empty file after a crash
         os.replace(tmp, dest)
+        _fsync(dest.parent, directory=True)  # ... and the rename itself is durable
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -88,3 +113,25 @@ def require(module: str, extra: str) -> Any:
             f"this needs {package}, which foldattn's library does not install: pip install 'foldattn[{extra}]' "
             f"(or pip install {package})"
         ) from None
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that writes valid JSON only: NaN and Inf become ``null`` (Python's default
+    would write ``NaN``, which JSON parsers other than Python's reject)."""
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

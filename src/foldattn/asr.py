@@ -56,6 +56,10 @@ class ASR(nn.Module):
         psi_init: constant the learnable input ``psi`` starts at.
         classic: a classic module instance for "ASR(X) + X" (instead of ``both=True``,
             which builds one from the attention's name); e.g. a DIA module of a chain.
+        preserve_outputs: start from the host's own function: divide the host's absorbing
+            parameters by the initial ``v0 = T(psi0)`` (:meth:`preserve_host_outputs`), so
+            the layer computes what the host computed. For fine-tuning a trained model; the
+            paper's from-scratch setting leaves it off.
         **attention_kwargs: passed to the attention constructor.
 
     Example:
@@ -71,6 +75,7 @@ class ASR(nn.Module):
         both: bool = False,
         psi_init: float = 0.1,
         classic: _attention.ChannelAttention | None = None,
+        preserve_outputs: bool = False,
         **attention_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -107,6 +112,43 @@ class ASR(nn.Module):
             classic = classic.to(device=ref.device, dtype=ref.dtype)
             self.classic = ChannelsLast(classic) if self.channel_dim == -1 else classic
         self.attention_name = name
+        if preserve_outputs:
+            self.preserve_host_outputs()
+
+    @torch.no_grad()
+    def preserve_host_outputs(self, min_abs: float = 1e-3) -> Tensor:
+        """Divide the host's absorbing parameters by the current ``v`` (in place); returns that ``v``.
+
+        Afterwards ``self(x)`` equals what the host computed before (to float rounding), so ASR
+        can be attached to a trained model without changing it at step 0; training then moves
+        ``psi`` and the host together. Call it after loading the trained weights into the host.
+
+        Raises:
+            ValueError: a channel of ``v`` has ``|v| < min_abs`` (dividing by it would blow the
+                parameter up), the layer keeps a classic module (``both=True``: that part would
+                still change the outputs), or a parameter to divide is parametrized.
+        """
+        if self.classic is not None:
+            raise ValueError("preserve_outputs cannot make ASR(X) + X exact: the classic X still changes the "
+                             "outputs; use it with ASR alone")
+        with eval_mode(self.attention):
+            v = self.vector().detach()
+        small = int((v.abs() < min_abs).sum())
+        if small or not torch.isfinite(v).all():
+            raise ValueError(
+                f"preserve_outputs: {small} of {v.numel()} channels of the initial vector v0 = T(psi0) are "
+                f"below {min_abs:g} in magnitude (min |v0| = {v.abs().min().item():.3g}), too small to divide the "
+                "host's parameters by; start psi elsewhere (psi_init=...) or leave preserve_outputs off"
+            )
+        for name in self._absorbing:
+            owner, _, leaf = name.rpartition(".")
+            module = self.host.get_submodule(owner) if owner else self.host
+            if parametrize.is_parametrized(module, leaf):
+                raise ValueError(f"preserve_outputs: the host's {name!r} is parametrized "
+                                 f"({type(module.parametrizations[leaf][0]).__name__}); it cannot be divided in place")
+            p = self.host.get_parameter(name)
+            p.copy_(scale_out_channels(p, 1.0 / v.double()))  # dim 0, as in fuse()
+        return v
 
     @property
     def channels(self) -> int:

@@ -416,6 +416,7 @@ def attach(
     *,
     example_inputs: Tensor | Sequence[Tensor] | None = None,
     return_report: bool = False,
+    preserve_outputs: bool = False,
     **attention_kwargs: Any,
 ) -> nn.Module | tuple[nn.Module, AttachReport]:
     """Insert ASR layers into any ``nn.Module`` without editing its source.
@@ -443,6 +444,9 @@ def attach(
         example_inputs: an input batch, used to record the graph when ``torch.fx``
             cannot trace the model (data-dependent control flow, ...).
         return_report: also return the :class:`AttachReport`.
+        preserve_outputs: the attached model computes exactly what ``model`` computed (each
+            host's parameters divided by its initial ``v0``; :meth:`foldattn.ASR.preserve_host_outputs`).
+            Use it to fine-tune a trained model; not with ``both=True``.
         **attention_kwargs: passed to the attention constructor (e.g. ``reduction=8``).
 
     Returns:
@@ -457,6 +461,9 @@ def attach(
     name = attention if isinstance(attention, str) else getattr(attention, "__name__", type(attention).__name__)
     if both and not isinstance(attention, str):
         raise ValueError("both=True needs attention given by name (the classic twin is built from that name)")
+    if both and preserve_outputs:
+        raise ValueError("preserve_outputs=True cannot keep ASR(X) + X exact (the classic X changes the outputs); "
+                         "use one of both=True and preserve_outputs=True")
     if isinstance(attention, str):
         _attention.get(attention)  # unknown names fail here, before any work
     elif not callable(attention):
@@ -477,5 +484,8 @@ def attach(
         classic = classic_f(site.channels) if classic_f is not None else None
         layer = ASR(host, module, psi_init=psi_init, classic=classic)
         set_submodule(model, site.name, layer)
+    if preserve_outputs:  # after all sites exist: a DIA block's v0 depends on the blocks before it
+        for site in report.sites:
+            model.get_submodule(site.name).preserve_host_outputs()
     log.info("%s", report)
     return (model, report) if return_report else model

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._utils import atomic_path, unwrap_model
+from ._utils import atomic_path, strict_json, unwrap_model
 from .builders import (
     UntrustedBuilderError,
     builder_spec,
@@ -230,7 +230,7 @@ def save_deployed(
         save_file(tensors, str(tmp), metadata={_META_KEY: header})
     # a readable copy of the metadata beside the weights; the header stays authoritative
     with atomic_path(metadata_path(dest)) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(strict_json(meta, indent=2, sort_keys=True) + "\n")
     return dest
 
 

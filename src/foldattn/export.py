@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._utils import atomic_path, eval_mode, require, unwrap_model
+from ._utils import atomic_path, eval_mode, first_line, require, unwrap_model
 from .fold import asr_layers, fold, has_foldable
 from .verify import TOLERANCES, EquivalenceError, _as_args, _flatten, check_finite
 
@@ -131,7 +131,7 @@ def _export(model: nn.Module, args: tuple[Any, ...], path: Path, opset: int | No
         try:
             torch.onnx.export(model, _at_least_two(args) if dynamic_batch and dynamo else args, str(path), **kwargs)
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             other = "dynamo=True" if not dynamo else "dynamo=False"
             raise RuntimeError(
                 f"ONNX export failed ({'dynamo' if dynamo else 'TorchScript'} exporter): {type(e).__name__}: "
@@ -214,7 +214,7 @@ def export_onnx(
         with torch.no_grad(), eval_mode(model):
             outputs = len(_flatten(model(*args)))
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise RuntimeError(f"ONNX export failed: the model does not run on the example inputs "
                            f"({type(e).__name__}: {first[:300]})") from None
     names_in = _names(input_names, sum(isinstance(a, Tensor) for a in args), "input")
@@ -298,7 +298,7 @@ def export_program(
             program = torch.export.export(model, _at_least_two(args) if dynamic_batch else args,
                                           dynamic_shapes=dynamic_shapes)
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise RuntimeError(f"torch.export failed: {type(e).__name__}: {first[:300]}"
                                + (" (try dynamic_batch=False)" if dynamic_batch else "")) from None
         # through a buffer: torch.export wants file names ending in .pt2, the temporary file does not

@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from . import attention as _attention
-from ._utils import eval_mode
+from ._utils import eval_mode, first_line
 from .hosts import HOST_TYPES
 
 __all__ = [
@@ -415,7 +415,7 @@ def build_graph(model: nn.Module, example_inputs: Any = None, *, extra_leaves: S
     try:
         return graph_from_run(model, example_inputs, extra), fx_error
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ValueError(
             f"torch.fx cannot trace the model ({fx_error[:200]}) and it cannot run on example_inputs "
             f"to record its graph: {first}. Pass inputs shaped like the model's real inputs."

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -13,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ._utils import eval_mode, unwrap_model
 from .fold import asr_layers, fold
 
-__all__ = ["summary", "Summary", "ASRLayerInfo", "count_params", "count_flops"]
+__all__ = ["summary", "Summary", "ASRLayerInfo", "count_params", "count_flops", "latency_ms"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,21 @@ def count_flops(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> 
     with torch.no_grad(), eval_mode(model), FlopCounterMode(display=False) as counter:
         model(*args)
     return int(counter.get_total_flops())
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, example: Tensor, repeats: int = 50, warmup: int = 3) -> float:
+    """Median wall time of one eval-mode forward on ``example``, in milliseconds (a quick figure for
+    reports; ``foldattn bench`` is the careful, interleaved measurement). Restores the modes."""
+    with eval_mode(model):
+        for _ in range(warmup):
+            model(example)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(example)
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
 
 
 def _shapes(inputs: Tensor | Sequence[Tensor]) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._utils import eval_mode, unwrap_model
+from ._utils import eval_mode, first_line, unwrap_model
 
 __all__ = ["verify", "check_finite", "EquivalenceError", "VerifyReport", "TOLERANCES"]
 
@@ -77,7 +77,7 @@ def _run(model: nn.Module, args: tuple[Any, ...], label: str) -> list[Tensor]:
     try:
         out = model(*args)
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ValueError(
             f"the {label} model cannot run on example inputs of shape {_shapes(args)}: {first}. "
             "Pass inputs shaped like the model's real inputs."

@@ -7,6 +7,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main", "build_parser"]
 
@@ -18,6 +19,35 @@ _COMMANDS: tuple[str, ...] = (
 
 class CLIError(Exception):
     """An error the CLI reports as one line, without a traceback."""
+
+
+def _integer(low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+#: argparse types: whole numbers >= 1 and >= 0, refused by argparse itself (exit 2, one line)
+positive_int = _integer(1)
+nonnegative_int = _integer(0)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed its usage line and one error line (or --help)
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
@@ -50,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except TrainingInterrupted as e:  # Ctrl-C inside a training loop (train, demo, calibrate's fine-tuning)
         print(f"foldattn {args.command}: {e}", file=sys.stderr)
-        return 130
+        return 128 + e.signum  # 130 after Ctrl-C, 143 after SIGTERM
     # OSError: unwritable or clashing output paths (a file where a folder should be, ...);
     # EquivalenceError: a fold that does not reproduce its model, reported as such
     except (CLIError, ValueError, OSError, TypeError, EquivalenceError) as e:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._utils import atomic_path
+from .._utils import atomic_path, strict_json
+from . import nonnegative_int, positive_float, positive_int
 from .stripe import add_data_args, add_model_args, load_model_and_data, prepare_output
 
 __all__ = ["register", "run_calibrate", "latency_ms", "compare_latency"]
@@ -116,7 +116,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
                     {"source": label, "data": data.name, "calibrated_layers": len(report.layers)})
     result["weights"] = str(weights)
     with atomic_path(out / "calibration.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.write_text(strict_json(result, indent=1) + "\n")
     print(f"wrote {weights}, {out / 'calibration.json'}")
     return result
 
@@ -137,10 +137,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_args(p)
     p.add_argument("--layers", nargs="+", default=None, metavar="NAME",
                    help="attention modules to convert: names or glob patterns (default: all)")
-    p.add_argument("--max-images", type=int, default=2048,
+    p.add_argument("--max-images", type=positive_int, default=2048,
                    help="training images (no augmentation) used for calibration (default 2048)")
-    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the folded model this many epochs")
-    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (SGD, cosine; default 0.01)")
-    p.add_argument("--bench-batch", type=int, default=1, help="batch size of the latency comparison (default 1)")
+    p.add_argument("--finetune-epochs", type=nonnegative_int, default=0,
+                   help="fine-tune the folded model this many epochs")
+    p.add_argument("--lr", type=positive_float, default=0.01,
+                   help="fine-tuning learning rate (SGD, cosine; default 0.01)")
+    p.add_argument("--bench-batch", type=positive_int, default=1,
+                   help="batch size of the latency comparison (default 1)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.set_defaults(func=_main)

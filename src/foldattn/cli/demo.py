@@ -11,22 +11,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from .._utils import atomic_path
 from ..fold import asr_layers, fold
-from ..summary import count_params
+from ..summary import count_params, latency_ms
 from ..train import TrainConfig, build_model, recipe_defaults, train, write_curves
 from ..train.checkpoint import load_checkpoint, load_model_state
 from ..train.data import load_dataset
 from ..verify import verify
+from . import nonnegative_int, positive_int
 
 __all__ = ["VARIANTS", "run_demo", "register"]
 
@@ -35,19 +34,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "+SE": {"attention": "se"},
     "+ASR(SE)": {"attention": "se", "asr": True},
 }
-
-
-@torch.inference_mode()
-def _latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    model.eval()
-    for _ in range(3):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
 
 
 def run_demo(output: str | Path = "runs/demo", epochs: int | None = None, quick: bool = False, seed: int = 0,
@@ -84,14 +70,18 @@ def run_demo(output: str | Path = "runs/demo", epochs: int | None = None, quick:
         curves[label] = load_checkpoint(out / slug / "last.pt")["history"]
         row = {"model": label, "top1": summary["final"]["top1"], "best_top1": summary["best"]["top1"],
                "params_train": count_params(trained), "params_deployed": count_params(deployed),
-               "latency_ms": _latency_ms(deployed, example[:1], 10 if quick else 50), "train_s": seconds,
+               "latency_ms": latency_ms(deployed, example[:1], 10 if quick else 50), "train_s": seconds,
                "verify": check}
         rows.append(row)
         if log is not None:
             log(f"{label:<9} trained {seconds:5.1f}s  val top-1 {row['top1']:.2f}%  ({check})")
     write_curves(out / "curves.png", curves, title=f"{model} on digits (validation = folded model)")
-    _write_report(out, rows, base)
+    _write_report(out, rows, base, quick)
     return rows
+
+
+_SMOKE = ("SMOKE TEST (--quick: 2 epochs of 4 steps): it checks that training, folding and verifying run; "
+          "the accuracies below are not meaningful. Run `foldattn demo` without --quick for the real comparison.")
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -103,9 +93,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _write_report(out: Path, rows: list[dict[str, Any]], cfg: dict[str, Any]) -> None:
+def _write_report(out: Path, rows: list[dict[str, Any]], cfg: dict[str, Any], quick: bool = False) -> None:
     text = (
-        "# foldattn demo\n\n"
+        "# foldattn demo\n\n" + (f"**{_SMOKE}**\n\n" if quick else "") +
         f"CIFAR-style {cfg['model']} on scikit-learn's handwritten digits (16x16), {cfg['epochs']} epochs, "
         f"seed {cfg['seed']}, recipe `digits`. Validation accuracy is measured on the deployed (folded) model.\n\n"
         + _table(rows) + "\n\n"
@@ -130,6 +120,8 @@ def _main(args: argparse.Namespace) -> int:
     finally:
         torch.set_num_threads(threads)
     print()
+    if args.quick:
+        print(_SMOKE)
     print(_table(rows))
     print(f"\nreport: {Path(args.output) / 'report.md'} (curves.png beside it); total {time.perf_counter() - t0:.0f} s")
     return 0
@@ -139,9 +131,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train plain, +SE and +ASR(SE) on digits, fold, verify, print a table",
                        description=__doc__.split("\n\n")[1] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="a few steps only (CI, < 1 minute)")
-    p.add_argument("--epochs", type=int, help="epochs per model [15; --quick: 2 short ones]")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--epochs", type=positive_int, help="epochs per model [15; --quick: 2 short ones]")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--threads", type=nonnegative_int, default=1,
                    help="torch CPU threads; 1 is fastest for these tiny models on a busy machine, 0 = all cores")
     p.add_argument("-o", "--output", default="runs/demo", help="report folder [runs/demo]")
     p.set_defaults(func=_main)

@@ -3,39 +3,64 @@
 from __future__ import annotations
 
 import argparse
-import json
+import sys
+from pathlib import Path
 
 import torch
 
-from ..fold import asr_layers, fold
+from .._utils import strict_json
 from ..summary import count_params
 from ..train import TrainConfig, build_model, evaluate
-from ..train.checkpoint import load_checkpoint, load_model_state
-from ..train.data import load_dataset, make_loader
+from ..train.checkpoint import checkpoint_in, load_checkpoint, load_model_state
+from ..train.data import load_dataset, make_loader, preprocessing, with_preprocessing
+from ..train.model import deployed_copy
 from ..verify import verify
+from . import positive_int
+from ._source import add_source_options, load_source
 
 __all__ = ["register"]
 
 
+_AMP = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+        "none": None}
+
+
 def _main(args: argparse.Namespace) -> int:
-    blob = load_checkpoint(args.checkpoint)
-    cfg = TrainConfig.from_dict(blob["config"])
-    dataset = args.dataset or cfg.dataset
-    bundle = load_dataset(dataset, args.data_dir or cfg.data_dir, cfg.val_split if args.dataset is None else None,
-                          cfg.split_seed, args.cache_dir or cfg.cache_dir, cfg.image_size, stream=cfg.stream)
-    model = build_model(cfg, bundle.num_classes, bundle.in_channels)
-    load_model_state(model, blob["model"], f"checkpoint {args.checkpoint}")
+    if args.model is not None:  # another trainer's checkpoint
+        if args.dataset is None:
+            raise ValueError("--model (another trainer's checkpoint) needs --dataset: the file records no data")
+        model, cfg, blob = load_source(args)
+        path = Path(args.checkpoint)
+        bundle = load_dataset(args.dataset, args.data_dir or "data", None, 0, args.cache_dir, args.image_size)
+    else:
+        path = checkpoint_in(args.checkpoint, args.which)
+        if path != Path(args.checkpoint):
+            print(f"using {path} (--which {args.which})", file=sys.stderr)
+        blob = load_checkpoint(path)
+        cfg = TrainConfig.from_dict(blob["config"])
+        dataset = args.dataset or cfg.dataset
+        # the decode cache only where this command line says: a checkpoint does not choose where we write
+        bundle = load_dataset(dataset, args.data_dir or cfg.data_dir, cfg.val_split if args.dataset is None else None,
+                              cfg.split_seed, args.cache_dir, cfg.image_size, stream=cfg.stream)
+        bundle = with_preprocessing(bundle, (blob.get("run") or {}).get("preprocessing"))
+        model = build_model(cfg, bundle.num_classes, bundle.in_channels)
+        load_model_state(model, blob["model"], f"checkpoint {path}")
     model.eval()
-    deployed = fold(model) if asr_layers(model) else model
+    deployed = deployed_copy(model)
     loader = make_loader(bundle.val, args.batch_size, bundle, train=False, workers=cfg.workers)
     x = next(iter(loader))[0][:4]
     report = verify(model, deployed, x) if deployed is not model else None
-    amp = None if args.amp == "none" else torch.bfloat16
-    metrics = evaluate(deployed, loader, amp)
-    result = {"checkpoint": str(args.checkpoint), "dataset": bundle.name, "images": len(bundle.val),
-              "epoch": blob.get("epoch"), "top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
-              "params_deployed": count_params(deployed), "verify": str(report) if report else "no ASR layer"}
-    print(json.dumps(result, indent=2))
+    precision = args.amp if args.amp != "run" else str((blob.get("run") or {}).get("amp") or "none")
+    if precision not in _AMP:
+        raise ValueError(f"the checkpoint recorded precision {precision!r}; pass --amp bf16 or --amp none")
+    metrics = evaluate(deployed, loader, _AMP[precision])
+    result = {"checkpoint": str(path), "dataset": bundle.name, "images": len(bundle.val),
+              "epoch": blob.get("epoch"), "precision": "float32" if _AMP[precision] is None else str(
+                  _AMP[precision]).replace("torch.", ""),
+              "top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
+              "preprocessing": preprocessing(bundle), "params_deployed": count_params(deployed),
+              "verify": str(report) if report else "nothing to fold"}
+    print(strict_json(result, indent=2))
     return 0
 
 
@@ -43,10 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint's folded model (top-1/top-5)",
                        description="Rebuild the model from the checkpoint's config, fold it, check the fold, and "
                                    "report top-1/top-5 on the run's validation split (or --dataset).")
-    p.add_argument("checkpoint", help="a foldattn checkpoint (.pt) or a run folder (its last.pt)")
+    add_source_options(p)
     p.add_argument("--dataset", help="evaluate on this dataset's validation split instead of the run's")
     p.add_argument("--data-dir", help="root of torchvision-format datasets [the run's]")
-    p.add_argument("--cache-dir", help="imagefolder decode cache [the run's]")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--amp", choices=("bf16", "none"), default="none", help="autocast for evaluation [none: float32]")
+    p.add_argument("--cache-dir", help="imagefolder decode cache [none]")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--amp", choices=("run", "bf16", "none"), default="run",
+                   help="precision: run = what the run validated in (printed), bf16, none = float32 [run]")
     p.set_defaults(func=_main)

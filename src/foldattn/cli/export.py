@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 from ..export import export_onnx, export_program
-from ..train import example_input, load_trained
+from ..train import example_input
 from . import CLIError
+from ._source import add_source_options, load_source
 
 __all__ = ["register"]
 
@@ -17,7 +18,7 @@ def _main(args: argparse.Namespace) -> int:
         raise CLIError("export: give --onnx FILE.onnx, --pt2 FILE.pt2 or both")
     if args.pt2 and Path(args.pt2).suffix != ".pt2":
         raise CLIError(f"--pt2 {args.pt2}: the file name must end in .pt2 (torch.export's archive format)")
-    model, cfg, blob = load_trained(args.checkpoint)
+    model, cfg, blob = load_source(args)
     example = example_input(blob, batch=1)
     for path in (args.onnx, args.pt2):
         if path and not Path(path).parent.exists():
@@ -37,7 +38,7 @@ def _main(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="deploy a checkpoint and export it to ONNX (checked with onnxruntime) "
                                       "and/or a torch.export program")
-    p.add_argument("checkpoint", help="a foldattn checkpoint (.pt) or run folder")
+    add_source_options(p)
     p.add_argument("--onnx", help="output .onnx file")
     p.add_argument("--pt2", help="output .pt2 file (torch.export.save; loaded back and compared)")
     p.add_argument("--opset", type=int, help="ONNX opset [exporter default]; validated against the exporter")

@@ -9,8 +9,9 @@ from typing import Any
 from ..deploy import read_metadata, save_deployed
 from ..fold import fold
 from ..summary import count_params
-from ..train import TrainConfig, example_input, load_trained
+from ..train import TrainConfig, example_input
 from ..verify import verify
+from ._source import add_source_options, load_source
 
 __all__ = ["register", "builder_for"]
 
@@ -31,7 +32,7 @@ def builder_for(cfg: TrainConfig, classes: int) -> tuple[str | None, dict[str, A
 
 
 def _main(args: argparse.Namespace) -> int:
-    model, cfg, blob = load_trained(args.checkpoint)
+    model, cfg, blob = load_source(args)
     x = example_input(blob)
     deployed, fused = fold(model, fuse_bn=args.fuse_bn, return_report=True)
     report = verify(model, deployed, x)
@@ -42,7 +43,8 @@ def _main(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         out = out / "deployed.safetensors"
     meta = {"checkpoint": str(args.checkpoint), "config": cfg.to_dict(), "epoch": blob.get("epoch"),
-            "best": blob.get("best"), "verify": str(report), "fuse_bn": args.fuse_bn}
+            "best": blob.get("best"), "verify": str(report), "fuse_bn": args.fuse_bn,
+            "preprocessing": (blob.get("run") or {}).get("preprocessing")}
     if fused is not None:
         meta["fuse_bn_report"] = str(fused)
     # the trained model, so that the metadata counts the ASR layers folded (save_deployed folds it
@@ -61,7 +63,7 @@ def _main(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fold", help="fold a checkpoint's ASR layers; write safetensors + JSON with the verify report")
-    p.add_argument("checkpoint", help="a foldattn checkpoint (.pt) or run folder")
+    add_source_options(p)
     p.add_argument("-o", "--output", required=True, help="a .safetensors file, or a folder (deployed.safetensors)")
     p.add_argument("--fuse-bn", action="store_true",
                    help="also fuse every norm into the conv/linear before it (those left are listed with the reason)")

@@ -16,7 +16,11 @@ from ..train.checkpoint import save_checkpoint
 from ..train.reference import load_reference
 from ..verify import verify
 
-__all__ = ["register"]
+__all__ = ["register", "REFERENCE_PREPROCESSING"]
+
+#: the reference code (pytorch-classification's cifar.py) normalises both CIFAR-10 and CIFAR-100
+#: with CIFAR-10's statistics; its checkpoints expect exactly these inputs
+REFERENCE_PREPROCESSING = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010], "size": [32, 32]}
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -36,7 +40,8 @@ def _main(args: argparse.Namespace) -> int:
         out = out / "last.pt"
     save_checkpoint(out, model=model, config=cfg_dict, epoch=cfg.epochs, step=0, history=[],
                     best={"top1": -1.0, "top5": 0.0, "epoch": 0}, partial=None,
-                    run={"imported_from": str(args.checkpoint), "classes": info.num_classes})
+                    run={"imported_from": str(args.checkpoint), "classes": info.num_classes, "image_size": [32, 32],
+                         "preprocessing": REFERENCE_PREPROCESSING})
     line = f"{args.checkpoint}: {name} {info.variant}, {info.num_classes} classes, {count_params(model):,} parameters"
     if info.asr:
         exact = copy.deepcopy(model).double()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
+from .._utils import require, strict_json
 from ..train import TrainConfig, list_recipes, recipe_defaults, train
 from ..train.checkpoint import load_checkpoint
 
@@ -16,7 +17,8 @@ __all__ = ["register", "config_from_args"]
 # CLI option -> TrainConfig field, for options whose default is "not given" (None)
 _FIELDS = (
     "model", "dataset", "data_dir", "download", "val_split", "split_seed", "image_size", "cache_dir",
-    "attention", "asr", "both", "psi_init", "every", "epochs", "lr", "momentum", "nesterov", "weight_decay",
+    "attention", "asr", "both", "psi_init", "every", "where", "include", "exclude", "pretrained", "preserve_outputs",
+    "epochs", "opt", "decay_all", "clip_grad", "model_kwargs", "lr", "momentum", "nesterov", "weight_decay",
     "batch_size", "schedule", "milestones", "gamma", "warmup_epochs", "label_smoothing", "workers", "seed",
     "amp", "channels_last", "compile", "sync_bn", "deterministic", "steps_per_epoch", "output", "device",
     "progress", "tensorboard", "stream", "threads", "stripe_every",
@@ -31,9 +33,54 @@ def _split_value(text: str) -> float | int:
     return int(value) if value >= 1 and value.is_integer() else value
 
 
+def _scalar(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def _kwargs(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise argparse.ArgumentTypeError(f"expected key=value[,key=value...], got {item!r}")
+        out[key.strip()] = _scalar(value.strip())
+    return out
+
+
+def _from_file(path: str) -> dict[str, Any]:
+    """The options of a ``-c`` YAML file, by field name; unknown keys are refused."""
+    yaml = require("yaml", "train")
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option names to values")
+    known = {*_FIELDS, "recipe"}
+    out = {}
+    for key, value in data.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name not in known:
+            raise ValueError(f"--config {path}: unknown option {key!r}")
+        out[name] = _kwargs(value) if name == "model_kwargs" and isinstance(value, str) else value
+    return out
+
+
 def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> TrainConfig:
-    """Recipe defaults (or a resumed run's saved config), then every option given explicitly."""
+    """Recipe defaults (or a resumed run's saved config), the ``-c`` file, then every option given explicitly."""
     explicit = {f: getattr(args, f) for f in _FIELDS if getattr(args, f, None) is not None}
+    if getattr(args, "config", None):
+        from_file = _from_file(args.config)
+        if args.recipe is None and "recipe" in from_file:
+            args.recipe = from_file["recipe"]
+        explicit = {**{k: v for k, v in from_file.items() if k != "recipe"}, **explicit}
     if saved is not None:
         base = dict(saved)
         if args.recipe is not None and args.recipe != base.get("recipe"):
@@ -66,7 +113,7 @@ def _main(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     best, final = summary["best"], summary["final"]
-    print(json.dumps({"output": cfg.output, "best_top1": best["top1"], "best_top5": best["top5"],
+    print(strict_json({"output": cfg.output, "best_top1": best["top1"], "best_top5": best["top5"],
                       "best_epoch": best["epoch"], "final_top1": final["top1"], "final_top5": final["top5"],
                       "time_per_epoch_s": summary["time_per_epoch_s"]}, indent=2))
     return 0
@@ -86,6 +133,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--both", action="store_true", default=None, help="ASR(X) + X (needs --asr)")
     g.add_argument("--psi-init", type=float, help="initial value of psi [0.1]")
     g.add_argument("--every", type=int, help="attention in every K-th block only [1]")
+    g.add_argument("--where", choices=["block", "transformer", "norms"],
+                   help="torchvision:/timm: models: where attach puts ASR [block]")
+    g.add_argument("--include", nargs="+", metavar="PATTERN", help="torchvision:/timm: models: only these sites")
+    g.add_argument("--exclude", nargs="+", metavar="PATTERN", help="torchvision:/timm: models: not these sites")
+    g.add_argument("--pretrained", metavar="PATH",
+                   help="start from these plain-model weights (.safetensors, or a weights-only .pt/.pth state dict "
+                        "or timm/Lightning/foldattn checkpoint); strict, a classifier of another size re-initialised")
+    g.add_argument("--preserve-outputs", action="store_true", default=None,
+                   help="ASR starts as the identity: the model computes what the pretrained one computed")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="digits, cifar10, cifar100, stl10 or imagefolder:PATH [digits]")
     g.add_argument("--data-dir", help="root of torchvision-format datasets [data]")
@@ -99,7 +155,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "memory (ImageNet-style trees: RandomResizedCrop --image-size [224] + flip)")
     g = p.add_argument_group("recipe and overrides")
     g.add_argument("--recipe", help=f"one of {', '.join(list_recipes())} [default]")
+    g.add_argument("-c", "--config", metavar="FILE.yaml",
+                   help="options from a YAML file whose keys are the option names (epochs, lr, model-kwargs, ...); "
+                        "the command line overrides it")
     g.add_argument("--epochs", type=int)
+    g.add_argument("--opt", help="optimizer: sgd (torch's, with --momentum/--nesterov) or a name of timm's factory "
+                                 "(adamw, lamb, lion, ...) [sgd]")
+    g.add_argument("--decay-all", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight decay on norms, biases and psi too (the paper recipes do) [no]")
+    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this [off]")
+    g.add_argument("--model-kwargs", type=_kwargs, metavar="K=V,...",
+                   help="keyword arguments for torchvision:/timm: constructors, e.g. img_size=16,drop_path_rate=0.1")
     g.add_argument("--lr", type=float)
     g.add_argument("--momentum", type=float)
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)

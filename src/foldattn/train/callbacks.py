@@ -11,7 +11,6 @@ summary.json, curves.png), :class:`TensorBoard` and :class:`StripeMonitoring` wh
 from __future__ import annotations
 
 import csv
-import json
 import signal
 import sys
 import time
@@ -20,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._utils import atomic_path
+from .._utils import atomic_path, strict_json
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -44,8 +43,9 @@ class Callback:
 
 
 class StopOnSignal(Callback):
-    """The first Ctrl-C asks the trainer to stop after the current step (it writes a resumable
-    checkpoint); a second one raises ``KeyboardInterrupt`` at once.
+    """The first Ctrl-C (SIGINT) or SIGTERM (what SLURM and Kubernetes send before killing) asks the
+    trainer to stop after the current step (it writes a resumable checkpoint; the command then
+    exits 130 or 143); a second one raises ``KeyboardInterrupt`` at once.
 
     A second SIGINT within ``grace_s`` of the first is the same Ctrl-C delivered twice:
     ``torchrun`` forwards the terminal's SIGINT to workers that already got it from the
@@ -57,14 +57,15 @@ class StopOnSignal(Callback):
     def __init__(self) -> None:
         self._trainer: Trainer | None = None
         self._first = 0.0
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self._trainer = trainer
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: no handler, Ctrl-C raises as usual
-            self._previous = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handler, signals act as usual
+                break
 
     def _handle(self, signum: int, frame: Any) -> None:
         assert self._trainer is not None
@@ -73,12 +74,14 @@ class StopOnSignal(Callback):
                 return
             raise KeyboardInterrupt
         self._trainer.stop_requested, self._first = True, time.monotonic()
-        print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
+        self._trainer.stop_signal = signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this step (again to abort without a checkpoint)", file=sys.stderr)
 
     def on_fit_end(self, trainer: Trainer) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
 
 class ProgressBar(Callback):
@@ -117,7 +120,7 @@ class ProgressBar(Callback):
 def write_json(path: Path, obj: Any) -> None:
     """``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        tmp.write_text(strict_json(obj, indent=2, default=str) + "\n")
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -25,8 +25,7 @@ from .._utils import atomic_path, unwrap_model
 
 __all__ = [
     "CheckpointError", "FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load_model_state",
-    "config_diff", "capture_rng", "restore_rng",
-]
+    "config_diff", "capture_rng", "restore_rng", "checkpoint_in"]
 
 FORMAT = "foldattn-checkpoint"
 VERSION = 1
@@ -84,6 +83,14 @@ def save_checkpoint(path: str | os.PathLike[str], *, model: nn.Module, config: M
     with atomic_path(path) as tmp:
         torch.save(blob, tmp)
     return path
+
+
+def checkpoint_in(path: str | os.PathLike[str], which: str = "last") -> Path:
+    """The checkpoint file ``path`` names: itself, or for a run folder its ``last.pt`` / ``best.pt``."""
+    if which not in ("last", "best"):
+        raise CheckpointError(f"--which must be last or best, got {which!r}")
+    path = Path(path)
+    return path / f"{which}.pt" if path.is_dir() else path
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:

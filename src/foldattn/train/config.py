@@ -9,6 +9,7 @@ lr x0.1 at epochs 81 and 122.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,8 +30,17 @@ class TrainConfig:
     both: bool = False
     psi_init: float = 0.1
     every: int = 1
+    where: str | None = None  # attach's placement for torchvision:/timm: models (block, transformer, norms)
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    pretrained: str | None = None  # plain-architecture weights loaded before training starts
+    preserve_outputs: bool = False  # ASR starts as the identity of the (pretrained) model
     recipe: str = "default"
     epochs: int = 30
+    opt: str = "sgd"  # sgd (momentum, --nesterov) or any optimizer of timm's factory: adamw, lamb, ...
+    decay_all: bool = False  # weight decay on norms, biases and psi too (the paper's reference code does)
+    clip_grad: float | None = None  # clip the gradient norm to this (None: no clipping)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # for torchvision/timm constructors
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
@@ -66,6 +76,78 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Refuse values no run can use, before any work (``ValueError`` naming the option,
+        the value and what is allowed)."""
+
+        def bad(option: str, value: Any, allowed: str) -> None:
+            raise ValueError(f"--{option} {value!r}: {allowed}")
+
+        def integer(option: str, value: Any, low: int) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                bad(option, value, f"must be an integer >= {low}")
+
+        def number(option: str, value: Any, low: float, high: float = math.inf, open_high: bool = False) -> None:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or value < low or value > high or (open_high and value == high):
+                bad(option, value, f"must be a number in [{low:g}, {high:g}{')' if open_high else ']'}")
+
+        integer("epochs", self.epochs, 1)
+        integer("batch-size", self.batch_size, 1)
+        integer("every", self.every, 1)
+        integer("seed", self.seed, 0)
+        integer("split-seed", self.split_seed, 0)
+        integer("workers", self.workers, 0)
+        integer("threads", self.threads, 0)
+        integer("stripe-every", self.stripe_every, 0)
+        if self.steps_per_epoch is not None:
+            integer("steps-per-epoch", self.steps_per_epoch, 1)
+        if self.image_size is not None:
+            integer("image-size", self.image_size, 1)
+        number("lr", self.lr, 0.0)
+        if self.lr == 0:
+            bad("lr", self.lr, "must be > 0 (a zero learning rate trains nothing)")
+        number("momentum", self.momentum, 0.0, 1.0, open_high=True)
+        number("weight-decay", self.weight_decay, 0.0)
+        number("gamma", self.gamma, 0.0, 1.0)
+        number("warmup-epochs", self.warmup_epochs, 0.0, float(self.epochs))
+        number("label-smoothing", self.label_smoothing, 0.0, 1.0, open_high=True)
+        number("psi-init", self.psi_init, -1e6, 1e6)
+        if self.clip_grad is not None:
+            number("clip-grad", self.clip_grad, 0.0)
+            if self.clip_grad == 0:
+                bad("clip-grad", self.clip_grad, "must be > 0 (omit it for no clipping)")
+        if not isinstance(self.opt, str) or not self.opt:
+            bad("opt", self.opt, "name an optimizer: sgd, adamw, lamb, ... (timm.optim.list_optimizers())")
+        if not isinstance(self.model_kwargs, dict) or not all(isinstance(k, str) for k in self.model_kwargs):
+            bad("model-kwargs", self.model_kwargs, "must be key=value pairs")
+        if self.schedule not in ("cosine", "step", "constant"):
+            bad("schedule", self.schedule, "choose cosine, step or constant")
+        if self.milestones and self.schedule != "step":
+            bad("milestones", self.milestones,
+                f"only the step schedule uses milestones (--schedule is {self.schedule})")
+        if self.schedule == "step" and not self.milestones:
+            bad("milestones", self.milestones, "the step schedule needs milestones (--milestones 81 122)")
+        for m in self.milestones:
+            integer("milestones", m, 1)
+            if m >= self.epochs:
+                bad("milestones", self.milestones, f"every milestone must be < --epochs ({self.epochs})")
+        if self.amp not in ("auto", "bf16", "fp16", "none"):
+            bad("amp", self.amp, "choose auto, bf16, fp16 or none")
+        if self.device != "auto":
+            try:
+                import torch
+
+                dev = torch.device(self.device)
+            except (RuntimeError, TypeError):
+                bad("device", self.device, "use auto, cpu, cuda or cuda:N")
+            if dev.type not in ("cpu", "cuda"):
+                bad("device", self.device, "use auto, cpu, cuda or cuda:N")
+        if self.val_split is not None:
+            v = self.val_split
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < 1 or (v >= 1 and v == int(v))):
+                bad("val-split", v, "must be a fraction in (0, 1) or a whole number of images >= 1")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -104,10 +186,11 @@ def recipe_defaults(name: str) -> dict[str, Any]:
 
 register_recipe("default", epochs=30, lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=128, schedule="cosine")
 # the ASR paper's CIFAR recipe (its reference code: pytorch-classification, He et al. 2016)
-register_recipe("paper-cifar", epochs=164, lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=128,
+register_recipe("paper-cifar", decay_all=True, epochs=164, lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=128,
                 schedule="step", milestones=[81, 122], gamma=0.1, warmup_epochs=0.0)
 # short cosine schedule sized for a few CPU cores (benchmarks/cifar10_asr.py)
-register_recipe("cpu-cifar", epochs=10, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, batch_size=128,
-                schedule="cosine", warmup_epochs=0.5)
+register_recipe("cpu-cifar", decay_all=True, epochs=10, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                batch_size=128, schedule="cosine", warmup_epochs=0.5)
 # the demo's recipe on the 16x16 digits
-register_recipe("digits", epochs=15, lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64, schedule="cosine")
+register_recipe("digits", decay_all=True, epochs=15, lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64,
+                schedule="cosine")

@@ -19,6 +19,7 @@ Names accepted by :func:`load_dataset`:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -37,7 +38,7 @@ from .._utils import atomic_path, require
 __all__ = [
     "ImageData", "FileData", "DataBundle", "DatasetError", "TensorLoader", "StreamLoader", "make_loader",
     "register_dataset", "unregister_dataset", "DATASETS", "load_dataset", "list_datasets", "stratified_split",
-    "IMAGE_EXTENSIONS",
+    "IMAGE_EXTENSIONS", "preprocessing", "with_preprocessing",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -227,6 +228,23 @@ def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
+def preprocessing(bundle: DataBundle) -> dict[str, Any]:
+    """What a model trained on ``bundle`` expects: ``{"mean", "std", "size"}`` (inputs scaled to [0, 1],
+    then ``(x - mean) / std`` per channel, at ``size`` = (height, width))."""
+    return {"mean": [float(m) for m in bundle.mean], "std": [float(s) for s in bundle.std],
+            "size": list(bundle.image_size)}
+
+
+def with_preprocessing(bundle: DataBundle, recorded: dict[str, Any] | None) -> DataBundle:
+    """``bundle`` normalised as a checkpoint recorded (its own statistics when nothing is recorded)."""
+    if not recorded:
+        return bundle
+    mean, std = tuple(float(m) for m in recorded["mean"]), tuple(float(s) for s in recorded["std"])
+    if len(mean) != bundle.in_channels or len(std) != bundle.in_channels or min(std) <= 0:
+        raise DatasetError(f"the recorded preprocessing {recorded} does not fit {bundle.in_channels}-channel images")
+    return dataclasses.replace(bundle, mean=mean, std=std)
+
+
 def _split(data: ImageData | FileData, val_split: float | int, seed: int) -> tuple[Any, Any]:
     tr, va = stratified_split(data.labels, val_split, seed)
     return data.subset(tr), data.subset(va)
@@ -252,7 +270,8 @@ _TV_FILES = {
     "cifar100": ("CIFAR100", "cifar-100-python/{train, test, meta}"),
     "stl10": ("STL10", "stl10_binary/{train_X.bin, train_y.bin, test_X.bin, test_y.bin, class_names.txt}"),
 }
-# the normalisation of the ASR paper's reference code (pytorch-classification)
+# per-dataset channel statistics used to normalise (CIFAR-10's are those of the ASR reference code,
+# which normalises CIFAR-100 with CIFAR-10's statistics too: `import-reference` records that)
 _TV_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -352,13 +371,25 @@ def _decode(files: list[tuple[Path, int]], size: int | None) -> ImageData:
     return ImageData(out, torch.tensor([c for _, c in files]))
 
 
+_CACHE_VERSION = 2  # bump when the decoding changes
+
+
+def _content_key(root: Path, size: int | None, files: list[tuple[Path, int]], classes: list[str]) -> str:
+    """A key over everything that defines the decoded tensor: each file's path relative to the root,
+    size and modification time, its class, the class names, the image size and the decoder version.
+    Swapping two class folders, editing, adding or removing an image all change it."""
+    h = hashlib.sha256(f"v{_CACHE_VERSION}|size={size}|classes={'/'.join(classes)}".encode())
+    for path, label in files:
+        st = path.stat()
+        h.update(f"\n{path.relative_to(root).as_posix()}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
 def _folder(root: Path, size: int | None, cache_dir: str | os.PathLike[str] | None) -> tuple[ImageData, list[str]]:
     classes, files = _scan(root)
     cache = None
     if cache_dir is not None:
-        key = hashlib.sha1(f"{root.resolve()}|{size}|{len(files)}|{files[0][0]}|{files[-1][0]}|"
-                           f"{sum(p.stat().st_size for p, _ in files)}".encode()).hexdigest()[:16]
-        cache = Path(cache_dir) / f"imagefolder-{key}.pt"
+        cache = Path(cache_dir) / f"imagefolder-{_content_key(root, size, files, classes)}.pt"
         if cache.is_file():
             try:
                 blob = torch.load(cache, weights_only=True)

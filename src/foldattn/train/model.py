@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from typing import Any
 
@@ -14,7 +15,7 @@ from ..fold import fold, has_foldable
 from .checkpoint import load_checkpoint, load_model_state
 from .config import TrainConfig
 
-__all__ = ["build_model", "load_trained", "example_input", "deployed_copy"]
+__all__ = ["build_model", "load_trained", "load_foreign", "example_input", "deployed_copy"]
 
 
 def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
@@ -29,7 +30,15 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 3) -> nn.
         raise ValueError("--asr/--both need --attention NAME (e.g. --attention se)")
     if cfg.every < 1:
         raise ValueError(f"--every must be >= 1, got {cfg.every}")
+    if cfg.preserve_outputs and not cfg.asr:
+        raise ValueError("--preserve-outputs applies to ASR layers: add --attention NAME --asr")
+    if cfg.preserve_outputs and cfg.both:
+        raise ValueError("--preserve-outputs cannot keep ASR(X) + X exact (the classic X changes the outputs); "
+                         "drop --both or --preserve-outputs")
     source, sep, name = cfg.model.partition(":")
+    if not sep and (cfg.where is not None or cfg.include or cfg.exclude):
+        raise ValueError(f"--where/--include/--exclude place ASR on torchvision:/timm: models through attach; "
+                         f"{cfg.model} places its attention itself (use --every)")
     if sep:
         model = _external_model(source, name, cfg, num_classes)
     else:
@@ -51,10 +60,18 @@ def _external_model(source: str, name: str, cfg: TrainConfig, num_classes: int) 
     if source == "torchvision":
         import torchvision
 
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        if name not in torchvision.models.list_models():
+            close = difflib.get_close_matches(name, torchvision.models.list_models(), n=3)
+            raise ValueError(f"unknown model torchvision:{name}" + (f"; did you mean {', '.join(close)}?" if close
+                                                                  else "; see torchvision.models.list_models()"))
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **cfg.model_kwargs)
     elif source == "timm":
         timm = require("timm", "timm")
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        if name.split(".")[0] not in timm.list_models():  # a ".tag" names pretrained weights, not refused here
+            close = difflib.get_close_matches(name, timm.list_models(), n=3)
+            raise ValueError(f"unknown model timm:{name}" + (f"; did you mean {', '.join(close)}?" if close
+                                                            else "; see timm.list_models()"))
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **cfg.model_kwargs)
     else:
         raise ValueError(f"unknown model source {source!r}; use torchvision:NAME, timm:NAME or a foldattn model name")
     if cfg.attention is None:
@@ -62,7 +79,9 @@ def _external_model(source: str, name: str, cfg: TrainConfig, num_classes: int) 
     if not cfg.asr:
         raise ValueError(f"{cfg.model}: attach inserts attention in ASR form only; add --asr (or --asr --both for "
                          "ASR(X) + X), or use a foldattn.models name for classic attention")
-    return attach(model, cfg.attention, both=cfg.both, psi_init=cfg.psi_init, every=cfg.every)
+    where = cfg.where if cfg.where is not None else ("block" if not cfg.include else None)
+    return attach(model, cfg.attention, where=where, both=cfg.both, psi_init=cfg.psi_init, every=cfg.every,
+                  include=cfg.include or None, exclude=cfg.exclude or None)
 
 
 def load_trained(path: str | os.PathLike[str]) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
@@ -81,6 +100,35 @@ def load_trained(path: str | os.PathLike[str]) -> tuple[nn.Module, TrainConfig, 
     model = build_model(cfg, int(classes))
     load_model_state(model, blob["model"], f"checkpoint {path}")
     return model.eval(), cfg, blob
+
+
+def load_foreign(path: str | os.PathLike[str], cfg: TrainConfig, num_classes: int | None = None,
+                 image_size: int | None = None, ema: bool = False) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+    """Rebuild a model trained by another trainer (timm's ``train.py``, Lightning, a plain loop).
+
+    ``cfg`` names the architecture and the attach options that built it (``model``,
+    ``attention``, ``asr``, ``both``, ``every``, ``where``, ``include``, ``exclude``); the weights
+    (``state_dict``, or ``state_dict_ema`` with ``ema``; a ``module.``/``model.`` prefix removed)
+    must fit it strictly. Returns ``(model in eval mode, cfg, a checkpoint-like dict)``.
+    """
+    from .pretrained import PretrainedError, _strip_prefix, read_state_dict
+
+    state = read_state_dict(path, key="state_dict_ema" if ema else None)
+    if num_classes is None:  # the classifier's size in the file
+        probe = build_model(cfg, 10)
+        head = [n for n, m in probe.named_modules() if isinstance(m, nn.Linear)]
+        keys = set(probe.state_dict())
+        state = _strip_prefix(state, keys)
+        weight = state.get(f"{head[-1]}.weight") if head else None
+        if weight is None:
+            raise PretrainedError(f"{path}: cannot tell the number of classes; pass --num-classes")
+        num_classes = int(weight.shape[0])
+    model = build_model(cfg, num_classes)
+    state = _strip_prefix(state, set(model.state_dict()))
+    load_model_state(model, state, f"checkpoint {path}")
+    size = image_size or (32 if ":" not in cfg.model else 224)
+    return model.eval(), cfg, {"config": cfg.to_dict(), "run": {"classes": num_classes, "image_size": (size, size)},
+                               "epoch": None, "best": None}
 
 
 def example_input(blob: dict[str, Any], batch: int = 2) -> torch.Tensor:

@@ -4,19 +4,42 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from .._utils import require
 from .config import TrainConfig
 
 __all__ = ["create_optimizer", "create_scheduler"]
 
 
+def _param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices and kernels (attention MLP weights included: they are ordinary
+    weights); none on norms, biases and ASR's psi, unless ``decay_all`` (the paper's recipes)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.decay_all:
+        return [{"params": [p for _, p in params], "weight_decay": cfg.weight_decay}]
+    decay = [p for n, p in params if p.ndim > 1 and not n.endswith("psi")]
+    rest = [p for n, p in params if not (p.ndim > 1 and not n.endswith("psi"))]
+    return [g for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0})
+            if g["params"]]
+
+
 def create_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD with the run's learning rate, momentum, Nesterov flag and weight decay."""
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay)
+    """The run's optimizer: ``sgd`` is torch's SGD (momentum, ``--nesterov``); any other name goes
+    through timm's optimizer factory (``adamw``, ``lamb``, ``lion``, ...), with the same
+    parameter groups (see :func:`_param_groups`)."""
+    groups = _param_groups(cfg, model)
+    if cfg.opt == "sgd":  # torch's, as before: timm's "sgd" would mean Nesterov
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    timm_optim = require("timm.optim", "train")
+    if cfg.opt not in timm_optim.list_optimizers():
+        raise ValueError(f"--opt {cfg.opt!r}: not an optimizer of timm's factory; choose sgd or one of "
+                         f"{', '.join(o for o in timm_optim.list_optimizers() if not o.startswith(('bnb', 'c')))}")
+    return timm_optim.create_optimizer_v2(groups, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                          momentum=cfg.momentum)
 
 
 def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:

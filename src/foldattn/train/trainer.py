@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..fold import asr_layers
 from ..summary import count_params
 from .callbacks import (
     Callback,
@@ -36,12 +37,13 @@ from .callbacks import (
 )
 from .checkpoint import config_diff, load_checkpoint, load_model_state, restore_rng, save_checkpoint
 from .config import RESUME_IGNORED, TrainConfig
-from .data import DataBundle, load_dataset, make_loader
+from .data import DataBundle, load_dataset, make_loader, preprocessing
 from .engine import backward, evaluate, forward_loss, optimizer_step
 from .model import build_model, deployed_copy
 from .optim import create_optimizer, create_scheduler
 from .plots import write_curves
-from .runtime import Distributed, TrainingInterrupted, amp_dtype, check_writable, resolve_device, versions
+from .pretrained import load_pretrained
+from .runtime import Distributed, RunLock, TrainingInterrupted, amp_dtype, check_writable, resolve_device, versions
 
 __all__ = ["Trainer", "train"]
 
@@ -86,15 +88,27 @@ class Trainer:
         self.extra_callbacks = list(callbacks)
         self.callbacks: list[Callback] = []
         self.stop_requested = False
+        self.stop_signal = 2  # SIGINT; StopOnSignal records SIGTERM
+        self.lock = RunLock(self.out)
         self.history: list[dict[str, float]] = []
         self.best: dict[str, float] = {"top1": -1.0, "top5": 0.0, "epoch": 0}
         self.start_epoch = self.start_step = 0
         self.partial: list[float] | None = None
 
     # --- setup ------------------------------------------------------------------------
+    def _start_from_pretrained(self, model: nn.Module) -> None:
+        """``--pretrained`` weights into the plain part of the model, then ``--preserve-outputs``."""
+        cfg = self.cfg
+        if cfg.pretrained:
+            load_pretrained(model, cfg.pretrained, log=self.log if self.dist.main else None)
+        if cfg.preserve_outputs:
+            for _, layer in asr_layers(model):
+                layer.preserve_host_outputs()
+
     def setup(self) -> None:
         """Load the data, build the model, optimizer and schedule, restore a resumed run."""
         cfg, dist = self.cfg, self.dist
+        cfg.validate()
         state = None
         if self.resume is not None:
             state = load_checkpoint(self.resume)
@@ -112,6 +126,11 @@ class Trainer:
             self.bundle = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, cfg.split_seed, cfg.cache_dir,
                                        cfg.image_size, cfg.download, cfg.stream)
         bundle = self.bundle
+        if bundle.num_classes < 2:
+            raise ValueError(f"dataset {bundle.name!r} has {bundle.num_classes} class: a classifier needs at least 2 "
+                             "(check the folder layout: ROOT/<class>/<image>)")
+        if len(bundle.val) == 0:
+            raise ValueError(f"dataset {bundle.name!r} has no validation images; set --val-split")
         self.train_loader = make_loader(bundle.train, cfg.batch_size, bundle, train=True, seed=cfg.seed,
                                         rank=dist.rank, world=dist.world, channels_last=cfg.channels_last,
                                         workers=cfg.workers)
@@ -121,6 +140,11 @@ class Trainer:
         self.steps = n if cfg.steps_per_epoch is None else min(cfg.steps_per_epoch, n)
 
         model = build_model(cfg, bundle.num_classes, bundle.in_channels)
+        if state is None:  # a resumed run restores its own weights below
+            self._start_from_pretrained(model)
+        if cfg.sync_bn and not dist.enabled:
+            raise ValueError("--sync-bn synchronises BatchNorm across processes; a single process has nothing to "
+                             "sync: drop it, or start several with torchrun")
         if cfg.sync_bn and dist.enabled:
             if self.device.type != "cuda":
                 raise ValueError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); drop it on CPU")
@@ -158,9 +182,11 @@ class Trainer:
             "classes": bundle.num_classes, "image_size": list(bundle.image_size), "notes": bundle.notes,
             "params_train": params_train, "params_deployed": params_deployed, "world_size": dist.world,
             "device": str(self.device), "amp": str(self.amp).replace("torch.", "") if self.amp else "none",
-            "steps_per_epoch": self.steps,
+            "steps_per_epoch": self.steps, "preprocessing": preprocessing(bundle),
         }
         self.callbacks = self._default_callbacks() + self.extra_callbacks
+        if dist.main:  # last: every refusal above leaves the folder as it was
+            self.lock.acquire()
         self.log(f"{label(cfg)} on {bundle.name}: {len(bundle.train)} train / {len(bundle.val)} val images, "
                  f"{params_train:,} params ({params_deployed:,} deployed), {self.steps} steps/epoch, "
                  f"amp={self.run_info['amp']}, world={dist.world}")
@@ -220,7 +246,7 @@ class Trainer:
         if self.dist.main:
             self.checkpoint("last.pt", epoch, step, total)
         self.write_summary()
-        raise TrainingInterrupted(self.out / "last.pt")
+        raise TrainingInterrupted(self.out / "last.pt", self.stop_signal)
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch (from the resumed step, if any); returns the train loss, top-1 and speed.
@@ -244,7 +270,7 @@ class Trainer:
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} step {i + 1}; training "
                                          "diverged (lower --lr, or check the data)")
             backward(loss, self.scaler)
-            optimizer_step(self.optimizer, self.scaler)
+            optimizer_step(self.optimizer, self.scaler, self.cfg.clip_grad)
             self.scheduler.step()
             sums[0] += loss.item() * y.numel()
             sums[1] += (logits.argmax(1) == y).sum().item()
@@ -290,9 +316,10 @@ class Trainer:
                          f"top5 {val['top5']:.2f}  {row['epoch_time_s']:.1f}s ({row['images_per_s']:.0f} img/s)")
                 self._call("on_epoch_end", row)
                 if self.dist.any(self.stop_requested) and epoch + 1 < cfg.epochs:
-                    raise TrainingInterrupted(self.out / "last.pt")
+                    raise TrainingInterrupted(self.out / "last.pt", self.stop_signal)
         finally:
             self._call("on_fit_end")
+            self.lock.release()
         self.dist.barrier()
         return self.summary()
 
@@ -317,6 +344,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, allow_
     Raises:
         TrainingInterrupted: after Ctrl-C, once a resumable checkpoint is written.
     """
+    cfg.validate()
     device = resolve_device(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)

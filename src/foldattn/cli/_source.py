@@ -1,0 +1,56 @@
+"""Where ``fold`` and ``export`` get the trained model: a foldattn checkpoint or run folder, or another
+trainer's checkpoint (timm's ``train.py``, Lightning, a state dict) described by ``--model`` and the
+attach options that built it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..train import TrainConfig
+from ..train.checkpoint import checkpoint_in
+from ..train.model import load_foreign, load_trained
+from . import positive_int
+
+__all__ = ["add_source_options", "load_source"]
+
+
+def add_source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a foldattn checkpoint (.pt) or run folder; or, with --model, a timm "
+                                      "train.py / Lightning checkpoint or state dict (.pth/.ckpt/.safetensors)")
+    p.add_argument("--which", choices=("last", "best"), default="last", help="for a run folder: last.pt or best.pt")
+    g = p.add_argument_group("another trainer's checkpoint (what built the model)")
+    g.add_argument("--model", help="the architecture: a foldattn model, torchvision:NAME or timm:NAME")
+    g.add_argument("--attention", help="the attention the model was trained with")
+    g.add_argument("--asr", action="store_true", help="in ASR form")
+    g.add_argument("--both", action="store_true", help="ASR(X) + X")
+    g.add_argument("--every", type=positive_int, default=1, help="attention in every K-th block/site [1]")
+    g.add_argument("--where", choices=["block", "transformer", "norms"], help="attach's placement [block]")
+    g.add_argument("--include", nargs="+", metavar="PATTERN", help="attach: only these sites")
+    g.add_argument("--exclude", nargs="+", metavar="PATTERN", help="attach: not these sites")
+    g.add_argument("--num-classes", type=positive_int, help="classifier size [read from the file]")
+    g.add_argument("--image-size", type=positive_int,
+                   help="input size of the example batch [32 for foldattn models, else 224]")
+    g.add_argument("--ema", action="store_true", help="use the EMA weights (timm's state_dict_ema)")
+
+
+def load_source(args: argparse.Namespace) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+    """``(model, config, checkpoint-like dict)`` for the command's checkpoint argument."""
+    if args.model is None:
+        foreign = [o for o in ("attention", "num_classes", "image_size", "where", "include", "exclude")
+                   if getattr(args, o)] + [o for o in ("asr", "both", "ema") if getattr(args, o)]
+        if foreign:
+            raise ValueError(f"--{foreign[0].replace('_', '-')} describes another trainer's checkpoint and needs "
+                             "--model; a foldattn checkpoint records its own model")
+        path = checkpoint_in(args.checkpoint, args.which)
+        if path != Path(args.checkpoint):
+            print(f"using {path} (--which {args.which})")
+        return load_trained(path)
+    if Path(args.checkpoint).is_dir():
+        raise ValueError(f"{args.checkpoint} is a folder; with --model give the checkpoint file")
+    cfg = TrainConfig(model=args.model, attention=args.attention, asr=args.asr, both=args.both, every=args.every,
+                      where=args.where, include=list(args.include or []), exclude=list(args.exclude or []))
+    return load_foreign(args.checkpoint, cfg, args.num_classes, args.image_size, args.ema)

@@ -1,0 +1,117 @@
+"""Bad command-line input: exit status 2, one line naming what is wrong, no traceback, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from foldattn.cli import main
+from foldattn.train import TrainConfig, train
+from foldattn.train.data import load_dataset
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(dataset="digits", epochs=1, steps_per_epoch=2, batch_size=16, attention="se", asr=True,
+                      output=str(out)), bundle=load_dataset("digits"), log=None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_class(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("one") / "tree"
+    (root / "only").mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (8, 8), (i * 30, 0, 0)).save(root / "only" / f"{i}.png")
+    return root
+
+
+TRAIN = ["train", "--dataset", "digits", "--steps-per-epoch", "1", "--batch-size", "8", "--no-progress"]
+
+# (id, argv after the command's base, text the one-line message must contain)
+TRAIN_CASES = [
+    ("epochs-0", ["--epochs", "0"], "--epochs 0"),
+    ("epochs-negative", ["--epochs", "-3"], "--epochs -3"),
+    ("steps-0", ["--epochs", "1", "--steps-per-epoch", "0"], "--steps-per-epoch 0"),
+    ("gamma-negative", ["--epochs", "2", "--gamma", "-0.5", "--schedule", "step", "--milestones", "1"], "--gamma"),
+    ("threads-negative", ["--epochs", "1", "--threads", "-1"], "--threads -1"),
+    ("workers-negative", ["--epochs", "1", "--workers", "-2"], "--workers -2"),
+    ("warmup-negative", ["--epochs", "1", "--warmup-epochs", "-1"], "--warmup-epochs"),
+    ("warmup-too-long", ["--epochs", "1", "--warmup-epochs", "5"], "--warmup-epochs"),
+    ("batch-0", ["--epochs", "1", "--batch-size", "0"], "--batch-size 0"),
+    ("smoothing-1.5", ["--epochs", "1", "--label-smoothing", "1.5"], "--label-smoothing"),
+    ("smoothing-negative", ["--epochs", "1", "--label-smoothing", "-0.1"], "--label-smoothing"),
+    ("lr-0", ["--epochs", "1", "--lr", "0"], "--lr 0"),
+    ("lr-nan", ["--epochs", "1", "--lr", "nan"], "--lr"),
+    ("momentum-1", ["--epochs", "1", "--momentum", "1"], "--momentum"),
+    ("device-unknown", ["--epochs", "1", "--device", "tpu7"], "--device 'tpu7'"),
+    ("milestones-with-cosine", ["--epochs", "3", "--milestones", "1"], "only the step schedule"),
+    ("milestone-past-end", ["--epochs", "2", "--schedule", "step", "--milestones", "5"], "< --epochs"),
+    ("val-split-0", ["--epochs", "1", "--val-split", "0"], "--val-split"),
+    ("timm-unknown", ["--epochs", "1", "--model", "timm:no_such_net"], "no_such_net"),
+    ("asr-without-attention", ["--epochs", "1", "--asr"], "need --attention"),
+    ("preserve-without-asr", ["--epochs", "1", "--preserve-outputs"], "--preserve-outputs"),
+    ("where-on-own-model", ["--epochs", "1", "--attention", "se", "--asr", "--where", "norms"], "--where"),
+    ("pretrained-missing", ["--epochs", "1", "--pretrained", "/nonexistent/w.pt"], "no such file"),
+    ("every-0", ["--epochs", "1", "--attention", "se", "--every", "0"], "--every 0"),
+    ("sync-bn-one-process", ["--epochs", "1", "--sync-bn"], "--sync-bn"),
+]
+
+
+def _check(capsys: pytest.CaptureFixture[str], argv: list[str], expected: str, out: Path | None = None) -> None:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert "Traceback" not in err
+    assert any(expected in line for line in lines), err
+    assert len([line for line in lines if "error" in line]) == 1, err  # one message, not a cascade
+    if out is not None:
+        assert not out.exists() or not any(out.iterdir()), f"{out} was written: {list(out.iterdir())}"
+
+
+@pytest.mark.parametrize(("argv", "expected"), [c[1:] for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])
+def test_train_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], expected: str) -> None:
+    out = tmp_path / "out"
+    _check(capsys, [*TRAIN, *argv, "-o", str(out)], expected, out)
+
+
+def test_train_refuses_a_one_class_dataset(tmp_path: Path, one_class: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    _check(capsys, ["train", "--dataset", f"imagefolder:{one_class}", "--val-split", "2", "--epochs", "1",
+                    "--no-progress", "-o", str(out)], "at least 2", None)
+    assert not (out / "last.pt").exists()
+
+
+OTHER_CASES = [
+    ("eval-batch-0", ["eval", "{run}", "--batch-size", "0"], "--batch-size"),
+    ("eval-missing", ["eval", "{tmp}/none.pt"], "does not exist"),
+    ("eval-foreign-without-dataset", ["eval", "{tmp}/x.pth", "--model", "cifar_resnet20"], "needs --dataset"),
+    ("fold-missing", ["fold", "{tmp}/none.pt", "-o", "{tmp}/o"], "does not exist"),
+    ("fold-attention-without-model", ["fold", "{run}", "--attention", "se", "-o", "{tmp}/o"], "needs --model"),
+    ("export-opset", ["export", "{run}", "--onnx", "{tmp}/m.onnx", "--opset", "99"], "opset_version=99"),
+    ("export-nothing", ["export", "{run}"], "give --onnx"),
+    ("export-pt2-suffix", ["export", "{run}", "--pt2", "{tmp}/m.zip"], "must end in .pt2"),
+    ("calibrate-bench-batch-0", ["calibrate", "{run}", "--bench-batch", "0", "-o", "{tmp}/c"], "--bench-batch"),
+    ("calibrate-lr-negative", ["calibrate", "{run}", "--lr", "-1", "-o", "{tmp}/c"], "--lr"),
+    ("demo-epochs-0", ["demo", "--epochs", "0", "-o", "{tmp}/d"], "--epochs"),
+    ("demo-threads-negative", ["demo", "--threads", "-1", "-o", "{tmp}/d"], "--threads"),
+]
+
+
+@pytest.mark.parametrize(("argv", "expected"), [c[1:] for c in OTHER_CASES], ids=[c[0] for c in OTHER_CASES])
+def test_other_commands_refuse(tmp_path: Path, run: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
+                               expected: str) -> None:
+    argv = [a.format(run=run, tmp=tmp_path) for a in argv]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and expected in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing may be written"
