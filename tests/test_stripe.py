@@ -19,7 +19,6 @@ from foldattn.stripe import (
     StripeHistory,
     StripeRecorder,
     StripeResult,
-    _Moments,
     attention_kinds,
     constancy,
     find_attention,
@@ -27,6 +26,7 @@ from foldattn.stripe import (
     stripe_score,
 )
 from foldattn.stripe.plots import plot_heatmaps, plot_history, plot_summary
+from foldattn.stripe.statistics import _Moments  # the streaming moments, tested on their own
 
 torch.set_num_threads(1)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -462,7 +462,7 @@ def test_register_custom_kind() -> None:
         torch.testing.assert_close(torch.tensor(r.layer("1").gate.mean, dtype=torch.float64),
                                    torch.sigmoid(x.mean((2, 3))).mean(0))
     finally:
-        stripe._KINDS.remove(kind)
+        assert stripe.unregister_kind(kind.name) is kind
     assert "MyGate" not in attention_kinds()
 
 
@@ -489,3 +489,16 @@ def _digits_val():
     from foldattn.cli.stripe import load_data
 
     return load_data(argparse.Namespace(data="digits", data_dir=None, val_split=None, batch_size=128, seed=0)).val
+
+
+def test_stripe_and_calibrate_data_use_the_recorded_preprocessing() -> None:
+    import argparse
+
+    from foldattn.cli.stripe import load_data
+
+    args = argparse.Namespace(batch_size=8, data="digits", data_dir=None, val_split=None, seed=0)
+    recorded = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010], "size": [16, 16]}
+    data = load_data(args, {"dataset": "digits", "cache_dir": "/should/not/be/written"}, recorded)
+    loader = data.val
+    torch.testing.assert_close(loader.mean.flatten(), torch.tensor(recorded["mean"]))
+    torch.testing.assert_close(loader.std.flatten(), torch.tensor(recorded["std"]))

@@ -39,7 +39,8 @@ from ._utils import eval_mode, set_submodule, unwrap_model
 from .asr import ASR, absorbing_parameters
 from .attention import DIA
 from .graph import build_graph
-from .stripe import StripeResult, _device_of, _images, _to_model, find_attention, record_stripes, select_sites
+from .stripe import StripeResult, find_attention, record_stripes, select_sites
+from .stripe.recorder import _device_of, _images, _to_model  # the recorder's batch handling, shared
 from .transforms import scale_in_channels, scale_out_channels
 
 __all__ = [

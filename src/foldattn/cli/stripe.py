@@ -61,7 +61,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                                                                    "(default: the dataset's)")
 
 
-def load_data(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> DataSource:
+def load_data(args: argparse.Namespace, defaults: dict[str, Any] | None = None,
+              recorded: dict[str, Any] | None = None) -> DataSource:
     """The loaders named by ``--data`` (any :func:`foldattn.train.data.load_dataset` name).
 
     ``defaults`` (a training config) fills in ``--data``, ``--data-dir`` and ``--val-split``
@@ -78,8 +79,10 @@ def load_data(args: argparse.Namespace, defaults: dict[str, Any] | None = None) 
     split_seed = int(cfg.get("split_seed", args.seed)) if args.data is None and cfg else args.seed
     from ..train import data as _data
 
+    # no decode cache: a checkpoint's config does not choose where this command writes
     bundle = _data.load_dataset(spec, data_dir=data_dir, val_split=val_split, split_seed=split_seed,
-                                cache_dir=cfg.get("cache_dir"), image_size=cfg.get("image_size"))
+                                cache_dir=None, image_size=cfg.get("image_size"))
+    bundle = _data.with_preprocessing(bundle, recorded)  # the normalisation the model was trained with
 
     def loader(split: Any, train: bool) -> Any:
         return _data.TensorLoader(split, args.batch_size, bundle.mean, bundle.std, train=train,
@@ -108,7 +111,7 @@ def load_model_and_data(args: argparse.Namespace) -> Loaded:
         raise ValueError("give a model: a checkpoint path, a foldattn model name, torchvision:NAME or timm:NAME")
     if os.path.exists(spec):
         blob = _read_checkpoint(spec)
-        data = load_data(args, blob.get("config"))
+        data = load_data(args, blob.get("config"), (blob.get("run") or {}).get("preprocessing"))
         model, name, kwargs = _model_from_checkpoint(spec, blob, data)
         return Loaded(model, spec, data, name, kwargs)
     data = load_data(args)

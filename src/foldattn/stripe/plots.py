@@ -18,18 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from .._utils import atomic_path
-from . import LayerStripes, StripeHistory, StripeResult
+from .history import StripeHistory
+from .statistics import LayerStripes, StripeResult
 
 __all__ = ["plot_heatmaps", "plot_history", "plot_summary", "default_heatmap_layers"]
 
 
 def _plt() -> Any:
-    import matplotlib
+    from ..train.plots import require_matplotlib  # matplotlib comes with the train extra
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return require_matplotlib()
 
 
 def _save(fig: Any, path: str | os.PathLike[str], data: dict[str, Any]) -> tuple[Path, Path]:
