@@ -366,3 +366,85 @@ def test_no_warnings_in_normal_use() -> None:
         layer = ASR(nn.BatchNorm2d(4), "eca")
         layer(torch.randn(2, 4, 3, 3)).sum().backward()
         foldattn.fold(nn.Sequential(layer))
+
+
+# --------------------------------------------------------------------------------------
+# ASR.forward == the host's functional form on p * v (outputs, gradients, buffers)
+# --------------------------------------------------------------------------------------
+class _SumOfConvs(nn.Module):
+    """A custom host with dotted absorbing parameters (two parallel convs, summed) and no ``forward_scaled``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 1)
+
+    def asr_parameters(self) -> list[str]:
+        return ["a.weight", "a.bias", "b.weight", "b.bias"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+def _host_on_scaled_parameters(host: nn.Module, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``host(x)`` written out with torch.nn.functional, every absorbing parameter ``p`` replaced by ``p * v``
+    (output channel ``c``, dim 0, times ``v[c]``). Buffers are copied: the host's running statistics stay put."""
+    F = torch.nn.functional
+
+    def p(name: str) -> torch.Tensor:
+        t = host.get_parameter(name)
+        return t * v.reshape(-1, *([1] * (t.dim() - 1)))
+
+    if isinstance(host, _SumOfConvs):
+        return F.conv2d(x, p("a.weight"), p("a.bias"), padding=1) + F.conv2d(x, p("b.weight"), p("b.bias"))
+    if isinstance(host, nn.BatchNorm2d):
+        return F.batch_norm(x, host.running_mean.clone(), host.running_var.clone(), p("weight"), p("bias"),
+                            host.training, host.momentum, host.eps)
+    if isinstance(host, nn.Conv2d):
+        return F.conv2d(x, p("weight"), p("bias"), host.stride, host.padding, host.dilation, host.groups)
+    if isinstance(host, nn.Linear):
+        return F.linear(x, p("weight"), p("bias"))
+    if isinstance(host, nn.LayerNorm):
+        return F.layer_norm(x, host.normalized_shape, p("weight"), p("bias"), host.eps)
+    if isinstance(host, nn.GroupNorm):
+        return F.group_norm(x, host.num_groups, p("weight"), p("bias"), host.eps)
+    raise AssertionError(f"no functional reference for {type(host).__name__}")
+
+
+@pytest.mark.parametrize(
+    ("make_host", "shape", "train", "absorbing"),
+    [
+        (lambda: nn.BatchNorm2d(6), (4, 6, 5, 5), True, ["weight", "bias"]),
+        (lambda: nn.BatchNorm2d(6), (4, 6, 5, 5), False, ["weight", "bias"]),
+        (lambda: nn.Conv2d(3, 6, 3), (2, 3, 7, 7), True, ["weight", "bias"]),
+        (lambda: nn.Linear(5, 6), (3, 5), True, ["weight", "bias"]),
+        (lambda: nn.LayerNorm(6), (3, 4, 6), True, ["weight", "bias"]),
+        (lambda: nn.GroupNorm(2, 6), (2, 6, 4, 4), True, ["weight", "bias"]),
+        (_SumOfConvs, (2, 3, 5, 5), True, ["a.weight", "a.bias", "b.weight", "b.bias"]),
+    ],
+)
+def test_forward_matches_the_host_on_scaled_parameters(
+    make_host: Callable[[], nn.Module], shape: tuple[int, ...], train: bool, absorbing: list[str]
+) -> None:
+    """Same outputs and gradients (float64, 1e-12 relative) as the host computed with p * v; the host's
+    buffers (running statistics) move exactly as its own forward moves them."""
+    torch.manual_seed(0)
+    layer = ASR(make_host(), "se", reduction=2).double().train(train)
+    assert absorbing_parameters(layer.host) == absorbing
+    with torch.no_grad():
+        layer.attention.psi.normal_()
+    ref_layer, own_forward = copy.deepcopy(layer), copy.deepcopy(layer.host)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = layer(x), _host_on_scaled_parameters(ref_layer.host, ref_layer.vector(), x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    for (n, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters(), strict=True):
+        assert p.grad is not None, n
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=n)
+    with torch.no_grad():
+        own_forward(x.detach())
+    torch.testing.assert_close(layer.host.state_dict(), own_forward.state_dict(), rtol=0, atol=0)

@@ -1,5 +1,7 @@
 """Tests of ``foldattn bench``: output format, bad input, the timing/memory helpers, the builders.
 
+(The ASR layer itself is tested in test_asr.py.)
+
 Nothing here asserts a speed: timings are checked by the benchmark's own PASS/FAIL lines.
 """
 
@@ -13,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from foldattn import attention, bench, fold, verify
+from foldattn import ASR, attention, bench, fold, verify
+from foldattn.bench import memory, runner, targets, timing
 from foldattn.cli import main
 from foldattn.summary import count_flops
 
@@ -158,9 +161,7 @@ def test_cli_unknown_names(argv: list[str], message: str, capsys, tmp_path) -> N
 @pytest.mark.parametrize("option", ["--latency-batch", "--throughput-batch", "--train-batch", "--threads", "--reps"])
 @pytest.mark.parametrize("value", ["0", "-3", "two", "1.5"])
 def test_cli_rejects_non_positive_integers(option: str, value: str, capsys) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["bench", option, value])
-    assert exc.value.code == 2
+    assert main(["bench", option, value]) == 2  # argparse's refusal, returned as the exit status
     err = capsys.readouterr().err
     assert option in err
     assert "positive integer" in err
@@ -229,7 +230,7 @@ def test_interleaved_repeats_short_calls() -> None:
 
 
 def test_stats_median_and_quartiles() -> None:
-    st = bench._stats([0.001, 0.003, 0.002, 0.010])
+    st = timing._stats([0.001, 0.003, 0.002, 0.010])
     assert st["median"] == pytest.approx(2.5)
     assert st["q1"] <= st["median"] <= st["q3"]
     assert st["n"] == 4
@@ -244,16 +245,16 @@ def test_cpu_peak_sees_a_large_temporary() -> None:
     import sys
 
     code = (
-        "import torch; from foldattn import bench; size = 64 * bench.MIB; cpu = torch.device('cpu'); "
-        "print(bench._peak_bytes(lambda: torch.ones(size // 4).sum(), cpu), "
-        "bench._peak_bytes(lambda: None, cpu))"
+        "import torch; from foldattn.bench import memory; size = 64 * memory.MIB; cpu = torch.device('cpu'); "
+        "print(memory._peak_bytes(lambda: torch.ones(size // 4).sum(), cpu), "
+        "memory._peak_bytes(lambda: None, cpu))"
     )
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     peak, idle = map(int, out.stdout.split())
-    size = 64 * bench.MIB
+    size = 64 * memory.MIB
     assert 0.9 * size <= peak <= 2 * size
-    assert idle < 8 * bench.MIB
+    assert idle < 8 * memory.MIB
 
 
 def test_ratios_relative_to_plain() -> None:
@@ -263,7 +264,7 @@ def test_ratios_relative_to_plain() -> None:
                 "train_memory_mib": None}
 
     rows = {"plain": row(2.0, 50.0, 4.0), "x": row(3.0, 25.0, 5.0), "asr_folded": row(2.0, 50.0, None)}
-    bench._add_ratios(rows)
+    runner._add_ratios(rows)
     assert rows["plain"]["ratio"]["latency"] == 1.0
     assert rows["x"]["ratio"]["latency"] == pytest.approx(1.5)
     assert rows["x"]["ratio"]["throughput"] == pytest.approx(0.5)
@@ -281,6 +282,30 @@ def test_family_registry() -> None:
         bench.get_family("nope")
     with pytest.raises(ValueError, match="already registered"):
         bench.register_family(bench.get_family("resnet50"))
+    with pytest.raises(TypeError, match="expects a Family"):
+        bench.register_family("resnet50")  # type: ignore[arg-type]
+
+
+def test_register_and_unregister_a_family() -> None:
+    """A user's family goes through the public register/unregister functions, and bench_group measures it."""
+    base = bench.get_family("cifar_resnet20")
+    fam = bench.Family("test_tiny_family", base.input_size, base.build, train_batch=2)
+    assert bench.register_family(fam) is fam
+    try:
+        assert "test_tiny_family" in bench.families()
+        assert bench.get_family("test_tiny_family") is fam
+        cfg = bench.BenchConfig(models=("test_tiny_family",), attentions=("se",), throughput_batch=2, reps=1,
+                                warmup=0, min_sample_s=0.0, memory=False, train=False).validated()
+        group = bench.bench_group(fam, "se", cfg, threads=1)
+        assert group["family"] == "test_tiny_family"
+        assert [r["variant"] for r in group["rows"]] == [v.key for v in bench.VARIANTS]
+    finally:
+        assert bench.unregister_family("test_tiny_family") is fam
+    assert "test_tiny_family" not in bench.families()
+    with pytest.raises(KeyError, match="test_tiny_family"):
+        bench.unregister_family("test_tiny_family")
+    with pytest.raises(ValueError, match="unknown model 'test_tiny_family'"):
+        bench.BenchConfig(models=("test_tiny_family",)).validated()
 
 
 @pytest.mark.parametrize("name", ["se", "dia"])
@@ -289,7 +314,7 @@ def test_torchvision_variants_fold_exactly(name: str) -> None:
     fam = bench.get_family("resnet18")
     torch.manual_seed(0)
     asr = fam.build(name, True, False).eval()
-    layers = [m for m in asr.modules() if isinstance(m, bench.ASR)]
+    layers = [m for m in asr.modules() if isinstance(m, ASR)]
     assert len(layers) == 8  # one per BasicBlock
     with torch.no_grad():  # a v far from 1 so a missed fold would show
         for layer in layers:
@@ -304,7 +329,7 @@ def test_torchvision_variants_fold_exactly(name: str) -> None:
     assert sum(isinstance(m, attention.get(name)) for m in classic.modules()) == 8
     both = fold(fam.build(name, True, True))
     assert sum(isinstance(m, attention.get(name)) for m in both.modules()) == 8
-    assert not [m for m in both.modules() if isinstance(m, bench.ASR)]
+    assert not [m for m in both.modules() if isinstance(m, ASR)]
 
 
 def test_every_variant_runs_on_a_cifar_model() -> None:
@@ -344,79 +369,11 @@ def test_markdown_shows_profiles(quick_run) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# ASR.forward's parameter swap (the training-step fix measured by the benchmark)
+# the CLI's exit code, CUDA synchronisation, ONNX Runtime rows
 # --------------------------------------------------------------------------------------
-class _TwoBranch(nn.Module):
-    """A custom host with dotted absorbing parameters (two parallel convs, summed)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 6, 3, padding=1)
-        self.b = nn.Conv2d(3, 6, 1)
-
-    def asr_parameters(self) -> list[str]:
-        return ["a.weight", "a.bias", "b.weight", "b.bias"]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.a(x) + self.b(x)
-
-
-def _reference(layer: bench.ASR, x: torch.Tensor) -> torch.Tensor:
-    from torch.func import functional_call
-
-    v = layer.vector()
-    params = {n: layer.host.get_parameter(n) * v.reshape(-1, *([1] * (layer.host.get_parameter(n).dim() - 1)))
-              for n in layer._absorbing}
-    return functional_call(layer.host, params, (x,))
-
-
-@pytest.mark.parametrize(
-    ("make_host", "shape", "train"),
-    [
-        (lambda: nn.BatchNorm2d(6), (4, 6, 5, 5), True),
-        (lambda: nn.BatchNorm2d(6), (4, 6, 5, 5), False),
-        (lambda: nn.Conv2d(3, 6, 3), (2, 3, 7, 7), True),
-        (lambda: nn.Linear(5, 6), (3, 5), True),
-        (lambda: nn.LayerNorm(6), (3, 4, 6), True),
-        (lambda: nn.GroupNorm(2, 6), (2, 6, 4, 4), True),
-        (_TwoBranch, (2, 3, 5, 5), True),
-    ],
-)
-def test_asr_forward_matches_functional_call(make_host, shape: tuple[int, ...], train: bool) -> None:
-    """Same outputs and gradients (float64, 1e-12 relative) as functional_call with p * v."""
-    torch.manual_seed(0)
-    layer = bench.ASR(make_host(), "se", reduction=2).double().train(train)
-    with torch.no_grad():
-        layer.attention.psi.normal_()
-    ref_layer = copy.deepcopy(layer)
-    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    y, y_ref = layer(x), _reference(ref_layer, x_ref)
-    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
-    for (n, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters(), strict=True):
-        assert p.grad is not None, n
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=n)
-    # running statistics updated the same way, parameters restored as Parameters
-    torch.testing.assert_close(layer.state_dict(), ref_layer.state_dict(), rtol=0, atol=0)
-    assert all(isinstance(layer.host.get_parameter(n), nn.Parameter) for n in layer._absorbing)
-
-
-def test_asr_forward_restores_parameters_after_an_error() -> None:
-    layer = bench.ASR(nn.Conv2d(3, 6, 3), "se")
-    weight = layer.host.weight
-    with pytest.raises(RuntimeError):
-        layer(torch.randn(1, 4, 8, 8))  # wrong channel count: the conv raises inside the swap
-    assert layer.host.weight is weight
-    assert isinstance(layer.host._parameters["bias"], nn.Parameter)
-
-
 def test_strict_exits_1_on_a_missed_target(monkeypatch, capsys, tmp_path) -> None:
     impossible = (("folded_speed_latency", "asr_folded", "latency", ">=", 100.0, "ASR(X) folded speed at batch {lb}"),)
-    monkeypatch.setattr(bench, "TARGETS", impossible)
+    monkeypatch.setattr(targets, "TARGETS", impossible)
     argv = ["bench", "--quick", "--attentions", "se", "--reps", "1", "--warmup", "0", "--no-memory", "--no-train",
             "--out", str(tmp_path), "--strict"]
     assert main(argv) == 1
@@ -430,8 +387,8 @@ def test_strict_exits_1_on_a_missed_target(monkeypatch, capsys, tmp_path) -> Non
 def test_cuda_runs_are_synchronised(monkeypatch) -> None:
     calls: list[object] = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
-    bench._sync_for(torch.device("cuda"))()
-    bench._sync_for(torch.device("cpu"))()
+    timing._sync_for(torch.device("cuda"))()
+    timing._sync_for(torch.device("cpu"))()
     assert calls == [torch.device("cuda")]
 
 

@@ -8,7 +8,9 @@ import sys
 from dataclasses import replace
 
 from .. import attention as _attention
-from ..bench import _CLOCKS, QUICK, BenchConfig, _profile_failures, families, render_markdown, run_bench, write_outputs
+from ..bench import QUICK, BenchConfig, families, render_markdown, run_bench, write_outputs
+from ..bench.targets import _profile_failures
+from ..bench.timing import _CLOCKS
 
 __all__ = ["register"]
 

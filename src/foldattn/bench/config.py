@@ -1,0 +1,94 @@
+"""What a benchmark run measures and how: :class:`BenchConfig`, its checks, and the ``--quick`` settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .. import attention as _attention
+from .family import families, get_family
+from .timing import _CLOCKS, _check_device
+
+__all__ = ["BenchConfig", "QUICK"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What :func:`~foldattn.bench.run_bench` measures and how.
+
+    Args:
+        models: family names (see :func:`~foldattn.bench.families`).
+        attentions: attention names (see :func:`foldattn.attention.names`); empty = all.
+        latency_batch: batch size of the latency measurement.
+        throughput_batch: batch size of the throughput measurement.
+        train_batch: batch of the training step; None = the family's default.
+        reps: timed samples per runner (the median is reported).
+        warmup: untimed interleaved rounds before timing.
+        min_sample_s: a sample repeats the call until it lasts at least this long.
+        threads: CPU threads (``torch.set_num_threads``, ONNX Runtime intra-op); None = torch's default.
+        device: ``"cpu"`` or ``"cuda"`` / ``"cuda:N"``.
+        channels_last: models and inputs in ``torch.channels_last``.
+        memory: measure peak memory of a forward and a training step.
+        train: measure the training step.
+        onnx: add ONNX Runtime rows for the exported plain and folded models.
+        clock: ``"wall"`` (elapsed time) or ``"cpu"`` (CPU time of this process, all
+            threads: steadier on a shared machine, meaningful with ``threads=1``; CPU only).
+        seed: seed of the weights and inputs.
+    """
+
+    models: tuple[str, ...] = ("cifar_resnet164", "resnet50")
+    attentions: tuple[str, ...] = ()
+    latency_batch: int = 1
+    throughput_batch: int = 64
+    train_batch: int | None = None
+    reps: int = 7
+    warmup: int = 2
+    min_sample_s: float = 0.1
+    threads: int | None = None
+    device: str = "cpu"
+    channels_last: bool = False
+    memory: bool = True
+    train: bool = True
+    onnx: bool = False
+    clock: str = "wall"
+    seed: int = 0
+
+    def validated(self) -> BenchConfig:
+        """A copy with defaults resolved; ``ValueError`` for bad input (saying what is valid)."""
+        if not self.models:
+            raise ValueError(f"no model given; valid models: {', '.join(families())}")
+        for m in self.models:
+            get_family(m)
+        attentions = tuple(a.lower() for a in self.attentions) or tuple(_attention.names())
+        for a in attentions:
+            _attention.get(a)
+        for key in ("latency_batch", "throughput_batch", "train_batch", "reps", "threads"):
+            value = getattr(self, key)
+            if value is None and key in ("train_batch", "threads"):
+                continue
+            if not _is_positive_int(value):
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if not _is_nonnegative_int(self.warmup):
+            raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
+        if not (isinstance(self.min_sample_s, (int, float)) and self.min_sample_s >= 0):
+            raise ValueError(f"min_sample_s must be a number >= 0, got {self.min_sample_s!r}")
+        dev = _check_device(self.device)
+        if self.clock not in _CLOCKS:
+            raise ValueError(f"unknown clock {self.clock!r}; valid clocks: {', '.join(_CLOCKS)}")
+        if self.clock == "cpu" and dev.type != "cpu":
+            raise ValueError("--clock cpu measures CPU time and misses GPU work; use --clock wall with --device cuda")
+        return replace(self, attentions=attentions, models=tuple(self.models))
+
+
+#: the settings of ``--quick`` (CI): a tiny model, two attentions, few samples
+QUICK = BenchConfig(
+    models=("cifar_resnet20",), attentions=("se", "eca"), throughput_batch=32, train_batch=16,
+    reps=3, warmup=1, min_sample_s=0.01,
+)
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_nonnegative_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

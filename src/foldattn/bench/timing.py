@@ -1,0 +1,97 @@
+"""How the benchmark times: interleaved runners, median and quartiles, device sync and check.
+
+All runners of a group are interleaved (A B C, B C A, ... after warm-up rounds), each
+sample is ``k`` calls (``k`` chosen during warm-up so a sample lasts at least
+``min_sample_s``), and the median of the samples is reported (quartiles in the JSON).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = ["interleaved"]
+
+#: ``--clock`` names: ``wall`` is elapsed time, ``cpu`` the CPU time of this process (all threads)
+_CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+#: a sample repeats a fast runner at most this many times, however short ``min_sample_s`` makes a call
+_MAX_CALLS_PER_SAMPLE = 1000
+
+
+def _check_device(device: str) -> torch.device:
+    """``torch.device(device)`` if the benchmark can run there; ``ValueError`` saying what to use otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda' (or 'cuda:N')") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported by the benchmark; use 'cpu' or 'cuda'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {device} requested but CUDA is not available here "
+                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}, "
+                f"{torch.cuda.device_count()} GPU(s) visible); run with --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+    return dev
+
+
+def _sync_for(device: torch.device) -> Callable[[], None]:
+    """A call that waits for the device's queued work (``torch.cuda.synchronize``; nothing on CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _stats(samples: Sequence[float]) -> dict[str, float | int]:
+    """Median and quartiles of per-call times, in milliseconds."""
+    ms = sorted(s * 1e3 for s in samples)
+    if len(ms) >= 2:
+        q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
+    else:
+        q1 = q3 = ms[0]
+    return {"median": statistics.median(ms), "q1": q1, "q3": q3, "n": len(ms)}
+
+
+def interleaved(
+    runners: dict[str, Callable[[], object]],
+    reps: int,
+    warmup: int,
+    sync: Callable[[], None] = lambda: None,
+    min_sample_s: float = 0.0,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Time each runner ``reps`` times, interleaved, after ``warmup`` untimed rounds (at least one).
+
+    Round ``i`` runs the runners in a rotated order (A B C, B C A, C A B, ...) so no
+    runner always follows the same neighbour. A sample repeats its runner ``k`` times,
+    ``k`` fixed per runner from the last warm-up call so a sample lasts about
+    ``min_sample_s``; the per-call time of each sample is returned, in seconds.
+    ``clock`` is wall time by default; ``time.process_time`` measures the CPU time of
+    the process instead, which other processes on a shared machine disturb less.
+    """
+    keys = list(runners)
+    calls = dict.fromkeys(keys, 1)
+    for _ in range(max(1, warmup)):
+        for k in keys:
+            t0 = clock()
+            runners[k]()
+            sync()
+            dt = clock() - t0
+            calls[k] = max(1, min(_MAX_CALLS_PER_SAMPLE, math.ceil(min_sample_s / max(dt, 1e-9))))
+    samples: dict[str, list[float]] = {k: [] for k in keys}
+    for i in range(reps):
+        for k in keys[i % len(keys):] + keys[: i % len(keys)]:
+            run, n = runners[k], calls[k]
+            t0 = clock()
+            for _ in range(n):
+                run()
+            sync()
+            samples[k].append((clock() - t0) / n)
+    return samples
