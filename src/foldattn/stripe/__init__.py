@@ -9,7 +9,8 @@ descriptor, with streaming float64 statistics and a reservoir sample of vectors 
 
 - :mod:`~foldattn.stripe.adapters`: which modules are attention and how to tap them
   (:class:`AttentionKind`, :func:`register_kind`, :func:`find_attention`);
-- :mod:`~foldattn.stripe.statistics`: per-channel statistics, the stripe score and the results;
+- :mod:`~foldattn.stripe.statistics`: per-channel statistics, :func:`stripe_score`, :func:`constancy`;
+- :mod:`~foldattn.stripe.results`: :class:`LayerStripes` and :class:`StripeResult` (JSON in and out);
 - :mod:`~foldattn.stripe.recorder`: :func:`record_stripes` over a loader;
 - :mod:`~foldattn.stripe.history`: statistics over epochs and the training monitor;
 - :mod:`~foldattn.stripe.plots`: heat maps and curves (matplotlib, the ``train`` extra).
@@ -34,7 +35,13 @@ from .adapters import (
 )
 from .history import StripeHistory, StripeMonitor
 from .recorder import StripeRecorder, record_stripes
-from .statistics import ChannelStats, LayerStripes, StripeResult, constancy, stripe_score
+
+# Private and not in __all__: the recorder's batch handling, which foldattn.calibrate shares.
+from .recorder import _device_of as _device_of
+from .recorder import _images as _images
+from .recorder import _to_model as _to_model
+from .results import LayerStripes, StripeResult
+from .statistics import ChannelStats, constancy, stripe_score
 
 __all__ = [
     "AttentionKind", "AttentionSite", "Tap", "register_kind", "unregister_kind", "attention_kinds", "find_attention",

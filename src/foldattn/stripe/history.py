@@ -13,7 +13,7 @@ from torch import nn
 
 from .adapters import AttentionSite, find_attention, select_sites
 from .recorder import record_stripes
-from .statistics import StripeResult, _write_json
+from .results import StripeResult, _write_json
 
 # --------------------------------------------------------------------------------------
 # Over training

@@ -15,19 +15,24 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .._utils import atomic_path
-from .history import StripeHistory
-from .statistics import LayerStripes, StripeResult
+from .._utils import atomic_path, require
+
+if TYPE_CHECKING:  # annotations only: drawing needs no recording machinery
+    from .history import StripeHistory
+    from .results import LayerStripes, StripeResult
 
 __all__ = ["plot_heatmaps", "plot_history", "plot_summary", "default_heatmap_layers"]
 
 
 def _plt() -> Any:
-    from ..train.plots import require_matplotlib  # matplotlib comes with the train extra
+    """``matplotlib.pyplot`` on the Agg backend; matplotlib comes with the ``train`` extra."""
+    matplotlib = require("matplotlib", "train")
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
 
-    return require_matplotlib()
+    return plt
 
 
 def _save(fig: Any, path: str | os.PathLike[str], data: dict[str, Any]) -> tuple[Path, Path]:

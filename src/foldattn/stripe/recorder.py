@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from .._utils import eval_mode, unwrap_model
 from .adapters import AttentionSite, Tap, find_attention, select_sites
-from .statistics import LayerStripes, StripeResult, _Moments, _Reservoir
+from .results import LayerStripes, StripeResult
+from .statistics import _Moments, _Reservoir
 
 
 # --------------------------------------------------------------------------------------
