@@ -22,13 +22,15 @@ class CLIError(Exception):
 
 
 def _integer(low: int) -> Any:
+    kind = "positive integer" if low == 1 else f"integer >= {low}"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a {kind}") from None
         if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"{value} is too small; give a {kind}")
         return value
 
     parse.__name__ = f"integer >= {low}"

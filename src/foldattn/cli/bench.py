@@ -11,28 +11,9 @@ from .. import attention as _attention
 from ..bench import QUICK, BenchConfig, families, render_markdown, run_bench, write_outputs
 from ..bench.targets import _profile_failures
 from ..bench.timing import _CLOCKS
+from . import nonnegative_int, positive_int
 
 __all__ = ["register"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a positive integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive; give a positive integer")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -90,12 +71,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    f"any of {', '.join(families())}")
     p.add_argument("--attentions", nargs="+", metavar="X",
                    help=f"default: all of {', '.join(_attention.names())}")
-    p.add_argument("--latency-batch", type=_positive_int, help="batch of the latency figure (default 1)")
-    p.add_argument("--throughput-batch", type=_positive_int, help="batch of the throughput figure (default 64)")
-    p.add_argument("--train-batch", type=_positive_int, help="batch of the training step (default per model)")
-    p.add_argument("--reps", type=_positive_int, help="timed samples per variant (default 7)")
-    p.add_argument("--warmup", type=_nonnegative_int, help="untimed rounds first (default 2; at least 1 is run)")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
+    p.add_argument("--latency-batch", type=positive_int, help="batch of the latency figure (default 1)")
+    p.add_argument("--throughput-batch", type=positive_int, help="batch of the throughput figure (default 64)")
+    p.add_argument("--train-batch", type=positive_int, help="batch of the training step (default per model)")
+    p.add_argument("--reps", type=positive_int, help="timed samples per variant (default 7)")
+    p.add_argument("--warmup", type=nonnegative_int, help="untimed rounds first (default 2; at least 1 is run)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
     p.add_argument("--device", help="cpu (default) or cuda[:N]")
     p.add_argument("--clock", choices=sorted(_CLOCKS),
                    help="wall (default) or cpu: CPU time of the process, steadier on a shared machine "

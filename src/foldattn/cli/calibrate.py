@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,37 +17,21 @@ import torch
 from torch import nn
 
 from .._utils import atomic_path, strict_json
+from ..summary import latency_ms
 from . import nonnegative_int, positive_float, positive_int
 from .stripe import add_data_args, add_model_args, load_model_and_data, prepare_output
 
-__all__ = ["register", "run_calibrate", "latency_ms", "compare_latency"]
+__all__ = ["register", "run_calibrate", "compare_latency"]
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, example: torch.Tensor, runs: int = 20, warmup: int = 3) -> float:
-    """Median wall time (ms) of one forward pass of ``model`` on ``example`` (eval mode)."""
-    was = model.training
-    model.eval()
-    try:
-        for _ in range(warmup):
-            model(example)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            model(example)
-            times.append((time.perf_counter() - t0) * 1000)
-    finally:
-        model.train(was)
-    return statistics.median(times)
-
-
 def compare_latency(a: nn.Module, b: nn.Module, example: torch.Tensor, rounds: int = 7,
                     runs: int = 10) -> tuple[float, float]:
     """Median latency (ms) of ``a`` and ``b``, measured in alternating rounds (fair under background load)."""
     ta, tb = [], []
     for _ in range(rounds):
-        ta.append(latency_ms(a, example, runs=runs))
-        tb.append(latency_ms(b, example, runs=runs))
+        ta.append(latency_ms(a, example, repeats=runs))
+        tb.append(latency_ms(b, example, repeats=runs))
     return statistics.median(ta), statistics.median(tb)
 
 
