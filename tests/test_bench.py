@@ -48,7 +48,7 @@ def test_quick_writes_valid_json(quick_run: tuple[int, dict, str, str]) -> None:
     assert [(g["family"], g["attention"]) for g in groups] == [("cifar_resnet20", "se"), ("cifar_resnet20", "eca")]
     for g in groups:
         rows = {r["variant"]: r for r in g["rows"]}
-        assert list(rows) == [v.key for v in bench.VARIANTS]
+        assert list(rows) == [v.key for v in bench.VARIANTS] + ["reference"]
         # the folded form is the plain backbone: same parameters and FLOPs
         assert rows["asr_folded"]["params"] == rows["plain"]["params"]
         assert rows["asr_folded"]["flops"] == rows["plain"]["flops"]
@@ -57,10 +57,10 @@ def test_quick_writes_valid_json(quick_run: tuple[int, dict, str, str]) -> None:
         for r in g["rows"]:
             assert r["latency_ms"]["n"] == bench.QUICK.reps
             assert r["ratio"]["params"] == pytest.approx(r["params"] / rows["plain"]["params"])
-            if bench.cpu_peak_supported():
+            if bench.cpu_peak_supported() and r["variant"] != "reference":
                 assert r["memory_mib"] > 0
         trained = {k for k, r in rows.items() if r["train_ms"] is not None}
-        assert trained == {v.key for v in bench.VARIANTS if v.trains}
+        assert trained == {v.key for v in bench.VARIANTS if v.trains} | {"reference"}
     assert len(result["targets"]) == 4 * len(groups)
 
 
@@ -72,9 +72,10 @@ def test_quick_markdown_table(quick_run: tuple[int, dict, str, str]) -> None:
     table = [ln for ln in md.splitlines() if ln.startswith("| ")]
     header, body = table[0], table[1:]
     assert header.count("|") == 9
-    assert len(body) == len(bench.VARIANTS) * 2
+    assert len(body) == (len(bench.VARIANTS) + 1) * 2  # + the reference-layout row
     assert all(ln.count("|") == 9 for ln in body)
-    assert re.search(r"\| \+ASR\(SE\) folded \| [\d.]+k \(1.000x\) \| [\d.]+M \(1.000x\) \| [\d.]+ \([\d.]+x\) \|", md)
+    cells = r"\| \+ASR\(SE\) folded \| [\d.]+k \(1.000x\) \| [\d.]+M \(1.000x\) \| ~?[\d.]+ \([\d.]+x\) \|"
+    assert re.search(cells, md)
     target_lines = [ln for ln in md.splitlines() if ln.startswith(("PASS ", "FAIL "))]
     assert len(target_lines) == len(result["targets"])
 
@@ -207,6 +208,71 @@ def test_config_defaults() -> None:
     assert cfg.attentions == tuple(attention.names())
     assert (cfg.latency_batch, cfg.throughput_batch) == (1, 64)
     assert bench.BenchConfig(attentions=("SE",)).validated().attentions == ("se",)
+    # steady CPU defaults: one thread, CPU-time clock; several threads mean elapsed time
+    assert (cfg.threads, cfg.clock) == (1, "cpu")
+    assert bench.BenchConfig(threads=2).validated().clock == "wall"
+    assert bench.BenchConfig(threads=2, clock="cpu").validated().clock == "cpu"
+
+
+def test_quick_has_the_reference_layout_row(quick_run) -> None:
+    _, result, md, _ = quick_run
+    rows = {r["variant"]: r for r in result["groups"][0]["rows"]}
+    ref = rows["reference"]
+    assert ref["label"] == "plain, reference code's layout" and ref["label"] in md
+    assert ref["params"] == rows["plain"]["params"] and ref["flops"] == rows["plain"]["flops"]
+    assert ref["train_ms"] is not None and ref["ratio"]["latency"] is not None
+    assert all(isinstance(r["unreliable"], list) for r in rows.values())
+
+
+def test_unreliable_timings_are_flagged_and_marked() -> None:
+    from foldattn.bench.report import _cell
+    from foldattn.bench.runner import _flag_unreliable
+
+    steady = {"median": 10.0, "q1": 9.5, "q3": 10.5, "n": 5}
+    noisy = {"median": 10.0, "q1": 5.0, "q3": 30.0, "n": 5}
+    rows = {"plain": {"latency_ms": steady, "throughput_ms": noisy, "train_ms": None}}
+    _flag_unreliable(rows)
+    assert rows["plain"]["unreliable"] == ["throughput"]
+    assert _cell(10.0, 1.0, ".1f", noisy=True).startswith("~10.0")
+
+
+def test_reference_layout_computes_what_plain_computes() -> None:
+    from foldattn.bench.family import get_family
+    from foldattn.models import create_model
+
+    for name in ("cifar_resnet20", "cifar_resnet164"):
+        ref = get_family(name).reference()
+        plain = create_model(name).eval()
+        ref.load_state_dict(plain.state_dict())
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(ref.eval()(x), plain(x), rtol=0, atol=0)
+    assert get_family("cifar_repvgg_a0").reference is None
+
+
+@pytest.mark.parametrize("name", ["timm:resnet18", "torchvision:mobilenet_v3_small"])
+def test_bench_with_a_timm_or_torchvision_model(name: str, tmp_path, capsys) -> None:
+    if name.startswith("timm:"):
+        pytest.importorskip("timm")
+    argv = ["bench", "--models", name, "--attentions", "se", "--reps", "1", "--warmup", "0", "--no-memory",
+            "--no-train", "--throughput-batch", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    group = result["groups"][0]
+    assert group["family"] == name and group["input_size"] == [3, 224, 224]
+    rows = {r["variant"]: r for r in group["rows"]}
+    assert rows["asr_folded"]["params"] == rows["plain"]["params"]  # folds back to the plain network
+    assert rows["asr_fused"]["params"] < rows["plain"]["params"]  # no BatchNorm parameters left
+    assert name in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("name", "message"), [("timm:no_such_net", "unknown model timm:no_such_net"),
+                                               ("torchvision:resnet", "did you mean")])
+def test_bench_refuses_unknown_library_models(name: str, message: str, tmp_path, capsys) -> None:
+    if name.startswith("timm:"):
+        pytest.importorskip("timm")
+    assert main(["bench", "--models", name, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 # --------------------------------------------------------------------------------------

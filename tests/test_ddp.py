@@ -38,6 +38,16 @@ def test_two_process_ddp_ranks_agree(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path)["run"]["world_size"] == 2
 
 
+def test_two_process_ddp_with_the_modern_recipe_options(tmp_path: Path) -> None:
+    _torchrun(tmp_path, "modern")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k  # accumulated gradients all-reduced on the update's last batch
+    blob = load_checkpoint(tmp_path)
+    assert blob["scheduler"]["updates"] == 2 and blob["model_ema"] is not None
+    assert blob["run"]["world_size"] == 2
+
+
 def test_ctrl_c_on_one_rank_stops_all_ranks_at_the_same_step_and_resumes_exactly(tmp_path: Path) -> None:
     _torchrun(tmp_path / "full")
     cut = tmp_path / "cut"

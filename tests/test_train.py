@@ -506,3 +506,94 @@ def test_cli_config_file_model_kwargs_and_opt(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochz: 3\n")
     assert main(["train", "-c", str(bad), "-o", str(tmp_path / "x")]) == 2
+
+
+MODERN = {"opt": "adamw", "lr": 1e-3, "weight_decay": 0.05, "sched": "cosine", "model_ema": True,
+          "model_ema_decay": 0.99, "model_ema_warmup": True, "mixup": 0.8, "cutmix": 1.0,
+          "aa": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "grad_accum_steps": 2, "steps_per_epoch": 4,
+          "label_smoothing": 0.1}
+
+
+@pytest.mark.parametrize("where", [("epoch", 0, None), ("step", 1, 1)], ids=["after-epoch-1", "mid-epoch-2"])
+def test_modern_recipe_resumes_exactly(tmp_path: Path, where: tuple[str, int, int | None]) -> None:
+    # AdamW + timm cosine + EMA + mixup/cutmix + RandAugment + random erasing + accumulation
+    full = train(_cfg(tmp_path / "full", **MODERN), bundle=DIGITS, log=None)
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(tmp_path / "cut", **MODERN), bundle=DIGITS, log=None, hook=_interrupt_at(*where))
+    ckpt = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == ((1, 0) if where[0] == "epoch" else (1, 2))  # an update boundary
+    resumed = train(_cfg(tmp_path / "cut", **MODERN), resume=tmp_path / "cut", bundle=DIGITS, log=None)
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
+    for part in ("model", "model_ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert resumed["final"] == full["final"] and resumed["best"] == full["best"]
+    assert full["accuracy_of"] == "ema"
+    row = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert row["final"]["top1"] == full["final"]["top1"]
+
+
+def test_grad_accumulation_equals_one_large_batch(tmp_path: Path) -> None:
+    # no BatchNorm (the ViT) and no augmentation: K micro-batches of B = one batch of K x B
+    import dataclasses
+
+    bundle = dataclasses.replace(DIGITS, pad=0, flip=False)
+    base = {"model": "cifar_vit_tiny", "model_kwargs": {"img_size": 16, "depth": 2}, "attention": "se",
+            "asr": True, "epochs": 1, "amp": "none", "channels_last": False, "lr": 0.05, "warmup_epochs": 0,
+            "schedule": "constant"}
+    one = train(_cfg(tmp_path / "one", batch_size=32, steps_per_epoch=2, **base), bundle=bundle, log=None)
+    two = train(_cfg(tmp_path / "two", batch_size=16, steps_per_epoch=4, grad_accum_steps=2, **base), bundle=bundle,
+                log=None)
+    a = load_checkpoint(tmp_path / "one" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "two" / "last.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert one["run"]["steps_per_epoch"] == 2 and two["run"]["steps_per_epoch"] == 4
+    moved = load_checkpoint(tmp_path / "two" / "last.pt")["scheduler"]["updates"]
+    assert moved == 2  # 4 batches, 2 optimizer updates
+
+
+def test_ema_weights_are_validated_and_deployed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    train(_cfg(out, epochs=2, model_ema=True, model_ema_decay=0.5), bundle=DIGITS, log=None)
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"ema_val_top1", "ema_val_top5", "ema_val_loss"} <= set(rows[0])
+    blob = load_checkpoint(out / "last.pt")
+    assert blob["model_ema"].keys() == blob["model"].keys()
+    assert any(not torch.equal(blob["model_ema"][k], blob["model"][k]) for k in blob["model"]
+               if blob["model"][k].is_floating_point())
+    _, _, info = load_trained(out / "last.pt")
+    assert info["weights"] == "ema"
+    _, _, info = load_trained(out / "last.pt", ema=False)
+    assert info["weights"] == "model"
+    assert main(["eval", str(out), "--batch-size", "64"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["weights"] == "ema" and result["top1"] == pytest.approx(float(rows[-1]["ema_val_top1"]))
+    assert main(["eval", str(out), "--no-ema", "--batch-size", "64"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["weights"] == "model" and result["top1"] == pytest.approx(float(rows[-1]["val_top1"]))
+    assert main(["fold", str(out), "-o", str(tmp_path / "dep")]) == 0
+    meta = json.loads((tmp_path / "dep" / "deployed.json").read_text())
+    assert meta["user"]["weights"] == "ema"
+
+
+def test_ema_flag_refuses_a_run_without_ema(trained_run: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fold", str(trained_run), "--ema", "-o", str(tmp_path / "d")]) == 2
+    assert "no EMA weights" in capsys.readouterr().err
+
+
+def test_drop_path_reaches_every_kind_of_model() -> None:
+    from torchvision.ops import StochasticDepth
+
+    vit = build_model(TrainConfig(model="cifar_vit_tiny", drop_path=0.2), num_classes=10)
+    rates = [m.p for m in vit.modules() if isinstance(m, StochasticDepth)]
+    assert rates == pytest.approx([0.2 * i / 5 for i in range(1, 6)])  # 0 for the first block: no module
+    tv = build_model(TrainConfig(model="torchvision:convnext_tiny", drop_path=0.1), num_classes=10)
+    assert max(m.p for m in tv.modules() if isinstance(m, StochasticDepth)) == pytest.approx(0.1)
+    pytest.importorskip("timm")
+    tm = build_model(TrainConfig(model="timm:vit_tiny_patch16_224", drop_path=0.1), num_classes=10)
+    assert max(getattr(m, "drop_prob", 0.0) for m in tm.modules()) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="stochastic_depth_prob"):
+        build_model(TrainConfig(model="torchvision:resnet18", drop_path=0.1), num_classes=10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -81,3 +82,47 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path: Pat
     assert not (tmp_path / ".last.pt.abc123.tmp").exists()
     lock.release()
     assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/3: "
+                 "file write failed"),  # what torch.save raises on a full disk
+    OSError(28, "No space left on device"),
+    Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left" })'),
+], ids=["torch.save", "oserror", "safetensors"])
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 error: Exception) -> None:
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10, used=10, free=0))
+    with pytest.raises(OSError, match="No space left on device") as info, atomic_path(tmp_path / "last.pt"):
+        raise error
+    assert str(tmp_path / "last.pt") in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
+
+
+def test_other_errors_pass_through_atomic_path(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a write"), atomic_path(tmp_path / "x"):
+        raise ValueError("not a write")
+
+
+def test_cli_train_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    import torch
+
+    from foldattn.cli import main
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10, used=10, free=0))
+    out = tmp_path / "run"
+    code = main(["train", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "8", "--no-progress",
+                 "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "No space left on device" in err and str(out / "last.pt") in err
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,10 +91,33 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             _fsync(tmp)  # the data reaches the disk before the name does: no empty file after a crash
         os.replace(tmp, dest)
         _fsync(dest.parent, directory=True)  # ... and the rename itself is durable
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        failure = _write_failure(e, dest)
+        if failure is not None:
+            raise failure from None
         raise
+
+
+def _write_failure(error: BaseException, dest: Path) -> OSError | None:
+    """A one-line ``OSError`` naming ``dest`` for a failed write (a full disk above all), or None for
+    other errors. torch.save reports a full disk as ``RuntimeError: ... file write failed`` and
+    safetensors as an ``IoError`` text: neither says which file or that the disk is full."""
+    text = str(error)
+    full = "No space left" in text or "code: 28" in text or "StorageFull" in text
+    if isinstance(error, OSError):
+        if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return OSError(errno.ENOSPC, "No space left on device (free some space or write elsewhere)", str(dest))
+        return None
+    if not full and not (isinstance(error, RuntimeError) and "write" in text.lower()):
+        return None
+    with contextlib.suppress(OSError):
+        full = full or shutil.disk_usage(dest.parent).free < 64 * 2**20
+    if full:
+        return OSError(errno.ENOSPC, "No space left on device (free some space or write elsewhere)", str(dest))
+    return OSError(errno.EIO, f"writing failed ({text.splitlines()[0] if text else type(error).__name__})",
+                   str(dest))
 
 
 #: the pip package that provides an importable module, where the names differ

@@ -73,6 +73,10 @@ def fold(model: nn.Module, inplace: bool = False, fuse_bn: bool = False, reparam
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold expects an nn.Module, got {type(model).__name__}")
+    flags = {"inplace": inplace, "fuse_bn": fuse_bn, "reparam": reparam, "return_report": return_report}
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"fold: {name} must be True or False, got {flag!r}")
     model = unwrap_model(model)
     if not inplace:
         model = copy.deepcopy(model)

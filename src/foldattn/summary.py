@@ -128,6 +128,8 @@ def summary(model: nn.Module, example_inputs: Tensor | Sequence[Tensor] | None =
             has one; FLOPs do not depend on the values); a model without that
             attribute gets no FLOPs (``None``) unless example inputs are given.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"summary expects an nn.Module, got {type(model).__name__}")
     model = unwrap_model(model)
     rows = []
     for name, layer in asr_layers(model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -113,8 +114,18 @@ def verify(
             model holds NaN or Inf.
         ValueError: the inputs do not fit the models, or the outputs differ in structure.
     """
+    for role, m in (("model", model), ("deployed", deployed)):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"verify: {role} must be an nn.Module, got {type(m).__name__}")
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                  or not math.isfinite(tolerance) or tolerance < 0):
+        raise ValueError(f"verify: tolerance must be a finite number >= 0, got {tolerance!r}")
     model, deployed = unwrap_model(model), unwrap_model(deployed)
     args = _as_args(example_inputs)
+    empty = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == 0]
+    if empty:
+        raise ValueError(f"verify: example input {empty[0]} has a batch of 0 samples; nothing would be compared "
+                         "(pass at least one sample)")
     if dtype is not None:
         model, deployed = copy.deepcopy(model).to(dtype), copy.deepcopy(deployed).to(dtype)
         args = tuple(a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)

@@ -9,6 +9,8 @@ into that form.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -76,6 +78,8 @@ class ChannelAttention(nn.Module):
         """Give the module a learnable input ``psi`` (ASR form); returns ``self``."""
         if self.is_static:
             raise RuntimeError(f"{type(self).__name__} is already in ASR (static) form")
+        if isinstance(psi_init, bool) or not isinstance(psi_init, (int, float)) or not math.isfinite(psi_init):
+            raise ValueError(f"psi_init must be a finite number, got {psi_init!r}")
         ref = next(self.parameters(), None)
         kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
         self.psi = nn.Parameter(torch.full((1, *self.descriptor_shape()), float(psi_init), **kw))

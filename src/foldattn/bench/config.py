@@ -24,14 +24,16 @@ class BenchConfig:
         reps: timed samples per runner (the median is reported).
         warmup: untimed interleaved rounds before timing.
         min_sample_s: a sample repeats the call until it lasts at least this long.
-        threads: CPU threads (``torch.set_num_threads``, ONNX Runtime intra-op); None = torch's default.
+        threads: CPU threads (``torch.set_num_threads``, ONNX Runtime intra-op); None = 1 on CPU (the
+            steadiest figures on a shared machine), torch's default with CUDA.
         device: ``"cpu"`` or ``"cuda"`` / ``"cuda:N"``.
         channels_last: models and inputs in ``torch.channels_last``.
         memory: measure peak memory of a forward and a training step.
         train: measure the training step.
         onnx: add ONNX Runtime rows for the exported plain and folded models.
         clock: ``"wall"`` (elapsed time) or ``"cpu"`` (CPU time of this process, all
-            threads: steadier on a shared machine, meaningful with ``threads=1``; CPU only).
+            threads: steadier on a shared machine, meaningful with ``threads=1``; CPU only);
+            None = ``"cpu"`` on CPU with one thread, else ``"wall"``.
         seed: seed of the weights and inputs.
     """
 
@@ -49,7 +51,7 @@ class BenchConfig:
     memory: bool = True
     train: bool = True
     onnx: bool = False
-    clock: str = "wall"
+    clock: str | None = None
     seed: int = 0
 
     def validated(self) -> BenchConfig:
@@ -72,11 +74,13 @@ class BenchConfig:
         if not (isinstance(self.min_sample_s, (int, float)) and self.min_sample_s >= 0):
             raise ValueError(f"min_sample_s must be a number >= 0, got {self.min_sample_s!r}")
         dev = _check_device(self.device)
-        if self.clock not in _CLOCKS:
-            raise ValueError(f"unknown clock {self.clock!r}; valid clocks: {', '.join(_CLOCKS)}")
-        if self.clock == "cpu" and dev.type != "cpu":
+        threads = self.threads if self.threads is not None or dev.type != "cpu" else 1
+        clock = self.clock if self.clock is not None else ("cpu" if dev.type == "cpu" and threads == 1 else "wall")
+        if clock not in _CLOCKS:
+            raise ValueError(f"unknown clock {clock!r}; valid clocks: {', '.join(_CLOCKS)}")
+        if clock == "cpu" and dev.type != "cpu":
             raise ValueError("--clock cpu measures CPU time and misses GPU work; use --clock wall with --device cuda")
-        return replace(self, attentions=attentions, models=tuple(self.models))
+        return replace(self, attentions=attentions, models=tuple(self.models), threads=threads, clock=clock)
 
 
 #: the settings of ``--quick`` (CI): a tiny model, two attentions, few samples

@@ -3,8 +3,11 @@
 A :class:`Family` knows how to build its backbone plain, with a classic attention X,
 with ASR(X) and with ASR(X)+X. The families live in a :class:`~foldattn._registry.Registry`
 (``--models`` names); every model of :func:`foldattn.models.list_models` and the
-torchvision ResNet-18/50 are registered on import. A :class:`Variant` is one form of
-the network built from a family and an attention name (:data:`VARIANTS`).
+torchvision ResNet-18/50 are registered on import, and ``timm:NAME`` / ``torchvision:NAME``
+name any model of those libraries (built untrained, attention placed by :func:`foldattn.attach`).
+A :class:`Variant` is one form of the network built from a family and an attention name
+(:data:`VARIANTS`). The CIFAR ResNets also carry a ``reference``: the same plain network
+written the way the ASR reference code writes it (:mod:`.reference`), timed beside plain.
 
 (The module is ``family``, not ``families``: ``foldattn.bench.families`` is the function.)
 """
@@ -19,7 +22,7 @@ from torch import nn
 
 from .. import attention as _attention
 from .._registry import Registry
-from .._utils import set_submodule
+from .._utils import require, set_submodule
 from ..asr import ASR, host_channels
 from ..attach import attach, find_sites
 from ..fold import fold
@@ -46,6 +49,8 @@ class Family:
             ``attention`` is None, classic X, ASR(X), or ASR(X)+X.
         train_batch: default batch size of the training-step measurement.
         num_classes: classifier outputs (labels of the training step).
+        reference: the plain network in another implementation with the same ``state_dict``
+            keys (its row loads plain's weights and must compute the same outputs), or None.
     """
 
     name: str
@@ -53,6 +58,7 @@ class Family:
     build: Builder
     train_batch: int = 64
     num_classes: int = 10
+    reference: Callable[[], nn.Module] | None = None
 
 
 def _check(obj: object) -> None:
@@ -86,10 +92,44 @@ def families() -> list[str]:
 
 
 def get_family(name: str) -> Family:
-    """The registered family ``name``; a ``ValueError`` lists the valid names."""
+    """The registered family ``name``, or one for ``timm:NAME`` / ``torchvision:NAME``; a ``ValueError``
+    lists the valid names."""
+    if name.startswith(("timm:", "torchvision:")):
+        return _external_family(name)
     if name not in FAMILIES:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(families())}")
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(families())}, timm:NAME or "
+                         "torchvision:NAME")
     return FAMILIES.get(name)
+
+
+def _external_family(name: str) -> Family:
+    """A family for an untrained timm / torchvision model (1000 classes, its default input size)."""
+    import difflib
+
+    source, _, arch = name.partition(":")
+    if source == "timm":
+        timm = require("timm", "timm")
+        if arch not in timm.list_models():
+            close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+            raise ValueError(f"unknown model {name}" + (f"; did you mean {', '.join(close)}?" if close else
+                                                        "; see timm.list_models()"))
+        cfg = timm.get_pretrained_cfg(arch)
+        size = tuple(cfg.input_size) if cfg is not None and cfg.input_size else (3, 224, 224)
+
+        def factory() -> nn.Module:
+            return timm.create_model(arch, pretrained=False)
+    else:
+        import torchvision
+
+        if arch not in torchvision.models.list_models():
+            close = difflib.get_close_matches(arch, torchvision.models.list_models(), n=3)
+            raise ValueError(f"unknown model {name}" + (f"; did you mean {', '.join(close)}?" if close else
+                                                        "; see torchvision.models.list_models()"))
+        size = (3, 224, 224)
+
+        def factory() -> nn.Module:
+            return torchvision.models.get_model(arch, weights=None)
+    return Family(name, size, _attach_builder(factory), train_batch=16, num_classes=1000)
 
 
 # --- builders ----------------------------------------------------------------------------
@@ -146,6 +186,26 @@ def _attach_builder(factory: Callable[[], nn.Module]) -> Builder:
     return build
 
 
+def _reference(name: str) -> Callable[[], nn.Module] | None:
+    """The reference-layout factory of the plain CIFAR ResNets (``cifar_resnetN``), None for other models."""
+    import re
+
+    from .reference import reference_cifar_resnet
+
+    match = re.fullmatch(r"cifar_resnet(\d+)", name)
+    if match is None:
+        return None
+    from ..models import Bottleneck
+
+    depth = int(match.group(1))
+
+    def build() -> nn.Module:
+        bottleneck = any(isinstance(m, Bottleneck) for m in create_model(name).modules())
+        return reference_cifar_resnet(depth, "bottleneck" if bottleneck else "basic")
+
+    return build
+
+
 def _torchvision(arch: str) -> Callable[[], nn.Module]:
     """A factory of the untrained torchvision model ``arch`` (torchvision imported on first use)."""
 
@@ -158,7 +218,8 @@ def _torchvision(arch: str) -> Callable[[], nn.Module]:
 
 
 for _name in list_models():
-    register_family(Family(_name, (3, 32, 32), _foldattn_builder(_name), train_batch=64, num_classes=10))
+    register_family(Family(_name, (3, 32, 32), _foldattn_builder(_name), train_batch=64, num_classes=10,
+                           reference=_reference(_name)))
 for _arch in ("resnet18", "resnet50"):
     register_family(Family(_arch, (3, 224, 224), _attach_builder(_torchvision(_arch)), train_batch=16,
                            num_classes=1000))

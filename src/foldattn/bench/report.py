@@ -110,10 +110,11 @@ def _count_cell(n: int | None, ratio: float | None) -> str:
     return "-" if n is None else f"{_fmt_count(n)} ({ratio:.3f}x)" if ratio is not None else _fmt_count(n)
 
 
-def _cell(value: float | None, ratio: float | None, fmt: str) -> str:
+def _cell(value: float | None, ratio: float | None, fmt: str, noisy: bool = False) -> str:
     if value is None:
         return "-"
-    return f"{value:{fmt}} ({ratio:.2f}x)" if ratio is not None else f"{value:{fmt}}"
+    mark = "~" if noisy else ""
+    return f"{mark}{value:{fmt}} ({ratio:.2f}x)" if ratio is not None else f"{mark}{value:{fmt}}"
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -132,7 +133,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += [
         f"Machine: {where}; device {mach['device']}, {mach['threads']} thread(s); torch {mach['torch']}{load}.",
         f"Date: {result['date']} ({result['seconds']} s). Median of {cfg['reps']} interleaved samples after "
-        f"{cfg['warmup']} warm-up round(s), {cfg.get('clock', 'wall')} clock; (x) = ratio to plain in the same group."
+        f"{cfg['warmup']} warm-up round(s), {cfg.get('clock', 'wall')} clock; (x) = ratio to plain in the same group; "
+        "~ = unreliable (quartile spread > 20 % of the median: rerun on an idle machine)."
         + (" channels_last." if cfg["channels_last"] else ""),
         "FLOPs: torch.utils.flop_counter.FlopCounterMode at batch 1 (matmuls and convolutions, 2 per multiply-add; "
         "elementwise work such as BatchNorm, activations and gating products is not counted).",
@@ -153,14 +155,14 @@ def render_markdown(result: dict[str, Any]) -> str:
         ]
         for g in groups:
             for r in g["rows"]:
-                q = r["ratio"]
+                q, noisy = r["ratio"], set(r.get("unreliable") or ())
                 lines.append("| " + " | ".join([
                     r["label"] if r["variant"] != "plain" else f"plain ({g['attention'].upper()} group)",
                     _count_cell(r["params"], q["params"]), _count_cell(r["flops"], q["flops"]),
-                    _cell(r["latency_ms"]["median"], q["latency"], ".2f"),
-                    _cell(r["throughput_ips"], q["throughput"], ".1f"),
+                    _cell(r["latency_ms"]["median"], q["latency"], ".2f", "latency" in noisy),
+                    _cell(r["throughput_ips"], q["throughput"], ".1f", "throughput" in noisy),
                     _cell(r["memory_mib"], q["memory"], ".1f"),
-                    _cell(r["train_ms"]["median"] if r["train_ms"] else None, q["train"], ".1f"),
+                    _cell(r["train_ms"]["median"] if r["train_ms"] else None, q["train"], ".1f", "train" in noisy),
                     _cell(r["train_memory_mib"], q["train_memory"], ".1f"),
                 ]) + " |")
             if g.get("note"):

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..export import export_onnx
 from ..summary import count_flops, count_params
+from ..verify import verify
 from .config import BenchConfig
 from .family import ONNX_ROWS, VARIANTS, Family, get_family
 from .memory import MIB, peak_memory
@@ -37,10 +38,14 @@ from .targets import check_targets
 from .timing import _CLOCKS, _stats, _sync_for, interleaved
 from .workload import _inputs, _prepare, _train_step
 
-__all__ = ["bench_group", "run_bench"]
+__all__ = ["bench_group", "run_bench", "UNRELIABLE_SPREAD", "REFERENCE_LABEL"]
 
 #: ONNX opset of the exported models of the ``--onnx`` rows
 _ONNX_OPSET = 17
+#: a timing whose interquartile range is more than this fraction of its median is flagged unreliable
+UNRELIABLE_SPREAD = 0.2
+#: the label of the row of the plain network in the reference code's layout (CIFAR ResNets)
+REFERENCE_LABEL = "plain, reference code's layout"
 
 
 @contextlib.contextmanager
@@ -95,14 +100,19 @@ def bench_group(family: Family, attention: str, cfg: BenchConfig, threads: int,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             models[v.key] = _prepare(v.build(family, attention), cfg, device)
+    if family.reference is not None:  # the same plain network, written as the reference code writes it
+        reference = family.reference()
+        reference.load_state_dict(models["plain"].state_dict())
+        models["reference"] = _prepare(reference, cfg, device)
+        with torch.inference_mode():
+            verify(models["plain"], models["reference"], _inputs(family, 2, cfg, device))
     x1 = _inputs(family, cfg.latency_batch, cfg, device)
     xb = _inputs(family, cfg.throughput_batch, cfg, device)
     flops_x = _inputs(family, 1, replace(cfg, channels_last=False), device)
     rows: dict[str, dict[str, Any]] = {}
-    for v in VARIANTS:
-        m = models[v.key]
-        rows[v.key] = {"variant": v.key, "label": v.title(attention), "params": count_params(m),
-                       "flops": count_flops(m, flops_x)}
+    labels = {v.key: v.title(attention) for v in VARIANTS} | {"reference": REFERENCE_LABEL}
+    for key, m in models.items():
+        rows[key] = {"variant": key, "label": labels[key], "params": count_params(m), "flops": count_flops(m, flops_x)}
     for key, label, _ in ONNX_ROWS if cfg.onnx else ():
         rows[key] = {"variant": key, "label": label.replace("{X}", attention.upper()), "params": None, "flops": None}
 
@@ -129,7 +139,8 @@ def bench_group(family: Family, attention: str, cfg: BenchConfig, threads: int,
         rows[key]["memory_mib"] = rows[key]["train_memory_mib"] = None
     if cfg.train:
         log(f"  training step (batch {train_batch})")
-        steps = {v.key: _train_step(models[v.key], family, train_batch, cfg, device)[0] for v in VARIANTS if v.trains}
+        trains = [v.key for v in VARIANTS if v.trains] + (["reference"] if "reference" in models else [])
+        steps = {key: _train_step(models[key], family, train_batch, cfg, device)[0] for key in trains}
         for key, s in interleaved(steps, cfg.reps, cfg.warmup, sync, clock=_CLOCKS[cfg.clock]).items():
             rows[key]["train_ms"] = _stats(s)
     del models
@@ -143,8 +154,19 @@ def bench_group(family: Family, attention: str, cfg: BenchConfig, threads: int,
             rows[key]["memory_mib"] = m["inference"] / MIB
             rows[key]["train_memory_mib"] = None if m["train"] is None else m["train"] / MIB
     _add_ratios(rows)
+    _flag_unreliable(rows)
     return {"family": family.name, "attention": attention, "input_size": list(family.input_size),
             "train_batch": train_batch if cfg.train else None, "rows": list(rows.values()), "note": note}
+
+
+def _flag_unreliable(rows: dict[str, dict[str, Any]]) -> None:
+    """``row["unreliable"]``: the timings whose quartile spread exceeds :data:`UNRELIABLE_SPREAD` of the median
+    (another process took the CPU during some samples: the median and its ratios may be off)."""
+    for row in rows.values():
+        noisy = [what for what in ("latency", "throughput", "train")
+                 if (st := row.get(f"{what}_ms")) and st["median"] > 0
+                 and (st["q3"] - st["q1"]) / st["median"] > UNRELIABLE_SPREAD]
+        row["unreliable"] = noisy
 
 
 def _add_ratios(rows: dict[str, dict[str, Any]]) -> None:
@@ -219,6 +241,12 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None,
     }
     result["targets"] = check_targets(result)
     validate_result(result)
+    noisy = [f"{g['family']}/{g['attention']} {r['label']}: {', '.join(r['unreliable'])}"
+             for g in groups for r in g["rows"] if r.get("unreliable")]
+    if noisy:
+        log(f"warning: {len(noisy)} row(s) with unreliable timings (quartile spread > {UNRELIABLE_SPREAD:.0%} of the "
+            f"median; marked ~ in bench.md): {'; '.join(noisy[:6])}{' ...' if len(noisy) > 6 else ''}. Rerun on an "
+            "idle machine, or with more --reps")
     return result
 
 

@@ -34,23 +34,28 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-classes", type=positive_int, help="classifier size [read from the file]")
     g.add_argument("--image-size", type=positive_int,
                    help="input size of the example batch [32 for foldattn models, else 224]")
-    g.add_argument("--ema", action="store_true", help="use the EMA weights (timm's state_dict_ema)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="the EMA weights: of a foldattn --model-ema run [used when present], or timm's "
+                        "state_dict_ema [no]")
 
 
 def load_source(args: argparse.Namespace) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
     """``(model, config, checkpoint-like dict)`` for the command's checkpoint argument."""
     if args.model is None:
         foreign = [o for o in ("attention", "num_classes", "image_size", "where", "include", "exclude")
-                   if getattr(args, o)] + [o for o in ("asr", "both", "ema") if getattr(args, o)]
+                   if getattr(args, o)] + [o for o in ("asr", "both") if getattr(args, o)]
         if foreign:
             raise ValueError(f"--{foreign[0].replace('_', '-')} describes another trainer's checkpoint and needs "
                              "--model; a foldattn checkpoint records its own model")
         path = checkpoint_in(args.checkpoint, args.which)
         if path != Path(args.checkpoint):
             print(f"using {path} (--which {args.which})")
-        return load_trained(path)
+        model, cfg, blob = load_trained(path, args.ema)
+        if blob["weights"] == "ema" and args.ema is None:
+            print("using the EMA weights (--no-ema for the others)")
+        return model, cfg, blob
     if Path(args.checkpoint).is_dir():
         raise ValueError(f"{args.checkpoint} is a folder; with --model give the checkpoint file")
     cfg = TrainConfig(model=args.model, attention=args.attention, asr=args.asr, both=args.both, every=args.every,
                       where=args.where, include=list(args.include or []), exclude=list(args.exclude or []))
-    return load_foreign(args.checkpoint, cfg, args.num_classes, args.image_size, args.ema)
+    return load_foreign(args.checkpoint, cfg, args.num_classes, args.image_size, bool(args.ema))

@@ -68,7 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true",
                    help="CI size: cifar_resnet20, SE and ECA, 3 samples (other options override it)")
     p.add_argument("--models", nargs="+", metavar="MODEL", help=f"default: cifar_resnet164 resnet50; "
-                   f"any of {', '.join(families())}")
+                   f"any of {', '.join(families())}, or timm:NAME / torchvision:NAME (untrained, attention "
+                   "placed by foldattn.attach)")
     p.add_argument("--attentions", nargs="+", metavar="X",
                    help=f"default: all of {', '.join(_attention.names())}")
     p.add_argument("--latency-batch", type=positive_int, help="batch of the latency figure (default 1)")
@@ -76,11 +77,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-batch", type=positive_int, help="batch of the training step (default per model)")
     p.add_argument("--reps", type=positive_int, help="timed samples per variant (default 7)")
     p.add_argument("--warmup", type=nonnegative_int, help="untimed rounds first (default 2; at least 1 is run)")
-    p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int,
+                   help="CPU threads (default 1 on CPU: the steadiest figures; torch's default with CUDA)")
     p.add_argument("--device", help="cpu (default) or cuda[:N]")
     p.add_argument("--clock", choices=sorted(_CLOCKS),
-                   help="wall (default) or cpu: CPU time of the process, steadier on a shared machine "
-                        "(use with --threads 1)")
+                   help="cpu: CPU time of the process, steadier on a shared machine (the default with one CPU "
+                        "thread); wall: elapsed time (the default otherwise)")
     p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last")
     p.add_argument("--onnx", action="store_true", help="add ONNX Runtime rows (plain and folded, exported)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")

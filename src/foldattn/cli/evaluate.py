@@ -44,7 +44,12 @@ def _main(args: argparse.Namespace) -> int:
                               cfg.split_seed, args.cache_dir, cfg.image_size, stream=cfg.stream)
         bundle = with_preprocessing(bundle, (blob.get("run") or {}).get("preprocessing"))
         model = build_model(cfg, bundle.num_classes, bundle.in_channels)
-        load_model_state(model, blob["model"], f"checkpoint {path}")
+        has_ema = blob.get("model_ema") is not None
+        if args.ema and not has_ema:
+            raise ValueError(f"--ema: {path} has no EMA weights (the run was trained without --model-ema)")
+        blob["weights"] = "ema" if (has_ema if args.ema is None else args.ema) else "model"
+        weights = blob["model_ema" if blob["weights"] == "ema" else "model"]
+        load_model_state(model, weights, f"checkpoint {path}")
     model.eval()
     deployed = deployed_copy(model)
     loader = make_loader(bundle.val, args.batch_size, bundle, train=False, workers=cfg.workers)
@@ -54,9 +59,9 @@ def _main(args: argparse.Namespace) -> int:
     if precision not in _AMP:
         raise ValueError(f"the checkpoint recorded precision {precision!r}; pass --amp bf16 or --amp none")
     metrics = evaluate(deployed, loader, _AMP[precision])
+    dtype = "float32" if _AMP[precision] is None else str(_AMP[precision]).replace("torch.", "")
     result = {"checkpoint": str(path), "dataset": bundle.name, "images": len(bundle.val),
-              "epoch": blob.get("epoch"), "precision": "float32" if _AMP[precision] is None else str(
-                  _AMP[precision]).replace("torch.", ""),
+              "epoch": blob.get("epoch"), "weights": blob.get("weights", "model"), "precision": dtype,
               "top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
               "preprocessing": preprocessing(bundle), "params_deployed": count_params(deployed),
               "verify": str(report) if report else "nothing to fold"}

@@ -44,7 +44,7 @@ def _main(args: argparse.Namespace) -> int:
         out = out / "deployed.safetensors"
     meta = {"checkpoint": str(args.checkpoint), "config": cfg.to_dict(), "epoch": blob.get("epoch"),
             "best": blob.get("best"), "verify": str(report), "fuse_bn": args.fuse_bn,
-            "preprocessing": (blob.get("run") or {}).get("preprocessing")}
+            "preprocessing": (blob.get("run") or {}).get("preprocessing"), "weights": blob.get("weights", "model")}
     if fused is not None:
         meta["fuse_bn_report"] = str(fused)
     # the trained model, so that the metadata counts the ASR layers folded (save_deployed folds it

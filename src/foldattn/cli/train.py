@@ -11,6 +11,8 @@ from typing import Any
 from .._utils import require, strict_json
 from ..train import TrainConfig, list_recipes, recipe_defaults, train
 from ..train.checkpoint import load_checkpoint
+from ..train.config import SCHEDS
+from . import nonnegative_float, nonnegative_int, positive_float, positive_int
 
 __all__ = ["register", "config_from_args"]
 
@@ -21,7 +23,9 @@ _FIELDS = (
     "epochs", "opt", "decay_all", "clip_grad", "model_kwargs", "lr", "momentum", "nesterov", "weight_decay",
     "batch_size", "schedule", "milestones", "gamma", "warmup_epochs", "label_smoothing", "workers", "seed",
     "amp", "channels_last", "compile", "sync_bn", "deterministic", "steps_per_epoch", "output", "device",
-    "progress", "tensorboard", "stream", "threads", "stripe_every",
+    "progress", "tensorboard", "stream", "threads", "stripe_every", "sched", "decay_epochs", "min_lr",
+    "patience_epochs", "model_ema", "model_ema_decay", "model_ema_warmup", "mixup", "cutmix", "mixup_prob",
+    "mixup_switch_prob", "aa", "reprob", "grad_accum_steps", "drop_path",
 )
 
 
@@ -89,6 +93,10 @@ def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = No
     else:
         recipe = args.recipe or "default"
         base = {**recipe_defaults(recipe), "recipe": recipe}
+    if "sched" in explicit and "schedule" in explicit:
+        raise ValueError("--sched (timm's schedulers) replaces --schedule (foldattn's); give one of them")
+    if explicit.get("sched") is not None and "milestones" not in explicit and explicit["sched"] != "multistep":
+        base["milestones"] = []  # a recipe's step milestones do not apply to another schedule
     cfg = TrainConfig.from_dict({**TrainConfig().to_dict(), **base, **explicit})
     if "output" not in explicit and saved is None:
         kind = "plain" if cfg.attention is None else (
@@ -174,8 +182,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--schedule", choices=("cosine", "step", "constant"))
     g.add_argument("--milestones", type=int, nargs="+", help="epochs where a step schedule multiplies lr by --gamma")
     g.add_argument("--gamma", type=float)
+    g.add_argument("--sched", choices=SCHEDS,
+                   help="instead of --schedule: timm's scheduler of this name (per update; step needs "
+                        "--decay-epochs, multistep --milestones, plateau watches the validation top-1) or torch's "
+                        "OneCycleLR")
+    g.add_argument("--decay-epochs", type=positive_float, help="--sched step: multiply lr by --gamma every N epochs")
+    g.add_argument("--min-lr", type=nonnegative_float, help="--sched: the lowest learning rate [0]")
+    g.add_argument("--patience-epochs", type=nonnegative_int, help="--sched plateau: epochs without a better "
+                                                                   "top-1 before lr x --gamma [10]")
     g.add_argument("--warmup-epochs", type=float, help="linear warm-up length (fractions allowed)")
     g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--model-ema", action="store_true", default=None,
+                   help="keep an EMA of the weights (timm's ModelEmaV3); it is validated (folded) every epoch, "
+                        "selects best.pt, and fold/export/eval deploy it")
+    g.add_argument("--model-ema-decay", type=float, help="EMA decay per update [0.9998]")
+    g.add_argument("--model-ema-warmup", action="store_true", default=None,
+                   help="ramp the EMA decay up over the first updates (timm's warm-up; short runs need it)")
+    g.add_argument("--mixup", type=nonnegative_float, metavar="ALPHA", help="mixup alpha (timm's Mixup) [0: off]")
+    g.add_argument("--cutmix", type=nonnegative_float, metavar="ALPHA", help="cutmix alpha [0: off]")
+    g.add_argument("--mixup-prob", type=float, help="probability of mixing a batch [1.0]")
+    g.add_argument("--mixup-switch-prob", type=float, help="with both: probability of cutmix instead of mixup [0.5]")
+    g.add_argument("--aa", metavar="SPEC",
+                   help="image policy as timm spells it: rand-m9-mstd0.5-inc1 (RandAugment), v0 or original "
+                        "(AutoAugment), augmix-m5-w4-d2 (AugMix), or trivialaugment (torchvision's)")
+    g.add_argument("--reprob", type=float, help="random-erasing probability (timm's RandomErasing) [0]")
+    g.add_argument("--grad-accum-steps", type=positive_int, metavar="K",
+                   help="one optimizer update every K batches of --batch-size [1]")
+    g.add_argument("--drop-path", type=float, metavar="RATE",
+                   help="stochastic depth: timm drop_path_rate, torchvision stochastic_depth_prob, cifar_vit_tiny")
     g.add_argument("--workers", type=int, help="data-loading processes for --stream [0: in the main process]")
     g.add_argument("--threads", type=int, help="torch CPU threads [0: PyTorch's default]")
     g.add_argument("--seed", type=int)

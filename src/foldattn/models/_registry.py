@@ -53,6 +53,9 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         >>> model = create_model("cifar_resnet164", num_classes=100, attention="se", asr=True)
     """
     fn = get_builder(name)
+    classes = kwargs.get("num_classes", 1)
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+        raise ValueError(f"{name}: num_classes must be a positive integer, got {classes!r}")
     model = fn(**kwargs)
     setattr(model, BUILDER_ATTR, {"name": name, "kwargs": _deploy_kwargs(fn, kwargs)})
     return model

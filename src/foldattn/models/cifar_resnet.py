@@ -8,6 +8,8 @@ BatchNorm (the paper's ``bn3``), so the folded model is exactly the plain one.
 
 from __future__ import annotations
 
+import inspect
+import math
 from typing import Any
 
 from torch import Tensor, nn
@@ -19,14 +21,34 @@ from ._registry import register_model
 __all__ = ["CifarResNet", "BasicBlock", "Bottleneck"]
 
 
-def check_attention_args(attention: str | None, asr: bool, both: bool) -> None:
-    """Reject inconsistent ``attention`` / ``asr`` / ``both`` builder arguments."""
+def check_attention_args(attention: str | None, asr: bool, both: bool, attention_kwargs: dict[str, Any] | None = None,
+                         psi_init: float = 0.1) -> None:
+    """Reject inconsistent ``attention`` / ``asr`` / ``both`` builder arguments, a non-finite ``psi_init``,
+    and keyword arguments that no constructor takes (a builder passes its unknown ones to the attention)."""
     if (asr or both) and attention is None:
         raise ValueError("asr=True and both=True need an attention module, e.g. attention='se'")
     if both and not asr:
         raise ValueError("both=True means ASR(X) + X and needs asr=True; for X alone use asr=False")
-    if attention is not None:
-        _attention.get(attention)  # unknown names fail here, listing the valid ones
+    if isinstance(psi_init, bool) or not isinstance(psi_init, (int, float)) or not math.isfinite(psi_init):
+        raise ValueError(f"psi_init must be a finite number, got {psi_init!r}")
+    extra = sorted(attention_kwargs or {})
+    if attention is None:
+        # arguments of some attention (reduction=8, ...) may come with attention=None (a script that builds
+        # plain and attention variants alike); a name no attention takes is a typo
+        known = {n for name in _attention.names() for n in inspect.signature(_attention.get(name).__init__).parameters}
+        unknown = [k for k in extra if k not in known]
+        if unknown:
+            raise ValueError(f"unknown keyword argument(s) {', '.join(unknown)}: not an argument of the model nor "
+                             "of any attention module")
+        return
+    cls = _attention.get(attention)  # unknown names fail here, listing the valid ones
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        valid = [n for n in params if n not in ("self", "channels")]
+        unknown = [k for k in extra if k not in params]
+        if unknown:
+            raise ValueError(f"unknown keyword argument(s) {', '.join(unknown)}: neither the model nor "
+                             f"{cls.__name__} takes them ({cls.__name__} takes {', '.join(valid) or 'none'})")
 
 
 class _Block(nn.Module):
@@ -136,7 +158,7 @@ class CifarResNet(nn.Module):
         per = 6 if block == "basic" else 9
         if depth < per + 2 or (depth - 2) % per:
             raise ValueError(f"a {block} CIFAR ResNet needs depth = {per}n + 2 (n >= 1), got {depth}")
-        check_attention_args(attention, asr, both)
+        check_attention_args(attention, asr, both, attention_kwargs, psi_init)
         n = (depth - 2) // per
         asr_factory = _attention.Factory(attention if asr else None, every=every, **attention_kwargs)
         classic_factory = _attention.Factory(attention if (both or not asr) else None, every=every, **attention_kwargs)

@@ -76,7 +76,7 @@ class CifarRepVGG(nn.Module):
         super().__init__()
         if len(num_blocks) != 4 or len(widths) != 4 or min(num_blocks) < 1:
             raise ValueError(f"num_blocks and widths need 4 stages (>= 1 block each), got {num_blocks}, {widths}")
-        check_attention_args(attention, asr, both)
+        check_attention_args(attention, asr, both, attention_kwargs, psi_init)
         asr_f, classic_f = factories(attention, asr, both, deploy, attention_kwargs, every)
         stem = min(64, widths[0]) if stem_width is None else stem_width
         self.stem = RepUnit(rep_layer(block, in_channels, stem, 3, 1, None, psi_init, deploy), None)

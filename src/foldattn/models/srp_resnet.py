@@ -83,7 +83,7 @@ class SrpCifarResNet(nn.Module):
             raise ValueError(f"a basic-block CIFAR ResNet needs depth = 6n + 2 (n >= 1), got {depth}")
         if len(widths) != 3:
             raise ValueError(f"widths needs 3 stages, got {widths}")
-        check_attention_args(attention, asr, both)
+        check_attention_args(attention, asr, both, attention_kwargs, psi_init)
         asr_f, classic_f = factories(attention, asr, both, deploy, attention_kwargs, every)
         n = (depth - 2) // 6
         self.conv1 = rep_layer(block, in_channels, widths[0], 3, 1, None, psi_init, deploy)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import StochasticDepth
 
 from ..attach import attach, find_sites
 from ..attention import Factory
@@ -86,22 +87,25 @@ class TokenAttention(nn.Module):
 class ViTBlock(nn.Module):
     """Pre-norm transformer block; ``gates`` holds classic attention modules per site."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.gates = nn.ModuleDict()
+        # stochastic depth (Huang et al. 2016) on each residual branch; the identity in eval mode,
+        # so it never enters a fold
+        self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
 
     def _gate(self, site: str, x: Tensor) -> Tensor:
         return self.gates[site](x) if site in self.gates else x
 
     def forward(self, x: Tensor) -> Tensor:
         h = self._gate("norm1", self.norm1(x))
-        x = x + self._gate("proj", self.attn(h))
+        x = x + self.drop_path(self._gate("proj", self.attn(h)))
         h = self._gate("norm2", self.norm2(x))
-        return x + self._gate("fc2", self.mlp(h))
+        return x + self.drop_path(self._gate("fc2", self.mlp(h)))
 
 
 class CifarViT(nn.Module):
@@ -120,6 +124,8 @@ class CifarViT(nn.Module):
             classic attention (``asr=False`` or ``both``) sits at the same sites.
         in_channels: image channels.
         every: attention (ASR and classic) in every ``every``-th block only (blocks 0, k, 2k, ...).
+        drop_path: stochastic-depth rate of the last block, rising linearly from 0 at the first
+            (the DeiT convention).
         **attention_kwargs: passed to the attention constructor.
     """
 
@@ -139,20 +145,24 @@ class CifarViT(nn.Module):
         asr_sites: Sequence[str] = ("proj", "fc2"),
         in_channels: int = 3,
         every: int = 1,
+        drop_path: float = 0.0,
         **attention_kwargs: Any,
     ) -> None:
         super().__init__()
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path={drop_path} must be in [0, 1)")
         if img_size % patch_size:
             raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size}")
         unknown = [s for s in asr_sites if s not in ASR_SITES]
         if unknown or not asr_sites or len(set(asr_sites)) != len(asr_sites):
             raise ValueError(f"asr_sites must be distinct names from {sorted(ASR_SITES)}, got {list(asr_sites)}")
-        check_attention_args(attention, asr, both)
+        check_attention_args(attention, asr, both, attention_kwargs, psi_init)
         self.default_input_size = (in_channels, img_size, img_size)
         grid = (img_size // patch_size, img_size // patch_size)
         self.patch_embed = nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim))
-        self.blocks = nn.Sequential(*(ViTBlock(embed_dim, num_heads, mlp_ratio) for _ in range(depth)))
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.Sequential(*(ViTBlock(embed_dim, num_heads, mlp_ratio, rates[i]) for i in range(depth)))
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
         self._init_weights()

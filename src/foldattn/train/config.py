@@ -15,7 +15,7 @@ from typing import Any
 
 from .._registry import Registry
 
-__all__ = ["TrainConfig", "RESUME_IGNORED", "register_recipe", "unregister_recipe", "list_recipes",
+__all__ = ["TrainConfig", "RESUME_IGNORED", "SCHEDS", "register_recipe", "unregister_recipe", "list_recipes",
            "recipe_defaults", "RECIPES"]
 
 
@@ -46,11 +46,26 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     batch_size: int = 128
-    schedule: str = "cosine"
+    schedule: str = "cosine"  # foldattn's per-step schedule (the paper recipes): cosine, step, constant
+    sched: str | None = None  # instead: timm's scheduler (cosine, tanh, step, multistep, plateau, poly) or onecycle
     milestones: list[int] = field(default_factory=list)
+    decay_epochs: float | None = None  # --sched step: decay every this many epochs
     gamma: float = 0.1
+    min_lr: float = 0.0  # --sched: the floor of the learning rate
+    patience_epochs: int = 10  # --sched plateau: epochs without a better top-1 before lr x gamma
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    model_ema: bool = False  # keep an exponential moving average of the weights (timm's ModelEmaV3)
+    model_ema_decay: float = 0.9998
+    model_ema_warmup: bool = False  # ramp the EMA decay up from 0 (timm's warm-up)
+    mixup: float = 0.0  # mixup alpha (0: off)
+    cutmix: float = 0.0  # cutmix alpha (0: off)
+    mixup_prob: float = 1.0  # probability of mixing a batch
+    mixup_switch_prob: float = 0.5  # with both: probability of cutmix instead of mixup
+    aa: str | None = None  # image policy as timm spells it: rand-m9-mstd0.5-inc1, v0, augmix-m5-w4-d2, trivialaugment
+    reprob: float = 0.0  # random-erasing probability
+    grad_accum_steps: int = 1  # optimizer step every K batches (the effective batch is K x --batch-size)
+    drop_path: float | None = None  # stochastic depth rate (timm drop_path_rate, torchvision stochastic_depth_prob)
     seed: int = 0
     val_split: float | int | None = None
     split_seed: int = 0
@@ -124,11 +139,57 @@ class TrainConfig:
             bad("model-kwargs", self.model_kwargs, "must be key=value pairs")
         if self.schedule not in ("cosine", "step", "constant"):
             bad("schedule", self.schedule, "choose cosine, step or constant")
-        if self.milestones and self.schedule != "step":
+        if self.sched is not None and self.sched not in SCHEDS:
+            bad("sched", self.sched, f"choose {', '.join(SCHEDS)}")
+        uses_milestones = self.sched == "multistep" or (self.sched is None and self.schedule == "step")
+        which = f"--sched is {self.sched}" if self.sched else f"--schedule is {self.schedule}"
+        if self.milestones and not uses_milestones:
             bad("milestones", self.milestones,
-                f"only the step schedule uses milestones (--schedule is {self.schedule})")
-        if self.schedule == "step" and not self.milestones:
-            bad("milestones", self.milestones, "the step schedule needs milestones (--milestones 81 122)")
+                f"only the step schedule (or --sched multistep) uses milestones ({which})")
+        if uses_milestones and not self.milestones:
+            bad("milestones", self.milestones, "a step schedule needs milestones (--milestones 81 122)")
+        if self.decay_epochs is not None:
+            if self.sched != "step":
+                bad("decay-epochs", self.decay_epochs, "only --sched step uses it")
+            number("decay-epochs", self.decay_epochs, 0.0)
+            if self.decay_epochs == 0:
+                bad("decay-epochs", self.decay_epochs, "must be > 0")
+        if self.sched == "step" and self.decay_epochs is None:
+            bad("decay-epochs", None, "--sched step decays every --decay-epochs N epochs: give N")
+        number("min-lr", self.min_lr, 0.0)
+        integer("patience-epochs", self.patience_epochs, 0)
+        if self.patience_epochs != 10 and self.sched != "plateau":
+            bad("patience-epochs", self.patience_epochs, "only --sched plateau uses it")
+        if self.min_lr and self.sched is None:
+            bad("min-lr", self.min_lr, "only --sched schedules have a floor; add --sched cosine (or drop it)")
+        if self.min_lr >= self.lr:
+            bad("min-lr", self.min_lr, f"must be below --lr ({self.lr:g})")
+        if not isinstance(self.model_ema, bool):
+            bad("model-ema", self.model_ema, "must be true or false")
+        number("model-ema-decay", self.model_ema_decay, 0.0, 1.0, open_high=True)
+        if not self.model_ema and (self.model_ema_decay != 0.9998 or self.model_ema_warmup):
+            bad("model-ema-decay" if self.model_ema_decay != 0.9998 else "model-ema-warmup",
+                self.model_ema_decay if self.model_ema_decay != 0.9998 else True, "add --model-ema to use it")
+        number("mixup", self.mixup, 0.0)
+        number("cutmix", self.cutmix, 0.0)
+        number("mixup-prob", self.mixup_prob, 0.0, 1.0)
+        number("mixup-switch-prob", self.mixup_switch_prob, 0.0, 1.0)
+        mixing = self.mixup > 0 or self.cutmix > 0
+        if not mixing and (self.mixup_prob != 1.0 or self.mixup_switch_prob != 0.5):
+            bad("mixup-prob", self.mixup_prob, "mixing is off: set --mixup and/or --cutmix, or drop it")
+        if mixing and self.batch_size % 2:
+            bad("batch-size", self.batch_size, "mixup/cutmix pair each image with another: use an even batch size")
+        number("reprob", self.reprob, 0.0, 1.0)
+        if self.aa is not None:
+            from .augment import check_aa
+
+            check_aa(self.aa)
+        integer("grad-accum-steps", self.grad_accum_steps, 1)
+        if self.steps_per_epoch is not None and self.steps_per_epoch < self.grad_accum_steps:
+            bad("steps-per-epoch", self.steps_per_epoch,
+                f"fewer batches than one optimizer step takes (--grad-accum-steps {self.grad_accum_steps})")
+        if self.drop_path is not None:
+            number("drop-path", self.drop_path, 0.0, 1.0, open_high=True)
         for m in self.milestones:
             integer("milestones", m, 1)
             if m >= self.epochs:
@@ -154,6 +215,9 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
+
+#: ``--sched`` names: timm's ``create_scheduler_v2`` schedulers, and torch's ``OneCycleLR``
+SCHEDS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "onecycle")
 
 RESUME_IGNORED = ("output", "data_dir", "cache_dir", "download", "workers", "threads", "compile", "device",
                   "progress", "tensorboard")

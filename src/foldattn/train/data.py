@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .._registry import Registry
 from .._utils import atomic_path, require
+from .augment import BatchPolicy, random_erasing, seeded
 
 __all__ = [
     "ImageData", "FileData", "DataBundle", "DatasetError", "TensorLoader", "StreamLoader", "make_loader",
@@ -484,11 +485,13 @@ class TensorLoader:
         train: shuffle, drop the last partial batch, and augment.
         pad, flip: random crop with this zero padding; random horizontal flip.
         channels_last: return batches in ``torch.channels_last`` memory format.
+        aa: an image policy (``--aa``, :mod:`~foldattn.train.augment`) applied after crop and flip.
+        reprob: random-erasing probability, applied to the normalised batch.
     """
 
     def __init__(self, data: ImageData, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
                  train: bool, pad: int = 0, flip: bool = False, seed: int = 0, rank: int = 0, world: int = 1,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, aa: str | None = None, reprob: float = 0.0) -> None:
         if batch_size % world:
             raise ValueError(f"batch size {batch_size} is not divisible by the {world} processes")
         if train and len(data) < batch_size:
@@ -499,6 +502,9 @@ class TensorLoader:
         self.pad, self.flip, self.seed = pad, flip, seed
         self.rank, self.world, self.channels_last = rank, world, channels_last
         self.epoch = 0
+        in_memory = isinstance(data, ImageData)
+        self.policy = BatchPolicy(aa, int(data.images.shape[-1]), mean) if aa and train and in_memory else None
+        self.erasing = random_erasing(reprob) if reprob > 0 and train and in_memory else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -526,9 +532,17 @@ class TensorLoader:
         for b in range(start, len(self)):
             idx = self._rank_indices(order, b)
             x = self.data.images[idx]
+            key = (self.seed * 100_003 + self.epoch) * 65_537 + b
             if self.train:
-                x = self._augment(x, torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 65_537 + b))
-            yield self._normalise(x), self.data.labels[idx]
+                x = self._augment(x, torch.Generator().manual_seed(key))
+            if self.policy is not None:
+                with seeded(key * 2 + 1):
+                    x = self.policy(x)
+            x = self._normalise(x)
+            if self.erasing is not None:
+                with seeded(key * 2 + 2):
+                    x = self.erasing(x)
+            yield x, self.data.labels[idx]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         return self.batches()
@@ -576,9 +590,8 @@ class _FileDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         image = _read_rgb(self.data.files[i])
-        if self.random:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(((self.seed * 100_003 + self.epoch) * 1_000_003 + i) % (2**63))
+        if self.random:  # torch (crops), Python's random and NumPy (timm's policies, erasing)
+            with seeded(((self.seed * 100_003 + self.epoch) * 1_000_003 + i) % (2**63)):
                 x = self.transform(image)
         else:
             x = self.transform(image)
@@ -588,18 +601,23 @@ class _FileDataset(torch.utils.data.Dataset):
 class StreamLoader(TensorLoader):
     """:class:`TensorLoader`'s batches (same order, same DDP slicing) decoded from files by a
     ``DataLoader`` with ``workers`` processes: RandomResizedCrop + flip for training, resize +
-    centre crop for validation (Szegedy et al. 2015 / the torchvision ImageNet recipe)."""
+    centre crop for validation (Szegedy et al. 2015 / the torchvision ImageNet recipe); ``aa``
+    after the flip and random erasing (``reprob``) after the normalisation, per image."""
 
     def __init__(self, data: FileData, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
                  train: bool, image_size: int = 224, seed: int = 0, rank: int = 0, world: int = 1,
-                 channels_last: bool = False, workers: int = 0) -> None:
+                 channels_last: bool = False, workers: int = 0, aa: str | None = None, reprob: float = 0.0) -> None:
         from torchvision import transforms as T
+
+        from .augment import image_policy
 
         super().__init__(data, batch_size, mean, std, train, seed=seed, rank=rank, world=world,  # type: ignore[arg-type]
                          channels_last=channels_last)
         norm = [T.ToTensor(), T.Normalize(mean, std)]
         if train:
-            tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *norm])
+            policy = [image_policy(aa, image_size, mean)] if aa else []
+            erase = [random_erasing(reprob)] if reprob > 0 else []
+            tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *policy, *norm, *erase])
         else:
             tf = T.Compose([T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size), *norm])
         self.dataset = _FileDataset(data, tf, seed, random=train)
@@ -624,10 +642,15 @@ class StreamLoader(TensorLoader):
 
 
 def make_loader(data: ImageData | FileData, batch_size: int, bundle: DataBundle, train: bool, seed: int = 0,
-                rank: int = 0, world: int = 1, channels_last: bool = False, workers: int = 0) -> TensorLoader:
-    """The right loader for ``data``: :class:`TensorLoader` in memory, :class:`StreamLoader` for files."""
+                rank: int = 0, world: int = 1, channels_last: bool = False, workers: int = 0,
+                aa: str | None = None, reprob: float = 0.0) -> TensorLoader:
+    """The right loader for ``data``: :class:`TensorLoader` in memory, :class:`StreamLoader` for files
+    (``aa`` and ``reprob`` apply to training loaders only)."""
+    if not train:
+        aa, reprob = None, 0.0
     if isinstance(data, FileData):
         return StreamLoader(data, batch_size, bundle.mean, bundle.std, train, bundle.image_size[0], seed, rank,
-                            world, channels_last, workers)
+                            world, channels_last, workers, aa=aa, reprob=reprob)
     return TensorLoader(data, batch_size, bundle.mean, bundle.std, train, pad=bundle.pad if train else 0,
-                        flip=bundle.flip and train, seed=seed, rank=rank, world=world, channels_last=channels_last)
+                        flip=bundle.flip and train, seed=seed, rank=rank, world=world, channels_last=channels_last,
+                        aa=aa, reprob=reprob)

@@ -12,7 +12,7 @@ from torch import nn
 from .. import attention as _attention
 from .._utils import require, unwrap_model
 from ..fold import fold, has_foldable
-from .checkpoint import load_checkpoint, load_model_state
+from .checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .config import TrainConfig
 
 __all__ = ["build_model", "load_trained", "load_foreign", "example_input", "deployed_copy"]
@@ -49,9 +49,22 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 3) -> nn.
             kwargs["in_channels"] = in_channels
         if cfg.every != 1:
             kwargs["every"] = cfg.every
+        if cfg.drop_path is not None:
+            if cfg.model not in _DROP_PATH_MODELS:
+                raise ValueError(f"--drop-path: {cfg.model} has no stochastic depth; it is available for "
+                                 f"{', '.join(_DROP_PATH_MODELS)} and torchvision:/timm: models that take it")
+            kwargs["drop_path"] = cfg.drop_path
+        clash = sorted(set(cfg.model_kwargs) & {"num_classes", "attention", "asr", "both", "psi_init", *kwargs})
+        if clash:
+            raise ValueError(f"--model-kwargs {', '.join(clash)}: set by their own options (--attention, --asr, "
+                             "--every, --drop-path, the dataset's class count)")
         model = create_model(cfg.model, num_classes=num_classes, attention=cfg.attention, asr=cfg.asr,
-                             both=cfg.both, psi_init=cfg.psi_init, **kwargs)
+                             both=cfg.both, psi_init=cfg.psi_init, **cfg.model_kwargs, **kwargs)
     return model
+
+
+# foldattn models with a drop_path argument
+_DROP_PATH_MODELS = ("cifar_vit_tiny",)
 
 
 def _external_model(source: str, name: str, cfg: TrainConfig, num_classes: int) -> nn.Module:
@@ -64,14 +77,28 @@ def _external_model(source: str, name: str, cfg: TrainConfig, num_classes: int) 
             close = difflib.get_close_matches(name, torchvision.models.list_models(), n=3)
             raise ValueError(f"unknown model torchvision:{name}" + (f"; did you mean {', '.join(close)}?" if close
                                                                   else "; see torchvision.models.list_models()"))
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **cfg.model_kwargs)
+        kwargs = dict(cfg.model_kwargs)
+        if cfg.drop_path is not None:
+            kwargs["stochastic_depth_prob"] = cfg.drop_path
+        try:
+            model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        except TypeError as e:
+            hint = " (--drop-path is stochastic_depth_prob, which this model does not take)" \
+                if cfg.drop_path is not None else ""
+            raise ValueError(f"torchvision:{name} refused its arguments {sorted(kwargs)}{hint}: {e}") from None
     elif source == "timm":
         timm = require("timm", "timm")
         if name.split(".")[0] not in timm.list_models():  # a ".tag" names pretrained weights, not refused here
             close = difflib.get_close_matches(name, timm.list_models(), n=3)
             raise ValueError(f"unknown model timm:{name}" + (f"; did you mean {', '.join(close)}?" if close
                                                             else "; see timm.list_models()"))
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **cfg.model_kwargs)
+        kwargs = dict(cfg.model_kwargs)
+        if cfg.drop_path is not None:
+            kwargs["drop_path_rate"] = cfg.drop_path
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        except TypeError as e:
+            raise ValueError(f"timm:{name} refused its arguments {sorted(kwargs)}: {e}") from None
     else:
         raise ValueError(f"unknown model source {source!r}; use torchvision:NAME, timm:NAME or a foldattn model name")
     if cfg.attention is None:
@@ -84,13 +111,22 @@ def _external_model(source: str, name: str, cfg: TrainConfig, num_classes: int) 
                   include=cfg.include or None, exclude=cfg.exclude or None)
 
 
-def load_trained(path: str | os.PathLike[str]) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+def load_trained(path: str | os.PathLike[str],
+                 ema: bool | None = None) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
     """Rebuild the (training-form) model of a checkpoint: ``(model in eval mode, config, checkpoint dict)``.
+
+    ``ema``: the EMA weights of a ``--model-ema`` run (None: them if the checkpoint has them;
+    ``blob["weights"]`` says which were loaded: ``"ema"`` or ``"model"``).
 
     Raises :class:`~foldattn.train.checkpoint.CheckpointError` for unreadable files or weights that
     do not fit the architecture recorded in the checkpoint's config.
     """
     blob = load_checkpoint(path)
+    has_ema = blob.get("model_ema") is not None
+    if ema and not has_ema:
+        raise CheckpointError(f"--ema: {path} has no EMA weights (the run was trained without --model-ema)")
+    use_ema = has_ema if ema is None else ema
+    blob["weights"] = "ema" if use_ema else "model"
     cfg = TrainConfig.from_dict(blob["config"])
     run = blob.get("run") or {}
     classes = run.get("classes")
@@ -98,7 +134,7 @@ def load_trained(path: str | os.PathLike[str]) -> tuple[nn.Module, TrainConfig, 
         heads = [v for k, v in blob["model"].items() if k.endswith("weight") and v.dim() == 2]
         classes = int(heads[-1].shape[0]) if heads else 10
     model = build_model(cfg, int(classes))
-    load_model_state(model, blob["model"], f"checkpoint {path}")
+    load_model_state(model, blob["model_ema" if use_ema else "model"], f"checkpoint {path}")
     return model.eval(), cfg, blob
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from .._utils import require
 from .config import TrainConfig
 
-__all__ = ["create_optimizer", "create_scheduler"]
+__all__ = ["create_optimizer", "create_scheduler", "LRSchedule"]
 
 
 def _param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
@@ -62,7 +62,83 @@ def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]
     return factor
 
 
-def create_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """A per-step schedule: linear warm-up, then cosine, step (``milestones``, ``gamma``) or constant."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
+class LRSchedule:
+    """The run's learning-rate schedule behind one interface: :meth:`step` after every optimizer
+    update, :meth:`step_epoch` after every validation (``plateau`` reads the metric there).
+
+    ``--schedule`` (cosine, step, constant) is foldattn's own per-step function, kept because
+    the paper reproductions in docs/ were made with it; ``--sched`` takes timm's schedulers
+    (``create_scheduler_v2``, stepped per update, warm-up from timm's ``warmup_lr``) or torch's
+    ``OneCycleLR`` (timm has none). ``plateau`` is torch's ``ReduceLROnPlateau`` on the validation
+    top-1 (timm's does not save its counters, so a resumed run would restart them), after a
+    linear warm-up.
+    """
+
+    def __init__(self, cfg: TrainConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> None:
+        self.kind = cfg.sched or "builtin"
+        self.updates = 0
+        self.optimizer = optimizer
+        self.base = [g["lr"] for g in optimizer.param_groups]
+        self.warm = round(cfg.warmup_epochs * updates_per_epoch)
+        self.inner: Any
+        if cfg.sched == "plateau":
+            self.inner = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", factor=cfg.gamma, patience=cfg.patience_epochs, min_lr=cfg.min_lr)
+            if self.warm:
+                self._warm_up()
+        elif cfg.sched is None:
+            self.inner = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, updates_per_epoch))
+        elif cfg.sched == "onecycle":
+            pct = cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs else 0.3
+            self.inner = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=cfg.epochs * updates_per_epoch,
+                pct_start=pct, cycle_momentum=False)
+        else:
+            timm_sched = require("timm.scheduler", "train")
+            self.inner, _ = timm_sched.create_scheduler_v2(
+                optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs or 1,
+                decay_milestones=list(cfg.milestones), decay_rate=cfg.gamma, min_lr=cfg.min_lr,
+                warmup_epochs=cfg.warmup_epochs, step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+
+    def _warm_up(self) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base, strict=True):
+            group["lr"] = base * min(1.0, (self.updates + 1) / self.warm)
+
+    def step(self) -> None:
+        """After one optimizer update."""
+        self.updates += 1
+        if self.kind in ("builtin", "onecycle"):
+            self.inner.step()
+        elif self.kind == "plateau":
+            if self.updates <= self.warm:
+                self._warm_up()
+        else:
+            self.inner.step_update(self.updates)
+
+    def step_epoch(self, epoch: int, metric: float | None = None) -> None:
+        """After epoch ``epoch`` (1-based count of finished epochs) was validated with ``metric`` (top-1)."""
+        if self.kind == "plateau":
+            if self.updates >= self.warm and metric is not None:
+                self.inner.step(metric)
+        elif self.kind != "builtin" and self.kind != "onecycle":
+            self.inner.step(epoch, metric)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "updates": self.updates, "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "kind" not in state:  # checkpoints before --sched: the LambdaLR state itself
+            state = {"kind": "builtin", "updates": int(state.get("last_epoch", 0)), "inner": state}
+        if state["kind"] != self.kind:
+            raise ValueError(f"the checkpoint's schedule is {state['kind']}, this run's {self.kind}")
+        self.updates = int(state["updates"])
+        self.inner.load_state_dict(state["inner"])
+        if self.kind == "plateau" and self.updates < self.warm:
+            self._warm_up()
+
+
+def create_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> LRSchedule:
+    """The run's :class:`LRSchedule` for ``steps_per_epoch`` optimizer updates per epoch: linear
+    warm-up, then ``cfg.schedule`` (cosine, step at ``milestones`` by ``gamma``, constant), or
+    ``cfg.sched`` through timm / torch."""
+    return LRSchedule(cfg, optimizer, steps_per_epoch)

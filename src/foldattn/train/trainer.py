@@ -22,8 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._utils import require
 from ..fold import asr_layers
 from ..summary import count_params
+from .augment import create_mixup, seeded
 from .callbacks import (
     Callback,
     Hook,
@@ -131,13 +133,21 @@ class Trainer:
                              "(check the folder layout: ROOT/<class>/<image>)")
         if len(bundle.val) == 0:
             raise ValueError(f"dataset {bundle.name!r} has no validation images; set --val-split")
+        if (cfg.mixup or cfg.cutmix) and (cfg.batch_size // dist.world) % 2:
+            raise ValueError(f"--batch-size {cfg.batch_size}: mixup/cutmix need an even batch on each of the "
+                             f"{dist.world} processes")
         self.train_loader = make_loader(bundle.train, cfg.batch_size, bundle, train=True, seed=cfg.seed,
                                         rank=dist.rank, world=dist.world, channels_last=cfg.channels_last,
-                                        workers=cfg.workers)
+                                        workers=cfg.workers, aa=cfg.aa, reprob=cfg.reprob)
         self.val_loader = make_loader(bundle.val, cfg.batch_size, bundle, train=False, rank=dist.rank,
                                       world=dist.world, channels_last=cfg.channels_last, workers=cfg.workers)
         n = len(self.train_loader)
-        self.steps = n if cfg.steps_per_epoch is None else min(cfg.steps_per_epoch, n)
+        accum = cfg.grad_accum_steps
+        if n < accum:
+            raise ValueError(f"--grad-accum-steps {accum}: an epoch has only {n} batches")
+        # batches per epoch: a whole number of optimizer updates (the rest of the epoch is dropped)
+        self.steps = (n if cfg.steps_per_epoch is None else min(cfg.steps_per_epoch, n)) // accum * accum
+        self.updates_per_epoch = self.steps // accum
 
         model = build_model(cfg, bundle.num_classes, bundle.in_channels)
         if state is None:  # a resumed run restores its own weights below
@@ -154,10 +164,21 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.optimizer = create_optimizer(cfg, model)
-        self.scheduler = create_scheduler(cfg, self.optimizer, self.steps)
+        self.scheduler = create_scheduler(cfg, self.optimizer, self.updates_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.ema: Any = None
+        if cfg.model_ema:  # timm's EMA: a copy of the model (its ASR layers too), folded like it for validation
+            timm_utils = require("timm.utils", "train")
+            self.ema = timm_utils.ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup)
+        self.mixup = create_mixup(cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.label_smoothing,
+                                  bundle.num_classes)
         if state is not None:
             load_model_state(model, state["model"], f"checkpoint {self.resume}")
+            if self.ema is not None:
+                if state.get("model_ema") is None:
+                    raise ValueError(f"--resume {self.resume}: the checkpoint has no EMA weights (trained without "
+                                     "--model-ema)")
+                load_model_state(self.ema.module, state["model_ema"], f"checkpoint {self.resume} (EMA)")
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             if state.get("scaler") is not None:
@@ -170,12 +191,16 @@ class Trainer:
             self.log(f"resumed from {self.resume}: epoch {self.start_epoch}, step {self.start_step}")
 
         self.train_model: nn.Module = model
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
         if dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            self.train_model = self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        if self.mixup is not None:  # soft targets; Mixup applies the label smoothing itself
+            self.criterion: Callable[..., torch.Tensor] = require("timm.loss", "train").SoftTargetCrossEntropy()
+        else:
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         params_train, params_deployed = count_params(model), count_params(deployed_copy(model))
         self.run_info = {
             "dataset": bundle.name, "train_images": len(bundle.train), "val_images": len(bundle.val),
@@ -211,20 +236,24 @@ class Trainer:
     # --- checkpoints and summary --------------------------------------------------------
     def checkpoint(self, name: str, epoch: int, step: int, partial: list[float] | None = None) -> Path:
         """Write ``OUTPUT/name``: everything needed to continue at ``epoch``/``step`` exactly."""
+        ema = self.ema.module.state_dict() if self.ema is not None else None
         return save_checkpoint(self.out / name, model=self.model, config=self.cfg.to_dict(),
                                optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, epoch=epoch,
-                               step=step, history=self.history, best=self.best, partial=partial, run=self.run_info)
+                               step=step, history=self.history, best=self.best, partial=partial, run=self.run_info,
+                               model_ema=ema)
 
     def summary(self, finished: bool | None = None) -> dict[str, Any]:
         """The run's summary (what ``summary.json`` holds)."""
         final = self.history[-1] if self.history else {}
         times = [h["epoch_time_s"] for h in self.history]
         done = len(self.history) >= self.cfg.epochs if finished is None else finished
+        key = "ema_" if self.cfg.model_ema else ""
         return {"config": self.cfg.to_dict(), "versions": versions(), "run": self.run_info, "finished": done,
                 "epochs_done": len(self.history),
                 "best": {"top1": self.best["top1"], "top5": self.best["top5"], "epoch": self.best["epoch"]},
-                "final": {"top1": final.get("val_top1"), "top5": final.get("val_top5"),
-                          "loss": final.get("val_loss")},
+                "final": {"top1": final.get(f"{key}val_top1"), "top5": final.get(f"{key}val_top5"),
+                          "loss": final.get(f"{key}val_loss")},
+                "accuracy_of": "ema" if self.cfg.model_ema else "model",
                 "time_per_epoch_s": sum(times) / len(times) if times else None}
 
     def write_summary(self) -> None:
@@ -234,7 +263,8 @@ class Trainer:
         write_json(self.out / "summary.json", self.summary())
         write_csv(self.out / "metrics.csv", self.history)
         with contextlib.suppress(Exception):
-            write_curves(self.out / "curves.png", {self.cfg.model: self.history}, title=label(self.cfg))
+            if self.history:
+                write_curves(self.out / "curves.png", {self.cfg.model: self.history}, title=label(self.cfg))
 
     # --- the loop -----------------------------------------------------------------------
     def first_step(self, epoch: int) -> int:
@@ -263,20 +293,32 @@ class Trainer:
         sums = list(self.partial) if resumed else [0.0, 0.0, 0.0]  # loss sum, correct, images
         t0 = time.perf_counter()
         batches = itertools.islice(self.train_loader.batches(first), max(self.steps - first, 0))
+        accum = cfg.grad_accum_steps
         for i, (x, y) in enumerate(batches, start=first):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            loss, logits = forward_loss(self.train_model, x, y, self.criterion, self.amp)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} step {i + 1}; training "
-                                         "diverged (lower --lr, or check the data)")
-            backward(loss, self.scaler)
-            optimizer_step(self.optimizer, self.scaler, self.cfg.clip_grad)
-            self.scheduler.step()
+            target = y
+            if self.mixup is not None:  # seeded by (seed, epoch, batch): a resumed run mixes the same pairs
+                with seeded(((cfg.seed * 100_003 + epoch) * 65_537 + i) * 2 + 1):
+                    x, target = self.mixup(x, y)
+            update = (i + 1) % accum == 0
+            # under DDP the gradients are all-reduced only on the micro-batch that ends an update
+            sync = self.ddp.no_sync() if self.ddp is not None and not update else contextlib.nullcontext()
+            with sync:
+                loss, logits = forward_loss(self.train_model, x, target, self.criterion, self.amp)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} step {i + 1}; training "
+                                             "diverged (lower --lr, or check the data)")
+                backward(loss, self.scaler, scale=1.0 / accum)
+            if update:
+                optimizer_step(self.optimizer, self.scaler, self.cfg.clip_grad)
+                self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update(self.model, step=self.scheduler.updates)
             sums[0] += loss.item() * y.numel()
-            sums[1] += (logits.argmax(1) == y).sum().item()
+            sums[1] += (logits.argmax(1) == y).sum().item()  # against the unmixed labels
             sums[2] += y.numel()
             self._call("on_step_end", {"epoch": epoch, "step": i, "loss": loss.item()})
-            if dist.any(self.stop_requested) and i + 1 < self.steps:
+            if update and dist.any(self.stop_requested) and i + 1 < self.steps:
                 self._interrupt(epoch, i + 1, sums)
         elapsed = time.perf_counter() - t0
         tot = dist.sum(sums)
@@ -286,6 +328,12 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Loss, top-1 and top-5 of the deployed (folded) copy on the validation split."""
         return evaluate(deployed_copy(self.model), self.val_loader, self.amp, self.device, self.dist)
+
+    def validate_ema(self) -> dict[str, float] | None:
+        """The same for the folded EMA weights (None without ``--model-ema``)."""
+        if self.ema is None:
+            return None
+        return evaluate(deployed_copy(self.ema.module), self.val_loader, self.amp, self.device, self.dist)
 
     def fit(self) -> dict[str, Any]:
         """Set up (if not done), train every remaining epoch, validate, checkpoint; returns the summary."""
@@ -298,12 +346,19 @@ class Trainer:
                 self._call("on_epoch_start", epoch)
                 t0 = time.perf_counter()
                 train_metrics = self.train_one_epoch(epoch)
+                lr = self.optimizer.param_groups[0]["lr"]
                 val = self.validate()
-                row = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+                row = {"epoch": epoch + 1, "lr": lr,
                        "train_loss": train_metrics["train_loss"], "train_top1": train_metrics["train_top1"],
                        "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
-                       "epoch_time_s": time.perf_counter() - t0, "images_per_s": train_metrics["images_per_s"]}
+                       "epoch_time_s": 0.0, "images_per_s": train_metrics["images_per_s"]}
+                ema = self.validate_ema()
+                if ema is not None:  # like timm's train.py: with an EMA, its accuracy is the run's
+                    row.update({"ema_val_loss": ema["loss"], "ema_val_top1": ema["top1"], "ema_val_top5": ema["top5"]})
+                    val = ema
+                row["epoch_time_s"] = time.perf_counter() - t0
                 self.history.append(row)
+                self.scheduler.step_epoch(epoch + 1, val["top1"])
                 improved = val["top1"] > self.best["top1"]
                 if improved:
                     self.best = {"top1": val["top1"], "top5": val["top5"], "epoch": epoch + 1}
@@ -311,9 +366,11 @@ class Trainer:
                     self.checkpoint("last.pt", epoch + 1, 0)
                     if improved:
                         self.checkpoint("best.pt", epoch + 1, 0)
+                ema_text = f"  EMA top1 {row['ema_val_top1']:.2f}" if ema is not None else ""
                 self.log(f"epoch {epoch + 1:>3}/{cfg.epochs}  lr {row['lr']:.4f}  train loss {row['train_loss']:.3f} "
-                         f"top1 {row['train_top1']:.2f}  val (folded) loss {val['loss']:.3f} top1 {val['top1']:.2f} "
-                         f"top5 {val['top5']:.2f}  {row['epoch_time_s']:.1f}s ({row['images_per_s']:.0f} img/s)")
+                         f"top1 {row['train_top1']:.2f}  val (folded) loss {row['val_loss']:.3f} top1 "
+                         f"{row['val_top1']:.2f} top5 {row['val_top5']:.2f}{ema_text}  {row['epoch_time_s']:.1f}s "
+                         f"({row['images_per_s']:.0f} img/s)")
                 self._call("on_epoch_end", row)
                 if self.dist.any(self.stop_requested) and epoch + 1 < cfg.epochs:
                     raise TrainingInterrupted(self.out / "last.pt", self.stop_signal)
