@@ -218,7 +218,7 @@ def test_quick_has_the_reference_layout_row(quick_run) -> None:
     _, result, md, _ = quick_run
     rows = {r["variant"]: r for r in result["groups"][0]["rows"]}
     ref = rows["reference"]
-    assert ref["label"] == "plain, reference code's layout" and ref["label"] in md
+    assert ref["label"] == "plain, reference implementation" and ref["label"] in md
     assert ref["params"] == rows["plain"]["params"] and ref["flops"] == rows["plain"]["flops"]
     assert ref["train_ms"] is not None and ref["ratio"]["latency"] is not None
     assert all(isinstance(r["unreliable"], list) for r in rows.values())
@@ -241,12 +241,16 @@ def test_reference_layout_computes_what_plain_computes() -> None:
     from foldattn.models import create_model
 
     for name in ("cifar_resnet20", "cifar_resnet164"):
-        ref = get_family(name).reference()
         plain = create_model(name).eval()
-        ref.load_state_dict(plain.state_dict())
+        ref = get_family(name).reference(plain)
         x = torch.randn(2, 3, 32, 32)
         torch.testing.assert_close(ref.eval()(x), plain(x), rtol=0, atol=0)
     assert get_family("cifar_repvgg_a0").reference is None
+    pytest.importorskip("timm")
+    vit = create_model("cifar_vit_tiny").eval()
+    ref = get_family("cifar_vit_tiny").reference(vit).eval()
+    assert type(ref).__name__ == "VisionTransformer"
+    verify(vit, ref, torch.randn(2, 3, 32, 32))  # float32, 1e-5 relative (LayerNorm eps differs)
 
 
 @pytest.mark.parametrize("name", ["timm:resnet18", "torchvision:mobilenet_v3_small"])

@@ -597,3 +597,41 @@ def test_drop_path_reaches_every_kind_of_model() -> None:
     assert max(getattr(m, "drop_prob", 0.0) for m in tm.modules()) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="stochastic_depth_prob"):
         build_model(TrainConfig(model="torchvision:resnet18", drop_path=0.1), num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def baseline_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    out = tmp_path_factory.mktemp("base")
+    train(_cfg(out, epochs=1, steps_per_epoch=2, opt="adamw", lr=1e-3), bundle=DIGITS, log=None)
+    return load_checkpoint(out / "last.pt")["model"]
+
+
+@pytest.mark.parametrize("option", [{"mixup": 0.8}, {"cutmix": 1.0}, {"aa": "rand-m9-mstd0.5-inc1"},
+                                    {"aa": "trivialaugment"}, {"reprob": 0.5}, {"sched": "cosine"},
+                                    {"grad_accum_steps": 2}],
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_every_recipe_option_changes_the_training(tmp_path: Path, baseline_weights: dict[str, torch.Tensor],
+                                                  option: dict[str, Any]) -> None:
+    # the same run with one option more ends elsewhere: an option the trainer ignored would not
+    train(_cfg(tmp_path, epochs=1, steps_per_epoch=2, opt="adamw", lr=1e-3, **option), bundle=DIGITS, log=None)
+    weights = load_checkpoint(tmp_path / "last.pt")["model"]
+    assert any(not torch.equal(weights[k], baseline_weights[k]) for k in weights
+               if weights[k].is_floating_point())
+
+
+def test_onecycle_runs_its_cycle_in_the_trainer(tmp_path: Path) -> None:
+    train(_cfg(tmp_path, epochs=2, steps_per_epoch=4, sched="onecycle", warmup_epochs=0), bundle=DIGITS, log=None)
+    with open(tmp_path / "metrics.csv") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert lrs[0] > 0.01 and lrs[-1] < 1e-6  # up to --lr 0.05 and down to lr / 25 / 1e4 at the end
+    with pytest.raises(ValueError, match="onecycle"):
+        train(_cfg(tmp_path / "short", epochs=1, steps_per_epoch=2, sched="onecycle"), bundle=DIGITS, log=None)
+
+
+def test_drop_path_changes_the_training(tmp_path: Path) -> None:
+    base = {"model": "cifar_vit_tiny", "model_kwargs": {"img_size": 16, "depth": 2}, "epochs": 1,
+            "steps_per_epoch": 2, "opt": "adamw", "lr": 1e-3}
+    train(_cfg(tmp_path / "a", **base), bundle=DIGITS, log=None)
+    train(_cfg(tmp_path / "b", drop_path=0.5, **base), bundle=DIGITS, log=None)
+    a, b = (load_checkpoint(tmp_path / n / "last.pt")["model"] for n in "ab")
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())

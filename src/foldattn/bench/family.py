@@ -49,8 +49,8 @@ class Family:
             ``attention`` is None, classic X, ASR(X), or ASR(X)+X.
         train_batch: default batch size of the training-step measurement.
         num_classes: classifier outputs (labels of the training step).
-        reference: the plain network in another implementation with the same ``state_dict``
-            keys (its row loads plain's weights and must compute the same outputs), or None.
+        reference: ``reference(plain)``: the plain network in another implementation, carrying
+            plain's weights (its row must compute the same outputs), or None.
     """
 
     name: str
@@ -58,7 +58,7 @@ class Family:
     build: Builder
     train_batch: int = 64
     num_classes: int = 10
-    reference: Callable[[], nn.Module] | None = None
+    reference: Callable[[nn.Module], nn.Module] | None = None
 
 
 def _check(obj: object) -> None:
@@ -186,12 +186,15 @@ def _attach_builder(factory: Callable[[], nn.Module]) -> Builder:
     return build
 
 
-def _reference(name: str) -> Callable[[], nn.Module] | None:
-    """The reference-layout factory of the plain CIFAR ResNets (``cifar_resnetN``), None for other models."""
+def _reference(name: str) -> Callable[[nn.Module], nn.Module] | None:
+    """``reference(plain)`` for the CIFAR ResNets (the ASR reference code's layout) and ``cifar_vit_tiny``
+    (timm's ``VisionTransformer`` of the same size, when timm is installed); None for other models."""
     import re
 
-    from .reference import reference_cifar_resnet
+    from .reference import reference_cifar_resnet, reference_vit
 
+    if name == "cifar_vit_tiny":
+        return reference_vit
     match = re.fullmatch(r"cifar_resnet(\d+)", name)
     if match is None:
         return None
@@ -199,9 +202,11 @@ def _reference(name: str) -> Callable[[], nn.Module] | None:
 
     depth = int(match.group(1))
 
-    def build() -> nn.Module:
-        bottleneck = any(isinstance(m, Bottleneck) for m in create_model(name).modules())
-        return reference_cifar_resnet(depth, "bottleneck" if bottleneck else "basic")
+    def build(plain: nn.Module) -> nn.Module:
+        bottleneck = any(isinstance(m, Bottleneck) for m in plain.modules())
+        ref = reference_cifar_resnet(depth, "bottleneck" if bottleneck else "basic")
+        ref.load_state_dict(plain.state_dict())  # the same keys
+        return ref
 
     return build
 

@@ -1,18 +1,20 @@
-"""The plain CIFAR ResNet as the ASR reference code writes it, for the benchmark's ``reference`` row.
+"""The plain networks written the usual way, for the benchmark's ``reference`` row.
+
 
 The ASR authors' code trains the CIFAR ResNets of He et al. 2016 in the layout of the
 pytorch-classification project: each block computes its branch, adds the shortcut *in place*
 and applies a ReLU; no attention hooks, no ASR wrapper. Every foldattn model deploys to the
 plain :class:`~foldattn.models.CifarResNet`, so that network must cost what this one costs;
 the benchmark times both in the same group, with the same weights (the ``state_dict`` keys
-are the same) and checks that their outputs agree.
+are the same) and checks that their outputs agree. ``cifar_vit_tiny``'s reference is timm's
+``VisionTransformer`` of the same size (no class token, mean pooling after the final norm).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["reference_cifar_resnet"]
+__all__ = ["reference_cifar_resnet", "reference_vit"]
 
 
 def _shortcut(inplanes: int, out: int, stride: int) -> nn.Module | None:
@@ -92,3 +94,26 @@ class _ReferenceResNet(nn.Module):
 def reference_cifar_resnet(depth: int, block: str, num_classes: int = 10) -> nn.Module:
     """The plain CIFAR ResNet-``depth`` (``block``: ``"basic"`` or ``"bottleneck"``) in the reference layout."""
     return _ReferenceResNet(depth, block, num_classes)
+
+
+def reference_vit(plain: nn.Module) -> nn.Module:
+    """timm's ``VisionTransformer`` with the size of ``plain`` (a :class:`~foldattn.models.CifarViT`) and its weights.
+
+    Only the patch embedding is named differently (``patch_embed.proj`` in timm). timm's LayerNorms
+    use eps 1e-6 where torch's default is 1e-5: the outputs agree to ~1e-6 relative, not bit for bit.
+    """
+    from .._utils import require
+
+    timm_vit = require("timm.models.vision_transformer", "timm")
+    block = plain.blocks[0]
+    c, h, _ = plain.default_input_size
+    patch = plain.patch_embed.kernel_size[0]
+    dim = plain.patch_embed.out_channels
+    ref = timm_vit.VisionTransformer(
+        img_size=h, patch_size=patch, in_chans=c, embed_dim=dim, depth=len(plain.blocks),
+        num_heads=block.attn.num_heads, mlp_ratio=block.mlp.fc1.out_features / dim,
+        num_classes=plain.head.out_features, class_token=False, global_pool="avg", fc_norm=False)
+    state = {("patch_embed.proj" + k[len("patch_embed"):] if k.startswith("patch_embed.") else k): v
+             for k, v in plain.state_dict().items()}
+    ref.load_state_dict(state)
+    return ref

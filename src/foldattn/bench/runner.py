@@ -44,8 +44,8 @@ __all__ = ["bench_group", "run_bench", "UNRELIABLE_SPREAD", "REFERENCE_LABEL"]
 _ONNX_OPSET = 17
 #: a timing whose interquartile range is more than this fraction of its median is flagged unreliable
 UNRELIABLE_SPREAD = 0.2
-#: the label of the row of the plain network in the reference code's layout (CIFAR ResNets)
-REFERENCE_LABEL = "plain, reference code's layout"
+#: the label of the row of the plain network written the usual way (see :mod:`.reference`)
+REFERENCE_LABEL = "plain, reference implementation"
 
 
 @contextlib.contextmanager
@@ -101,9 +101,7 @@ def bench_group(family: Family, attention: str, cfg: BenchConfig, threads: int,
             warnings.simplefilter("ignore")
             models[v.key] = _prepare(v.build(family, attention), cfg, device)
     if family.reference is not None:  # the same plain network, written as the reference code writes it
-        reference = family.reference()
-        reference.load_state_dict(models["plain"].state_dict())
-        models["reference"] = _prepare(reference, cfg, device)
+        models["reference"] = _prepare(family.reference(models["plain"]), cfg, device)
         with torch.inference_mode():
             verify(models["plain"], models["reference"], _inputs(family, 2, cfg, device))
     x1 = _inputs(family, cfg.latency_batch, cfg, device)

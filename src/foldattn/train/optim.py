@@ -90,8 +90,13 @@ class LRSchedule:
             self.inner = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, updates_per_epoch))
         elif cfg.sched == "onecycle":
             pct = cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs else 0.3
+            total = cfg.epochs * updates_per_epoch
+            if not 1 < pct * total < total - 1:  # OneCycleLR divides by each phase's length
+                raise ValueError(f"--sched onecycle: {total} updates cannot hold a rise of {pct:.0%} and a fall "
+                                 "(train longer, or change --warmup-epochs)")
             self.inner = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=cfg.epochs * updates_per_epoch,
+                # one step more than the updates: the trainer steps after the last update as well
+                optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total + 1,
                 pct_start=pct, cycle_momentum=False)
         else:
             timm_sched = require("timm.scheduler", "train")
