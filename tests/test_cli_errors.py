@@ -85,6 +85,15 @@ TRAIN_CASES = [
     ("drop-path-1", ["--epochs", "1", "--model", "cifar_vit_tiny", "--drop-path", "1"], "--drop-path"),
     ("drop-path-on-resnet", ["--epochs", "1", "--drop-path", "0.1"], "no stochastic depth"),
     ("model-kwargs-clash", ["--epochs", "1", "--model-kwargs", "num_classes=3"], "--model-kwargs num_classes"),
+    ("sched-onecycle-too-short", ["--epochs", "1", "--sched", "onecycle"], "--sched onecycle"),
+    # options that would do nothing with the data or optimizer given
+    ("image-size-on-digits", ["--epochs", "1", "--image-size", "64"], "--image-size"),
+    ("cache-dir-on-digits", ["--epochs", "1", "--cache-dir", "{tmp}/cache"], "--cache-dir"),
+    ("workers-without-stream", ["--epochs", "1", "--workers", "2"], "--workers 2"),
+    ("download-on-digits", ["--epochs", "1", "--download"], "--download"),
+    ("nesterov-with-adamw", ["--epochs", "1", "--opt", "adamw", "--nesterov"], "--nesterov"),
+    ("momentum-with-adamw", ["--epochs", "1", "--opt", "adamw", "--momentum", "0.5"], "--momentum"),
+    ("val-split-fractional-count", ["--epochs", "1", "--val-split", "2.5"], "--val-split"),
 ]
 
 
@@ -103,7 +112,7 @@ def _check(capsys: pytest.CaptureFixture[str], argv: list[str], expected: str, o
 @pytest.mark.parametrize(("argv", "expected"), [c[1:] for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])
 def test_train_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], expected: str) -> None:
     out = tmp_path / "out"
-    _check(capsys, [*TRAIN, *argv, "-o", str(out)], expected, out)
+    _check(capsys, [*TRAIN, *[a.format(tmp=tmp_path) for a in argv], "-o", str(out)], expected, out)
 
 
 def test_train_refuses_a_one_class_dataset(tmp_path: Path, one_class: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -126,6 +135,12 @@ OTHER_CASES = [
     ("calibrate-lr-negative", ["calibrate", "{run}", "--lr", "-1", "-o", "{tmp}/c"], "--lr"),
     ("demo-epochs-0", ["demo", "--epochs", "0", "-o", "{tmp}/d"], "--epochs"),
     ("demo-threads-negative", ["demo", "--threads", "-1", "-o", "{tmp}/d"], "--threads"),
+    ("stripe-val-split-fractional-count", ["stripe", "cifar_resnet20", "--attention", "se", "--val-split", "2.5",
+                                           "-o", "{tmp}/s"], "--val-split"),
+    ("stripe-num-classes-0", ["stripe", "cifar_resnet20", "--attention", "se", "--num-classes", "0", "-o", "{tmp}/s"],
+     "--num-classes"),
+    ("export-onnx-suffix", ["export", "{run}", "--onnx", "{tmp}/m.txt"], "must end in .onnx"),
+    ("fold-ema-without-ema", ["fold", "{run}", "--ema", "-o", "{tmp}/o"], "no EMA weights"),
 ]
 
 

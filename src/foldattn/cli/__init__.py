@@ -62,6 +62,19 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def split_value(text: str) -> float | int:
+    """``--val-split``: a fraction in (0, 1) or a whole number of images >= 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction (0.1) or a count (5000), got {text!r}") from None
+    if 0 < value < 1:
+        return value
+    if value >= 1 and value.is_integer():
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{text}: give a fraction in (0, 1) or a whole number of images >= 1")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 

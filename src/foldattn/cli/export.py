@@ -16,6 +16,8 @@ __all__ = ["register"]
 def _main(args: argparse.Namespace) -> int:
     if not args.onnx and not args.pt2:
         raise CLIError("export: give --onnx FILE.onnx, --pt2 FILE.pt2 or both")
+    if args.onnx and Path(args.onnx).suffix != ".onnx":
+        raise CLIError(f"--onnx {args.onnx}: the file name must end in .onnx")
     if args.pt2 and Path(args.pt2).suffix != ".pt2":
         raise CLIError(f"--pt2 {args.pt2}: the file name must end in .pt2 (torch.export's archive format)")
     model, cfg, blob = load_source(args)

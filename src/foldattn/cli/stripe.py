@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from . import positive_int, split_value
+
 __all__ = [
     "register", "run_stripe", "DataSource", "Loaded", "load_model_and_data", "load_data", "add_model_args",
     "add_data_args",
@@ -45,7 +47,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="dataset: digits (built in, no download), cifar10, cifar100, stl10 or imagefolder:PATH "
                         "(default: a checkpoint's own dataset, else digits)")
     p.add_argument("--data-dir", default=None, help="root of torchvision-format datasets")
-    p.add_argument("--val-split", type=float, default=None,
+    p.add_argument("--val-split", type=split_value, default=None,
                    help="hold out this fraction (< 1) or number (>= 1) of training images as the validation set "
                         "(default: a checkpoint's own split)")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
@@ -57,7 +59,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a training checkpoint (file or run folder), a foldattn model name (e.g. cifar_resnet20), "
                         "torchvision:NAME or timm:NAME (names build randomly initialised models)")
     p.add_argument("--attention", default=None, help="with a model name: the attention module (e.g. se)")
-    p.add_argument("--num-classes", type=int, default=None, help="with a model name: classifier outputs "
+    p.add_argument("--num-classes", type=positive_int, default=None, help="with a model name: classifier outputs "
                                                                    "(default: the dataset's)")
 
 

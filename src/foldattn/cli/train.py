@@ -12,7 +12,7 @@ from .._utils import require, strict_json
 from ..train import TrainConfig, list_recipes, recipe_defaults, train
 from ..train.checkpoint import load_checkpoint
 from ..train.config import SCHEDS
-from . import nonnegative_float, nonnegative_int, positive_float, positive_int
+from . import nonnegative_float, nonnegative_int, positive_float, positive_int, split_value
 
 __all__ = ["register", "config_from_args"]
 
@@ -29,12 +29,8 @@ _FIELDS = (
 )
 
 
-def _split_value(text: str) -> float | int:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction (0.1) or a count (5000), got {text!r}") from None
-    return int(value) if value >= 1 and value.is_integer() else value
+# optimizers of timm's factory that take no momentum argument (Adam's relatives)
+_NO_MOMENTUM = ("adam", "lamb", "lion", "adafactor", "adabelief", "novograd", "adopt", "laprop", "adan")
 
 
 def _scalar(text: str) -> Any:
@@ -98,6 +94,8 @@ def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = No
     if explicit.get("sched") is not None and "milestones" not in explicit and explicit["sched"] != "multistep":
         base["milestones"] = []  # a recipe's step milestones do not apply to another schedule
     cfg = TrainConfig.from_dict({**TrainConfig().to_dict(), **base, **explicit})
+    if "momentum" in explicit and any(family in cfg.opt for family in _NO_MOMENTUM):
+        raise ValueError(f"--momentum: --opt {cfg.opt} has no momentum term (its betas are its own); drop it")
     if "output" not in explicit and saved is None:
         kind = "plain" if cfg.attention is None else (
             f"asr-{cfg.attention}{'-both' if cfg.both else ''}" if cfg.asr else cfg.attention)
@@ -154,7 +152,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dataset", help="digits, cifar10, cifar100, stl10 or imagefolder:PATH [digits]")
     g.add_argument("--data-dir", help="root of torchvision-format datasets [data]")
     g.add_argument("--download", action="store_true", default=None, help="download torchvision datasets")
-    g.add_argument("--val-split", type=_split_value, help="hold out this fraction or count (stratified)")
+    g.add_argument("--val-split", type=split_value, help="hold out this fraction or count (stratified)")
     g.add_argument("--split-seed", type=int, help="seed of the validation split [0]")
     g.add_argument("--image-size", type=int, help="imagefolder: resize + centre-crop size")
     g.add_argument("--cache-dir", help="imagefolder: keep the decoded tensor cache here")

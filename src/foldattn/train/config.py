@@ -205,6 +205,18 @@ class TrainConfig:
                 bad("device", self.device, "use auto, cpu, cuda or cuda:N")
             if dev.type not in ("cpu", "cuda"):
                 bad("device", self.device, "use auto, cpu, cuda or cuda:N")
+        folder = isinstance(self.dataset, str) and self.dataset.startswith("imagefolder:")
+        if self.image_size is not None and not folder:
+            bad("image-size", self.image_size, f"only imagefolder:PATH data is resized; {self.dataset!r} has its size")
+        if self.cache_dir is not None and not folder:
+            bad("cache-dir", self.cache_dir,
+                f"only imagefolder:PATH data is decoded into a cache; not {self.dataset!r}")
+        if self.workers and not self.stream:
+            bad("workers", self.workers, "data-loading processes serve --stream only (in-memory data needs none)")
+        if self.download and self.dataset not in ("cifar10", "cifar100", "stl10"):
+            bad("download", True, f"only cifar10, cifar100 and stl10 are downloaded; not {self.dataset!r}")
+        if self.nesterov and self.opt != "sgd":
+            bad("nesterov", True, f"applies to --opt sgd (timm's Nesterov SGD is --opt nesterov), not {self.opt}")
         if self.val_split is not None:
             v = self.val_split
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < 1 or (v >= 1 and v == int(v))):
