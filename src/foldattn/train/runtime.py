@@ -91,14 +91,27 @@ class Distributed:
     def __enter__(self) -> Distributed:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        # every rank leaves a finished or interrupted run together (an error may be one rank's
+        # alone, and a barrier would then wait for a peer that never comes)
+        self.close(barrier=exc is None or isinstance(exc, TrainingInterrupted))
 
-    def close(self) -> None:
+    def close(self, barrier: bool = True) -> None:
+        """Destroy the process group this object created (after a barrier, by default).
+
+        The barrier is not only politeness: gloo's worker threads release a finished
+        collective's tensors after the caller's ``wait`` returns, and that needs the GIL. A
+        rank that stops while its peer is still writing the checkpoint reaches interpreter
+        shutdown before then, and the process aborts ("terminate called without an active
+        exception"). Waiting in the barrier hands those threads the GIL first.
+        """
         if self.owns_group:
             import torch.distributed as dist
 
+            if barrier:
+                dist.barrier()
             dist.destroy_process_group()
+            self.owns_group = False
 
 
 class StopFlag:
