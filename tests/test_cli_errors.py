@@ -71,6 +71,12 @@ TRAIN_CASES = [
     ("min-lr-above-lr", ["--epochs", "1", "--sched", "cosine", "--min-lr", "1", "--lr", "0.1"], "below --lr"),
     ("patience-without-plateau", ["--epochs", "1", "--patience-epochs", "3"], "only --sched plateau"),
     ("ema-decay-1", ["--epochs", "1", "--model-ema", "--model-ema-decay", "1"], "--model-ema-decay"),
+    ("ema-decay-0", ["--epochs", "1", "--model-ema", "--model-ema-decay", "0"], "copy of the weights"),
+    ("psi-init-without-asr", ["--epochs", "1", "--psi-init", "0.3"], "--psi-init 0.3"),
+    ("psi-init-with-classic-attention", ["--epochs", "1", "--attention", "se", "--psi-init", "0.3"], "--psi-init"),
+    ("every-without-attention", ["--epochs", "1", "--every", "2"], "--every place attention"),
+    ("include-without-attention", ["--epochs", "1", "--model", "torchvision:resnet18", "--include", "layer1*"],
+     "--include place attention"),
     ("ema-decay-without-ema", ["--epochs", "1", "--model-ema-decay", "0.99"], "add --model-ema"),
     ("mixup-negative", ["--epochs", "1", "--mixup", "-1"], "--mixup"),
     ("mixup-odd-batch", ["--epochs", "1", "--mixup", "0.2", "--batch-size", "7"], "even batch"),
@@ -106,7 +112,7 @@ def _check(capsys: pytest.CaptureFixture[str], argv: list[str], expected: str, o
     assert any(expected in line for line in lines), err
     assert len([line for line in lines if "error" in line]) == 1, err  # one message, not a cascade
     if out is not None:
-        assert not out.exists() or not any(out.iterdir()), f"{out} was written: {list(out.iterdir())}"
+        assert not out.exists(), f"{out} was created by a refused command"
 
 
 @pytest.mark.parametrize(("argv", "expected"), [c[1:] for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])
@@ -141,6 +147,10 @@ OTHER_CASES = [
      "--num-classes"),
     ("export-onnx-suffix", ["export", "{run}", "--onnx", "{tmp}/m.txt"], "must end in .onnx"),
     ("fold-ema-without-ema", ["fold", "{run}", "--ema", "-o", "{tmp}/o"], "no EMA weights"),
+    ("bench-out-is-a-file", ["bench", "--quick", "--out", "{run}/last.pt"], "is a file"),
+    ("bench-out-under-a-file", ["bench", "--quick", "--out", "{run}/last.pt/sub"], "which is a file"),
+    ("stripe-no-input-dependent-attention", ["stripe", "cifar_resnet20", "--dataset", "digits", "--max-images", "8",
+                                             "--samples", "0", "-o", "{tmp}/s"], "no input-dependent"),
 ]
 
 
@@ -154,3 +164,24 @@ def test_other_commands_refuse(tmp_path: Path, run: Path, capsys: pytest.Capture
     assert code == 2, err
     assert "Traceback" not in err and expected in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing may be written"
+
+
+def test_out_of_memory_is_one_line_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a real allocation failure: a batch of 10^8 CIFAR images is 1.1 TiB
+    argv = ["bench", "--models", "cifar_resnet20", "--attentions", "se", "--throughput-batch", "100000000",
+            "--no-train", "--no-memory", "--reps", "1", "--warmup", "0", "--out", str(tmp_path / "b")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("foldattn bench: error: out of CPU memory (it asked for 1144.41 GiB); lower the batch")
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+
+
+def test_out_of_memory_messages() -> None:
+    from foldattn.cli import out_of_memory
+
+    gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 8 GiB")
+    assert out_of_memory(gpu).startswith("out of GPU memory (it asked for 2.00 GiB); lower the batch size")
+    assert out_of_memory(MemoryError()).startswith("out of CPU memory; lower")
+    assert out_of_memory(RuntimeError("shape mismatch")) is None  # other errors keep their traceback

@@ -120,8 +120,9 @@ def test_resume_refuses_changed_config(tmp_path: Path) -> None:
 def test_unwritable_output(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(PermissionError, match="cannot write to output folder"):
+    with pytest.raises(ValueError, match="which is a file; name a folder"):
         train(_cfg(blocker / "sub", epochs=1), bundle=DIGITS, log=None)
+    assert blocker.read_text() == "x"
 
 
 def test_every_keeps_attention_in_every_kth_block() -> None:

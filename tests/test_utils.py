@@ -126,3 +126,16 @@ def test_cli_train_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert code == 2 and "Traceback" not in err
     assert "No space left on device" in err and str(out / "last.pt") in err
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_check_output_folder_refuses_a_file_in_the_way_and_creates_nothing(tmp_path: Path) -> None:
+    from foldattn._utils import check_output_folder
+
+    assert check_output_folder(tmp_path / "a" / "b", "--out") == tmp_path / "a" / "b"
+    assert not (tmp_path / "a").exists(), "checking must not create the folder"
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=r"--out .*/f: is a file"):
+        check_output_folder(tmp_path / "f", "--out")
+    with pytest.raises(ValueError, match=r"is under .*/f, which is a file"):
+        check_output_folder(tmp_path / "f" / "sub" / "deeper", "--out")
+    assert (tmp_path / "f").read_text() == "x"

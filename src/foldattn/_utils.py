@@ -124,6 +124,26 @@ def _write_failure(error: BaseException, dest: Path) -> OSError | None:
 _PIP_NAMES = {"sklearn": "scikit-learn", "yaml": "pyyaml"}
 
 
+def check_output_folder(path: str | os.PathLike[str], option: str) -> Path:
+    """Refuse an output folder that could not be created or written, before any work, creating nothing.
+
+    Long commands (a benchmark, a stripe recording) check their output first, so that a typo
+    does not cost the run; the folder itself is made only when the first file is written.
+    """
+    out = Path(path)
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "is a file" if probe == out else f"is under {probe}, which is a file"
+        raise ValueError(f"{option} {out}: {where}; name a folder")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option} {out}: {probe} is not writable; choose another folder")
+    return out
+
+
 def require(module: str, extra: str) -> Any:
     """Import ``module`` or raise an ImportError saying which foldattn extra installs it.
 
@@ -160,3 +180,25 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message (its type name when the message is empty), for one-line errors."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def check_external_name(source: str, name: str) -> None:
+    """``ValueError`` unless ``name`` is a model of ``source`` (``"timm"`` or ``"torchvision"``).
+
+    The message offers the closest names. For timm a ``.tag`` suffix (pretrained weights) is
+    allowed and checked by timm itself.
+    """
+    import difflib
+
+    if source == "timm":
+        known, base, listing = require("timm", "timm").list_models(), name.split(".")[0], "timm.list_models()"
+    elif source == "torchvision":
+        import torchvision
+
+        known, base, listing = torchvision.models.list_models(), name, "torchvision.models.list_models()"
+    else:
+        raise ValueError(f"unknown model source {source!r}; use timm:NAME or torchvision:NAME")
+    if base not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        raise ValueError(f"unknown model {source}:{name}"
+                         + (f"; did you mean {', '.join(close)}?" if close else f"; see {listing}"))

@@ -114,6 +114,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, ValueError, OSError, TypeError, EquivalenceError) as e:
         print(f"foldattn {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        message = out_of_memory(e)
+        if message is None:
+            raise
+        print(f"foldattn {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """One line for an allocation failure (CPU or GPU), with what to change; None for other errors."""
+    import re
+
+    import torch
+
+    text = str(error)
+    if isinstance(error, torch.OutOfMemoryError):  # CUDA's: "... Tried to allocate 2.00 GiB. GPU 0 has ..."
+        where, found = "GPU", re.search(r"Tried to allocate ([\d.]+ \w+)", text)
+        size = found.group(1) if found else None
+    elif isinstance(error, MemoryError) or "can't allocate memory" in text:  # torch's CPU allocator
+        where, found = "CPU", re.search(r"allocate (\d+) bytes", text)
+        size = f"{int(found.group(1)) / 2**30:.2f} GiB" if found else None
+    else:
+        return None
+    asked = f" (it asked for {size})" if size else ""
+    return (f"out of {where} memory{asked}; lower the batch size (--batch-size, or this command's batch "
+            "options); the files already written are intact")
 
 
 if __name__ == "__main__":  # pragma: no cover

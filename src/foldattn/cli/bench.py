@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 
 from .. import attention as _attention
+from .._utils import check_output_folder
 from ..bench import QUICK, BenchConfig, families, render_markdown, run_bench, write_outputs
 from ..bench.targets import _profile_failures
 from ..bench.timing import _CLOCKS
@@ -45,6 +46,7 @@ def _main(args: argparse.Namespace) -> int:
     overrides.update(channels_last=args.channels_last or base.channels_last, onnx=args.onnx or base.onnx,
                      memory=base.memory and not args.no_memory, train=base.train and not args.no_train)
     cfg = replace(base, **overrides).validated()
+    check_output_folder(args.out, "--out")
     command = _command_line(args)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     result = run_bench(cfg, log=log, command=command)

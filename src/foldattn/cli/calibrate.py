@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._utils import atomic_path, strict_json
+from .._utils import atomic_path, check_output_folder, strict_json
 from ..summary import latency_ms
 from . import nonnegative_int, positive_float, positive_int
 from .stripe import add_data_args, add_model_args, load_model_and_data, prepare_output
@@ -62,7 +62,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.finetune_epochs < 0:
         raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
-    out = prepare_output(args.output)
+    check_output_folder(args.output, "--output")  # created only when the results are written
     model, label, data, name, kwargs = load_model_and_data(args)
     model.eval()
     before = evaluate(model, data.val)
@@ -95,6 +95,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     result["bench_batch"] = int(bench.shape[0])
     print(f"latency, batch {bench.shape[0]}: {result['latency_ms_before']:.2f} ms -> "
           f"{result['latency_ms_after']:.2f} ms; parameters {result['params_before']:,} -> {result['params_after']:,}")
+    out = prepare_output(args.output)
     weights = _save(deployed, out / "calibrated.safetensors", name, kwargs, report.folded == len(report.layers),
                     {"source": label, "data": data.name, "calibrated_layers": len(report.layers)})
     result["weights"] = str(weights)

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .._utils import check_output_folder
 from . import positive_int, split_value
 
 __all__ = [
@@ -198,11 +199,11 @@ def run_stripe(args: argparse.Namespace) -> dict[str, Any]:
     from ..stripe import StripeHistory, record_stripes
     from ..stripe.plots import plot_heatmaps, plot_history, plot_summary
 
-    out = prepare_output(args.output)
+    check_output_folder(args.output, "--output")  # created only when the first file is written
     written: list[Path] = []
     if args.history:
         history = StripeHistory.load(args.history)
-        written += plot_history(history, out / "stripe_curves.png")
+        written += plot_history(history, prepare_output(args.output) / "stripe_curves.png")
         if not args.model:
             return {"written": [str(p) for p in written]}
     model, label, data, _, _ = load_model_and_data(args)
@@ -212,6 +213,7 @@ def run_stripe(args: argparse.Namespace) -> dict[str, Any]:
     result = record_stripes(model, split, layers=args.layers or None, max_images=args.max_images,
                             max_samples=args.samples, seed=args.seed)
     result.meta.update({"model": label, "data": data.name, "split": args.split})
+    out = prepare_output(args.output)
     result.save(out / "stripes.json")
     written.append(out / "stripes.json")
     written += plot_summary(result, out / "stripe_summary.png")

@@ -167,6 +167,8 @@ class TrainConfig:
         if not isinstance(self.model_ema, bool):
             bad("model-ema", self.model_ema, "must be true or false")
         number("model-ema-decay", self.model_ema_decay, 0.0, 1.0, open_high=True)
+        if self.model_ema_decay == 0:
+            bad("model-ema-decay", self.model_ema_decay, "must be in (0, 1): 0 makes the EMA a copy of the weights")
         if not self.model_ema and (self.model_ema_decay != 0.9998 or self.model_ema_warmup):
             bad("model-ema-decay" if self.model_ema_decay != 0.9998 else "model-ema-warmup",
                 self.model_ema_decay if self.model_ema_decay != 0.9998 else True, "add --model-ema to use it")

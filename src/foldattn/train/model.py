@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 from typing import Any
 
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import attention as _attention
-from .._utils import require, unwrap_model
+from .._utils import check_external_name, require, unwrap_model
 from ..fold import fold, has_foldable
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .config import TrainConfig
@@ -30,6 +29,14 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 3) -> nn.
         raise ValueError("--asr/--both need --attention NAME (e.g. --attention se)")
     if cfg.every < 1:
         raise ValueError(f"--every must be >= 1, got {cfg.every}")
+    if cfg.psi_init != 0.1 and not (cfg.asr or cfg.both):
+        raise ValueError(f"--psi-init {cfg.psi_init:g} sets ASR's learnable input, and this run has no ASR layer: "
+                         "add --attention NAME --asr, or drop --psi-init")
+    placement = [o for o, on in (("--every", cfg.every != 1), ("--where", cfg.where is not None),
+                                 ("--include", bool(cfg.include)), ("--exclude", bool(cfg.exclude))) if on]
+    if placement and cfg.attention is None:
+        raise ValueError(f"{'/'.join(placement)} place attention, and this run adds none: "
+                         "add --attention NAME (with --asr for ASR), or drop them")
     if cfg.preserve_outputs and not cfg.asr:
         raise ValueError("--preserve-outputs applies to ASR layers: add --attention NAME --asr")
     if cfg.preserve_outputs and cfg.both:
@@ -73,10 +80,7 @@ def _external_model(source: str, name: str, cfg: TrainConfig, num_classes: int) 
     if source == "torchvision":
         import torchvision
 
-        if name not in torchvision.models.list_models():
-            close = difflib.get_close_matches(name, torchvision.models.list_models(), n=3)
-            raise ValueError(f"unknown model torchvision:{name}" + (f"; did you mean {', '.join(close)}?" if close
-                                                                  else "; see torchvision.models.list_models()"))
+        check_external_name("torchvision", name)
         kwargs = dict(cfg.model_kwargs)
         if cfg.drop_path is not None:
             kwargs["stochastic_depth_prob"] = cfg.drop_path
@@ -88,10 +92,7 @@ def _external_model(source: str, name: str, cfg: TrainConfig, num_classes: int) 
             raise ValueError(f"torchvision:{name} refused its arguments {sorted(kwargs)}{hint}: {e}") from None
     elif source == "timm":
         timm = require("timm", "timm")
-        if name.split(".")[0] not in timm.list_models():  # a ".tag" names pretrained weights, not refused here
-            close = difflib.get_close_matches(name, timm.list_models(), n=3)
-            raise ValueError(f"unknown model timm:{name}" + (f"; did you mean {', '.join(close)}?" if close
-                                                            else "; see timm.list_models()"))
+        check_external_name("timm", name)
         kwargs = dict(cfg.model_kwargs)
         if cfg.drop_path is not None:
             kwargs["drop_path_rate"] = cfg.drop_path

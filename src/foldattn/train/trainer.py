@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._utils import require
+from .._utils import check_output_folder, require
 from ..fold import asr_layers
 from ..summary import count_params
 from .augment import create_mixup, seeded
@@ -121,8 +121,8 @@ class Trainer:
                                  + "\nrerun with the saved options, or pass --allow-config-change to continue anyway")
             if diff:
                 warnings.warn("resuming with a changed configuration: " + "; ".join(diff), stacklevel=2)
-        if dist.main:
-            check_writable(self.out)
+        if dist.main:  # refused now, before the data is loaded; created only once every check has passed
+            check_output_folder(self.out, "--output")
         torch.manual_seed(cfg.seed)
         if self.bundle is None:
             self.bundle = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, cfg.split_seed, cfg.cache_dir,
@@ -210,7 +210,8 @@ class Trainer:
             "steps_per_epoch": self.steps, "preprocessing": preprocessing(bundle),
         }
         self.callbacks = self._default_callbacks() + self.extra_callbacks
-        if dist.main:  # last: every refusal above leaves the folder as it was
+        if dist.main:  # last: every refusal above leaves the folder as it was (or absent)
+            check_writable(self.out)
             self.lock.acquire()
         self.log(f"{label(cfg)} on {bundle.name}: {len(bundle.train)} train / {len(bundle.val)} val images, "
                  f"{params_train:,} params ({params_deployed:,} deployed), {self.steps} steps/epoch, "
