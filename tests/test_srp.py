@@ -183,9 +183,21 @@ def test_dbb_pad_value_is_zero_response():
     x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
     y = layer(x)
     assert y.shape == (1, 3, 8, 8)
-    zero = layer.bn(torch.zeros(1, 3, 1, 1, dtype=torch.float64)).reshape(3)
-    assert torch.allclose(y[0, :, 0, 0], zero, rtol=0, atol=1e-12)
-    assert torch.allclose(y[..., 2:6, 2:6], layer.bn(x), rtol=0, atol=1e-12)
+    zero = layer.bn(torch.zeros(1, 3, 1, 1, dtype=torch.float64)).reshape(1, 3, 1, 1)
+    border = torch.ones(8, 8, dtype=torch.bool)
+    border[2:6, 2:6] = False
+    torch.testing.assert_close(y[..., border], zero.reshape(1, 3, 1).expand(1, 3, int(border.sum())),
+                               rtol=0, atol=1e-12)  # every border pixel, not just a corner
+    assert torch.equal(y[..., 2:6, 2:6], layer.bn(x))  # the interior is the BN output, bit for bit
+
+
+def test_dbb_pad_border_carries_the_gradient_of_the_bn_affine():
+    # the border is written into the padded tensor in place; autograd must still see it
+    layer = randomize(srp.BNAndPad(3, 1).double()).train()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    layer(x)[..., 0, :].sum().backward()  # the top border row only
+    assert layer.bn.bias.grad is not None and torch.all(layer.bn.bias.grad == 2 * 6)
+    assert torch.autograd.gradcheck(lambda t: layer.eval()(t), (x.clone().requires_grad_(),))
 
 
 @settings(max_examples=30, deadline=None)

@@ -114,10 +114,11 @@ class RepBlock(nn.Module):
 
     # --- training form ---------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        # no name holds a branch's output: it is freed by the addition, before the next branch
+        # allocates (as in ``a(x) + b(x) + c(x)``; a named one changes the allocator's reuse)
         out: Tensor | None = None
         for branch in self.branches.values():
-            y = branch(x)
-            out = y if out is None else out + y
+            out = branch(x) if out is None else out + branch(x)
         if out is None:
             raise RuntimeError(f"{type(self).__name__} has no branches; subclasses add them in __init__")
         return out
@@ -126,8 +127,7 @@ class RepBlock(nn.Module):
         """The block with every branch's last BatchNorm scaled by ``v``: ``block(x) * v``, functionally."""
         out: Tensor | None = None
         for branch in self.branches.values():
-            y = branch.forward_scaled(v, x)
-            out = y if out is None else out + y
+            out = branch.forward_scaled(v, x) if out is None else out + branch.forward_scaled(v, x)
         if out is None:
             raise RuntimeError(f"{type(self).__name__} has no branches; subclasses add them in __init__")
         return out
