@@ -245,12 +245,44 @@ def test_reference_layout_computes_what_plain_computes() -> None:
         ref = get_family(name).reference(plain)
         x = torch.randn(2, 3, 32, 32)
         torch.testing.assert_close(ref.eval()(x), plain(x), rtol=0, atol=0)
-    assert get_family("cifar_repvgg_a0").reference is None
+    assert get_family("resnet18").reference is None
     pytest.importorskip("timm")
     vit = create_model("cifar_vit_tiny").eval()
     ref = get_family("cifar_vit_tiny").reference(vit).eval()
     assert type(ref).__name__ == "VisionTransformer"
     verify(vit, ref, torch.randn(2, 3, 32, 32))  # float32, 1e-5 relative (LayerNorm eps differs)
+
+
+@pytest.mark.parametrize("name", ["cifar_repvgg_a0", "cifar_resnet20_acnet", "cifar_resnet20_dbb"])
+def test_reparameterization_references_compute_what_plain_computes(name: str) -> None:
+    from foldattn.bench.family import get_family
+    from foldattn.bench.reference import reference_srp_deployed
+    from foldattn.models import create_model
+    from foldattn.srp import rep_blocks
+
+    torch.manual_seed(0)
+    plain = create_model(name).eval()
+    for m in plain.modules():  # statistics and affines away from their defaults
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    family = get_family(name)
+    assert family.reference_deployed is reference_srp_deployed
+    ref, deployed = family.reference(plain), family.reference_deployed(plain)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    assert sum(isinstance(m, nn.Conv2d) for m in deployed.modules()) == len(list(rep_blocks(plain)))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = plain(x)
+        scale = y.abs().max()
+        assert (ref.eval()(x) - y).abs().max() <= 1e-6 * scale
+        assert (deployed(x) - y).abs().max() <= 1e-5 * scale
+        plain.train()
+        ref.train()
+        assert (ref(x) - plain(x)).abs().max() <= 1e-6 * scale  # batch statistics too
+    assert ref.training and not any(m.training for m in deployed.modules())
 
 
 @pytest.mark.parametrize("name", ["timm:resnet18", "torchvision:mobilenet_v3_small"])

@@ -6,8 +6,9 @@ with ASR(X) and with ASR(X)+X. The families live in a :class:`~foldattn._registr
 torchvision ResNet-18/50 are registered on import, and ``timm:NAME`` / ``torchvision:NAME``
 name any model of those libraries (built untrained, attention placed by :func:`foldattn.attach`).
 A :class:`Variant` is one form of the network built from a family and an attention name
-(:data:`VARIANTS`). The CIFAR ResNets also carry a ``reference``: the same plain network
-written the way the ASR reference code writes it (:mod:`.reference`), timed beside plain.
+(:data:`VARIANTS`). foldattn's own models also carry a ``reference``: the same plain network
+written the usual way (:mod:`.reference`), timed beside plain; the re-parameterization
+backbones a ``reference_deployed`` too, their deployed network written the usual way.
 
 (The module is ``family``, not ``families``: ``foldattn.bench.families`` is the function.)
 """
@@ -22,7 +23,7 @@ from torch import nn
 
 from .. import attention as _attention
 from .._registry import Registry
-from .._utils import require, set_submodule
+from .._utils import check_external_name, require, set_submodule
 from ..asr import ASR, host_channels
 from ..attach import attach, find_sites
 from ..fold import fold
@@ -51,6 +52,9 @@ class Family:
         num_classes: classifier outputs (labels of the training step).
         reference: ``reference(plain)``: the plain network in another implementation, carrying
             plain's weights (its row must compute the same outputs), or None.
+        reference_deployed: ``reference_deployed(plain)``: plain's deployed network (every
+            re-parameterization block fused) in another implementation, or None; for models
+            whose plain form is already the deployed one, ``reference`` is that row.
     """
 
     name: str
@@ -59,6 +63,7 @@ class Family:
     train_batch: int = 64
     num_classes: int = 10
     reference: Callable[[nn.Module], nn.Module] | None = None
+    reference_deployed: Callable[[nn.Module], nn.Module] | None = None
 
 
 def _check(obj: object) -> None:
@@ -104,15 +109,10 @@ def get_family(name: str) -> Family:
 
 def _external_family(name: str) -> Family:
     """A family for an untrained timm / torchvision model (1000 classes, its default input size)."""
-    import difflib
-
     source, _, arch = name.partition(":")
+    check_external_name(source, arch)
     if source == "timm":
         timm = require("timm", "timm")
-        if arch not in timm.list_models():
-            close = difflib.get_close_matches(arch, timm.list_models(), n=3)
-            raise ValueError(f"unknown model {name}" + (f"; did you mean {', '.join(close)}?" if close else
-                                                        "; see timm.list_models()"))
         cfg = timm.get_pretrained_cfg(arch)
         size = tuple(cfg.input_size) if cfg is not None and cfg.input_size else (3, 224, 224)
 
@@ -121,10 +121,6 @@ def _external_family(name: str) -> Family:
     else:
         import torchvision
 
-        if arch not in torchvision.models.list_models():
-            close = difflib.get_close_matches(arch, torchvision.models.list_models(), n=3)
-            raise ValueError(f"unknown model {name}" + (f"; did you mean {', '.join(close)}?" if close else
-                                                        "; see torchvision.models.list_models()"))
         size = (3, 224, 224)
 
         def factory() -> nn.Module:
@@ -187,14 +183,15 @@ def _attach_builder(factory: Callable[[], nn.Module]) -> Builder:
 
 
 def _reference(name: str) -> Callable[[nn.Module], nn.Module] | None:
-    """``reference(plain)`` for the CIFAR ResNets (the ASR reference code's layout) and ``cifar_vit_tiny``
-    (timm's ``VisionTransformer`` of the same size, when timm is installed); None for other models."""
+    """``reference(plain)`` for foldattn's models (see :mod:`.reference`); None for others."""
     import re
 
-    from .reference import reference_cifar_resnet, reference_vit
+    from .reference import reference_cifar_resnet, reference_srp, reference_vit
 
     if name == "cifar_vit_tiny":
         return reference_vit
+    if name == "cifar_repvgg_a0" or re.fullmatch(r"cifar_resnet\d+_\w+", name):
+        return reference_srp
     match = re.fullmatch(r"cifar_resnet(\d+)", name)
     if match is None:
         return None
@@ -211,6 +208,12 @@ def _reference(name: str) -> Callable[[nn.Module], nn.Module] | None:
     return build
 
 
+def _reference_deployed(name: str) -> Callable[[nn.Module], nn.Module] | None:
+    from .reference import reference_srp, reference_srp_deployed
+
+    return reference_srp_deployed if _reference(name) is reference_srp else None
+
+
 def _torchvision(arch: str) -> Callable[[], nn.Module]:
     """A factory of the untrained torchvision model ``arch`` (torchvision imported on first use)."""
 
@@ -224,7 +227,7 @@ def _torchvision(arch: str) -> Callable[[], nn.Module]:
 
 for _name in list_models():
     register_family(Family(_name, (3, 32, 32), _foldattn_builder(_name), train_batch=64, num_classes=10,
-                           reference=_reference(_name)))
+                           reference=_reference(_name), reference_deployed=_reference_deployed(_name)))
 for _arch in ("resnet18", "resnet50"):
     register_family(Family(_arch, (3, 224, 224), _attach_builder(_torchvision(_arch)), train_batch=16,
                            num_classes=1000))

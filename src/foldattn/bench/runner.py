@@ -38,7 +38,7 @@ from .targets import check_targets
 from .timing import _CLOCKS, _stats, _sync_for, interleaved
 from .workload import _inputs, _prepare, _train_step
 
-__all__ = ["bench_group", "run_bench", "UNRELIABLE_SPREAD", "REFERENCE_LABEL"]
+__all__ = ["bench_group", "run_bench", "UNRELIABLE_SPREAD", "REFERENCE_LABEL", "REFERENCE_DEPLOYED_LABEL"]
 
 #: ONNX opset of the exported models of the ``--onnx`` rows
 _ONNX_OPSET = 17
@@ -46,6 +46,8 @@ _ONNX_OPSET = 17
 UNRELIABLE_SPREAD = 0.2
 #: the label of the row of the plain network written the usual way (see :mod:`.reference`)
 REFERENCE_LABEL = "plain, reference implementation"
+#: the label of the row of plain's deployed network written the usual way (re-parameterization backbones)
+REFERENCE_DEPLOYED_LABEL = "plain deployed, reference implementation"
 
 
 @contextlib.contextmanager
@@ -104,11 +106,16 @@ def bench_group(family: Family, attention: str, cfg: BenchConfig, threads: int,
         models["reference"] = _prepare(family.reference(models["plain"]), cfg, device)
         with torch.inference_mode():
             verify(models["plain"], models["reference"], _inputs(family, 2, cfg, device))
+    if family.reference_deployed is not None:  # compare with "+ASR(X) folded": the same network
+        models["reference_deployed"] = _prepare(family.reference_deployed(models["plain"]), cfg, device)
+        with torch.inference_mode():
+            verify(models["plain"], models["reference_deployed"], _inputs(family, 2, cfg, device))
     x1 = _inputs(family, cfg.latency_batch, cfg, device)
     xb = _inputs(family, cfg.throughput_batch, cfg, device)
     flops_x = _inputs(family, 1, replace(cfg, channels_last=False), device)
     rows: dict[str, dict[str, Any]] = {}
-    labels = {v.key: v.title(attention) for v in VARIANTS} | {"reference": REFERENCE_LABEL}
+    labels = ({v.key: v.title(attention) for v in VARIANTS}
+              | {"reference": REFERENCE_LABEL, "reference_deployed": REFERENCE_DEPLOYED_LABEL})
     for key, m in models.items():
         rows[key] = {"variant": key, "label": labels[key], "params": count_params(m), "flops": count_flops(m, flops_x)}
     for key, label, _ in ONNX_ROWS if cfg.onnx else ():
