@@ -149,6 +149,7 @@ OTHER_CASES = [
     ("fold-ema-without-ema", ["fold", "{run}", "--ema", "-o", "{tmp}/o"], "no EMA weights"),
     ("bench-out-is-a-file", ["bench", "--quick", "--out", "{run}/last.pt"], "is a file"),
     ("bench-out-under-a-file", ["bench", "--quick", "--out", "{run}/last.pt/sub"], "which is a file"),
+    ("calibrate-no-input-dependent-attention", ["calibrate", "{run}", "-o", "{tmp}/c"], "no input-dependent"),
     ("stripe-no-input-dependent-attention", ["stripe", "cifar_resnet20", "--dataset", "digits", "--max-images", "8",
                                              "--samples", "0", "-o", "{tmp}/s"], "no input-dependent"),
 ]
