@@ -278,22 +278,20 @@ def _build_like(model: nn.Module, deployed: bool) -> nn.Module:
     from ..models import CifarRepVGG, SrpCifarResNet
 
     if isinstance(model, CifarRepVGG):
-        stages = [[_layer(unit.conv, deployed) for unit in getattr(model, f"stage{i}")] for i in range(1, 5)]
-        if any(unit.attention is not None for i in range(1, 5) for unit in getattr(model, f"stage{i}")):
-            raise ValueError("the reference is the plain network: build the model without classic attention")
+        units = [list(getattr(model, f"stage{i}")) for i in range(1, 5)]
+    elif isinstance(model, SrpCifarResNet):
+        units = [list(layer) for layer in (model.layer1, model.layer2, model.layer3)]
+    else:
+        raise ValueError(f"no re-parameterization reference for {type(model).__name__}")
+    if any(u.attention is not None for stage in units for u in stage):
+        raise ValueError("the reference is the plain network: build the model without classic attention")
+    if isinstance(model, CifarRepVGG):
+        stages = [[_layer(u.conv, deployed) for u in stage] for stage in units]
         return _RepVGG(_layer(model.stem.conv, deployed), stages, model.fc)
-    if isinstance(model, SrpCifarResNet):
-        stages = []
-        for layer in (model.layer1, model.layer2, model.layer3):
-            blocks = []
-            for b in layer:
-                if b.attention is not None:
-                    raise ValueError("the reference is the plain network: build the model without classic attention")
-                down = None if b.downsample is None else _layer(b.downsample, deployed)
-                blocks.append(_SrpBasic(_layer(b.conv1, deployed), _layer(b.conv2, deployed), down))
-            stages.append(blocks)
-        return _SrpResNet(_layer(model.conv1, deployed), stages, model.fc)
-    raise ValueError(f"no re-parameterization reference for {type(model).__name__}")
+    stages = [[_SrpBasic(_layer(b.conv1, deployed), _layer(b.conv2, deployed),
+                         None if b.downsample is None else _layer(b.downsample, deployed)) for b in stage]
+              for stage in units]
+    return _SrpResNet(_layer(model.conv1, deployed), stages, model.fc)
 
 
 def _load_in_order(ref: nn.Module, model: nn.Module) -> nn.Module:
@@ -314,7 +312,9 @@ def reference_srp(plain: nn.Module) -> nn.Module:
 
 def reference_srp_deployed(plain: nn.Module) -> nn.Module:
     """The deployed network of ``plain`` (every block fused) as a plain stack of biased convs and ReLUs."""
+    from .._utils import eval_mode
     from ..srp import reparameterize
 
-    deployed = reparameterize(plain.eval())
+    with eval_mode(plain):  # the fold uses the running statistics; the caller's module keeps its mode
+        deployed = reparameterize(plain)
     return _load_in_order(_build_like(deployed, deployed=True), deployed).eval()

@@ -102,14 +102,13 @@ def bench_group(family: Family, attention: str, cfg: BenchConfig, threads: int,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             models[v.key] = _prepare(v.build(family, attention), cfg, device)
-    if family.reference is not None:  # the same plain network, written as the reference code writes it
-        models["reference"] = _prepare(family.reference(models["plain"]), cfg, device)
-        with torch.inference_mode():
-            verify(models["plain"], models["reference"], _inputs(family, 2, cfg, device))
-    if family.reference_deployed is not None:  # compare with "+ASR(X) folded": the same network
-        models["reference_deployed"] = _prepare(family.reference_deployed(models["plain"]), cfg, device)
-        with torch.inference_mode():
-            verify(models["plain"], models["reference_deployed"], _inputs(family, 2, cfg, device))
+    # the same plain network written the usual way, and (re-parameterization backbones) its deployed
+    # network, to compare with "+ASR(X) folded"; each must compute what plain computes
+    for key, make in (("reference", family.reference), ("reference_deployed", family.reference_deployed)):
+        if make is not None:
+            models[key] = _prepare(make(models["plain"]), cfg, device)
+            with torch.inference_mode():
+                verify(models["plain"], models[key], _inputs(family, 2, cfg, device))
     x1 = _inputs(family, cfg.latency_batch, cfg, device)
     xb = _inputs(family, cfg.throughput_batch, cfg, device)
     flops_x = _inputs(family, 1, replace(cfg, channels_last=False), device)
