@@ -141,7 +141,7 @@ def test_fuse_is_exact(host_name: str, att: str, dtype: torch.dtype, tol: float)
         assert p.dtype == dtype
 
 
-@pytest.mark.parametrize("att", [a for a in ALL if a not in NEEDS_2D])
+@pytest.mark.parametrize("att", [a for a in ALL if a not in NEEDS_2D and attention.get(a).has_classic_form])
 @pytest.mark.parametrize("host_name", ["batchnorm2d", "conv2d", "linear", "layernorm"])
 def test_both_keeps_classic_module(host_name: str, att: str) -> None:
     layer, x = _make(host_name, att, torch.float64, both=True)

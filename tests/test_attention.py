@@ -7,14 +7,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import foldattn
 from foldattn import attention
 from foldattn.attention import DIA, ChannelAttention
 
 ALL = attention.names()
+#: modules with an input-dependent (classic) form: all but the ASR-only control `scale`
+CLASSIC = [n for n in ALL if attention.get(n).has_classic_form]
 
 
 def test_registry_lists_the_zoo() -> None:
-    assert ALL == ["cbam", "dia", "eca", "ge", "ie", "se", "spa", "srm"]
+    assert ALL == ["cbam", "dia", "eca", "ge", "ie", "scale", "se", "spa", "srm"]
 
 
 def test_unknown_name_lists_valid_names() -> None:
@@ -59,7 +62,7 @@ def test_channels_must_be_positive_int(channels: object) -> None:
         attention.create("se", channels)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", CLASSIC)
 def test_classic_form_gates_within_unit_interval(name: str) -> None:
     module = attention.create(name, 16).train()
     x = torch.randn(4, 16, 6, 6)
@@ -71,7 +74,7 @@ def test_classic_form_gates_within_unit_interval(name: str) -> None:
         torch.testing.assert_close(y, x * g[:, :, None, None])
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", CLASSIC)
 def test_classic_form_rejects_wrong_channels(name: str) -> None:
     with pytest.raises(ValueError, match=r"expects a feature map \(N, 16"):
         attention.create(name, 16)(torch.randn(2, 8, 4, 4))
@@ -170,7 +173,7 @@ def test_dia_static_needs_chain_order() -> None:
 
 @settings(max_examples=15, deadline=None)
 @given(
-    name=st.sampled_from([n for n in ALL if n != "dia"]),
+    name=st.sampled_from([n for n in CLASSIC if n != "dia"]),
     channels=st.integers(1, 24),
     batch=st.integers(1, 3),
     hw=st.tuples(st.integers(4, 9), st.integers(4, 9)),
@@ -216,3 +219,40 @@ def test_dia_static_gradient_accumulation() -> None:
     for _ in range(2):  # two forward/backward passes without an optimizer step
         (a.static_gate().sum() + b.static_gate().sum()).backward()
     assert a.psi.grad is not None and b.psi.grad is not None
+
+
+# --- scale: the learnable-scale control ---------------------------------------------------------
+
+
+def test_scale_is_a_free_vector_starting_at_one() -> None:
+    module = attention.create("scale", 6).make_static()
+    assert module.psi is not None and module.psi.shape == (1, 6)
+    torch.testing.assert_close(module.static_gate(), torch.ones(6))
+    with torch.no_grad():
+        module.psi.copy_(torch.arange(6.0).reshape(1, 6))
+    torch.testing.assert_close(module.static_gate(), torch.arange(6.0))  # v = T(psi) = psi
+
+
+def test_scale_has_no_classic_form() -> None:
+    with pytest.raises(TypeError, match="only the ASR form"):
+        attention.create("scale", 4)(torch.randn(2, 4, 3, 3))
+    with pytest.raises(ValueError, match="no input-dependent form"):
+        foldattn.create_model("cifar_resnet20", attention="scale")
+    with pytest.raises(ValueError, match="no input-dependent form"):
+        foldattn.create_model("cifar_resnet20", attention="scale", asr=True, both=True)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_psi_init_default_constant_and_random(name: str) -> None:
+    cls = attention.get(name)
+    default = attention.create(name, 8).make_static()
+    assert torch.all(default.psi == cls.default_psi_init)
+    assert torch.all(attention.create(name, 8).make_static(0.5).psi == 0.5)
+    torch.manual_seed(3)
+    a = attention.create(name, 8).make_static("random").psi
+    torch.manual_seed(3)
+    b = attention.create(name, 8).make_static("random").psi
+    assert torch.equal(a, b) and a.std() > 0.3  # seeded standard normal entries
+    for bad in ("randn", float("nan"), True):
+        with pytest.raises(ValueError, match="psi_init"):
+            attention.create(name, 8).make_static(bad)  # type: ignore[arg-type]

@@ -62,7 +62,8 @@ def test_preserve_outputs_starts_from_the_models_function(name: str, model_name:
         attached = foldattn.attach(model, name, where=where, preserve_outputs=True).eval()
         assert _rel(attached(x), ref) < 1e-5  # float32 tolerance
         changed = foldattn.attach(model, name, where=where).eval()
-        assert _rel(changed(x), ref) > 1e-2  # without it, attaching moves the outputs
+        if name != "scale":  # scale starts at v = 1: attaching it changes nothing by design
+            assert _rel(changed(x), ref) > 1e-2  # without it, attaching moves the outputs
         foldattn.verify(attached, foldattn.fold(attached), x)
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+import foldattn
 from foldattn import ASR, attention, create_model, fold, verify
 from foldattn.models import CifarViT
-from foldattn.models.vit import attach_vit_asr, vit_asr_sites
+from foldattn.models.vit import LayerScale, attach_vit_asr, vit_asr_sites
 
 from ._srp_util import randomize
 
@@ -158,3 +159,35 @@ def test_vit_rule_errors():
     model = attach_vit_asr(create_model("cifar_vit_tiny", **SMALL), "ie")
     with pytest.raises(ValueError, match="already have ASR"):
         attach_vit_asr(model, "ie")
+
+
+# --- LayerScale ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [{}, {"attention": "se", "asr": True}, {"attention": "se"},
+                                   {"attention": "scale", "asr": True}], ids=["plain", "asr-se", "se", "asr-scale"])
+def test_layer_scale_folds_into_the_branch_linear(extra: dict) -> None:
+    torch.manual_seed(0)
+    model = create_model("cifar_vit_tiny", depth=2, layer_scale=1e-5, **extra).double()
+    with torch.no_grad():  # a trained-looking scale: far from its initial value, one value per channel
+        for block in model.blocks:
+            block.ls1.gamma.uniform_(0.2, 2.0)
+            block.ls2.gamma.uniform_(-1.0, 1.0)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    deployed = foldattn.fold(model)
+    assert not any(isinstance(m, LayerScale) for m in deployed.modules())
+    assert foldattn.verify(model, deployed, x).max_rel <= 1e-10
+    plain = create_model("cifar_vit_tiny", depth=2, **{k: v for k, v in extra.items() if k != "asr"}
+                         if not extra.get("asr") else {}).double()
+    plain.load_state_dict(deployed.state_dict(), strict=True)  # the ViT built without LayerScale
+    assert foldattn.verify(model, plain, x).max_rel <= 1e-10
+
+
+def test_layer_scale_trains_and_is_a_deploy_free_argument() -> None:
+    model = create_model("cifar_vit_tiny", depth=1, layer_scale=0.1)
+    assert model.foldattn_builder["kwargs"] == {"depth": 1}  # the deployed model has no LayerScale
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert model.blocks[0].ls1.gamma.grad is not None
+    for bad in (0, -1e-5, float("inf"), True):
+        with pytest.raises(ValueError, match="layer_scale"):
+            create_model("cifar_vit_tiny", layer_scale=bad)

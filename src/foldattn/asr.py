@@ -53,7 +53,9 @@ class ASR(nn.Module):
             or a :class:`~foldattn.attention.ChannelAttention` instance.
         both: also apply the classic (input-dependent) module on the output,
             "ASR(X) + X"; only the ASR part folds away.
-        psi_init: constant the learnable input ``psi`` starts at.
+        psi_init: where the learnable input ``psi`` starts: a constant, ``"random"`` (standard
+            normal entries) or None for the attention module's ``default_psi_init`` (0.1, the
+            paper's value; 1 for ``scale``).
         classic: a classic module instance for "ASR(X) + X" (instead of ``both=True``,
             which builds one from the attention's name); e.g. a DIA module of a chain.
         preserve_outputs: start from the host's own function: divide the host's absorbing
@@ -73,7 +75,7 @@ class ASR(nn.Module):
         attention: str | _attention.ChannelAttention = "se",
         *,
         both: bool = False,
-        psi_init: float = 0.1,
+        psi_init: _attention.PsiInit = None,
         classic: _attention.ChannelAttention | None = None,
         preserve_outputs: bool = False,
         **attention_kwargs: Any,
@@ -107,6 +109,9 @@ class ASR(nn.Module):
         if both and classic is None:
             classic = _attention.create(name, channels, **attention_kwargs)
         if classic is not None:
+            if isinstance(classic, _attention.ChannelAttention) and not classic.has_classic_form:
+                raise ValueError(f"{type(classic).__name__} has no input-dependent form, so ASR(X) + X does not exist "
+                                 "for it; use it in the ASR form alone (both=False)")
             if not isinstance(classic, _attention.ChannelAttention) or classic.channels != channels:
                 raise ValueError(f"classic must be a ChannelAttention for {channels} channels, got {classic!r}")
             classic = classic.to(device=ref.device, dtype=ref.dtype)

@@ -411,7 +411,7 @@ def attach(
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     both: bool = False,
-    psi_init: float = 0.1,
+    psi_init: _attention.PsiInit = None,
     inplace: bool = False,
     *,
     example_inputs: Tensor | Sequence[Tensor] | None = None,
@@ -439,7 +439,8 @@ def attach(
         include: module names or glob patterns (``"layer3.*"``) the sites must match.
         exclude: module names or glob patterns removed from the sites.
         both: also apply the classic attention module ("ASR(X) + X"); only ASR folds.
-        psi_init: initial value of the learnable input ``psi``.
+        psi_init: initial value of the learnable input ``psi``: a number, ``"random"``, or None for
+            the attention module's default (0.1, the paper's; 1 for ``scale``).
         inplace: modify ``model``; by default a deep copy is returned.
         example_inputs: an input batch, used to record the graph when ``torch.fx``
             cannot trace the model (data-dependent control flow, ...).

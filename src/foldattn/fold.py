@@ -17,6 +17,7 @@ from torch import nn
 from ._utils import set_submodule, unwrap_model
 from .asr import ASR
 from .fuse import FuseReport, fuse_norms, norm_pairs
+from .scales import fold_scales
 from .srp import rep_blocks, reparameterize
 
 __all__ = ["fold", "asr_layers", "conv_bn_pairs", "has_foldable"]
@@ -26,11 +27,15 @@ def _has_rep_blocks(model: nn.Module) -> bool:
     return next(rep_blocks(model), None) is not None
 
 
+def _has_scale_layers(model: nn.Module) -> bool:
+    return any(getattr(type(m), "folds_away", False) for m in model.modules())
+
+
 def has_foldable(model: nn.Module) -> bool:
-    """True if :func:`fold` changes ``model``: it has ASR layers or re-parameterization blocks
-    (a plain RepVGG/ACNet/DBB network still deploys fused)."""
+    """True if :func:`fold` changes ``model``: it has ASR layers, re-parameterization blocks (a plain
+    RepVGG/ACNet/DBB network still deploys fused) or training-time scale layers (LayerScale)."""
     model = unwrap_model(model)
-    return bool(asr_layers(model)) or _has_rep_blocks(model)
+    return bool(asr_layers(model)) or _has_rep_blocks(model) or _has_scale_layers(model)
 
 
 def asr_layers(model: nn.Module) -> list[tuple[str, ASR]]:
@@ -82,7 +87,7 @@ def fold(model: nn.Module, inplace: bool = False, fuse_bn: bool = False, reparam
         model = copy.deepcopy(model)
     layers = asr_layers(model)
     has_blocks = reparam and _has_rep_blocks(model)
-    if not layers and not fuse_bn and not has_blocks:
+    if not layers and not fuse_bn and not has_blocks and not _has_scale_layers(model):
         warnings.warn("fold: the model has no ASR layer; returned unchanged", stacklevel=3)
     for name, layer in layers:
         try:
@@ -95,6 +100,8 @@ def fold(model: nn.Module, inplace: bool = False, fuse_bn: bool = False, reparam
             model = replacement
     if has_blocks:
         model = reparameterize(model, inplace=True)
+    # training-time scale layers (LayerScale) into the layer before them; timm's too when fusing for deployment
+    fold_scales(model, third_party=fuse_bn)
     report = None
     if fuse_bn:
         report = fuse_norms(model)

@@ -73,6 +73,7 @@ _TRANSPARENT_TYPES: set[str] = {
     "timm.layers.drop.DropPath",
     "timm.layers.layer_scale.LayerScale",
     "timm.layers.layer_scale.LayerScale2d",
+    "foldattn.models.vit.LayerScale",
 }
 
 #: Norm layers with buffers only (no parameters, no children) that must stay whole so that

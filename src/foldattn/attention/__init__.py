@@ -3,11 +3,11 @@
 
 >>> from foldattn import attention
 >>> attention.names()
-['cbam', 'dia', 'eca', 'ge', 'ie', 'se', 'spa', 'srm']
+['cbam', 'dia', 'eca', 'ge', 'ie', 'scale', 'se', 'spa', 'srm']
 >>> se = attention.create("se", 64)
 """
 
-from ._base import ChannelAttention
+from ._base import ChannelAttention, PsiInit, check_psi_init
 from ._factory import Factory
 from ._registry import create, get, names, register, unregister
 from .cbam import CBAM
@@ -15,11 +15,12 @@ from .dia import DIA
 from .eca import ECA
 from .ge import GE
 from .ie import IE
+from .scale import Scale
 from .se import SE
 from .spa import SPA
 from .srm import SRM
 
 __all__ = [
-    "ChannelAttention", "Factory", "create", "get", "names", "register", "unregister",
-    "CBAM", "DIA", "ECA", "GE", "IE", "SE", "SPA", "SRM",
+    "ChannelAttention", "Factory", "PsiInit", "check_psi_init", "create", "get", "names", "register", "unregister",
+    "CBAM", "DIA", "ECA", "GE", "IE", "Scale", "SE", "SPA", "SRM",
 ]

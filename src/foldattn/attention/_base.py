@@ -10,11 +10,25 @@ into that form.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ChannelAttention", "global_avg"]
+__all__ = ["ChannelAttention", "global_avg", "check_psi_init", "PsiInit"]
+
+#: how ``psi`` starts: a constant, ``"random"`` (standard normal per entry, from torch's global
+#: generator, so a seeded run is reproducible), or None (the module's ``default_psi_init``)
+PsiInit = float | str | None
+
+
+def check_psi_init(psi_init: object) -> PsiInit:
+    """``psi_init`` if it is a finite number, ``"random"`` or None; ``ValueError`` otherwise."""
+    if psi_init is None or psi_init == "random":
+        return psi_init  # type: ignore[return-value]
+    if isinstance(psi_init, bool) or not isinstance(psi_init, (int, float)) or not math.isfinite(psi_init):
+        raise ValueError(f"psi_init must be a finite number, 'random' or None (the module's default), got {psi_init!r}")
+    return float(psi_init)
 
 
 def global_avg(x: Tensor) -> Tensor:
@@ -35,6 +49,10 @@ class ChannelAttention(nn.Module):
 
     channels: int
     psi: nn.Parameter | None
+    #: where ``psi`` starts when the caller gives no value (the ASR paper: 0.1)
+    default_psi_init: ClassVar[float] = 0.1
+    #: False for modules that exist only in the ASR form (e.g. ``scale``): no ``X`` nor ``ASR(X) + X``
+    has_classic_form: ClassVar[bool] = True
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -74,15 +92,23 @@ class ChannelAttention(nn.Module):
         """True once :meth:`make_static` gave the module a learnable input."""
         return self.psi is not None
 
-    def make_static(self, psi_init: float = 0.1) -> ChannelAttention:
-        """Give the module a learnable input ``psi`` (ASR form); returns ``self``."""
+    def make_static(self, psi_init: PsiInit = None) -> ChannelAttention:
+        """Give the module a learnable input ``psi`` (ASR form); returns ``self``.
+
+        ``psi_init``: a constant, ``"random"`` (standard normal entries from torch's global
+        generator) or None for :attr:`default_psi_init`.
+        """
         if self.is_static:
             raise RuntimeError(f"{type(self).__name__} is already in ASR (static) form")
-        if isinstance(psi_init, bool) or not isinstance(psi_init, (int, float)) or not math.isfinite(psi_init):
-            raise ValueError(f"psi_init must be a finite number, got {psi_init!r}")
+        psi_init = check_psi_init(psi_init)
         ref = next(self.parameters(), None)
         kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-        self.psi = nn.Parameter(torch.full((1, *self.descriptor_shape()), float(psi_init), **kw))
+        shape = (1, *self.descriptor_shape())
+        if psi_init == "random":
+            psi = torch.randn(shape).to(**kw)
+        else:
+            psi = torch.full(shape, self.default_psi_init if psi_init is None else float(psi_init), **kw)
+        self.psi = nn.Parameter(psi)
         self._on_static()
         return self
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -40,6 +41,18 @@ def _scalar(text: str) -> Any:
         except ValueError:
             pass
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def _psi_init(text: str) -> float | str:
+    if text == "random":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'random', got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number or 'random', got {text}")
+    return value
 
 
 def _kwargs(text: str) -> dict[str, Any]:
@@ -137,7 +150,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--attention", help="attention module name, e.g. se, cbam, eca")
     g.add_argument("--asr", action="store_true", default=None, help="put the attention in ASR form (folds away)")
     g.add_argument("--both", action="store_true", default=None, help="ASR(X) + X (needs --asr)")
-    g.add_argument("--psi-init", type=float, help="initial value of psi [0.1]")
+    g.add_argument("--psi-init", type=_psi_init, metavar="VALUE|random",
+                   help="where psi starts: a number, or 'random' (standard normal) [the attention's: 0.1; scale: 1]")
     g.add_argument("--every", type=int, help="attention in every K-th block only [1]")
     g.add_argument("--where", choices=["block", "transformer", "norms"],
                    help="torchvision:/timm: models: where attach puts ASR [block]")

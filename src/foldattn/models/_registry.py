@@ -16,8 +16,8 @@ __all__ = ["register_model", "unregister_model", "create_model", "list_models", 
 BUILDER_ATTR = "foldattn_builder"
 """Attribute :func:`create_model` sets on its models: ``{"name": ..., "kwargs": ...}``, the
 call that builds their deployed (folded) form; :func:`foldattn.save_deployed` records it."""
-# the ASR-only arguments: the folded model is the backbone built without them
-_TRAINING_ONLY = ("asr", "both", "psi_init")
+# the training-only arguments (ASR, LayerScale): the folded model is the backbone built without them
+_TRAINING_ONLY = ("asr", "both", "psi_init", "layer_scale")
 
 F = Callable[..., nn.Module]
 REGISTRY: Registry[F] = Registry("model", case_sensitive=True)

@@ -8,7 +8,7 @@ from torch import nn
 
 from .. import srp as _srp
 from ..asr import ASR
-from ..attention import Factory
+from ..attention import Factory, PsiInit
 from .cifar_resnet import check_attention_args
 
 __all__ = ["check_attention_args", "factories", "rep_layer"]
@@ -23,7 +23,7 @@ def factories(attention: str | None, asr: bool, both: bool, deploy: bool, kwargs
 
 
 def rep_layer(kind: str, in_channels: int, out_channels: int, kernel_size: int, stride: int,
-              asr: Factory | None, psi_init: float, deploy: bool) -> nn.Module:
+              asr: Factory | None, psi_init: PsiInit, deploy: bool) -> nn.Module:
     """Block ``kind`` (or its deploy conv), wrapped in ASR when ``asr`` yields a module."""
     layer = _srp.create(kind, in_channels, out_channels, kernel_size, stride, deploy=deploy)
     static = asr(out_channels) if asr is not None else None

@@ -9,7 +9,6 @@ BatchNorm (the paper's ``bn3``), so the folded model is exactly the plain one.
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any
 
 from torch import Tensor, nn
@@ -22,15 +21,18 @@ __all__ = ["CifarResNet", "BasicBlock", "Bottleneck"]
 
 
 def check_attention_args(attention: str | None, asr: bool, both: bool, attention_kwargs: dict[str, Any] | None = None,
-                         psi_init: float = 0.1) -> None:
-    """Reject inconsistent ``attention`` / ``asr`` / ``both`` builder arguments, a non-finite ``psi_init``,
-    and keyword arguments that no constructor takes (a builder passes its unknown ones to the attention)."""
+                         psi_init: _attention.PsiInit = None) -> None:
+    """Reject inconsistent ``attention`` / ``asr`` / ``both`` builder arguments, a bad ``psi_init``, attention
+    without a classic form used classically, and keyword arguments that no constructor takes (a builder passes
+    its unknown ones to the attention)."""
     if (asr or both) and attention is None:
         raise ValueError("asr=True and both=True need an attention module, e.g. attention='se'")
     if both and not asr:
         raise ValueError("both=True means ASR(X) + X and needs asr=True; for X alone use asr=False")
-    if isinstance(psi_init, bool) or not isinstance(psi_init, (int, float)) or not math.isfinite(psi_init):
-        raise ValueError(f"psi_init must be a finite number, got {psi_init!r}")
+    _attention.check_psi_init(psi_init)
+    if attention is not None and (both or not asr) and not _attention.get(attention).has_classic_form:
+        raise ValueError(f"attention {attention!r} is a learnable constant with no input-dependent form: "
+                         "use it as ASR alone (asr=True, both=False)")
     extra = sorted(attention_kwargs or {})
     if attention is None:
         # arguments of some attention (reduction=8, ...) may come with attention=None (a script that builds
@@ -55,7 +57,7 @@ class _Block(nn.Module):
     expansion = 1
 
     def _finish(self, out_bn: nn.Module, last: str, asr: _attention.Factory, classic: _attention.Factory,
-                psi_init: float, inplanes: int, planes: int, stride: int) -> None:
+                psi_init: _attention.PsiInit, inplanes: int, planes: int, stride: int) -> None:
         static = asr(planes * self.expansion)
         if static is not None:
             static.make_static(psi_init)
@@ -87,7 +89,7 @@ class BasicBlock(_Block):
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int, asr: _attention.Factory,
-                 classic: _attention.Factory, psi_init: float) -> None:
+                 classic: _attention.Factory, psi_init: _attention.PsiInit) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -105,7 +107,7 @@ class Bottleneck(_Block):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int, asr: _attention.Factory,
-                 classic: _attention.Factory, psi_init: float) -> None:
+                 classic: _attention.Factory, psi_init: _attention.PsiInit) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -130,7 +132,7 @@ class CifarResNet(nn.Module):
         attention: a registered attention name, or None.
         asr: put ``attention`` in ASR form on each block's last BatchNorm.
         both: with ``asr=True``, also keep the classic module ("ASR(X) + X").
-        psi_init: initial value of every ``psi``.
+        psi_init: initial value of every ``psi`` (a number, ``"random"``, or None: the attention's default).
         in_channels: image channels.
         every: attention (ASR and classic) in every ``every``-th block only (blocks 0, k, 2k, ...).
         **attention_kwargs: passed to the attention constructor.
@@ -146,7 +148,7 @@ class CifarResNet(nn.Module):
         attention: str | None = None,
         asr: bool = False,
         both: bool = False,
-        psi_init: float = 0.1,
+        psi_init: _attention.PsiInit = None,
         in_channels: int = 3,
         every: int = 1,
         **attention_kwargs: Any,
@@ -191,7 +193,7 @@ class CifarResNet(nn.Module):
 
 def _builder(depth: int, block: str) -> Any:
     def build(num_classes: int = 10, attention: str | None = None, asr: bool = False, both: bool = False,
-              psi_init: float = 0.1, **kwargs: Any) -> CifarResNet:
+              psi_init: _attention.PsiInit = None, **kwargs: Any) -> CifarResNet:
         return CifarResNet(depth, num_classes, block, attention, asr, both, psi_init, **kwargs)
 
     build.__name__ = f"cifar_resnet{depth}"

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..attention import PsiInit
 from ._registry import register_model
 from ._srp_common import check_attention_args, factories, rep_layer
 
@@ -45,7 +46,7 @@ class CifarRepVGG(nn.Module):
         attention: a registered attention name, or None.
         asr: wrap every stage block in ASR with ``attention``.
         both: with ``asr=True``, also keep the classic module ("ASR(X) + X").
-        psi_init: initial value of every ``psi``.
+        psi_init: initial value of every ``psi`` (a number, ``"random"``, or None: the attention's default).
         block: registered :mod:`foldattn.srp` block name (``"repvgg"``, ``"acnet"``, ``"dbb"``, ...).
         deploy: build the inference form (each block a 3x3 conv with bias, no ASR), the
             module tree of :func:`foldattn.fold` applied to the training form.
@@ -65,7 +66,7 @@ class CifarRepVGG(nn.Module):
         attention: str | None = None,
         asr: bool = False,
         both: bool = False,
-        psi_init: float = 0.1,
+        psi_init: PsiInit = None,
         block: str = "repvgg",
         deploy: bool = False,
         stem_width: int | None = None,
@@ -103,7 +104,7 @@ class CifarRepVGG(nn.Module):
 
 @register_model
 def cifar_repvgg_a0(num_classes: int = 10, attention: str | None = None, asr: bool = False, both: bool = False,
-                    psi_init: float = 0.1, deploy: bool = False, **kwargs: Any) -> CifarRepVGG:
+                    psi_init: PsiInit = None, deploy: bool = False, **kwargs: Any) -> CifarRepVGG:
     """RepVGG-A0 widths and depths (48, 96, 192, 1280; 2, 4, 14, 1) with a stride-1 stem for CIFAR.
 
     See :class:`CifarRepVGG` for the arguments.

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..attention import Factory
+from ..attention import Factory, PsiInit
 from ..srp import OneByOneThen
 from ._registry import register_model
 from ._srp_common import check_attention_args, factories, rep_layer
@@ -26,7 +26,7 @@ class RepBasicBlock(nn.Module):
     """``ReLU(attention(conv2(ReLU(conv1(x)))) + shortcut(x))``; ``conv2`` is the ASR host."""
 
     def __init__(self, kind: str, inplanes: int, planes: int, stride: int, asr: Factory,
-                 classic: Factory, psi_init: float, deploy: bool) -> None:
+                 classic: Factory, psi_init: PsiInit, deploy: bool) -> None:
         super().__init__()
         self.conv1 = rep_layer(kind, inplanes, planes, 3, stride, None, psi_init, deploy)
         self.conv2 = rep_layer(kind, planes, planes, 3, 1, asr, psi_init, deploy)
@@ -71,7 +71,7 @@ class SrpCifarResNet(nn.Module):
         attention: str | None = None,
         asr: bool = False,
         both: bool = False,
-        psi_init: float = 0.1,
+        psi_init: PsiInit = None,
         deploy: bool = False,
         widths: Sequence[int] = (16, 32, 64),
         in_channels: int = 3,
@@ -117,7 +117,7 @@ class SrpCifarResNet(nn.Module):
 
 def _builder(depth: int, block: str) -> Any:
     def build(num_classes: int = 10, attention: str | None = None, asr: bool = False, both: bool = False,
-              psi_init: float = 0.1, deploy: bool = False, **kwargs: Any) -> SrpCifarResNet:
+              psi_init: PsiInit = None, deploy: bool = False, **kwargs: Any) -> SrpCifarResNet:
         return SrpCifarResNet(depth, block, num_classes, attention, asr, both, psi_init, deploy, **kwargs)
 
     build.__name__ = f"cifar_resnet{depth}_{block}"

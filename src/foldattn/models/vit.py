@@ -30,11 +30,11 @@ from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
 from ..attach import attach, find_sites
-from ..attention import Factory
+from ..attention import Factory, PsiInit
 from ._registry import register_model
 from ._srp_common import check_attention_args
 
-__all__ = ["CifarViT", "ViTBlock", "ASR_SITES", "vit_asr_sites", "attach_vit_asr"]
+__all__ = ["CifarViT", "ViTBlock", "LayerScale", "ASR_SITES", "vit_asr_sites", "attach_vit_asr"]
 
 #: ASR sites of a block: name -> dotted path of the host inside :class:`ViTBlock`.
 ASR_SITES: dict[str, str] = {"proj": "attn.proj", "fc2": "mlp.fc2", "norm1": "norm1", "norm2": "norm2"}
@@ -72,6 +72,28 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class LayerScale(nn.Module):
+    """A learnable per-channel scale of a residual branch (Touvron et al., "Going deeper with Image
+    Transformers", ICCV 2021: LayerScale, timm's ``init_values``): ``x * gamma`` over the last dim.
+
+    A training-time layer: :func:`foldattn.fold` multiplies ``gamma`` into the rows of the Linear that
+    produces its input and leaves an ``nn.Identity``, so the deployed ViT is the one built without it.
+    """
+
+    folds_away = True  # foldattn.fold removes it (foldattn.fuse.fold_scales)
+    scale_dim = -1
+
+    def __init__(self, dim: int, init_values: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+    def extra_repr(self) -> str:
+        return f"{self.gamma.numel()}"
+
+
 class TokenAttention(nn.Module):
     """Apply a channel-attention module to tokens ``(N, L, C)`` laid out as a ``grid`` of ``(H, W)``."""
 
@@ -88,13 +110,17 @@ class TokenAttention(nn.Module):
 class ViTBlock(nn.Module):
     """Pre-norm transformer block; ``gates`` holds classic attention modules per site."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0,
+                 layer_scale: float | None = None) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.gates = nn.ModuleDict()
+        # LayerScale on each branch (training only: folded into attn.proj / mlp.fc2 when deployed)
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         # stochastic depth (Huang et al. 2016) on each residual branch; the identity in eval mode,
         # so it never enters a fold
         self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
@@ -105,8 +131,9 @@ class ViTBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # one expression per branch: a named normed input would stay alive through the branch,
         # and that changes which freed buffers the allocator can hand out (measured ~5 % at batch 64)
-        x = x + self.drop_path(self._gate("proj", self.attn(self._gate("norm1", self.norm1(x)))))
-        return x + self.drop_path(self._gate("fc2", self.mlp(self._gate("norm2", self.norm2(x)))))
+        # LayerScale right after the branch's last Linear (before a classic gate), so it always folds into it
+        x = x + self.drop_path(self._gate("proj", self.ls1(self.attn(self._gate("norm1", self.norm1(x))))))
+        return x + self.drop_path(self._gate("fc2", self.ls2(self.mlp(self._gate("norm2", self.norm2(x))))))
 
 
 class CifarViT(nn.Module):
@@ -120,13 +147,17 @@ class CifarViT(nn.Module):
         attention: a registered attention name, or None.
         asr: wrap each block's ``asr_sites`` hosts in ASR with ``attention``.
         both: with ``asr=True``, also keep the classic module at the same sites ("ASR(X) + X").
-        psi_init: initial value of every ``psi``.
+        psi_init: initial value of every ``psi`` (a number, ``"random"``, or None: the attention's default).
         asr_sites: subset of :data:`ASR_SITES` (``"proj"``, ``"fc2"``, ``"norm1"``, ``"norm2"``);
             classic attention (``asr=False`` or ``both``) sits at the same sites.
         in_channels: image channels.
         every: attention (ASR and classic) in every ``every``-th block only (blocks 0, k, 2k, ...).
         drop_path: stochastic-depth rate of the last block, rising linearly from 0 at the first
             (the DeiT convention).
+        layer_scale: LayerScale's initial value (timm's ``init_values``, e.g. ``1e-5``): a learnable
+            per-channel scale on each residual branch, after the branch's last Linear; None: none.
+            A training-time layer: :func:`foldattn.fold` folds it into that Linear, so the deployed
+            model is the ViT built without it.
         **attention_kwargs: passed to the attention constructor.
     """
 
@@ -142,16 +173,21 @@ class CifarViT(nn.Module):
         attention: str | None = None,
         asr: bool = False,
         both: bool = False,
-        psi_init: float = 0.1,
+        psi_init: PsiInit = None,
         asr_sites: Sequence[str] = ("proj", "fc2"),
         in_channels: int = 3,
         every: int = 1,
         drop_path: float = 0.0,
+        layer_scale: float | None = None,
         **attention_kwargs: Any,
     ) -> None:
         super().__init__()
         if not 0.0 <= drop_path < 1.0:
             raise ValueError(f"drop_path={drop_path} must be in [0, 1)")
+        if layer_scale is not None and (isinstance(layer_scale, bool) or not isinstance(layer_scale, (int, float))
+                                        or not math.isfinite(layer_scale) or layer_scale <= 0):
+            raise ValueError(f"layer_scale={layer_scale!r} must be a positive number (LayerScale's initial value, "
+                             "e.g. 1e-5) or None")
         if img_size % patch_size:
             raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size}")
         unknown = [s for s in asr_sites if s not in ASR_SITES]
@@ -163,7 +199,8 @@ class CifarViT(nn.Module):
         self.patch_embed = nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim))
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.Sequential(*(ViTBlock(embed_dim, num_heads, mlp_ratio, rates[i]) for i in range(depth)))
+        self.blocks = nn.Sequential(*(ViTBlock(embed_dim, num_heads, mlp_ratio, rates[i], layer_scale)
+                                      for i in range(depth)))
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
         self._init_weights()
@@ -205,7 +242,7 @@ def _check_size(x: Tensor, size: tuple[int, ...]) -> None:
 
 @register_model
 def cifar_vit_tiny(num_classes: int = 10, attention: str | None = None, asr: bool = False, both: bool = False,
-                   psi_init: float = 0.1, **kwargs: Any) -> CifarViT:
+                   psi_init: PsiInit = None, **kwargs: Any) -> CifarViT:
     """ViT for CIFAR: patch 4, embed 192, depth 6, 3 heads, MLP ratio 2. See :class:`CifarViT`."""
     return CifarViT(num_classes=num_classes, attention=attention, asr=asr, both=both, psi_init=psi_init, **kwargs)
 
@@ -227,7 +264,7 @@ def vit_asr_sites(model: nn.Module) -> list[str]:
     return find_sites(model, "transformer", allow_existing=True).names
 
 
-def attach_vit_asr(model: nn.Module, attention: str = "se", *, psi_init: float = 0.1, inplace: bool = False,
+def attach_vit_asr(model: nn.Module, attention: str = "se", *, psi_init: PsiInit = None, inplace: bool = False,
                    **attention_kwargs: Any) -> nn.Module:
     """:func:`foldattn.attach` with ``where="transformer"``: ASR on every :func:`vit_asr_sites` layer.
 

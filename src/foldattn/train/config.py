@@ -28,7 +28,7 @@ class TrainConfig:
     attention: str | None = None
     asr: bool = False
     both: bool = False
-    psi_init: float = 0.1
+    psi_init: float | str | None = None  # None: the attention module's default (0.1; scale: 1); "random"
     every: int = 1
     where: str | None = None  # attach's placement for torchvision:/timm: models (block, transformer, norms)
     include: list[str] = field(default_factory=list)
@@ -128,7 +128,8 @@ class TrainConfig:
         number("gamma", self.gamma, 0.0, 1.0)
         number("warmup-epochs", self.warmup_epochs, 0.0, float(self.epochs))
         number("label-smoothing", self.label_smoothing, 0.0, 1.0, open_high=True)
-        number("psi-init", self.psi_init, -1e6, 1e6)
+        if self.psi_init is not None and self.psi_init != "random":
+            number("psi-init", self.psi_init, -1e6, 1e6)
         if self.clip_grad is not None:
             number("clip-grad", self.clip_grad, 0.0)
             if self.clip_grad == 0:

@@ -29,8 +29,8 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 3) -> nn.
         raise ValueError("--asr/--both need --attention NAME (e.g. --attention se)")
     if cfg.every < 1:
         raise ValueError(f"--every must be >= 1, got {cfg.every}")
-    if cfg.psi_init != 0.1 and not (cfg.asr or cfg.both):
-        raise ValueError(f"--psi-init {cfg.psi_init:g} sets ASR's learnable input, and this run has no ASR layer: "
+    if cfg.psi_init is not None and not (cfg.asr or cfg.both):
+        raise ValueError(f"--psi-init {cfg.psi_init} sets ASR's learnable input, and this run has no ASR layer: "
                          "add --attention NAME --asr, or drop --psi-init")
     placement = [o for o, on in (("--every", cfg.every != 1), ("--where", cfg.where is not None),
                                  ("--include", bool(cfg.include)), ("--exclude", bool(cfg.exclude))) if on]

@@ -1,0 +1,137 @@
+"""Reading files foldattn did not write itself: structure and size first (private).
+
+Every configuration, metadata document, lock or cache index is read through these helpers:
+only regular files (a FIFO or ``/dev/zero`` would block or never end), at most a stated
+number of bytes, JSON with a bound on nesting, YAML without anchors and aliases (an alias
+"bomb" expands to billions of nodes once walked). Errors are ``ValueError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from ._utils import require
+
+__all__ = ["read_bounded", "load_json_text", "load_json_file", "load_yaml_file", "check_depth",
+           "MAX_CONFIG_BYTES", "MAX_DEPTH"]
+
+#: the largest configuration file read (a real one is a few kB)
+MAX_CONFIG_BYTES = 1 << 20
+#: the deepest nesting of lists/mappings accepted in a document foldattn reads
+MAX_DEPTH = 32
+
+
+def read_bounded(path: str | os.PathLike[str], what: str, max_bytes: int = MAX_CONFIG_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; ``ValueError`` naming ``what`` otherwise."""
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise ValueError(f"{what} {p}: no such file") from None
+    except OSError as e:
+        raise ValueError(f"{what} {p}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, FIFO or socket)"
+        raise ValueError(f"{what} {p}: is {kind}; name a regular file")
+    if st.st_size > max_bytes:
+        raise ValueError(f"{what} {p}: {st.st_size:,} bytes, more than the {max_bytes:,} accepted; "
+                         "this is not a file foldattn wrote or expects")
+    try:
+        # O_NONBLOCK: a file swapped for a FIFO after the stat cannot block the open
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise ValueError(f"{what} {p}: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f"{what} {p}: is not a regular file; name a regular file")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{what} {p}: more than {max_bytes:,} bytes; this is not a file foldattn expects")
+    return data
+
+
+def check_depth(obj: Any, what: str, max_depth: int = MAX_DEPTH) -> Any:
+    """``obj`` if its lists/mappings nest at most ``max_depth`` deep (iteratively: no recursion limit)."""
+    stack = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list, tuple)):
+            if depth > max_depth:
+                raise ValueError(f"{what}: nested more than {max_depth} levels deep; not a document foldattn wrote")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((c, depth + 1) for c in children)
+    return obj
+
+
+def load_json_text(text: str | bytes, what: str, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse JSON with a bound on nesting (checked on the raw text first, before Python's recursive
+    parser can overflow its stack) and without NaN/Infinity literals."""
+    raw = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+    depth = level = 0
+    in_string = escaped = False
+    for ch in raw:  # brackets outside strings: a cheap bound on the parser's recursion
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            level += 1
+            depth = max(depth, level)
+            if depth > max_depth:
+                raise ValueError(f"{what}: JSON nested more than {max_depth} levels deep; not a document "
+                                 "foldattn wrote")
+        elif ch in "]}":
+            level -= 1
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{what}: {name} is not valid JSON")
+
+    try:
+        return json.loads(raw, parse_constant=no_constant)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: not valid JSON ({e})") from None
+
+
+def load_json_file(path: str | os.PathLike[str], what: str, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
+    """A bounded regular file parsed as bounded JSON."""
+    return load_json_text(read_bounded(path, what, max_bytes), f"{what} {path}")
+
+
+def load_yaml_file(path: str | os.PathLike[str], what: str, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
+    """A bounded regular file parsed by ``yaml.safe_load`` with anchors/aliases refused and nesting bounded."""
+    yaml = require("yaml", "train")
+    data = read_bounded(path, what, max_bytes)
+
+    class _Loader(yaml.SafeLoader):  # aliases refused: an alias bomb cannot expand
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, "anchors and aliases (*name) are not accepted",
+                                                  event.start_mark)
+            if getattr(self, "_depth", 0) > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep",
+                                                  self.peek_event().start_mark)
+            self._depth = getattr(self, "_depth", 0) + 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path}: not UTF-8 text") from None
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()
+        raise ValueError(f"{what} {path}: not valid YAML ({' '.join(x.strip() for x in first[:3])})") from None

@@ -1,0 +1,251 @@
+"""The sweep file: arms (sets of ``foldattn train`` options) x seeds, checked before anything runs.
+
+::
+
+    base: [--recipe, digits, --epochs, "3"]     # options every arm gets
+    arms:
+      plain: []
+      asr-se: [--attention, se, --asr]
+      psi-1: {args: [--attention, se, --asr, --psi-init, "1"], seeds: [0, 1]}   # its own seeds
+    seeds: [0, 1]
+    baseline: plain                             # paired differences are taken against it
+    jobs: 2                                     # runs at a time (optional; --jobs overrides)
+    threads: 1                                  # torch threads per run (optional; --threads overrides)
+
+``${NAME}`` in a value is replaced by the environment variable ``NAME`` (a data path that
+differs per machine); an unset variable is an error. Every arm's command line is parsed by
+``foldattn train``'s own parser and its configuration validated, so an unknown option, a bad
+value, an arm that repeats another or a missing data folder stops the sweep before any run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._files import load_yaml_file
+
+__all__ = ["Arm", "Run", "SweepSpec", "SweepError", "load_sweep", "parse_sweep", "OWNED_OPTIONS"]
+
+_ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+\-]{0,63}")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_KEYS = {"base", "arms", "seeds", "baseline", "jobs", "threads"}
+#: options the sweep sets for every run itself (TrainConfig/argparse dest -> the option)
+OWNED_OPTIONS = {"output": "-o/--output", "seed": "--seed", "resume": "--resume", "threads": "--threads",
+                 "config": "-c/--config", "allow_config_change": "--allow-config-change", "progress": "--progress"}
+#: configuration fields that do not change what a run computes (two arms differing only here repeat each other)
+_RUNTIME = {"output", "seed", "threads", "progress", "tensorboard", "data_dir", "cache_dir", "download", "workers",
+            "compile", "device"}
+
+
+class SweepError(ValueError):
+    """The sweep file or its output folder cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One set of ``foldattn train`` options, run once per seed."""
+
+    name: str
+    args: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One (arm, seed) training run."""
+
+    arm: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.arm}-s{self.seed}"
+
+    def folder(self, out: Path) -> Path:
+        return out / "runs" / self.arm / f"s{self.seed}"
+
+    def log(self, out: Path) -> Path:
+        return out / "logs" / f"{self.key}.log"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A parsed, checked sweep file."""
+
+    base: tuple[str, ...]
+    arms: tuple[Arm, ...]
+    seeds: tuple[int, ...]
+    baseline: str | None = None
+    jobs: int = 1
+    threads: int = 0
+
+    def arm(self, name: str) -> Arm:
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    def runs(self) -> list[Run]:
+        """Every (arm, seed), seed-major: each finished seed is a complete comparison."""
+        order = sorted({s for a in self.arms for s in a.seeds}, key=lambda s: (s not in self.seeds, s))
+        return [Run(a.name, s) for s in order for a in self.arms if s in a.seeds]
+
+    def train_args(self, run: Run) -> list[str]:
+        """``foldattn train`` arguments of ``run``, without output, threads and resume."""
+        return [*self.base, *self.arm(run.arm).args, "--seed", str(run.seed)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": list(self.base), "seeds": list(self.seeds), "baseline": self.baseline,
+                "arms": {a.name: {"args": list(a.args), "seeds": list(a.seeds)} for a in self.arms}}
+
+
+def _expand(value: Any, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise SweepError(f"{where}: expected option strings (or numbers), got {type(value).__name__} {value!r}")
+    text = str(value)
+
+    def env(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in os.environ:
+            raise SweepError(f"{where}: ${{{name}}} is not set; export {name}=... before running the sweep")
+        return os.environ[name]
+
+    return _ENV.sub(env, text)
+
+
+def _args(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise SweepError(f"{where}: expected a list of options such as [--attention, se, --asr], got {value!r}")
+    return tuple(_expand(v, where) for v in value)
+
+
+def _seeds(value: Any, where: str) -> tuple[int, ...]:
+    if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+        raise SweepError(f"{where}: expected a non-empty list of seeds such as [0, 1], got {value!r}")
+    out = []
+    for s in value:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**31:
+            raise SweepError(f"{where}: seeds are integers in [0, 2^31), got {s!r}")
+        if s in out:
+            raise SweepError(f"{where}: seed {s} is listed twice")
+        out.append(s)
+    return tuple(out)
+
+
+def _count(value: Any, where: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise SweepError(f"{where}: expected an integer >= {low}, got {value!r}")
+    return value
+
+
+def parse_sweep(data: Any, source: str = "sweep file") -> SweepSpec:
+    """Check the structure of a loaded sweep document (not yet the options; see :func:`check_options`)."""
+    if not isinstance(data, Mapping):
+        raise SweepError(f"{source}: expected a mapping with base, arms, seeds and baseline")
+    unknown = sorted(str(k) for k in data if k not in _KEYS)
+    if unknown:
+        raise SweepError(f"{source}: unknown key(s) {', '.join(unknown)}; a sweep file has {', '.join(sorted(_KEYS))}")
+    if "arms" not in data or "seeds" not in data:
+        raise SweepError(f"{source}: needs 'arms' (name: [options]) and 'seeds' ([0, 1, ...])")
+    base = _args(data.get("base"), f"{source}: base")
+    seeds = _seeds(data["seeds"], f"{source}: seeds")
+    arms_in = data["arms"]
+    if not isinstance(arms_in, Mapping) or not arms_in:
+        raise SweepError(f"{source}: arms must map arm names to option lists, e.g. {{plain: [], asr-se: [--attention, "
+                         "se, --asr]}}")
+    arms = []
+    for name, value in arms_in.items():
+        if not isinstance(name, str) or not _ARM_NAME.fullmatch(name):
+            raise SweepError(f"{source}: arm name {name!r}: use letters, digits, '_', '.', '+' or '-' (it names a "
+                             "folder)")
+        where = f"{source}: arm {name!r}"
+        if isinstance(value, Mapping):
+            extra = sorted(str(k) for k in value if k not in ("args", "seeds"))
+            if extra:
+                raise SweepError(f"{where}: unknown key(s) {', '.join(extra)}; an arm has args and seeds")
+            arm_seeds = _seeds(value["seeds"], f"{where}: seeds") if "seeds" in value else seeds
+            arms.append(Arm(name, _args(value.get("args"), where), arm_seeds))
+        else:
+            arms.append(Arm(name, _args(value, where), seeds))
+    baseline = data.get("baseline")
+    if baseline is not None and baseline not in {a.name for a in arms}:
+        raise SweepError(f"{source}: baseline {baseline!r} is not an arm; arms: {', '.join(a.name for a in arms)}")
+    jobs = _count(data.get("jobs", 1), f"{source}: jobs", 1)
+    threads = _count(data.get("threads", 0), f"{source}: threads", 0)
+    return SweepSpec(base, tuple(arms), seeds, baseline, jobs, threads)
+
+
+def load_sweep(path: str | os.PathLike[str]) -> SweepSpec:
+    """Read (bounded, no YAML aliases), parse and check a sweep file, options included."""
+    spec = parse_sweep(load_yaml_file(path, "sweep file"), f"sweep file {path}")
+    check_options(spec)
+    return spec
+
+
+def _parse_train(args: Sequence[str], where: str) -> Any:
+    from ..cli import build_parser
+
+    parser = build_parser()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            return parser.parse_args(["train", *args])
+        except SystemExit:
+            pass
+    lines = [x for x in err.getvalue().strip().splitlines() if x and not x.startswith("usage:")
+             and not x.startswith(" ")]
+    message = lines[-1].split("error:", 1)[-1].strip() if lines else "the options do not parse"
+    raise SweepError(f"{where}: {message}")
+
+
+def check_options(spec: SweepSpec) -> None:
+    """Parse every arm with ``foldattn train``'s parser and validate its configuration: unknown
+    options, bad values, options the sweep sets itself, arms that repeat another, missing data."""
+    from ..cli.train import config_from_args
+
+    seen: dict[tuple[tuple[str, Any], ...], str] = {}
+    for arm in spec.arms:
+        where = f"arm {arm.name!r}"
+        ns = _parse_train([*spec.base, *arm.args], where)
+        owned = [flag for dest, flag in OWNED_OPTIONS.items() if getattr(ns, dest, None) not in (None, False)]
+        if owned:
+            raise SweepError(f"{where}: {', '.join(owned)} are set by the sweep for every run (output folder, seed, "
+                             "threads); remove them from the sweep file")
+        try:
+            cfg = config_from_args(ns)
+            cfg.validate()
+        except (ValueError, TypeError) as e:
+            raise SweepError(f"{where}: {e}") from None
+        _check_model(cfg, where)
+        folder = cfg.dataset.partition("imagefolder:")[2] if cfg.dataset.startswith("imagefolder:") else None
+        if folder is not None and not Path(folder).is_dir():
+            raise SweepError(f"{where}: dataset folder {folder} does not exist")
+        key = tuple(sorted((k, repr(v)) for k, v in cfg.to_dict().items() if k not in _RUNTIME))
+        if key in seen:
+            raise SweepError(f"{where} repeats arm {seen[key]!r}: both train with the same options; remove one "
+                             "or change its options")
+        seen[key] = arm.name
+
+
+def _check_model(cfg: Any, where: str) -> None:
+    """Cross-option rules of the model (e.g. --psi-init without ASR), built on the meta device: no memory."""
+    import torch
+
+    from ..train.model import build_model
+
+    try:
+        with torch.device("meta"):
+            build_model(cfg, 10)
+    except (ValueError, TypeError) as e:
+        raise SweepError(f"{where}: {str(e).splitlines()[0]}") from None
+    except Exception:
+        pass

@@ -1,0 +1,202 @@
+"""The summary of a sweep: per arm mean +- std over seeds, paired differences to the baseline, a plot.
+
+Only finished runs count. ``final`` is the last epoch's validation top-1 of the folded model,
+``best`` the highest over the epochs (picked on the validation split: report both); with
+``--model-ema`` the EMA's are given as well. The paired difference of an arm is taken seed by
+seed against the baseline run of the same seed, so the spread the two share cancels.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import shlex
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .._files import load_json_file, read_bounded
+from .._utils import atomic_path, strict_json
+from .runner import command_for, run_state
+from .spec import Run, SweepSpec
+
+__all__ = ["summarize", "write_summary", "stats", "markdown"]
+
+_METRICS = ("final_top1", "best_top1", "final_ema_top1", "best_ema_top1")
+
+
+def stats(values: list[float]) -> dict[str, Any]:
+    """``{mean, std, values}``; ``std`` is the sample standard deviation (None for one value)."""
+    return {"mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "values": list(values)}
+
+
+def _history(folder: Path) -> list[dict[str, float]]:
+    text = read_bounded(folder / "metrics.csv", "metrics file", 16 << 20).decode("utf-8", errors="replace")
+    rows = []
+    for row in csv.DictReader(io.StringIO(text)):
+        parsed = {}
+        for k, v in row.items():
+            try:
+                parsed[k] = float(v)
+            except (TypeError, ValueError):
+                continue
+        rows.append(parsed)
+    return rows
+
+
+def _run_metrics(folder: Path) -> dict[str, Any] | None:
+    if run_state(folder) != "finished":
+        return None
+    summary = load_json_file(folder / "summary.json", "run summary")
+    hist = _history(folder)
+    if not hist:
+        return None
+    out: dict[str, Any] = {
+        "final_top1": hist[-1].get("val_top1"), "best_top1": max(h.get("val_top1", -math.inf) for h in hist),
+        "time_per_epoch_s": summary.get("time_per_epoch_s"),
+        "params_trained": (summary.get("run") or {}).get("params_train"),
+        "params_deployed": (summary.get("run") or {}).get("params_deployed"),
+        "epochs": len(hist),
+    }
+    if "ema_val_top1" in hist[-1]:
+        out["final_ema_top1"] = hist[-1]["ema_val_top1"]
+        out["best_ema_top1"] = max(h.get("ema_val_top1", -math.inf) for h in hist)
+    return out
+
+
+def summarize(spec: SweepSpec, out: Path, threads: int = 0, source: str = "SWEEP.yaml") -> dict[str, Any]:
+    """The sweep's summary (what ``summary.json`` holds) from the finished runs in ``out``."""
+    per_run: dict[tuple[str, int], dict[str, Any]] = {}
+    for run in spec.runs():
+        m = _run_metrics(run.folder(out))
+        if m is not None:
+            per_run[(run.arm, run.seed)] = m
+    arms: dict[str, Any] = {}
+    for arm in spec.arms:
+        seeds = [s for s in arm.seeds if (arm.name, s) in per_run]
+        rows = [per_run[(arm.name, s)] for s in seeds]
+        entry: dict[str, Any] = {"args": list(arm.args), "seeds": seeds, "planned_seeds": list(arm.seeds)}
+        for metric in _METRICS:
+            values = [r[metric] for r in rows if r.get(metric) is not None]
+            if len(values) == len(rows) and values:
+                entry[metric] = stats(values)
+        times = [r["time_per_epoch_s"] for r in rows if r.get("time_per_epoch_s") is not None]
+        entry["time_per_epoch_s"] = stats(times)
+        if rows:
+            entry["params_trained"], entry["params_deployed"] = rows[0]["params_trained"], rows[0]["params_deployed"]
+            entry["epochs"] = rows[0]["epochs"]
+        entry["commands"] = {str(s): shlex.join(command_for(spec, Run(arm.name, s), out, threads)) for s in seeds}
+        if spec.baseline is not None and arm.name != spec.baseline:
+            paired = [s for s in seeds if (spec.baseline, s) in per_run]
+            diff: dict[str, Any] = {"seeds": paired}
+            for metric in _METRICS:
+                pairs = [(per_run[(arm.name, s)].get(metric), per_run[(spec.baseline, s)].get(metric)) for s in paired]
+                if pairs and all(a is not None and b is not None for a, b in pairs):
+                    diff[metric] = stats([a - b for a, b in pairs])
+            entry["paired_diff"] = diff
+        arms[arm.name] = entry
+    return {"format": "foldattn-sweep-summary", "version": 1, "baseline": spec.baseline, "seeds": list(spec.seeds),
+            "base": list(spec.base), "command": f"foldattn sweep {source} -o {out}", "arms": arms,
+            "runs_finished": len(per_run), "runs_planned": len(spec.runs())}
+
+
+def _ms(s: dict[str, Any] | None, signed: bool = False) -> str:
+    if not s or s.get("mean") is None:
+        return "-"
+    fmt = "{:+.2f}" if signed else "{:.2f}"
+    text = fmt.format(s["mean"])
+    if s.get("std") is not None:
+        text += f" ± {s['std']:.2f}"
+    return text
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The summary as a Markdown table, with the command that made it."""
+    base = summary["baseline"]
+    ema = any("final_ema_top1" in a for a in summary["arms"].values())
+    head = ["arm", "seeds", "final top-1", "best top-1"] + (["final EMA top-1"] if ema else [])
+    if base is not None:
+        head += [f"final vs {base} (per seed)", f"best vs {base}"]
+    head += ["s / epoch", "params train / deployed"]
+    lines = [f"Command: `{summary['command']}` ({summary['runs_finished']} of {summary['runs_planned']} runs "
+             "finished; mean ± sample std over seeds)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, a in summary["arms"].items():
+        cells = [name, ",".join(map(str, a["seeds"])) or "-", _ms(a.get("final_top1")), _ms(a.get("best_top1"))]
+        if ema:
+            cells.append(_ms(a.get("final_ema_top1")))
+        if base is not None:
+            if name == base:
+                cells += ["(baseline)", "(baseline)"]
+            else:
+                d = a.get("paired_diff") or {}
+                per = d.get("final_top1", {}).get("values", [])
+                key = "final_ema_top1" if ema and "final_ema_top1" in d else "final_top1"
+                per = d.get(key, {}).get("values", per)
+                cells.append(_ms(d.get(key), signed=True) + (f" ({', '.join(f'{v:+.2f}' for v in per)})" if per
+                                                               else ""))
+                cells.append(_ms(d.get("best_ema_top1" if key == "final_ema_top1" else "best_top1"), signed=True))
+        t = a.get("time_per_epoch_s") or {}
+        cells.append(f"{t['mean']:.0f}" if t.get("mean") is not None else "-")
+        pt, pd = a.get("params_trained"), a.get("params_deployed")
+        cells.append(f"{pt:,} / {pd:,}" if isinstance(pt, int) and isinstance(pd, int) else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(summary: dict[str, Any], path: Path) -> None:
+    from ..train.plots import require_matplotlib
+
+    plt = require_matplotlib()
+    arms = list(summary["arms"])
+    base = summary["baseline"]
+    ema = any("final_ema_top1" in a for a in summary["arms"].values())
+    key = "final_ema_top1" if ema else "final_top1"
+    panels = 2 if base is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(max(5.0, 1.1 * len(arms) + 2) * panels / 1.4, 3.8), squeeze=False)
+    ax = axes[0][0]
+    for i, name in enumerate(arms):
+        s = summary["arms"][name].get(key)
+        if not s:
+            continue
+        ax.scatter([i] * len(s["values"]), s["values"], s=14, color="0.45", zorder=2)
+        ax.errorbar([i], [s["mean"]], yerr=[s["std"] or 0], fmt="o", color="C0", capsize=4, zorder=3)
+    ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
+    ax.set_ylabel(f"{'EMA ' if ema else ''}final top-1 (%)")
+    ax.set_title("per seed (grey), mean ± std (blue)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    if base is not None:
+        ax = axes[0][1]
+        others = [a for a in arms if a != base]
+        for i, name in enumerate(others):
+            d = (summary["arms"][name].get("paired_diff") or {}).get(key)
+            if not d:
+                continue
+            ax.scatter([i] * len(d["values"]), d["values"], s=14, color="0.45", zorder=2)
+            ax.errorbar([i], [d["mean"]], yerr=[d["std"] or 0], fmt="o", color="C1", capsize=4, zorder=3)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(range(len(others)), others, rotation=30, ha="right")
+        ax.set_ylabel(f"difference to {base} (points)")
+        ax.set_title("paired by seed", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def write_summary(spec: SweepSpec, out: Path, threads: int = 0, source: str = "SWEEP.yaml") -> dict[str, Any]:
+    """Write ``summary.json``, ``summary.md`` and ``summary.png`` into ``out``; returns the summary."""
+    summary = summarize(spec, out, threads, source)
+    with atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(strict_json(summary, indent=2) + "\n")
+    with atomic_path(out / "summary.md") as tmp:
+        tmp.write_text(markdown(summary))
+    if summary["runs_finished"]:
+        _plot(summary, out / "summary.png")
+    return summary

@@ -1,0 +1,168 @@
+"""`foldattn sweep`: arms x seeds of `foldattn train`, resumable, summarised against a baseline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from foldattn.cli import main
+from foldattn.sweep import SweepError, load_sweep, parse_sweep, stats, summarize
+
+FAST = ["--recipe", "digits", "--epochs", "2", "--steps-per-epoch", "4", "--batch-size", "32"]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _sweep_file(tmp_path: Path, arms: str = "  plain: []\n  asr-se: [--attention, se, --asr]\n",
+                seeds: str = "[0, 1]", extra: str = "baseline: plain\n") -> Path:
+    base = ", ".join(FAST)
+    return _write(tmp_path / "sweep.yaml", f"base: [{base}]\narms:\n{arms}seeds: {seeds}\n{extra}")
+
+
+def _cli(args: list[str], timeout: float = 300, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "foldattn.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, **kw)  # type: ignore[call-overload]
+
+
+def test_two_arm_two_seed_sweep_resumes_after_a_kill(tmp_path: Path) -> None:
+    spec_file = _sweep_file(tmp_path)
+    out = tmp_path / "out"
+    # kill the whole sweep (runner and its run) hard once the first run has a checkpoint
+    proc = subprocess.Popen([sys.executable, "-m", "foldattn.cli", "sweep", str(spec_file), "-o", str(out),
+                             "--jobs", "1", "--threads", "1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    first = out / "runs" / "plain" / "s0"
+    deadline = time.time() + 240
+    while not (first / "last.pt").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (first / "last.pt").is_file()
+    killed_mid_run = not (first / "summary.json").is_file() or \
+        not json.loads((first / "summary.json").read_text()).get("finished")
+
+    done = _cli(["sweep", str(spec_file), "-o", str(out), "--jobs", "2", "--threads", "1"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    if killed_mid_run:
+        assert "resume plain-s0" in done.stdout
+        assert "--resume" in (out / "logs" / "plain-s0.log").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["runs_finished"] == summary["runs_planned"] == 4
+    for arm in ("plain", "asr-se"):
+        entry = summary["arms"][arm]
+        assert entry["seeds"] == [0, 1]
+        assert len(entry["final_top1"]["values"]) == 2 and entry["final_top1"]["std"] is not None
+        assert entry["best_top1"]["mean"] >= entry["final_top1"]["mean"] - 1e-9
+        assert set(entry["commands"]) == {"0", "1"}
+    diff = summary["arms"]["asr-se"]["paired_diff"]
+    a, b = summary["arms"]["asr-se"]["final_top1"]["values"], summary["arms"]["plain"]["final_top1"]["values"]
+    assert diff["seeds"] == [0, 1]
+    assert diff["final_top1"]["values"] == pytest.approx([x - y for x, y in zip(a, b, strict=True)])
+    assert (out / "summary.png").stat().st_size > 1000 and "| asr-se |" in (out / "summary.md").read_text()
+
+    # a third call finds everything finished: nothing re-runs, the finished runs are kept as they are
+    before = (first / "summary.json").stat().st_mtime_ns
+    again = _cli(["sweep", str(spec_file), "-o", str(out)])
+    assert again.returncode == 0 and "4 finished, 0 to run" in again.stdout
+    assert (first / "summary.json").stat().st_mtime_ns == before
+
+
+def test_summary_statistics_and_paired_differences(tmp_path: Path) -> None:
+    spec = parse_sweep({"base": [], "arms": {"a": [], "b": ["--attention", "se"]}, "seeds": [0, 1, 2],
+                        "baseline": "a"})
+    finals = {("a", 0): 80.0, ("a", 1): 82.0, ("a", 2): 81.0, ("b", 0): 81.0, ("b", 1): 82.5}  # b-s2 unfinished
+    for (arm, seed), top1 in finals.items():
+        folder = tmp_path / "runs" / arm / f"s{seed}"
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"finished": True, "time_per_epoch_s": 2.0,
+                                                         "run": {"params_train": 10, "params_deployed": 8}}))
+        (folder / "metrics.csv").write_text(f"epoch,val_top1\n1,{top1 - 5}\n2,{top1 + 1}\n3,{top1}\n")
+    summary = summarize(spec, tmp_path)
+    a, b = summary["arms"]["a"], summary["arms"]["b"]
+    assert a["final_top1"] == stats([80.0, 82.0, 81.0]) and a["final_top1"]["std"] == pytest.approx(1.0)
+    assert a["best_top1"]["values"] == [81.0, 83.0, 82.0]
+    assert b["seeds"] == [0, 1] and b["final_top1"]["values"] == [81.0, 82.5]
+    assert b["paired_diff"]["seeds"] == [0, 1]
+    assert b["paired_diff"]["final_top1"]["values"] == pytest.approx([1.0, 0.5])
+    assert b["paired_diff"]["final_top1"]["mean"] == pytest.approx(0.75)
+    assert "paired_diff" not in a and summary["runs_finished"] == 5 and summary["runs_planned"] == 6
+
+
+# (id, sweep file text after `base`, the one line's text)
+BAD = [
+    ("unknown-option", "arms:\n  a: []\n  b: [--attenshun, se]\nseeds: [0]\n", "unrecognized arguments"),
+    ("bad-value", "arms:\n  a: [--epochs, zero]\nseeds: [0]\n", "invalid int value"),
+    ("repeated-arm", "arms:\n  a: [--attention, se]\n  b: [--attention, se, --epochs, '1']\nseeds: [0]\n",
+     "repeats arm 'a'"),
+    ("empty-seeds", "arms:\n  a: []\nseeds: []\n", "non-empty list of seeds"),
+    ("seed-twice", "arms:\n  a: []\nseeds: [1, 1]\n", "seed 1 is listed twice"),
+    ("owned-option", "arms:\n  a: [--seed, '3']\nseeds: [0]\n", "set by the sweep"),
+    ("owned-abbreviated", "arms:\n  a: [--outp, x]\nseeds: [0]\n", "set by the sweep"),
+    ("baseline-unknown", "arms:\n  a: []\nseeds: [0]\nbaseline: b\n", "baseline 'b' is not an arm"),
+    ("unknown-key", "arms:\n  a: []\nseeds: [0]\nrepeat: 3\n", "unknown key(s) repeat"),
+    ("cross-option", "arms:\n  a: [--psi-init, '0.5']\nseeds: [0]\n", "--psi-init"),
+    ("arm-name", "arms:\n  'a/b': []\nseeds: [0]\n", "arm name"),
+    ("unset-env", "arms:\n  a: [--dataset, 'imagefolder:${FOLDATTN_TEST_UNSET}']\nseeds: [0]\n",
+     "${FOLDATTN_TEST_UNSET} is not set"),
+    ("missing-data", "arms:\n  a: [--dataset, 'imagefolder:/no/such/folder']\nseeds: [0]\n", "does not exist"),
+    ("yaml-alias", "arms:\n  a: &x []\n  b: *x\nseeds: [0]\n", "aliases"),
+    ("not-a-mapping", "arms: [a, b]\nseeds: [0]\n", "arms must map"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "message"), BAD, ids=[c[0] for c in BAD])
+def test_bad_sweep_files_are_one_line_and_start_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         case: str, body: str, message: str) -> None:
+    spec_file = _write(tmp_path / "s.yaml", "base: [--recipe, digits, --epochs, '1']\n" + body)
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec_file), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("foldattn sweep: error:") and len(err.splitlines()) == 1, err
+    assert message in err
+    assert not out.exists()
+
+
+def test_a_folder_with_another_sweep_or_other_files_is_refused(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    first = _sweep_file(tmp_path, arms="  a: []\n", seeds="[0]", extra="")
+    load_sweep(first)
+    from foldattn.sweep import prepare_folder
+
+    prepare_folder(load_sweep(first), out, str(first))  # as a started sweep leaves it
+    other = _write(tmp_path / "other.yaml", "base: [--recipe, digits, --epochs, '1']\narms:\n  a: []\nseeds: [0]\n")
+    assert main(["sweep", str(other), "-o", str(out)]) == 2
+    assert "holds another sweep" in capsys.readouterr().err
+    changed = _sweep_file(tmp_path, arms="  a: [--attention, se]\n", seeds="[0]", extra="")
+    assert main(["sweep", str(changed), "-o", str(out)]) == 2
+    assert "other options there" in capsys.readouterr().err
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine")
+    assert main(["sweep", str(first), "-o", str(junk)]) == 2
+    assert "holds other files" in capsys.readouterr().err
+    # adding an arm or a seed to the same sweep is allowed (--dry-run lists the new runs)
+    grown = _sweep_file(tmp_path, arms="  a: []\n  b: [--attention, se, --asr]\n", seeds="[0, 1]", extra="")
+    assert main(["sweep", str(grown), "-o", str(out), "--dry-run"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 4
+
+
+def test_bad_file_and_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "o")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["sweep", "/dev/zero", "-o", str(tmp_path / "o")]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    assert main(["sweep", "x.yaml", "-o", str(tmp_path / "o"), "--jobs", "0"]) == 2
+    assert "--jobs" in capsys.readouterr().err
+    with pytest.raises(SweepError, match="expected a list of options"):
+        parse_sweep({"arms": {"a": "--asr"}, "seeds": [0]})
