@@ -154,9 +154,9 @@ def test_oversized_architecture_is_refused_before_allocation(env: dict[str, Path
     # 4M classes pass the integer bound; a real build would allocate 64M x 4M floats (1 TB)
     evil = _rewrite(env["good"], env["dir"] / "big.safetensors", kwargs={"num_classes": 4_000_000})
     t0 = time.perf_counter()
-    with pytest.raises(ArchitectureMismatchError, match=r"does not build the file's architecture.*fc\.weight"):
+    with pytest.raises(ArchitectureMismatchError, match=r"asks for more than the file holds"):
         load_deployed(evil)
-    assert time.perf_counter() - t0 < 30  # refused from the meta-device build, not after allocating
+    assert time.perf_counter() - t0 < 30  # refused by the budgeted meta-device build, not after allocating
 
 
 @pytest.mark.parametrize("change", ["header", "size", "aliases", "alias-onto-tensor"])

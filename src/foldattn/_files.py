@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import stat
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from ._utils import require
 
-__all__ = ["read_bounded", "load_json_text", "load_json_file", "load_yaml_file", "check_depth",
+__all__ = ["read_bounded", "load_json_text", "load_json_file", "load_yaml_file", "check_depth", "check_zip",
            "MAX_CONFIG_BYTES", "MAX_DEPTH"]
 
 #: the largest configuration file read (a real one is a few kB)
@@ -135,3 +136,31 @@ def load_yaml_file(path: str | os.PathLike[str], what: str, max_bytes: int = MAX
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()
         raise ValueError(f"{what} {path}: not valid YAML ({' '.join(x.strip() for x in first[:3])})") from None
+
+
+#: entries of a torch.save archive at most this many times larger inflated than the whole file
+_MAX_INFLATION = 4
+_MAX_ENTRIES = 1 << 20
+
+
+def check_zip(path: str | os.PathLike[str], what: str) -> None:
+    """Before ``torch.load``: a zip archive (torch's format) must not inflate to far more than it is.
+
+    ``torch.save`` stores its entries uncompressed, so a real checkpoint inflates to about its own
+    size; a crafted one with deflated entries could ask for gigabytes from a small file. Files that
+    are not zip archives (torch's legacy format) pass: their size is what is read.
+    """
+    p = Path(path)
+    if not zipfile.is_zipfile(p):
+        return
+    try:
+        with zipfile.ZipFile(p) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ValueError(f"{what} {p}: a damaged zip archive ({e})") from None
+    size = p.stat().st_size
+    inflated = sum(i.file_size for i in infos)
+    if len(infos) > _MAX_ENTRIES or inflated > _MAX_INFLATION * size + (1 << 20):
+        raise ValueError(f"{what} {p}: its archive inflates to {inflated:,} bytes from a {size:,}-byte file "
+                         f"({len(infos):,} entries); torch.save writes uncompressed archives, so this file was "
+                         "crafted or corrupted and is not read")

@@ -40,12 +40,13 @@ _SAFE_STR = re.compile(r"[A-Za-z0-9_\-]{0,64}")
 _MAX_KWARGS = 32
 _MAX_LIST = 64
 _MAX_INT = 1 << 24
-#: keyword arguments that load, fetch or write, whatever the constructor: never from a file
+#: keyword arguments that load, fetch or write, or choose the device or dtype (a model built on ``meta`` would
+#: load no weights), whatever the constructor: never from a file
 _FORBIDDEN = frozenset({
     "weights", "weights_backbone", "progress", "pretrained", "pretrained_backbone", "pretrained_cfg",
     "pretrained_cfg_overlay", "pretrained_strict", "checkpoint_path", "cache_dir", "model_cfg", "feature_cfg",
     "kwargs_filter", "pretrained_filter_fn", "features_only", "scriptable", "exportable", "no_jit", "file",
-    "url", "hf_hub_id", "path",
+    "url", "hf_hub_id", "path", "device", "dtype", "device_map", "torch_dtype",
 })
 
 

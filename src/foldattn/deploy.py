@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._budget import BudgetExceeded, DoesNotFit, build_for, match_float_dtype, state_mismatch
+from ._files import load_json_text
 from ._utils import atomic_path, strict_json, unwrap_model
 from .builders import (
     UntrustedBuilderError,
@@ -110,21 +112,7 @@ def _recorded_builder(model: nn.Module, tensors: Mapping[str, Tensor]) -> tuple[
         rebuilt = _build({"builder": spec, "kwargs": kwargs}, tensors)
     except (TypeError, ValueError):  # not JSON, or kwargs a file may not carry
         return None
-    return None if _mismatch(rebuilt, tensors) else (spec, kwargs)
-
-
-def _mismatch(target: nn.Module, tensors: Mapping[str, Tensor]) -> str:
-    expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {expected[k]}"
-              for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
-    parts = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-        if items:
-            more = f", ... ({len(items) - 8} more)" if len(items) > 8 else ""
-            parts.append(f"{len(items)} {label}: {', '.join(items[:8])}{more}")
-    return "; ".join(parts)
+    return None if state_mismatch(rebuilt, tensors) else (spec, kwargs)
 
 
 def save_deployed(
@@ -213,7 +201,7 @@ def save_deployed(
         full = {**tensors, **{a: tensors[t] for a, t in aliases.items()}}
         try:
             rebuilt = _build(meta, full)
-            problem = _mismatch(rebuilt, full)
+            problem = state_mismatch(rebuilt, full)
         except ArchitectureMismatchError as e:
             problem = str(e)
         if problem:
@@ -262,27 +250,19 @@ def _build(meta: Mapping[str, Any], tensors: Mapping[str, Tensor] | None = None)
     spec, kwargs = _legacy(meta.get("builder"), meta.get("kwargs") or {})
     builder = resolve_builder(spec)
     check_kwargs(builder, kwargs)
-    if tensors is not None:
-        try:
-            with torch.device("meta"):
-                probe = builder.build(kwargs)
-        except UntrustedBuilderError:
-            raise
-        except Exception:  # a constructor that cannot run on the meta device: the real build decides
-            probe = None
-        if isinstance(probe, nn.Module):
-            problem = _mismatch(probe, tensors)
-            if problem:
-                raise ArchitectureMismatchError(f"{spec}(**{kwargs}) does not build the file's architecture: {problem}")
+    what = f"{spec}(**{kwargs})"
     try:
-        model = builder.build(kwargs)
+        # with the file's tensors: sized on the meta device and bounded by them before any real memory
+        model = builder.build(kwargs) if tensors is None else build_for(lambda: builder.build(kwargs), tensors, what)
     except UntrustedBuilderError:
         raise
+    except (BudgetExceeded, DoesNotFit) as e:
+        raise ArchitectureMismatchError(str(e)) from None
     except Exception as e:
-        raise ValueError(f"{spec}(**{kwargs}) failed: {type(e).__name__}: {e}") from None
+        raise ValueError(f"{what} failed: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
-        raise ValueError(f"{spec}(**{kwargs}) returned a {type(model).__name__}, not an nn.Module")
-    return model
+        raise ValueError(f"{what} returned a {type(model).__name__}, not an nn.Module")
+    return match_float_dtype(model, tensors) if tensors is not None else model
 
 
 def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -305,9 +285,9 @@ def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tenso
         raise DeployedFileError(f"{p}: the foldattn metadata is {len(header[_META_KEY]):,} bytes (at most "
                                 f"{_MAX_META_BYTES:,}); this is not a file save_deployed wrote")
     try:
-        meta = json.loads(header[_META_KEY])
-    except json.JSONDecodeError as e:
-        raise DeployedFileError(f"{p}: the foldattn metadata is not valid JSON ({e}); the file is corrupted") from None
+        meta = load_json_text(header[_META_KEY], f"{p}: the foldattn metadata")
+    except ValueError as e:
+        raise DeployedFileError(f"{e}; the file is corrupted") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DeployedFileError(f"{p}: unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
     if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
@@ -392,7 +372,7 @@ def load_deployed(path: str | os.PathLike[str], model: nn.Module | None = None, 
                 "the model has ASR layers, but a deployed file holds the folded weights of the plain architecture; "
                 "load into a model built without ASR"
             )
-    problem = _mismatch(target, tensors)
+    problem = state_mismatch(target, tensors)
     if problem:
         built = meta.get("builder") or meta.get("class")
         raise ArchitectureMismatchError(

@@ -10,15 +10,20 @@ import torch
 
 from .._utils import strict_json
 from ..summary import count_params
-from ..train import TrainConfig, build_model, evaluate
-from ..train.checkpoint import checkpoint_in, load_checkpoint, load_model_state
+from ..train import evaluate
+from ..train.checkpoint import checkpoint_in
 from ..train.data import load_dataset, make_loader, preprocessing, with_preprocessing
-from ..train.model import deployed_copy
+from ..train.model import deployed_copy, load_trained
 from ..verify import verify
 from . import positive_int
 from ._source import add_source_options, load_source
 
 __all__ = ["register"]
+
+
+def _classes(model: torch.nn.Module) -> int:
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return head[-1].out_features if head else -1
 
 
 _AMP = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -36,20 +41,15 @@ def _main(args: argparse.Namespace) -> int:
         path = checkpoint_in(args.checkpoint, args.which)
         if path != Path(args.checkpoint):
             print(f"using {path} (--which {args.which})", file=sys.stderr)
-        blob = load_checkpoint(path)
-        cfg = TrainConfig.from_dict(blob["config"])
+        model, cfg, blob = load_trained(path, args.ema)
         dataset = args.dataset or cfg.dataset
         # the decode cache only where this command line says: a checkpoint does not choose where we write
         bundle = load_dataset(dataset, args.data_dir or cfg.data_dir, cfg.val_split if args.dataset is None else None,
                               cfg.split_seed, args.cache_dir, cfg.image_size, stream=cfg.stream)
         bundle = with_preprocessing(bundle, (blob.get("run") or {}).get("preprocessing"))
-        model = build_model(cfg, bundle.num_classes, bundle.in_channels)
-        has_ema = blob.get("model_ema") is not None
-        if args.ema and not has_ema:
-            raise ValueError(f"--ema: {path} has no EMA weights (the run was trained without --model-ema)")
-        blob["weights"] = "ema" if (has_ema if args.ema is None else args.ema) else "model"
-        weights = blob["model_ema" if blob["weights"] == "ema" else "model"]
-        load_model_state(model, weights, f"checkpoint {path}")
+        if bundle.num_classes != _classes(model):
+            raise ValueError(f"--dataset {dataset}: {bundle.num_classes} classes, the checkpoint's model "
+                             f"{_classes(model)}; evaluate on data with the run's classes")
     model.eval()
     deployed = deployed_copy(model)
     loader = make_loader(bundle.val, args.batch_size, bundle, train=False, workers=cfg.workers)

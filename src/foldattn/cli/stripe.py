@@ -113,10 +113,13 @@ def load_model_and_data(args: argparse.Namespace) -> Loaded:
     if not spec:
         raise ValueError("give a model: a checkpoint path, a foldattn model name, torchvision:NAME or timm:NAME")
     if os.path.exists(spec):
-        blob = _read_checkpoint(spec)
-        data = load_data(args, blob.get("config"), (blob.get("run") or {}).get("preprocessing"))
-        model, name, kwargs = _model_from_checkpoint(spec, blob, data)
-        return Loaded(model, spec, data, name, kwargs)
+        from ..train.model import load_trained
+
+        # the trained weights (not an EMA), rebuilt with the checks every checkpoint gets
+        model, cfg, blob = load_trained(spec, ema=False)
+        data = load_data(args, cfg.to_dict(), (blob.get("run") or {}).get("preprocessing"))
+        kwargs = {"num_classes": int((blob.get("run") or {}).get("classes") or data.num_classes)}
+        return Loaded(model, spec, data, None if ":" in cfg.model else cfg.model, kwargs)
     data = load_data(args)
     num_classes = args.num_classes or data.num_classes
     torch.manual_seed(args.seed)  # a model built by name is randomly initialised: make it reproducible
@@ -155,28 +158,6 @@ def _timm_model(name: str, num_classes: int) -> nn.Module:
 
 
 _EXTERNAL = {"torchvision": _torchvision_model, "timm": _timm_model}
-
-
-def _read_checkpoint(path: str) -> dict[str, Any]:
-    from ..train.checkpoint import load_checkpoint
-
-    return load_checkpoint(path)
-
-
-def _model_from_checkpoint(path: str, blob: dict[str, Any],
-                           data: DataSource) -> tuple[nn.Module, str | None, dict[str, Any]]:
-    """Rebuild the trained model from a ``foldattn train`` checkpoint (config + state dict)."""
-    from ..train import TrainConfig, build_model
-    from ..train.checkpoint import load_model_state
-
-    cfg = TrainConfig.from_dict(blob.get("config") or {})
-    num_classes = int((blob.get("run") or {}).get("classes") or data.num_classes)
-    model = build_model(cfg, num_classes, data.in_channels)
-    load_model_state(model, blob["model"], source=str(path))
-    kwargs: dict[str, Any] = {"num_classes": num_classes}
-    if data.in_channels != 3:
-        kwargs["in_channels"] = data.in_channels
-    return model, (None if ":" in cfg.model else cfg.model), kwargs
 
 
 def prepare_output(out: str | os.PathLike[str]) -> Path:

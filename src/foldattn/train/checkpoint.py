@@ -12,6 +12,7 @@ unpickles code)::
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Iterable, Mapping
@@ -21,11 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._budget import state_mismatch
+from .._files import check_zip
 from .._utils import atomic_path, unwrap_model
 
 __all__ = [
     "CheckpointError", "FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load_model_state",
-    "config_diff", "capture_rng", "restore_rng", "checkpoint_in"]
+    "config_diff", "capture_rng", "restore_rng", "checkpoint_in", "check_structure"]
 
 FORMAT = "foldattn-checkpoint"
 VERSION = 1
@@ -105,6 +108,10 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
+        check_zip(path, "checkpoint")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # zip, pickle, EOF and weights-only errors all mean the same to the user
         text = str(e).strip()
@@ -117,27 +124,76 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a foldattn training checkpoint (no 'format': {FORMAT!r} entry); "
                               "for a published ASR checkpoint use `foldattn import-reference`")
-    if int(blob.get("version", 0)) > VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {blob['version']}; this foldattn reads up to {VERSION}")
+    check_structure(blob, path)
     return blob
+
+
+#: the largest class count and image side a checkpoint may record
+MAX_CLASSES = 1 << 20
+MAX_IMAGE_SIDE = 8192
+
+
+def _is_int(v: Any, low: int = 0, high: int = 1 << 62) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _is_state(v: Any) -> bool:
+    return isinstance(v, dict) and bool(v) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                                   for k, t in v.items())
+
+
+def check_structure(blob: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """Refuse a checkpoint whose entries are not what :func:`save_checkpoint` writes, naming the entry
+    (a checkpoint is data: it passed ``weights_only``, but its structure is not yet trusted)."""
+
+    def bad(entry: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {entry} {why}; this is not a checkpoint foldattn wrote (or it is corrupted)")
+
+    version = blob.get("version", 0)
+    if not _is_int(version):
+        raise bad("'version'", f"is {version!r}, not a whole number")
+    if version > VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {version}; this foldattn reads up to {VERSION}")
+    if not isinstance(blob.get("config"), dict) or not all(isinstance(k, str) for k in blob["config"]):
+        raise bad("'config'", "is missing or not a mapping of option names")
+    if not _is_state(blob.get("model")):
+        raise bad("'model'", "is missing or not a state dict (names -> tensors)")
+    if blob.get("model_ema") is not None and not _is_state(blob["model_ema"]):
+        raise bad("'model_ema'", "is not a state dict")
+    for entry in ("epoch", "step"):
+        if entry in blob and blob[entry] is not None and not _is_int(blob[entry]):
+            raise bad(f"'{entry}'", f"is {blob[entry]!r}, not a whole number >= 0")
+    for entry in ("optimizer", "scheduler", "scaler", "best", "rng", "run"):
+        if blob.get(entry) is not None and not isinstance(blob[entry], dict):
+            raise bad(f"'{entry}'", f"is a {type(blob[entry]).__name__}, not a mapping")
+    if blob.get("history") is not None and not (isinstance(blob["history"], list)
+                                                and all(isinstance(h, dict) for h in blob["history"])):
+        raise bad("'history'", "is not a list of per-epoch mappings")
+    run = blob.get("run") or {}
+    classes = run.get("classes")
+    if classes is not None and not _is_int(classes, 1, MAX_CLASSES):
+        raise bad("run 'classes'", f"is {classes!r}, not a class count in [1, {MAX_CLASSES}]")
+    size = run.get("image_size")
+    if size is not None and not (isinstance(size, (list, tuple)) and len(size) == 2
+                                 and all(_is_int(s, 1, MAX_IMAGE_SIDE) for s in size)):
+        raise bad("run 'image_size'", f"is {size!r}, not [height, width] in [1, {MAX_IMAGE_SIDE}]")
+    pre = run.get("preprocessing")
+    if pre is not None:
+        ok = isinstance(pre, dict) and all(
+            isinstance(pre.get(k), (list, tuple)) and 1 <= len(pre[k]) <= 16
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in pre[k])
+            for k in ("mean", "std")) and all(x > 0 for x in pre["std"])
+        if not ok:
+            raise bad("run 'preprocessing'", "is not {mean: [...], std: [positive ...]} of finite numbers")
 
 
 def load_model_state(model: nn.Module, state: Mapping[str, Any], source: str = "checkpoint") -> None:
     """``load_state_dict(strict=True)`` with a short, readable error for another architecture."""
     target = unwrap_model(model)
-    own = target.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-            if items:
-                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-                parts.append(f"{len(items)} {label}: {', '.join(items[:3])}{more}")
+    problem = state_mismatch(target, state)  # keys, shapes and dtypes: nothing is cast silently
+    if problem:
         raise CheckpointError(f"{source} does not fit this model (another architecture, attention or class count?): "
-                              + "; ".join(parts))
+                              + problem)
     target.load_state_dict(state, strict=True)
 
 

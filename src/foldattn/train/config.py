@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,12 +94,24 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def check_types(self) -> None:
+        """Every field holds a value of its declared type (a config from a YAML file or a checkpoint is
+        data: a number where a name belongs, a list where a number belongs, is refused naming the field)."""
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _is_a(value, hints[f.name]):
+                option = f.name.replace("_", "-")
+                raise ValueError(f"--{option} {_short(value)}: expected {_type_name(hints[f.name])}, got "
+                                 f"{type(value).__name__}")
+
     def validate(self) -> None:
         """Refuse values no run can use, before any work (``ValueError`` naming the option,
         the value and what is allowed)."""
+        self.check_types()
 
         def bad(option: str, value: Any, allowed: str) -> None:
-            raise ValueError(f"--{option} {value!r}: {allowed}")
+            raise ValueError(f"--{option} {_short(value)}: {allowed}")
 
         def integer(option: str, value: Any, low: int) -> None:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -113,6 +127,9 @@ class TrainConfig:
         integer("every", self.every, 1)
         integer("seed", self.seed, 0)
         integer("split-seed", self.split_seed, 0)
+        for option, value in (("seed", self.seed), ("split-seed", self.split_seed)):
+            if value >= 2**32:
+                bad(option, value, "must be below 2^32 (NumPy's generators take 32-bit seeds)")
         integer("workers", self.workers, 0)
         integer("threads", self.threads, 0)
         integer("stripe-every", self.stripe_every, 0)
@@ -120,6 +137,8 @@ class TrainConfig:
             integer("steps-per-epoch", self.steps_per_epoch, 1)
         if self.image_size is not None:
             integer("image-size", self.image_size, 1)
+            if self.image_size > _MAX_IMAGE_SIZE:
+                bad("image-size", self.image_size, f"must be at most {_MAX_IMAGE_SIZE} pixels")
         number("lr", self.lr, 0.0)
         if self.lr == 0:
             bad("lr", self.lr, "must be > 0 (a zero learning rate trains nothing)")
@@ -227,8 +246,60 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """The config of ``d``'s known fields (others are ignored: a newer foldattn's options)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a training config must be a mapping of option names to values, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: v for k, v in d.items() if isinstance(k, str) and k in known})
+
+
+#: the largest --image-size (a side in pixels) accepted
+_MAX_IMAGE_SIZE = 4096
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    """``value`` matches the type hint (bool is not an int; an int is a float; containers checked inside)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str) and len(value) <= 4096
+    if origin is list:
+        return isinstance(value, list) and len(value) <= 1024 and all(_is_a(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and len(value) <= 256 and all(
+            _is_a(k, args[0]) and _is_a(v, args[1]) for k, v in value.items())
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if hint is type(None):
+        return "nothing (null)"
+    if origin is list:
+        plural = {int: "integers", str: "strings", float: "numbers"}
+        return f"a list of {plural.get(args[0], _type_name(args[0]))}"
+    if origin is dict:
+        return "a mapping of names to values"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string (at most 4096 characters)"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 #: ``--sched`` names: timm's ``create_scheduler_v2`` schedulers, and torch's ``OneCycleLR``

@@ -9,12 +9,14 @@ import torch
 from torch import nn
 
 from .. import attention as _attention
+from .._budget import BudgetExceeded, DoesNotFit, build_for
 from .._utils import check_external_name, require, unwrap_model
+from ..builders import UntrustedBuilderError, check_kwargs, resolve_builder
 from ..fold import fold, has_foldable
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .config import TrainConfig
 
-__all__ = ["build_model", "load_trained", "load_foreign", "example_input", "deployed_copy"]
+__all__ = ["build_model", "load_trained", "load_foreign", "example_input", "deployed_copy", "config_of"]
 
 
 def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
@@ -43,6 +45,7 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 3) -> nn.
         raise ValueError("--preserve-outputs cannot keep ASR(X) + X exact (the classic X changes the outputs); "
                          "drop --both or --preserve-outputs")
     source, sep, name = cfg.model.partition(":")
+    _check_model_kwargs(cfg.model, cfg.model_kwargs)
     if not sep and (cfg.where is not None or cfg.include or cfg.exclude):
         raise ValueError(f"--where/--include/--exclude place ASR on torchvision:/timm: models through attach; "
                          f"{cfg.model} places its attention itself (use --every)")
@@ -72,6 +75,26 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int = 3) -> nn.
 
 # foldattn models with a drop_path argument
 _DROP_PATH_MODELS = ("cifar_vit_tiny",)
+
+
+def _check_model_kwargs(model: str, kwargs: dict[str, Any]) -> None:
+    """``--model-kwargs`` obey the deployed files' allowlist: parameters the constructor declares, plain
+    values, nothing that opens a file, downloads or picks a device or dtype (a config may come from a file)."""
+    if not kwargs:
+        return
+    source, sep, name = model.partition(":")
+    if sep:
+        check_external_name(source, name)
+        spec = f"torchvision.models:{name}" if source == "torchvision" else f"timm:{name}"
+    else:
+        from ..models import get_builder
+
+        get_builder(model)  # an unknown name fails here, listing the valid ones
+        spec = f"foldattn.models:{model}"
+    try:
+        check_kwargs(resolve_builder(spec), kwargs)
+    except UntrustedBuilderError as e:
+        raise ValueError(f"--model-kwargs: {e}".replace("keyword argument", "option")) from None
 
 
 def _external_model(source: str, name: str, cfg: TrainConfig, num_classes: int) -> nn.Module:
@@ -128,15 +151,36 @@ def load_trained(path: str | os.PathLike[str],
         raise CheckpointError(f"--ema: {path} has no EMA weights (the run was trained without --model-ema)")
     use_ema = has_ema if ema is None else ema
     blob["weights"] = "ema" if use_ema else "model"
-    cfg = TrainConfig.from_dict(blob["config"])
+    cfg = config_of(blob, path)
     run = blob.get("run") or {}
     classes = run.get("classes")
     if classes is None:  # older checkpoints: the classifier's output size
         heads = [v for k, v in blob["model"].items() if k.endswith("weight") and v.dim() == 2]
         classes = int(heads[-1].shape[0]) if heads else 10
-    model = build_model(cfg, int(classes))
-    load_model_state(model, blob["model_ema" if use_ema else "model"], f"checkpoint {path}")
+    weights = blob["model_ema" if use_ema else "model"]
+    model = _build_checked(cfg, int(classes), weights, f"checkpoint {path}")
+    load_model_state(model, weights, f"checkpoint {path}")
     return model.eval(), cfg, blob
+
+
+def config_of(blob: dict[str, Any], path: str | os.PathLike[str]) -> TrainConfig:
+    """The checkpoint's training config, typed and validated like a command line's (it is data)."""
+    try:
+        cfg = TrainConfig.from_dict(blob["config"])
+        cfg.validate()
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its recorded config is not usable: {e}") from None
+    return cfg
+
+
+def _build_checked(cfg: TrainConfig, classes: int, weights: dict[str, torch.Tensor], what: str) -> nn.Module:
+    """``build_model(cfg, classes)``, sized against ``weights`` before any real allocation."""
+    try:
+        return build_for(lambda: build_model(cfg, classes), weights, f"{what}'s model {cfg.model}")
+    except (BudgetExceeded, DoesNotFit) as e:
+        raise CheckpointError(str(e)) from None
+    except ValueError as e:
+        raise CheckpointError(f"{what}: its model cannot be built: {e}") from None
 
 
 def load_foreign(path: str | os.PathLike[str], cfg: TrainConfig, num_classes: int | None = None,
@@ -150,7 +194,7 @@ def load_foreign(path: str | os.PathLike[str], cfg: TrainConfig, num_classes: in
     """
     from .pretrained import PretrainedError, _strip_prefix, read_state_dict
 
-    state = read_state_dict(path, key="state_dict_ema" if ema else None)
+    state = read_state_dict(path, key="state_dict_ema" if ema else None, what="checkpoint")
     if num_classes is None:  # the classifier's size in the file
         probe = build_model(cfg, 10)
         head = [n for n, m in probe.named_modules() if isinstance(m, nn.Linear)]
@@ -160,8 +204,10 @@ def load_foreign(path: str | os.PathLike[str], cfg: TrainConfig, num_classes: in
         if weight is None:
             raise PretrainedError(f"{path}: cannot tell the number of classes; pass --num-classes")
         num_classes = int(weight.shape[0])
-    model = build_model(cfg, num_classes)
-    state = _strip_prefix(state, set(model.state_dict()))
+    with torch.device("meta"):
+        keys = set(build_model(cfg, num_classes).state_dict())
+    state = _strip_prefix(state, keys)
+    model = _build_checked(cfg, num_classes, state, f"checkpoint {path}")
     load_model_state(model, state, f"checkpoint {path}")
     size = image_size or (32 if ":" not in cfg.model else 224)
     return model.eval(), cfg, {"config": cfg.to_dict(), "run": {"classes": num_classes, "image_size": (size, size)},

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._files import check_zip
 from .._utils import first_line
 from ..asr import ASR
 from ..attention import ChannelAttention
@@ -31,17 +32,24 @@ class PretrainedError(ValueError):
     """The pretrained file cannot be read, or its weights do not fit the plain architecture."""
 
 
-def read_state_dict(path: str | os.PathLike[str], key: str | None = None) -> dict[str, Tensor]:
+def read_state_dict(path: str | os.PathLike[str], key: str | None = None,
+                    what: str = "--pretrained") -> dict[str, Tensor]:
     """The tensors of a weights file, never executing code (safetensors, or ``torch.load(weights_only=True)``).
 
     Args:
         path: ``.safetensors``, or ``.pt``/``.pth``/``.ckpt`` holding a state dict or a checkpoint dict.
         key: which entry of a checkpoint dict holds the weights (default: the first of
             ``state_dict``, ``model``, ``state_dict_ema``, ``model_ema`` present).
+        what: how messages name the file (the option or role it came from).
     """
     path = Path(path)
+    try:
+        if path.is_file():
+            check_zip(path, what)
+    except ValueError as e:
+        raise PretrainedError(str(e)) from None
     if not path.is_file():
-        raise PretrainedError(f"--pretrained {path}: no such file")
+        raise PretrainedError(f"{what} {path}: no such file")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -49,25 +57,25 @@ def read_state_dict(path: str | os.PathLike[str], key: str | None = None) -> dic
         try:
             return dict(load_file(str(path)))
         except (SafetensorError, OSError, ValueError) as e:
-            raise PretrainedError(f"--pretrained {path}: not a readable safetensors file ({e})") from None
+            raise PretrainedError(f"{what} {path}: not a readable safetensors file ({e})") from None
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickles with code, truncated files, ...
         first = first_line(e)
-        raise PretrainedError(f"--pretrained {path}: cannot be read with torch.load(weights_only=True): "
+        raise PretrainedError(f"{what} {path}: cannot be read with torch.load(weights_only=True): "
                               f"{first[:200]}") from None
     if isinstance(blob, dict) and blob and all(isinstance(v, Tensor) for v in blob.values()):
         if key is not None:
-            raise PretrainedError(f"--pretrained {path}: a plain state dict has no entry {key!r}")
+            raise PretrainedError(f"{what} {path}: a plain state dict has no entry {key!r}")
         return dict(blob)
     if not isinstance(blob, dict):
-        raise PretrainedError(f"--pretrained {path}: holds a {type(blob).__name__}, not a state dict")
+        raise PretrainedError(f"{what} {path}: holds a {type(blob).__name__}, not a state dict")
     keys = [key] if key is not None else ["state_dict", "model", "state_dict_ema", "model_ema"]
     for k in keys:
         value = blob.get(k)
         if isinstance(value, dict) and value and all(isinstance(v, Tensor) for v in value.values()):
             return dict(value)
-    raise PretrainedError(f"--pretrained {path}: no state dict under {', '.join(map(repr, keys))} "
+    raise PretrainedError(f"{what} {path}: no state dict under {', '.join(map(repr, keys))} "
                           f"(entries: {', '.join(map(str, list(blob)[:8]))})")
 
 
