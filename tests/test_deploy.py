@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from foldattn.deploy import (
     ArchitectureMismatchError,
     DeployedFileError,
     UntrustedBuilderError,
+    file_sha256,
     metadata_path,
     read_metadata,
     register_builder,
@@ -51,7 +53,9 @@ def test_round_trip_rebuilds_from_metadata(trained: nn.Module, saved: Path) -> N
     assert type(loaded) is type(tv.resnet18()) and not loaded.training
     foldattn.verify(trained, loaded, X)  # float32, 1e-5 relative
     assert sorted(p.name for p in saved.parent.iterdir()) == ["r18.json", "r18.safetensors"], "no temp file left"
-    assert json.loads(metadata_path(saved).read_text()) == meta  # the readable copy matches the header
+    copy = json.loads(metadata_path(saved).read_text())
+    assert copy.pop("file_sha256") == file_sha256(saved)  # bound to these weights
+    assert copy == meta  # the readable copy matches the header
 
 
 def test_weights_path_must_not_be_json(trained: nn.Module, tmp_path: Path) -> None:
@@ -254,3 +258,25 @@ def test_no_builder_error_names_the_argument(trained: nn.Module, tmp_path: Path)
     with pytest.raises(ValueError, match=r'saved without builder=.*builder="torchvision\.models:resnet18", '
                                          r'kwargs=\{"num_classes": 10\}'):
         load_deployed(path)
+
+
+def test_weights_and_json_copy_are_one_unit(trained: nn.Module, tmp_path: Path) -> None:
+    """A JSON copy written for other weights (a kill between the two renames, two saves into one place)
+    is refused on load; the weights alone (no JSON beside them) still load."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b" / "a.safetensors"
+    b.parent.mkdir()
+    save_deployed(trained, a, "torchvision.models:resnet18", {"num_classes": 10})
+    other = copy.deepcopy(trained)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    save_deployed(other, b, "torchvision.models:resnet18", {"num_classes": 10})
+    metadata_path(a).write_bytes(metadata_path(b).read_bytes())  # b's JSON beside a's weights
+    with pytest.raises(DeployedFileError, match="describes another weights file"):
+        load_deployed(a)
+    with pytest.raises(DeployedFileError, match="describes another weights file"):
+        read_metadata(a)
+    metadata_path(a).unlink()
+    assert isinstance(load_deployed(a), nn.Module)
+    metadata_path(a).write_text("[1, 2")  # a JSON copy that is not one
+    with pytest.raises(DeployedFileError, match="not the JSON copy"):
+        load_deployed(a)

@@ -75,13 +75,30 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path: Pat
         holder.kill()
         holder.wait()
     # the holder is gone: stale, taken over with a warning; leftovers of killed writes removed
-    (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"partial")
+    (tmp_path / ".last.pt.foldattn-abc123.tmp").write_bytes(b"partial")
+    (tmp_path / ".someone-elses.tmp").write_bytes(b"not ours")
     with pytest.warns(UserWarning, match="stale lock"):
         lock = RunLock(tmp_path).acquire()
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
-    assert not (tmp_path / ".last.pt.abc123.tmp").exists()
+    assert not (tmp_path / ".last.pt.foldattn-abc123.tmp").exists()
+    assert (tmp_path / ".someone-elses.tmp").exists()  # only foldattn's own temporaries are removed
     lock.release()
     assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b'{"pid": 99999999999999999999, "host": "h"}', b"not json {",
+                                     b"", b'{"pid": "12", "host": "h"}', b'{"pid": true, "host": "h"}',
+                                     b"[" * 5000, b"x" * 10_000, b'{"pid": 1}'],
+                         ids=["list", "huge-pid", "not-json", "empty", "pid-string", "pid-bool", "deep", "big",
+                              "no-host"])
+def test_a_lock_that_does_not_parse_is_stale(tmp_path: Path, content: bytes) -> None:
+    from foldattn.train.runtime import RunLock
+
+    (tmp_path / ".lock").write_bytes(content)
+    with pytest.warns(UserWarning, match="unreadable lock file"):
+        lock = RunLock(tmp_path).acquire()
+    assert lock.held
+    lock.release()
 
 
 @pytest.mark.parametrize("error", [

@@ -16,7 +16,12 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["eval_mode", "unwrap_model", "set_submodule", "atomic_path", "require", "strict_json", "first_line"]
+__all__ = ["eval_mode", "unwrap_model", "set_submodule", "atomic_path", "require", "strict_json", "first_line",
+           "TMP_MARK"]
+
+#: in the name of every temporary file foldattn writes (``.NAME.foldattn-XXXX.tmp``), so that a command
+#: holding a folder's lock removes a killed write's leftovers, and only foldattn's
+TMP_MARK = ".foldattn-"
 
 
 @contextlib.contextmanager
@@ -82,7 +87,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     dest = Path(path)
     if not dest.parent.exists():
         raise FileNotFoundError(f"folder {dest.parent} does not exist; create it first or choose another path")
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}{TMP_MARK}", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     try:
         yield Path(tmp)

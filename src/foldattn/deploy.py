@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ._budget import BudgetExceeded, DoesNotFit, build_for, match_float_dtype, state_mismatch
-from ._files import load_json_text
+from ._files import load_json_file, load_json_text
 from ._utils import atomic_path, strict_json, unwrap_model
 from .builders import (
     UntrustedBuilderError,
@@ -216,9 +216,12 @@ def save_deployed(
         raise ValueError(f"{dest}: the weights file needs another suffix (e.g. .safetensors); .json is the metadata's")
     with atomic_path(dest) as tmp:
         save_file(tensors, str(tmp), metadata={_META_KEY: header})
-    # a readable copy of the metadata beside the weights; the header stays authoritative
+        digest = file_sha256(tmp)
+    # a readable copy of the metadata beside the weights, bound to them by the weights file's hash: a pair
+    # that was not written together (a kill between the two renames, two writers) is refused on load; the
+    # header stays authoritative
     with atomic_path(metadata_path(dest)) as tmp:
-        tmp.write_text(strict_json(meta, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(strict_json({**meta, "file_sha256": digest}, indent=2, sort_keys=True) + "\n")
     return dest
 
 
@@ -297,6 +300,7 @@ def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tenso
         )
     if meta.get("checksum") != _checksum(tensors):
         raise DeployedFileError(f"{p}: the tensors do not match their checksum; the file is corrupted, save it again")
+    _check_sidecar(p)
     aliases = meta.get("aliases") or {}
     if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
         raise DeployedFileError(f"{p}: 'aliases' must map tensor names to tensor names; the file is corrupted")
@@ -305,6 +309,24 @@ def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tenso
             raise DeployedFileError(f"{p}: tied tensor {alias!r} points at missing {target!r}; the file is corrupted")
         tensors[alias] = tensors[target]
     return meta, tensors
+
+
+def _check_sidecar(path: Path) -> None:
+    """Refuse a weights file whose JSON copy beside it was written for another file."""
+    side = metadata_path(path)
+    if not side.is_file():
+        return
+    try:
+        recorded = load_json_file(side, "deployed metadata", _MAX_META_BYTES).get("file_sha256")
+    except (ValueError, AttributeError):
+        raise DeployedFileError(f"{side}: not the JSON copy save_deployed writes beside {path.name}; delete it or "
+                                "save the model again") from None
+    if recorded is not None and recorded != file_sha256(path):
+        raise DeployedFileError(
+            f"{side} describes another weights file than {path} (the two were not written together: an "
+            "interrupted save, or two saves into one place); save the model again, or delete the JSON copy to "
+            "use the weights alone"
+        )
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -263,12 +264,31 @@ def _func_name(target: Any) -> str:
 
 
 class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, blind to other threads.
+
+    While it traces, torch.fx replaces ``nn.Module.__call__`` and ``__getattr__`` for the whole
+    process. Calls from any other thread (a server running its models while this one attaches ASR
+    to another) are passed straight to the original methods, so they run as if nothing traced.
+    """
+
     def __init__(self, extra: tuple[type[nn.Module], ...]) -> None:
         super().__init__()
         self.extra = extra
+        self._thread = threading.get_ident()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_leaf(m, self.extra)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        if threading.get_ident() != self._thread:  # another thread's call: run it, do not trace it
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
 def graph_from_fx(model: nn.Module, extra_leaves: tuple[type[nn.Module], ...] = ()) -> Graph:
@@ -336,13 +356,17 @@ def graph_from_run(model: nn.Module, example_inputs: Any, extra_leaves: tuple[ty
     for n, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), n)  # a module shared under two names keeps its first, as torch.fx does
     leaves = {id(m) for m in model.modules() if is_leaf(m, extra_leaves)}
+    thread = threading.get_ident()  # the hooks record this thread's pass only (others may run the model too)
 
-    def pre(module: nn.Module, a: Any, kw: Any) -> None:
-        if id(module) in leaves:
+    # (*rest: another thread that calls the model while a hook is being added may see it without its
+    # with_kwargs flag, and call it with one argument fewer)
+    def pre(module: nn.Module, *rest: Any) -> None:
+        if id(module) in leaves and threading.get_ident() == thread:
             rec.depth += 1
 
-    def post(module: nn.Module, a: Any, kw: Any, out: Any) -> None:
-        if id(module) in leaves:
+    def post(module: nn.Module, *rest: Any) -> None:
+        if id(module) in leaves and threading.get_ident() == thread:
+            a, kw, out = (rest[0], rest[1], rest[2]) if len(rest) == 3 else (rest[0], {}, rest[1])
             rec.depth -= 1
             if rec.depth == 0:
                 rec.produced(out, graph.add("module", names.get(id(module), "?"), rec.inputs((a, kw))))

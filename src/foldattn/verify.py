@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,13 +53,44 @@ class VerifyReport:
         )
 
 
-def _flatten(out: Any) -> list[Tensor]:
+_MAX_OUTPUT_DEPTH = 32
+
+
+def _flatten(out: Any, label: str = "output", depth: int = 0, seen: set[int] | None = None) -> list[Tensor]:
+    """Every tensor reachable in a model's output, in a fixed order: tensors, mappings (sorted keys),
+    lists/tuples/named tuples, dataclasses (fields in order) and plain objects (their attributes,
+    sorted). Unordered or one-shot containers (sets, generators, iterators) are refused: their
+    tensors cannot be paired between two models."""
+    seen = set() if seen is None else seen
     if isinstance(out, Tensor):
         return [out]
+    if out is None or isinstance(out, (str, bytes, int, float, bool, complex, torch.dtype, torch.device)):
+        return []
+    if depth > _MAX_OUTPUT_DEPTH or id(out) in seen:
+        raise ValueError(f"verify: {label} nests more than {_MAX_OUTPUT_DEPTH} levels or refers to itself; "
+                         "return tensors in tuples, lists, dicts or dataclasses")
+    seen = seen | {id(out)}
     if isinstance(out, Mapping):
-        return [t for k in sorted(out) for t in _flatten(out[k])]
-    if isinstance(out, Sequence) and not isinstance(out, str):
-        return [t for o in out for t in _flatten(o)]
+        try:
+            keys = sorted(out)
+        except TypeError:
+            keys = list(out)
+        return [t for k in keys for t in _flatten(out[k], f"{label}[{k!r}]", depth + 1, seen)]
+    if isinstance(out, (list, tuple)):
+        return [t for i, o in enumerate(out) for t in _flatten(o, f"{label}[{i}]", depth + 1, seen)]
+    if isinstance(out, (set, frozenset)) and all(x is None or isinstance(x, (str, bytes, int, float)) for x in out):
+        return []
+    if isinstance(out, (set, frozenset, Iterator, Generator)):
+        raise ValueError(f"verify: {label} is a {type(out).__name__}, whose tensors have no order to pair between "
+                         "the two models; return a tuple, list or dict")
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [t for f in dataclasses.fields(out)
+                for t in _flatten(getattr(out, f.name), f"{label}.{f.name}", depth + 1, seen)]
+    if isinstance(out, Sequence):
+        return [t for i, o in enumerate(out) for t in _flatten(o, f"{label}[{i}]", depth + 1, seen)]
+    attrs = getattr(out, "__dict__", None)
+    if isinstance(attrs, dict):
+        return [t for k in sorted(attrs) for t in _flatten(attrs[k], f"{label}.{k}", depth + 1, seen)]
     return []
 
 
@@ -112,7 +144,8 @@ def verify(
     Raises:
         EquivalenceError: the relative error exceeds the tolerance, or an output of either
             model holds NaN or Inf.
-        ValueError: the inputs do not fit the models, or the outputs differ in structure.
+        ValueError: the inputs do not fit the models, the outputs differ in structure, or they hold no
+            tensor (nothing would be compared).
     """
     for role, m in (("model", model), ("deployed", deployed)):
         if not isinstance(m, nn.Module):
@@ -140,6 +173,9 @@ def verify(
             f"output structure differs: reference {[tuple(t.shape) for t in ref]}, "
             f"deployed {[tuple(t.shape) for t in out]}"
         )
+    if not sum(t.numel() for t in ref):
+        raise ValueError("verify: the models' outputs hold no tensor, so nothing was compared; return tensors "
+                         "(in tuples, lists, dicts, dataclasses or objects with tensor attributes)")
     check_finite(ref, "reference")
     check_finite(out, "deployed")
     max_abs, scale = 0.0, 0.0

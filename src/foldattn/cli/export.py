@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
+from typing import Any
 
+from .._lock import RunLock
 from ..export import export_onnx, export_program
 from ..train import example_input
 from . import CLIError
@@ -22,9 +25,19 @@ def _main(args: argparse.Namespace) -> int:
         raise CLIError(f"--pt2 {args.pt2}: the file name must end in .pt2 (torch.export's archive format)")
     model, cfg, blob = load_source(args)
     example = example_input(blob, batch=1)
-    for path in (args.onnx, args.pt2):
-        if path and not Path(path).parent.exists():
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    folders = sorted({Path(p).parent for p in (args.onnx, args.pt2) if p})
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    # each output folder under its lock: two commands writing one place are refused, a killed one's
+    # temporaries are cleaned
+    with contextlib.ExitStack() as locks:
+        for folder in folders:
+            locks.enter_context(RunLock(folder))
+        _write(args, model, cfg, example)
+    return 0
+
+
+def _write(args: argparse.Namespace, model: Any, cfg: Any, example: Any) -> None:
     if args.onnx:
         report = export_onnx(model, example, args.onnx, opset_version=args.opset, fuse_bn=args.fuse_bn,
                              dynamic_batch=not args.static_batch)
@@ -34,7 +47,6 @@ def _main(args: argparse.Namespace) -> int:
         program = export_program(model, example, args.pt2, fuse_bn=args.fuse_bn, dynamic_batch=not args.static_batch)
         print(f"{cfg.model}: {program}")
         print(f"wrote {args.pt2} (load: torch.export.load(path).module())")
-    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from .._lock import RunLock
 from ..deploy import read_metadata, save_deployed
 from ..fold import fold
 from ..summary import count_params
@@ -40,7 +41,6 @@ def _main(args: argparse.Namespace) -> int:
     builder, kwargs = (None, None) if args.fuse_bn else builder_for(cfg, classes)
     out = Path(args.output)
     if out.suffix != ".safetensors":
-        out.mkdir(parents=True, exist_ok=True)
         out = out / "deployed.safetensors"
     meta = {"checkpoint": str(args.checkpoint), "config": cfg.to_dict(), "epoch": blob.get("epoch"),
             "best": blob.get("best"), "verify": str(report), "fuse_bn": args.fuse_bn,
@@ -48,8 +48,11 @@ def _main(args: argparse.Namespace) -> int:
     if fused is not None:
         meta["fuse_bn_report"] = str(fused)
     # the trained model, so that the metadata counts the ASR layers folded (save_deployed folds it
-    # exactly as above)
-    save_deployed(model, out, builder, kwargs, metadata=meta, fuse_bn=args.fuse_bn)
+    # exactly as above); under the folder's lock: two commands writing one place are refused, and what a
+    # killed one left (temporaries) is cleaned
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with RunLock(out.parent):
+        save_deployed(model, out, builder, kwargs, metadata=meta, fuse_bn=args.fuse_bn)
     print(f"{cfg.model}: {count_params(model):,} parameters in training form, {count_params(deployed):,} deployed")
     if fused is not None:
         print(fused if fused.left else f"fuse_bn: fused all {len(fused.fused)} norm layers (graph: {fused.graph})")

@@ -6,10 +6,10 @@ import argparse
 import math
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
-from .._utils import require, strict_json
+from .._files import load_yaml_file
+from .._utils import strict_json
 from ..train import TrainConfig, list_recipes, recipe_defaults, train
 from ..train.checkpoint import load_checkpoint
 from ..train.config import SCHEDS
@@ -67,13 +67,7 @@ def _kwargs(text: str) -> dict[str, Any]:
 
 def _from_file(path: str) -> dict[str, Any]:
     """The options of a ``-c`` YAML file, by field name; unknown keys are refused."""
-    yaml = require("yaml", "train")
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as e:
-        raise ValueError(f"--config {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = load_yaml_file(path, "--config") or {}
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping of option names to values")
     known = {*_FIELDS, "recipe"}

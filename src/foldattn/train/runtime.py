@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import platform
 import signal
-import socket
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._lock import RunLock, RunLockedError
 from .config import TrainConfig
 
 __all__ = [
@@ -158,71 +155,6 @@ def check_writable(out: Path) -> None:
     except OSError as e:
         msg = f"cannot write to output folder {out}: {e.strerror or e}; choose another --output"
         raise PermissionError(msg) from None
-
-
-class RunLockedError(ValueError):
-    """Another live run holds the run folder."""
-
-
-class RunLock:
-    """An exclusive claim on a run folder (``OUTPUT/.lock``, holding the owner's PID and host).
-
-    Two runs writing one folder would interleave ``last.pt`` and ``best.pt`` of different models,
-    so the second is refused, naming the holder. A lock whose process is gone (same host, PID not
-    running) is stale: it is taken over with a warning. Temporary files left by killed writes
-    (``.*.tmp``) are removed once the lock is held.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.path = Path(folder) / ".lock"
-        self.held = False
-
-    @staticmethod
-    def _alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # exists, owned by someone else
-            return True
-        return True
-
-    def acquire(self) -> RunLock:
-        host = socket.gethostname()
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text() or "{}")
-                except (OSError, ValueError):
-                    holder = {}
-                pid, where = int(holder.get("pid", -1)), holder.get("host", "?")
-                if where == host and pid == os.getpid():  # this process's own earlier setup
-                    self.path.unlink(missing_ok=True)
-                    continue
-                if where == host and (pid <= 0 or not self._alive(pid)):
-                    warnings.warn(f"{self.path}: taking over a stale lock of PID {pid} (no longer running)",
-                                  stacklevel=3)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise RunLockedError(
-                    f"run folder {self.path.parent} is in use by PID {pid} on host {where} (since "
-                    f"{holder.get('since', '?')}); choose another --output, or wait for that run to end"
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
-            self.held = True
-            for tmp in self.path.parent.glob(".*.tmp"):  # left by a killed write: never renamed into place
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-            return self
-        raise RunLockedError(f"could not lock {self.path.parent}")
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
 
 
 def versions() -> dict[str, str]:
