@@ -138,8 +138,9 @@ def out_of_memory(error: BaseException) -> str | None:
     else:
         return None
     asked = f" (it asked for {size})" if size else ""
-    return (f"out of {where} memory{asked}; lower the batch size (--batch-size, or this command's batch "
-            "options); the files already written are intact")
+    return (f"out of {where} memory{asked}; lower what sets the size of the allocation: the batch size "
+            "(--batch-size or this command's batch options), the image size, or the model (its width, depth or "
+            "class count); the files already written are intact")
 
 
 if __name__ == "__main__":  # pragma: no cover

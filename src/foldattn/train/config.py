@@ -139,7 +139,7 @@ class TrainConfig:
             integer("image-size", self.image_size, 1)
             if self.image_size > _MAX_IMAGE_SIZE:
                 bad("image-size", self.image_size, f"must be at most {_MAX_IMAGE_SIZE} pixels")
-        number("lr", self.lr, 0.0)
+        number("lr", self.lr, 0.0, _MAX_LR)
         if self.lr == 0:
             bad("lr", self.lr, "must be > 0 (a zero learning rate trains nothing)")
         number("momentum", self.momentum, 0.0, 1.0, open_high=True)
@@ -255,6 +255,8 @@ class TrainConfig:
 
 #: the largest --image-size (a side in pixels) accepted
 _MAX_IMAGE_SIZE = 4096
+#: the largest --lr accepted (beyond it every optimizer diverges; near 1e38 float32 overflows in the update)
+_MAX_LR = 1e3
 
 
 def _short(value: Any) -> str:

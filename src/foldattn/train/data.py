@@ -32,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._files import check_zip
 from .._registry import Registry
 from .._utils import atomic_path, require
 from .augment import BatchPolicy, random_erasing, seeded
+from .images import ImageError, read_rgb
 
 __all__ = [
     "ImageData", "FileData", "DataBundle", "DatasetError", "TensorLoader", "StreamLoader", "make_loader",
@@ -338,7 +340,7 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     files: list[tuple[Path, int]] = []
     empty = []
     for i, c in enumerate(classes):
-        found = sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        found = sorted(_images_under(root / c))
         if not found:
             empty.append(c)
         files.extend((p, i) for p in found)
@@ -349,6 +351,17 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         raise DatasetError(f"class folders without images under {root}: {', '.join(empty[:10])}; remove them or "
                            "add images")
     return classes, files
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """Image files under ``folder`` at any depth; hidden files and folders (a leading ``.``: editor
+    backups, ``.ipynb_checkpoints``, macOS ``._*`` files) are skipped at every depth."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        out += [Path(dirpath) / f for f in filenames
+                if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return [p for p in out if p.is_file()]
 
 
 def _decode(files: list[tuple[Path, int]], size: int | None) -> ImageData:
@@ -372,17 +385,19 @@ def _decode(files: list[tuple[Path, int]], size: int | None) -> ImageData:
     return ImageData(out, torch.tensor([c for _, c in files]))
 
 
-_CACHE_VERSION = 2  # bump when the decoding changes
+_CACHE_VERSION = 3  # bump when the decoding changes (3: 16-bit and float modes rescaled, hidden files skipped)
 
 
 def _content_key(root: Path, size: int | None, files: list[tuple[Path, int]], classes: list[str]) -> str:
-    """A key over everything that defines the decoded tensor: each file's path relative to the root,
-    size and modification time, its class, the class names, the image size and the decoder version.
-    Swapping two class folders, editing, adding or removing an image all change it."""
+    """A key over everything that defines the decoded tensor: each file's path relative to the root, its
+    bytes (a hash: an edited image with its size and time put back still changes the key), its class,
+    the class names, the image size and the decoder version."""
     h = hashlib.sha256(f"v{_CACHE_VERSION}|size={size}|classes={'/'.join(classes)}".encode())
     for path, label in files:
-        st = path.stat()
-        h.update(f"\n{path.relative_to(root).as_posix()}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(f"\n{path.relative_to(root).as_posix()}|{label}|".encode())
+        with open(path, "rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest() if hasattr(hashlib, "file_digest")
+                     else hashlib.sha256(f.read()).digest())
     return h.hexdigest()[:24]
 
 
@@ -392,17 +407,33 @@ def _folder(root: Path, size: int | None, cache_dir: str | os.PathLike[str] | No
     if cache_dir is not None:
         cache = Path(cache_dir) / f"imagefolder-{_content_key(root, size, files, classes)}.pt"
         if cache.is_file():
-            try:
-                blob = torch.load(cache, weights_only=True)
-                return ImageData(blob["images"], blob["labels"]), list(blob["classes"])
-            except Exception:  # a stale or broken cache is rebuilt
-                pass
+            cached = _read_cache(cache, len(files), classes, size)
+            if cached is not None:
+                return cached, classes
     data = _decode(files, size)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache) as tmp:
             torch.save({"images": data.images, "labels": data.labels, "classes": classes}, tmp)
     return data, classes
+
+
+def _read_cache(cache: Path, count: int, classes: list[str], size: int | None) -> ImageData | None:
+    """The decoded tensor in ``cache`` if it is what this folder decodes to (structure checked: a cache
+    file is read like any other file); None for a stale, broken or foreign one, which is then rebuilt."""
+    try:
+        check_zip(cache, "image cache")
+        blob = torch.load(cache, weights_only=True)
+    except Exception:  # a stale, broken or crafted cache is rebuilt
+        return None
+    if not isinstance(blob, dict) or blob.get("classes") != classes:
+        return None
+    images, labels = blob.get("images"), blob.get("labels")
+    ok = (isinstance(images, Tensor) and images.dtype == torch.uint8 and images.dim() == 4 and images.shape[0] == count
+          and images.shape[1] == 3 and (size is None or tuple(images.shape[2:]) == (size, size))
+          and isinstance(labels, Tensor) and labels.dtype == torch.int64 and tuple(labels.shape) == (count,)
+          and (count == 0 or (int(labels.min()) >= 0 and int(labels.max()) < len(classes))))
+    return ImageData(images, labels) if ok else None
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -568,13 +599,10 @@ class TensorLoader:
 
 
 def _read_rgb(path: Path) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise DatasetError(f"cannot read image {path}: {e}; delete or replace it") from None
+        return read_rgb(path)
+    except ImageError as e:
+        raise DatasetError(str(e)) from None
 
 
 class _FileDataset(torch.utils.data.Dataset):

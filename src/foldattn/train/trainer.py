@@ -279,6 +279,14 @@ class Trainer:
         self.write_summary()
         raise TrainingInterrupted(self.out / "last.pt", self.stop_signal)
 
+    def _diverged(self, loss: float, epoch: int, step: int) -> str:
+        """One line for a non-finite loss: where, and the checkpoint to resume from with other settings."""
+        resume = self.out / "last.pt"
+        done = self.history[-1]["epoch"] if self.history else 0
+        return (f"training diverged: the loss is {loss} at epoch {epoch + 1} step {step + 1}; {resume} holds the "
+                f"run after epoch {done}: resume with a lower learning rate (foldattn train --resume {self.out} "
+                "--lr ... --allow-config-change), or check the data")
+
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch (from the resumed step, if any); returns the train loss, top-1 and speed.
 
@@ -307,8 +315,7 @@ class Trainer:
             with sync:
                 loss, logits = forward_loss(self.train_model, x, target, self.criterion, self.amp)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} step {i + 1}; training "
-                                             "diverged (lower --lr, or check the data)")
+                    raise FloatingPointError(self._diverged(loss.item(), epoch, i))
                 backward(loss, self.scaler, scale=1.0 / accum)
             if update:
                 optimizer_step(self.optimizer, self.scaler, self.cfg.clip_grad)
@@ -341,6 +348,8 @@ class Trainer:
         if not hasattr(self, "model"):
             self.setup()
         cfg = self.cfg
+        if self.dist.main and self.start_epoch == 0 and self.first_step(0) == 0:
+            self.checkpoint("last.pt", 0, 0)  # the starting point: a run that diverges early still resumes
         self._call("on_fit_start")
         try:
             for epoch in range(self.start_epoch, cfg.epochs):
