@@ -180,7 +180,8 @@ def test_out_of_memory_is_one_line_with_exit_1(tmp_path: Path, capsys: pytest.Ca
     err = capsys.readouterr().err
     assert "Traceback" not in err
     line = err.strip().splitlines()[-1]
-    assert line.startswith("foldattn bench: error: out of CPU memory (it asked for 1144.41 GiB); lower the batch")
+    assert line.startswith("foldattn bench: error: out of CPU memory (it asked for 1144.41 GiB); lower what sets")
+    assert "the batch size" in line and "image size" in line
     assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
 
 
@@ -188,6 +189,6 @@ def test_out_of_memory_messages() -> None:
     from foldattn.cli import out_of_memory
 
     gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 8 GiB")
-    assert out_of_memory(gpu).startswith("out of GPU memory (it asked for 2.00 GiB); lower the batch size")
+    assert out_of_memory(gpu).startswith("out of GPU memory (it asked for 2.00 GiB); lower what sets the size")
     assert out_of_memory(MemoryError()).startswith("out of CPU memory; lower")
     assert out_of_memory(RuntimeError("shape mismatch")) is None  # other errors keep their traceback

@@ -348,9 +348,9 @@ class Trainer:
         if not hasattr(self, "model"):
             self.setup()
         cfg = self.cfg
+        self._call("on_fit_start")  # may still refuse the run (--stripe-every without attention): nothing written
         if self.dist.main and self.start_epoch == 0 and self.first_step(0) == 0:
             self.checkpoint("last.pt", 0, 0)  # the starting point: a run that diverges early still resumes
-        self._call("on_fit_start")
         try:
             for epoch in range(self.start_epoch, cfg.epochs):
                 self._call("on_epoch_start", epoch)
