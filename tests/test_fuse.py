@@ -102,7 +102,8 @@ class _AfterAdd(nn.Module):
         self.a, self.b, self.bn = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.a(x) + self.b(x))
+        # branches of two different tensors (the same tensor's would merge into one conv first)
+        return self.bn(self.a(x) + self.b(x.flip(-1)))
 
 
 class _TwoUses(nn.Module):

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 
 from . import attention as _attention
 from ._utils import set_submodule, unwrap_model
@@ -49,6 +50,7 @@ from .graph import (
     register_attention_type,
     register_transparent_type,
 )
+from .srp import RepBlock
 
 __all__ = [
     "attach", "find_sites", "AttachReport", "Site", "Skipped",
@@ -69,6 +71,14 @@ _TRANSPARENT_FUNCS = frozenset({
 #: Binary operations the walk passes when the other operand is a constant (a parameter, ...).
 _SCALE_FUNCS = frozenset({"mul", "imul", "rmul", "truediv", "itruediv", "div", "div_"})
 _ADD_FUNCS = frozenset({"add", "iadd", "radd"})
+#: what is the identity at inference, for the terms of a sum of branches
+_EVAL_IDENTITY_FUNCS = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "alpha_dropout",
+                                  "stochastic_depth", "drop_path", "contiguous", "clone"})
+_EVAL_IDENTITY_TYPES = frozenset({"Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "DropPath",
+                                  "StochasticDepth"})
+#: layers linear in their input (at inference): the parts of a re-parameterizable branch
+_LINEAR_TYPES: tuple[type[nn.Module], ...] = (_ConvNd, _BatchNorm, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                                              nn.Identity)
 _NORM_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
@@ -118,6 +128,7 @@ class Site:
     channels: int
     calls: int = 1
     note: str = ""
+    group: int | None = None  # sites of one sum of parallel branches share one attention module (one v)
 
 
 @dataclass(frozen=True)
@@ -234,12 +245,110 @@ class _BlockFinder:
                     return self.graph.nodes[i].target
         return None
 
-    def find(self) -> tuple[list[tuple[str, str]], list[Skipped]]:
-        sites: list[tuple[str, str]] = []
+    # --- sums of parallel linear branches (RepVGG, MobileOne, ACNet, DBB): one ASR per sum ------------
+    def _is_add(self, i: int) -> bool:
+        node = self.graph.nodes[i]
+        return node.kind == "function" and node.target in _ADD_FUNCS and len(node.inputs) in (1, 2)
+
+    def _eval_identity(self, i: int) -> bool:
+        """A node that is the identity at inference (dropout, drop-path, Identity) with one input."""
+        node = self.graph.nodes[i]
+        if len(node.inputs) != 1:
+            return False
+        if node.kind == "module":
+            m = self.modules.get(node.target)
+            return m is not None and type(m).__name__ in _EVAL_IDENTITY_TYPES
+        return node.kind == "function" and (node.target in _EVAL_IDENTITY_FUNCS or (
+            node.target in _ADD_FUNCS))  # an addition of a constant (0 in MobileOne's sum) passes
+
+    def _sum_terms(self, i: int, adds: set[int]) -> list[int]:
+        """The terms of the tree of additions at ``i``, through inference-time identities."""
+        while self._eval_identity(i) and not (self._is_add(i) and len(self.graph.nodes[i].inputs) == 2):
+            if self._is_add(i):
+                adds.add(i)
+            i = self.graph.nodes[i].inputs[0]
+        node = self.graph.nodes[i]
+        if self._is_add(i) and len(node.inputs) == 2 and (not adds or len(self.graph.users(i)) == 1):
+            adds.add(i)
+            return [t for j in node.inputs for t in self._sum_terms(j, adds)]
+        return [i]
+
+    def _sum_root(self, i: int) -> int:
+        """The last addition of the tree ``i`` belongs to (following single users through identities)."""
+        root, j = i, i
+        while True:
+            users = self.graph.users(j)
+            if len(users) != 1:
+                return root
+            j = users[0]
+            if self._is_add(j) and len(self.graph.nodes[j].inputs) == 2:
+                root = j
+            elif not self._eval_identity(j):
+                return root
+
+    def _linear(self, term: int, split: int) -> bool:
+        """Every operation between ``split`` and ``term`` is linear (convs, norms, pools, identities)."""
+        members = self.anc[term] | (1 << term)
+        for i in _bits(members):
+            if i <= split or not (self.anc[i] >> split) & 1:
+                continue
+            node = self.graph.nodes[i]
+            if node.kind == "module":
+                m = self.modules.get(node.target)
+                host = m.host if isinstance(m, ASR) else m
+                linear = isinstance(host, _LINEAR_TYPES) and not (isinstance(host, _ConvNd) and host.transposed)
+                if not linear and not (m is not None and type(m).__name__ in _EVAL_IDENTITY_TYPES):
+                    return False
+            elif node.kind == "function" and node.target not in _EVAL_IDENTITY_FUNCS | _ADD_FUNCS | {"pad"}:
+                return False
+        return True
+
+    def _branch_sum(self, terms: list[int]) -> list[tuple[str, str]] | str:
+        """The hosts of a sum of parallel linear branches of one tensor, or why it is not one."""
+        common = -1
+        for t in terms:
+            common &= self.anc[t] | (1 << t)
+        if len(terms) < 2 or common <= 0:
+            return "not a sum of branches of one tensor"
+        split = common.bit_length() - 1
+        if split in terms:
+            return "a term is the shared input itself (a residual connection)"
+        if not all(self._linear(t, split) for t in terms):
+            return "a branch is not linear (an activation inside: a residual branch)"
+        hosts = []
+        for t in terms:
+            site, note, why = self._walk(t, split)
+            if why or site is None:
+                return f"a branch has no layer to absorb v ({why or note})"
+            hosts.append((site, note))
+        if len({h for h, _ in hosts}) != len(hosts):
+            return "two branches end in the same layer"
+        return hosts
+
+    def find(self) -> tuple[list[tuple[str, str, int | None]], list[Skipped]]:
+        sites: list[tuple[str, str, int | None]] = []
         skipped: list[Skipped] = []
         nodes = self.graph.nodes
+        grouped: set[int] = set()
+        groups = 0
+        for idx in range(len(nodes)):  # sums of parallel linear branches first: one shared v per sum
+            if idx in grouped or not self._is_add(idx) or len(nodes[idx].inputs) != 2:
+                continue
+            adds: set[int] = set()
+            terms = self._sum_terms(self._sum_root(idx), adds)
+            found = self._branch_sum(terms)
+            if isinstance(found, str):
+                continue
+            grouped |= adds
+            names = [h for h, _ in found]
+            for site, note in found:
+                if site not in (s for s, _, _ in sites):
+                    others = ", ".join(n for n in names if n != site)
+                    sites.append((site, ", ".join(filter(None, [note, f"branch sum, v shared with {others}"])),
+                                  groups))
+            groups += 1
         for idx, node in enumerate(nodes):
-            if node.kind != "function" or node.target not in _ADD_FUNCS or len(node.inputs) != 2:
+            if node.kind != "function" or node.target not in _ADD_FUNCS or len(node.inputs) != 2 or idx in grouped:
                 continue
             a, b = node.inputs
             common = (self.anc[a] | (1 << a)) & (self.anc[b] | (1 << b))
@@ -256,8 +365,13 @@ class _BlockFinder:
             site, note, why = self._walk(a if wa > wb else b, split)
             if why:
                 skipped.append(Skipped(note, why))
-            elif site is not None and site not in (s for s, _ in sites):
-                sites.append((site, note))
+            elif site is not None and site not in (s for s, _, _ in sites):
+                sites.append((site, note, None))
+        if not any(g is None for _, _, g in sites):  # no x + f(x): blocks that sum branches inside are the sites
+            for i in self.graph.module_nodes(RepBlock):
+                name = nodes[i].target
+                if name not in (s for s, _, _ in sites):
+                    sites.append((name, "sums parallel branches inside (a re-parameterization block)", None))
         return sites, skipped
 
 
@@ -324,14 +438,17 @@ def find_sites(
 
     skipped: list[Skipped] = []
     notes: dict[str, str] = {}
+    groups: dict[str, int] = {}  # the branches of one sum share one attention module (one v)
     if where in ("block", "transformer"):
         assert graph is not None
         found, skipped = _BlockFinder(model, graph, branch_input=where == "transformer").find()
-        candidates = [n for n, _ in found]
-        notes = {n: note for n, note in found if note}
+        candidates = [n for n, _, _ in found]
+        notes = {n: note for n, note, _ in found if note}
+        groups = {n: g for n, _, g in found if g is not None}
         looked_for = (
             "additions x + f(x) whose residual branch f ends (before the addition) in a BatchNorm, GroupNorm, "
-            "LayerNorm, InstanceNorm, Conv, Linear or RMSNorm"
+            "LayerNorm, InstanceNorm, Conv, Linear or RMSNorm, and sums of parallel linear branches (RepVGG-style) "
+            "each ending in one"
         )
     else:
         if where == "norms":
@@ -387,8 +504,11 @@ def find_sites(
     candidates = [c for c in candidates if not _match_any(c, excludes)]
     if not candidates:
         raise ValueError(f"include/exclude leave no site out of those found for where={where!r}")
-    skipped += [Skipped(c, f"every={every}") for i, c in enumerate(candidates) if i % every]
-    candidates = [c for i, c in enumerate(candidates) if i % every == 0]
+    # every k-th unit: a site, or a whole sum of branches
+    unit = {c: i for i, c in enumerate(dict.fromkeys(groups.get(c, f"site:{c}") for c in candidates))}
+    position = {c: unit[groups.get(c, f"site:{c}")] for c in candidates}
+    skipped += [Skipped(c, f"every={every}") for c in candidates if position[c] % every]
+    candidates = [c for c in candidates if position[c] % every == 0]
 
     already = [c for c in candidates if isinstance(modules[c], ASR)]
     if already and not allow_existing:
@@ -397,7 +517,7 @@ def find_sites(
             "host: fold the model first, or exclude= these sites"
         )
     sites = [
-        Site(c, type(modules[c]).__name__, _channels(modules[c]), calls.get(c, 1), notes.get(c, ""))
+        Site(c, type(modules[c]).__name__, _channels(modules[c]), calls.get(c, 1), notes.get(c, ""), groups.get(c))
         for c in candidates
     ]
     return AttachReport(where=str(where) if where else "include", method=method, sites=sites, skipped=skipped)
@@ -477,12 +597,20 @@ def attach(
     # one factory per role: DIA modules share a cell along consecutive sites of equal width
     asr_f = _attention.Factory(attention, **attention_kwargs) if isinstance(attention, str) else None
     classic_f = _attention.Factory(attention, **attention_kwargs) if both else None
+    shared: dict[int, tuple[_attention.ChannelAttention, Any]] = {}
     for site in report.sites:
         host = model.get_submodule(site.name)
+        if site.group is not None and site.group in shared:  # a branch of a sum: the sum's one v
+            module, classic = shared[site.group]
+            layer = ASR(host, module, psi_init=psi_init, classic=classic)
+            set_submodule(model, site.name, layer)
+            continue
         module = asr_f(site.channels) if asr_f is not None else attention(site.channels)  # type: ignore[operator]
         if not isinstance(module, _attention.ChannelAttention):
             raise TypeError(f"the attention factory returned {type(module).__name__}, not a ChannelAttention")
         classic = classic_f(site.channels) if classic_f is not None else None
+        if site.group is not None:
+            shared[site.group] = (module, classic)
         layer = ASR(host, module, psi_init=psi_init, classic=classic)
         set_submodule(model, site.name, layer)
     if preserve_outputs:  # after all sites exist: a DIA block's v0 depends on the blocks before it

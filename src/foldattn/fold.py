@@ -17,8 +17,10 @@ from torch import nn
 from ._utils import set_submodule, unwrap_model
 from .asr import ASR
 from .fuse import FuseReport, fuse_norms, norm_pairs
+from .merge import merge_branches
 from .scales import fold_scales
 from .srp import rep_blocks, reparameterize
+from .srp.declared import reparameterize_declared
 
 __all__ = ["fold", "asr_layers", "conv_bn_pairs", "has_foldable"]
 
@@ -58,13 +60,18 @@ def fold(model: nn.Module, inplace: bool = False, fuse_bn: bool = False, reparam
     Args:
         model: a model containing :class:`~foldattn.ASR` layers and/or RepBlocks.
         inplace: modify ``model`` itself; by default a deep copy is folded.
-        fuse_bn: also fuse every norm with running statistics into the conv/linear layer
-            before it (:func:`foldattn.fuse.fuse_norms`: BatchNorm1d/2d/3d, SyncBatchNorm,
-            FrozenBatchNorm2d, timm's BatchNormAct2d with its activation kept). Norms it cannot
-            fuse (after an addition, a conv feeding two consumers, ...) stay, with a warning
-            that names them and the reason.
-        reparam: fuse every :class:`~foldattn.srp.RepBlock` (after the ASR fold);
-            ``False`` keeps the blocks' training form.
+        fuse_bn: the smallest exact deployed form, for inference only: after the ASR fold and
+            the RepBlocks, (1) every module's own declared re-parameterization (timm's protocol:
+            ``fuse()``, ``reparameterize()``, ``switch_to_deploy()``: RepVGG, MobileOne, RepViT,
+            FastViT, RepGhost, ...), (2) sums of parallel linear branches that declare nothing
+            (conv+norm, 1x1 conv+norm, a norm on the identity, avg-pool) merged into one conv
+            (:func:`foldattn.merge.merge_branches`; the model becomes a ``torch.fx.GraphModule``
+            when one merges), (3) third-party scale layers (timm's LayerScale) folded into the
+            layer before them, (4) every norm with running statistics fused into the conv/linear
+            layer before it (:func:`foldattn.fuse.fuse_norms`). What cannot be fused or merged
+            stays, with a warning that names it and the reason.
+        reparam: fuse every :class:`~foldattn.srp.RepBlock` (after the ASR fold), and with
+            ``fuse_bn`` apply steps (1) and (2); ``False`` keeps the blocks' training form.
         return_report: also return the :class:`~foldattn.fuse.FuseReport` (``None`` without
             ``fuse_bn``).
 
@@ -100,17 +107,29 @@ def fold(model: nn.Module, inplace: bool = False, fuse_bn: bool = False, reparam
             model = replacement
     if has_blocks:
         model = reparameterize(model, inplace=True)
+    declared: list[tuple[str, str]] = []
+    merges = None
+    if fuse_bn and reparam:  # the smallest form: what modules declare, then sums of branches that declare nothing
+        model, declared = reparameterize_declared(model)
+        model, merges = merge_branches(model)
     # training-time scale layers (LayerScale) into the layer before them; timm's too when fusing for deployment
-    fold_scales(model, third_party=fuse_bn)
+    scales = fold_scales(model, third_party=fuse_bn)
     report = None
     if fuse_bn:
         report = fuse_norms(model)
+        report.reparameterized, report.scales, report.scales_left = declared, scales.folded, scales.left
+        if merges is not None:
+            report.merged, report.merge_left = merges.merged, merges.left
         if report.left:
             shown = "; ".join(f"{x.norm}: {x.reason}" for x in report.left[:3])
             more = f" (and {len(report.left) - 3} more)" if len(report.left) > 3 else ""
             warnings.warn(f"fold(fuse_bn=True) fused {len(report.fused)} norm layer(s) and left "
                           f"{len(report.left)}: {shown}{more}; fold(..., return_report=True) lists all",
                           stacklevel=3)
+        if report.merge_left:
+            where, why = report.merge_left[0]
+            warnings.warn(f"fold(fuse_bn=True) left {len(report.merge_left)} sum(s) of parallel branches unmerged, "
+                          f"e.g. {where}: {why}", stacklevel=3)
     return (model, report) if return_report else model
 
 

@@ -83,9 +83,26 @@ class FuseReport:
     fused: list[FusedPair] = field(default_factory=list)
     left: list[LeftNorm] = field(default_factory=list)
     graph: str = "torch.fx trace"
+    #: ``fold(fuse_bn=True)``'s earlier steps: modules' own re-parameterization ``(name, method)``, the
+    #: merged sums of parallel branches, and third-party scale layers folded ``(layer, into)`` / left
+    reparameterized: list[tuple[str, str]] = field(default_factory=list)
+    merged: list[Any] = field(default_factory=list)
+    merge_left: list[tuple[str, str]] = field(default_factory=list)
+    scales: list[tuple[str, str]] = field(default_factory=list)
+    scales_left: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"fused {len(self.fused)} norm layer(s), left {len(self.left)} (graph: {self.graph})"]
+        lines = []
+        if self.reparameterized:
+            lines.append(f"re-parameterized {len(self.reparameterized)} module(s) as they declare: "
+                         + ", ".join(f"{n or '<model>'}.{m}()" for n, m in self.reparameterized[:6])
+                         + (" ..." if len(self.reparameterized) > 6 else ""))
+        lines += [f"merged {' + '.join(m.branches)} into {m.into} ({m.kernel_size[0]}x{m.kernel_size[1]})"
+                  for m in self.merged]
+        lines += [f"left the branches {where}: {why}" for where, why in self.merge_left]
+        lines += [f"folded the scale {s} into {into}" for s, into in self.scales]
+        lines += [f"left the scale {s}: {why}" for s, why in self.scales_left]
+        lines.append(f"fused {len(self.fused)} norm layer(s), left {len(self.left)} (graph: {self.graph})")
         lines += [f"  fused {p.norm} ({p.norm_type}) into {p.producer}" for p in self.fused]
         lines += [f"  left  {x.norm} ({x.norm_type}): {x.reason}" for x in self.left]
         return "\n".join(lines)

@@ -74,6 +74,7 @@ _TRANSPARENT_TYPES: set[str] = {
     "timm.layers.drop.DropPath",
     "timm.layers.layer_scale.LayerScale",
     "timm.layers.layer_scale.LayerScale2d",
+    "timm.models.fastvit.LayerScale2d",
     "foldattn.models.vit.LayerScale",
 }
 

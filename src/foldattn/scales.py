@@ -40,6 +40,7 @@ class ScaleSpec:
 _KNOWN: dict[str, ScaleSpec] = {
     "timm.layers.layer_scale.LayerScale": ScaleSpec("gamma", -1),
     "timm.layers.layer_scale.LayerScale2d": ScaleSpec("gamma", 1),
+    "timm.models.fastvit.LayerScale2d": ScaleSpec("gamma", 1),  # gamma of shape (C, 1, 1)
 }
 
 
