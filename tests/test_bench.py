@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -511,3 +512,34 @@ def test_onnx_rows_and_channels_last() -> None:
     # without the training figures the training target is not checked (no FAIL line for it)
     assert {t["name"] for t in result["targets"]} == {"folded_speed_latency", "folded_speed_throughput",
                                                       "fused_faster_latency"}
+
+
+def test_every_runtime_times_the_deployed_forms() -> None:
+    """--runtime eager,ort,ort-int8,compile: plain, +X and ASR-folded in each runtime, with ratios to the same
+    runtime's plain; a runtime that cannot run here is a note, not a failure."""
+    pytest.importorskip("onnxruntime")
+    cfg = bench.BenchConfig(models=("cifar_resnet20",), attentions=("se",), reps=1, warmup=1, min_sample_s=0.0,
+                            throughput_batch=4, memory=False, train=False, threads=1,
+                            runtimes=("eager", "ort", "ort-int8", "compile"))
+    result = bench.run_bench(cfg)
+    bench.validate_result(result)
+    group = result["groups"][0]
+    rows = {r["variant"]: r for r in group["rows"]}
+    for prefix in ("ort", "ortq"):
+        for v in ("plain", "x", "asr_folded"):
+            row = rows[f"{prefix}_{v}"]
+            assert row["latency_ms"]["median"] > 0 and row["throughput_ips"] > 0
+            assert row["runtime_ratio"]["latency"] == pytest.approx(
+                row["latency_ms"]["median"] / rows[f"{prefix}_plain"]["latency_ms"]["median"])
+        assert rows[f"{prefix}_plain"]["runtime_ratio"]["latency"] == pytest.approx(1.0)
+    assert ("compile_plain" in rows) != ("torch.compile" in (group.get("note") or ""))
+    md = bench.render_markdown(result)
+    assert "+SE (ONNX Runtime INT8)" in md
+
+
+@pytest.mark.parametrize("argv", [["--runtime", "tensorrt"], ["--runtime", ""]])
+def test_unknown_runtime_is_refused(argv: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from foldattn.cli import main
+
+    assert main(["bench", "--quick", *argv, "--out", str(tmp_path / "b")]) == 2
+    assert "runtime" in capsys.readouterr().err and not (tmp_path / "b").exists()

@@ -24,7 +24,17 @@ Example:
 from __future__ import annotations
 
 from .config import QUICK, BenchConfig
-from .family import ONNX_ROWS, VARIANTS, Family, Variant, families, get_family, register_family, unregister_family
+from .family import (
+    ONNX_ROWS,
+    RUNTIMES,
+    VARIANTS,
+    Family,
+    Variant,
+    families,
+    get_family,
+    register_family,
+    unregister_family,
+)
 from .memory import MIB, cpu_peak_supported
 from .report import SCHEMA, render_markdown, validate_result, write_outputs
 from .runner import bench_group, run_bench
@@ -36,5 +46,5 @@ __all__ = [
     "VARIANTS", "run_bench", "render_markdown", "check_targets", "validate_result", "write_outputs",
     "SCHEMA", "QUICK",
     # public names of the single-module bench, kept importable from the package
-    "bench_group", "interleaved", "cpu_peak_supported", "profile_variant", "ONNX_ROWS", "TARGETS", "MIB",
+    "bench_group", "interleaved", "cpu_peak_supported", "profile_variant", "ONNX_ROWS", "RUNTIMES", "TARGETS", "MIB",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .. import attention as _attention
-from .family import families, get_family
+from .family import RUNTIMES, families, get_family
 from .timing import _CLOCKS, _check_device
 
 __all__ = ["BenchConfig", "QUICK"]
@@ -30,7 +30,11 @@ class BenchConfig:
         channels_last: models and inputs in ``torch.channels_last``.
         memory: measure peak memory of a forward and a training step.
         train: measure the training step.
-        onnx: add ONNX Runtime rows for the exported plain and folded models.
+        onnx: add ONNX Runtime rows for the exported plain, +X and folded models (``runtimes`` with "ort").
+        runtimes: where the deployed models are timed besides eager PyTorch: ``"ort"`` (ONNX Runtime,
+            exported with :func:`foldattn.export_onnx`), ``"ort-int8"`` (quantized by
+            :func:`foldattn.quantize.quantize_onnx`, per-channel, calibrated on the benchmark's random
+            inputs: a cost figure, not an accuracy one), ``"compile"`` (``torch.compile``, where it works).
         clock: ``"wall"`` (elapsed time) or ``"cpu"`` (CPU time of this process, all
             threads: steadier on a shared machine, meaningful with ``threads=1``; CPU only);
             None = ``"cpu"`` on CPU with one thread, else ``"wall"``.
@@ -51,6 +55,7 @@ class BenchConfig:
     memory: bool = True
     train: bool = True
     onnx: bool = False
+    runtimes: tuple[str, ...] = ()
     clock: str | None = None
     seed: int = 0
 
@@ -80,7 +85,12 @@ class BenchConfig:
             raise ValueError(f"unknown clock {clock!r}; valid clocks: {', '.join(_CLOCKS)}")
         if clock == "cpu" and dev.type != "cpu":
             raise ValueError("--clock cpu measures CPU time and misses GPU work; use --clock wall with --device cuda")
-        return replace(self, attentions=attentions, models=tuple(self.models), threads=threads, clock=clock)
+        runtimes = tuple(dict.fromkeys(r for r in (*self.runtimes, *(("ort",) if self.onnx else ())) if r != "eager"))
+        unknown = [r for r in runtimes if r not in RUNTIMES]
+        if unknown:
+            raise ValueError(f"unknown runtime(s) {', '.join(unknown)}; valid: eager, {', '.join(RUNTIMES)}")
+        return replace(self, attentions=attentions, models=tuple(self.models), threads=threads, clock=clock,
+                       runtimes=runtimes, onnx="ort" in runtimes)
 
 
 #: the settings of ``--quick`` (CI): a tiny model, two attentions, few samples

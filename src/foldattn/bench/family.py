@@ -31,7 +31,7 @@ from ..models import create_model, list_models
 
 __all__ = [
     "Builder", "Family", "FAMILIES", "register_family", "unregister_family", "families", "get_family",
-    "Variant", "VARIANTS", "ONNX_ROWS",
+    "Variant", "VARIANTS", "ONNX_ROWS", "RUNTIMES", "RUNTIME_VARIANTS", "runtime_rows",
 ]
 
 #: ``build(attention, asr, both)``: the model without attention (``attention=None``), with
@@ -256,8 +256,26 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("asr_x_folded", "+ASR({X})+{X} folded", lambda f, a: fold(f.build(a, True, True))),
 )
 _VARIANT = {v.key: v for v in VARIANTS}
-#: ONNX Runtime rows: (key, label, the PyTorch variant that is exported)
-ONNX_ROWS: tuple[tuple[str, str, str], ...] = (
-    ("ort_plain", "plain (ONNX Runtime)", "plain"),
-    ("ort_asr_folded", "+ASR({X}) folded (ONNX Runtime)", "asr"),  # export_onnx folds it
+#: deployed forms timed in other runtimes (``--runtime``): (row key suffix, label, the PyTorch variant); the
+#: ASR variant is exported or compiled in its deployed form (folded, norms fused)
+RUNTIME_VARIANTS: tuple[tuple[str, str, str], ...] = (
+    ("plain", "plain", "plain"),
+    ("x", "+{X}", "x"),
+    ("asr_folded", "+ASR({X}) folded", "asr"),
 )
+#: runtimes besides eager PyTorch: name -> (row key prefix, label)
+RUNTIMES: dict[str, tuple[str, str]] = {
+    "ort": ("ort", "ONNX Runtime"),
+    "ort-int8": ("ortq", "ONNX Runtime INT8"),
+    "compile": ("compile", "torch.compile"),
+}
+
+
+def runtime_rows(runtime: str) -> list[tuple[str, str, str]]:
+    """``(row key, label, source variant)`` of the rows of ``runtime``."""
+    prefix, name = RUNTIMES[runtime]
+    return [(f"{prefix}_{k}", f"{label} ({name})", src) for k, label, src in RUNTIME_VARIANTS]
+
+
+#: ONNX Runtime rows: (key, label, the PyTorch variant that is exported)
+ONNX_ROWS: tuple[tuple[str, str, str], ...] = tuple(runtime_rows("ort"))

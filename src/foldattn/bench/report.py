@@ -133,7 +133,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += [
         f"Machine: {where}; device {mach['device']}, {mach['threads']} thread(s); torch {mach['torch']}{load}.",
         f"Date: {result['date']} ({result['seconds']} s). Median of {cfg['reps']} interleaved samples after "
-        f"{cfg['warmup']} warm-up round(s), {cfg.get('clock', 'wall')} clock; (x) = ratio to plain in the same group; "
+        f"{cfg['warmup']} warm-up round(s), {cfg.get('clock', 'wall')} clock; (x) = ratio to plain in the same group "
+        "(for ONNX Runtime, INT8 and torch.compile rows: to plain in the same runtime); "
         "~ = unreliable (quartile spread > 20 % of the median: rerun on an idle machine)."
         + (" channels_last." if cfg["channels_last"] else ""),
         "FLOPs: torch.utils.flop_counter.FlopCounterMode at batch 1 (matmuls and convolutions, 2 per multiply-add; "
@@ -155,7 +156,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         ]
         for g in groups:
             for r in g["rows"]:
-                q, noisy = r["ratio"], set(r.get("unreliable") or ())
+                q, noisy = dict(r["ratio"]), set(r.get("unreliable") or ())
+                q.update(r.get("runtime_ratio") or {})  # a runtime's rows: ratios to plain in that runtime
                 lines.append("| " + " | ".join([
                     r["label"] if r["variant"] != "plain" else f"plain ({g['attention'].upper()} group)",
                     _count_cell(r["params"], q["params"]), _count_cell(r["flops"], q["flops"]),

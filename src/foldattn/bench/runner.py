@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 from ..export import export_onnx
+from ..fold import fold
 from ..summary import count_flops, count_params
 from ..verify import verify
 from .config import BenchConfig
-from .family import ONNX_ROWS, VARIANTS, Family, get_family
+from .family import VARIANTS, Family, get_family, runtime_rows
 from .memory import MIB, peak_memory
 from .report import _RATIO_FIELDS, SCHEMA, validate_result
 from .targets import check_targets
@@ -51,43 +52,84 @@ REFERENCE_DEPLOYED_LABEL = "plain deployed, reference implementation"
 
 
 @contextlib.contextmanager
-def _onnx_sessions(models: dict[str, nn.Module], family: Family, cfg: BenchConfig, threads: int,
-                   batches: Sequence[int]) -> Iterator[dict[tuple[str, int], Callable[[], object]]]:
-    """ONNX Runtime runners ``(row key, batch) -> run`` for the exported models (temp files).
+def _runtime_runners(models: dict[str, nn.Module], family: Family, attention: str, cfg: BenchConfig, threads: int,
+                     batches: Sequence[int], log: Callable[[str], None]
+                     ) -> Iterator[tuple[dict[tuple[str, int], Callable[[], object]], list[str]]]:
+    """Runners ``(row key, batch) -> run`` of the deployed models in the other runtimes, and notes on
+    what could not run there.
 
-    Exported with :func:`foldattn.export_onnx` (folds ASR layers, TorchScript exporter,
-    checks the file with onnxruntime against PyTorch), one file per batch size.
+    ONNX Runtime: exported with :func:`foldattn.export_onnx` (folds ASR layers and fuses norms, checks the
+    file against PyTorch), one file per batch size; INT8: that file quantized by
+    :func:`foldattn.quantize.quantize_onnx` (per-channel, calibrated on a few random batches);
+    ``torch.compile``: the deployed model compiled once and warmed up at both batch sizes.
     """
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ValueError("--onnx needs onnxruntime: pip install 'foldattn[onnx]'") from None
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    providers = ["CPUExecutionProvider"]
-    if cfg.device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ValueError("--onnx with --device cuda needs onnxruntime-gpu (no CUDAExecutionProvider here)")
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     runners: dict[tuple[str, int], Callable[[], object]] = {}
+    notes: list[str] = []
+    ort_rows = [r for rt in ("ort", "ort-int8") if rt in cfg.runtimes for r in runtime_rows(rt)]
     with tempfile.TemporaryDirectory(prefix="foldattn-bench-") as tmp:
-        for row, _, source in ONNX_ROWS:
-            model = models[source].cpu().float().eval()
-            for batch in batches:
-                path = Path(tmp) / f"{row}-{batch}.onnx"
-                x = _inputs(family, batch, replace(cfg, device="cpu", channels_last=False), torch.device("cpu"))
-                with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-                    warnings.simplefilter("ignore")
-                    export_onnx(model, (x,), path, input_names=["x"], output_names=["y"], opset_version=_ONNX_OPSET)
-                sess = ort.InferenceSession(str(path), opts, providers=providers)
-                feed = {"x": x.numpy()}
-                runners[(row, batch)] = lambda s=sess, f=feed: s.run(None, f)
-            models[source].to(cfg.device)
-            if cfg.channels_last:
-                models[source].to(memory_format=torch.channels_last)
-        yield runners
+        if ort_rows:
+            try:
+                import onnxruntime as ort
+            except ImportError:
+                raise ValueError("--runtime ort/ort-int8 needs onnxruntime: pip install 'foldattn[onnx]'") from None
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            opts.log_severity_level = 3
+            providers = ["CPUExecutionProvider"]
+            if cfg.device.startswith("cuda"):
+                if "CUDAExecutionProvider" not in ort.get_available_providers():
+                    raise ValueError("--runtime ort with --device cuda needs onnxruntime-gpu (no CUDAExecutionProvider "
+                                     "here)")
+                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            cpu = replace(cfg, device="cpu", channels_last=False)
+            for key, src in {src: src for _, _, src in ort_rows}.items():
+                model = models[key].cpu().float().eval()
+                for batch in batches:
+                    path = Path(tmp) / f"{src}-{batch}.onnx"
+                    x = _inputs(family, batch, cpu, torch.device("cpu"))
+                    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+                        warnings.simplefilter("ignore")
+                        export_onnx(model, (x,), path, input_names=["x"], output_names=["y"],
+                                    opset_version=_ONNX_OPSET, fuse_bn=True)
+                    feed = {"x": x.numpy()}
+                    for row, _, row_src in ort_rows:
+                        if row_src != src:
+                            continue
+                        file = path
+                        if row.startswith("ortq_"):
+                            from ..quantize import quantize_onnx
+
+                            file = path.with_suffix(".int8.onnx")
+                            if not file.exists():
+                                calib = [_inputs(family, 8, replace(cpu, seed=cpu.seed + 100 + i),
+                                                 torch.device("cpu")) for i in range(4)]
+                                quantize_onnx(path, file, calib)
+                        sess = ort.InferenceSession(str(file), opts, providers=providers)
+                        runners[(row, batch)] = lambda s=sess, f=feed: s.run(None, f)
+                models[key].to(cfg.device)
+                if cfg.channels_last:
+                    models[key].to(memory_format=torch.channels_last)
+        if "compile" in cfg.runtimes:
+            for row, _, src in runtime_rows("compile"):
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        deployed = fold(models[src], fuse_bn=True)  # every row in its smallest form
+                        compiled = torch.compile(deployed)
+                        for batch in batches:
+                            x = _inputs(family, batch, cfg, torch.device(cfg.device))
+                            with torch.inference_mode():
+                                compiled(x)  # compile (and warm up) outside the timing
+                            runners[(row, batch)] = lambda m=compiled, x=x: m(x)
+                except Exception as e:  # no C++ compiler, an unsupported op, ...
+                    notes.append(f"torch.compile: {type(e).__name__}: {str(e).strip().splitlines()[0][:120]}"
+                                 if str(e).strip() else f"torch.compile: {type(e).__name__}")
+                    log(f"  {notes[-1]}")
+                    for b in batches:
+                        runners.pop((row, b), None)
+                    break
+        yield runners, notes
 
 
 def bench_group(family: Family, attention: str, cfg: BenchConfig, threads: int,
@@ -117,15 +159,18 @@ def bench_group(family: Family, attention: str, cfg: BenchConfig, threads: int,
               | {"reference": REFERENCE_LABEL, "reference_deployed": REFERENCE_DEPLOYED_LABEL})
     for key, m in models.items():
         rows[key] = {"variant": key, "label": labels[key], "params": count_params(m), "flops": count_flops(m, flops_x)}
-    for key, label, _ in ONNX_ROWS if cfg.onnx else ():
-        rows[key] = {"variant": key, "label": label.replace("{X}", attention.upper()), "params": None, "flops": None}
-
     with contextlib.ExitStack() as stack:
-        ort_runners = (
-            stack.enter_context(_onnx_sessions(models, family, cfg, threads,
-                                               (cfg.latency_batch, cfg.throughput_batch)))
-            if cfg.onnx else {}
+        ort_runners, runtime_notes = (
+            stack.enter_context(_runtime_runners(models, family, attention, cfg, threads,
+                                                 (cfg.latency_batch, cfg.throughput_batch), log))
+            if cfg.runtimes else ({}, [])
         )
+        for runtime in cfg.runtimes:
+            for key, label, src in runtime_rows(runtime):
+                if (key, cfg.latency_batch) in ort_runners:
+                    rows[key] = {"variant": key, "label": label.replace("{X}", attention.upper()),
+                                 "params": rows[src]["params"] if src != "asr" else rows["asr_fused"]["params"],
+                                 "flops": None, "runtime": runtime}
         for what, batch, x in (("latency", cfg.latency_batch, x1), ("throughput", cfg.throughput_batch, xb)):
             log(f"  {what} (batch {batch})")
             runners: dict[str, Callable[[], object]] = {k: (lambda m=m, x=x: m(x)) for k, m in models.items()}
@@ -158,7 +203,9 @@ def bench_group(family: Family, attention: str, cfg: BenchConfig, threads: int,
             rows[key]["memory_mib"] = m["inference"] / MIB
             rows[key]["train_memory_mib"] = None if m["train"] is None else m["train"] / MIB
     _add_ratios(rows)
+    _add_runtime_ratios(rows)
     _flag_unreliable(rows)
+    note = "; ".join(filter(None, [note, *runtime_notes])) or None
     return {"family": family.name, "attention": attention, "input_size": list(family.input_size),
             "train_batch": train_batch if cfg.train else None, "rows": list(rows.values()), "note": note}
 
@@ -171,6 +218,20 @@ def _flag_unreliable(rows: dict[str, dict[str, Any]]) -> None:
                  if (st := row.get(f"{what}_ms")) and st["median"] > 0
                  and (st["q3"] - st["q1"]) / st["median"] > UNRELIABLE_SPREAD]
         row["unreliable"] = noisy
+
+
+def _add_runtime_ratios(rows: dict[str, dict[str, Any]]) -> None:
+    """``runtime_ratio``: a runtime row's latency and throughput over the same runtime's plain row."""
+    for row in rows.values():
+        runtime = row.get("runtime")
+        if runtime is None:
+            continue
+        base = next((r for r in rows.values() if r.get("runtime") == runtime and r["variant"].endswith("_plain")),
+                    None)
+        row["runtime_ratio"] = {
+            name: (None if base is None or not _RATIO_FIELDS[name](base) or _RATIO_FIELDS[name](row) is None
+                   else _RATIO_FIELDS[name](row) / _RATIO_FIELDS[name](base))
+            for name in ("latency", "throughput")}
 
 
 def _add_ratios(rows: dict[str, dict[str, Any]]) -> None:

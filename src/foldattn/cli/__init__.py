@@ -14,6 +14,7 @@ __all__ = ["main", "build_parser"]
 # module (relative to foldattn) providing ``register(subparsers)`` for each command
 _COMMANDS: tuple[str, ...] = (
     "demo", "train", "evaluate", "fold", "export", "import_reference", "bench", "stripe", "calibrate", "sweep",
+    "quantize",
 )
 
 

@@ -17,6 +17,17 @@ from . import nonnegative_int, positive_int
 __all__ = ["register"]
 
 
+def _runtimes(text: str) -> list[str]:
+    from ..bench import RUNTIMES
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n != "eager" and n not in RUNTIMES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown runtime(s) {', '.join(bad) or repr(text)}; valid: eager, "
+                                         f"{', '.join(RUNTIMES)}")
+    return names
+
+
 def _command_line(args: argparse.Namespace) -> str:
     """The options given, as one reproducible ``foldattn bench ...`` line."""
     parts = ["foldattn", "bench"]
@@ -28,7 +39,7 @@ def _command_line(args: argparse.Namespace) -> str:
         if value is True:
             parts.append(flag)
         elif isinstance(value, (list, tuple)):
-            parts += [flag, *map(str, value)]
+            parts += [flag, ",".join(value)] if action.dest == "runtime" else [flag, *map(str, value)]
         else:
             parts += [flag, str(value)]
     return " ".join(shlex.quote(p) for p in parts)
@@ -44,7 +55,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.attentions:
         overrides["attentions"] = tuple(args.attentions)
     overrides.update(channels_last=args.channels_last or base.channels_last, onnx=args.onnx or base.onnx,
-                     memory=base.memory and not args.no_memory, train=base.train and not args.no_train)
+                     memory=base.memory and not args.no_memory, train=base.train and not args.no_train,
+                     runtimes=tuple(args.runtime or ()))
     cfg = replace(base, **overrides).validated()
     check_output_folder(args.out, "--out")
     command = _command_line(args)
@@ -86,7 +98,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="cpu: CPU time of the process, steadier on a shared machine (the default with one CPU "
                         "thread); wall: elapsed time (the default otherwise)")
     p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last")
-    p.add_argument("--onnx", action="store_true", help="add ONNX Runtime rows (plain and folded, exported)")
+    p.add_argument("--onnx", action="store_true", help="add ONNX Runtime rows (same as --runtime eager,ort)")
+    p.add_argument("--runtime", type=_runtimes, metavar="R[,R...]",
+                   help="time the deployed plain, +X and ASR-folded models in these runtimes too: eager (always), "
+                        "ort (ONNX Runtime), ort-int8 (its INT8 model, per-channel), compile (torch.compile)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     p.add_argument("--seed", type=int, help="seed of weights and inputs (default 0)")

@@ -1,0 +1,144 @@
+"""``foldattn quantize SRC -o OUT``: INT8 through ONNX Runtime, with the accuracy of both files measured.
+
+Examples::
+
+    foldattn quantize runs/asr-se -o out/int8                       # a run folder (its data, its split)
+    foldattn quantize runs/asr-se/best.pt -o out/int8 --per-tensor --method entropy
+    foldattn quantize deployed.safetensors --data cifar10 --data-dir data -o out/int8
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._utils import check_output_folder, first_line, strict_json
+from . import CLIError, nonnegative_float, positive_int
+from .stripe import add_data_args, load_data
+
+__all__ = ["register"]
+
+
+def _source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any] | None, dict[str, Any] | None]:
+    """``(model, training config, recorded preprocessing)`` of a run folder, checkpoint or deployed file."""
+    path = Path(args.source)
+    if not path.exists():
+        raise CLIError(f"{path}: no such run folder, checkpoint or deployed file")
+    if path.suffix == ".safetensors":
+        from ..deploy import load_deployed, read_metadata
+
+        if args.data is None:
+            raise CLIError(f"{path} is a deployed file: name the images it is calibrated and scored on with --data "
+                           "(and --data-dir / --val-split)")
+        user = read_metadata(path).get("user") or {}
+        pre = user.get("preprocessing") if isinstance(user, dict) else None
+        return load_deployed(path), None, pre if isinstance(pre, dict) else None
+    from ..train.checkpoint import checkpoint_in
+    from ..train.model import load_trained
+
+    model, cfg, blob = load_trained(checkpoint_in(path, args.which), args.ema)
+    return model, cfg.to_dict(), (blob.get("run") or {}).get("preprocessing")
+
+
+def _main(args: argparse.Namespace) -> int:
+    require_onnx()
+    out = check_output_folder(args.output, "-o")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise CLIError(f"-o {out}: the folder is not empty; choose a new folder or pass --overwrite")
+    model, cfg, pre = _source(args)
+    data = load_data(args, cfg, pre)
+    calib: list[torch.Tensor] = []
+    count = 0
+    for x, _ in data.train_eval:  # the run's training images, no augmentation, in the split's seeded order
+        if count >= args.calib_images:
+            break
+        take = x[: args.calib_images - count]
+        calib.append(take.contiguous())
+        count += take.shape[0]
+    if count < args.calib_images:
+        print(f"note: only {count} training images for calibration (--calib-images {args.calib_images})",
+              file=sys.stderr)
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(calib[0][:2].contiguous())
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CLIError(f"the calibration images {tuple(calib[0].shape[1:])} do not fit the model: {first_line(e)}; "
+                       "pass the data it was trained on (--data)") from None
+    val = list(itertools.islice(data.val, None)) if args.val_images is None else _first(data.val, args.val_images)
+    from .._lock import RunLock
+    from ..quantize import quantize
+
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):
+        try:
+            report = quantize(model, calib, val, out, example=calib[0][:1].contiguous(),
+                              per_channel=not args.per_tensor, method=args.method, threads=args.threads,
+                              max_drop=args.max_drop, log=lambda s: print(s, file=sys.stderr, flush=True))
+        except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:  # type: ignore[attr-defined]
+            raise CLIError(f"the model cannot be exported or quantized: {first_line(e)}") from None
+        result = {"source": str(args.source), "dataset": data.name, **report.to_dict()}
+        from .._utils import atomic_path
+
+        with atomic_path(out / "quantize.json") as tmp:
+            tmp.write_text(strict_json(result, indent=2) + "\n")
+    lat = report.latency_ms
+    print(strict_json({"top1_fp32": report.top1_fp32, "top1_int8": report.top1_int8, "drop": report.drop,
+                       "per_channel": report.per_channel, "method": report.method,
+                       "latency_ms_batch_1": {k: v.get("batch_1") for k, v in lat.items()},
+                       "file_bytes": report.file_bytes, "warnings": report.warnings}, indent=2))
+    print(f"wrote {out / 'model.onnx'}, {out / 'model.int8.onnx'} and {out / 'quantize.json'}")
+    return 0
+
+
+def _first(batches: Any, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out, count = [], 0
+    for x, y in batches:
+        if count >= n:
+            break
+        out.append((x[: n - count], y[: n - count]))
+        count += out[-1][1].numel()
+    return out
+
+
+def require_onnx() -> None:
+    from .._utils import require
+
+    try:
+        require("onnxruntime", "onnx")
+        require("onnx", "onnx")
+    except ImportError as e:
+        raise CLIError(str(e)) from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize", help="INT8 (ONNX Runtime, QDQ, per-channel) of a deployed model, its accuracy measured",
+        description="Fold the model (ASR layers, norms), export it to ONNX, quantize it statically with ONNX "
+                    "Runtime (int8 weights, per-channel by default; uint8 activations calibrated on the run's own "
+                    "training images), then score both files on the validation split and time them (one thread). "
+                    "Writes OUT/model.onnx, OUT/model.int8.onnx and OUT/quantize.json.",
+    )
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT_OR_DEPLOYED",
+                   help="a run folder, a training checkpoint (.pt) or a deployed .safetensors file (with --data)")
+    p.add_argument("-o", "--output", required=True, help="output folder (new or empty)")
+    p.add_argument("--which", choices=("last", "best"), default="last", help="for a run folder: last.pt or best.pt")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="the EMA weights of a --model-ema run [used when present]")
+    p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
+    p.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax",
+                   help="activation calibration [minmax]")
+    p.add_argument("--calib-images", type=positive_int, default=512, help="training images for calibration [512]")
+    p.add_argument("--val-images", type=positive_int, default=None, help="score on the first N validation images "
+                                                                        "[all]")
+    p.add_argument("--threads", type=positive_int, default=1, help="ONNX Runtime threads for scoring and timing [1]")
+    p.add_argument("--max-drop", type=nonnegative_float, default=1.0,
+                   help="report a top-1 drop above this many points loudly [1.0]")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
+    add_data_args(p)
+    p.set_defaults(func=_main)

@@ -1,0 +1,242 @@
+"""Post-training INT8 quantization of a deployed model, through ONNX Runtime, with its accuracy measured.
+
+The deployed model (ASR folded, norms fused: :func:`foldattn.fold` with ``fuse_bn=True``) is
+exported to ONNX (:func:`foldattn.export_onnx`, dynamic batch, checked) and quantized
+statically by ONNX Runtime's tools (``quantize_static``, QDQ format, int8 weights and uint8
+activations): per-channel weights by default, per-tensor on request; activation ranges
+calibrated on real images with MinMax, Entropy or Percentile. The INT8 model is then run,
+never assumed: :func:`quantize` measures the top-1 of both files on the validation images,
+their latency in ONNX Runtime (one thread) and their sizes.
+
+Why folding an attention vector is INT8-neutral with per-channel weights: a positive scale
+``v_c`` folded into output channel ``c`` multiplies that channel's weights, their range and
+therefore their quantization step by ``v_c``; the integers are the same
+(:func:`fake_quantize_per_channel` makes this testable). Per-tensor quantization shares one
+step across channels, so channels with small gates keep fewer levels:
+:func:`weight_ranges` reports, per layer, the spread of the per-channel ranges that decides it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._utils import atomic_path, require, unwrap_model
+from .asr import ASR
+from .fold import fold
+
+__all__ = ["METHODS", "QuantizeReport", "quantize", "quantize_onnx", "weight_ranges", "fake_quantize_per_channel",
+           "fake_quantize_per_tensor", "OrtRunner"]
+
+#: calibration methods of ONNX Runtime's ``CalibrationMethod``
+METHODS = ("minmax", "entropy", "percentile")
+
+
+def fake_quantize_per_channel(weight: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel quantization (what ONNX Runtime does to weights): ``(integers, steps)``."""
+    w = weight.detach().double().reshape(weight.shape[0], -1)
+    qmax = 2 ** (bits - 1) - 1
+    step = w.abs().amax(dim=1).clamp_min(1e-30) / qmax
+    return torch.round(w / step[:, None]).clamp(-qmax, qmax).reshape(weight.shape), step
+
+
+def fake_quantize_per_tensor(weight: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """Symmetric per-tensor quantization: ``(integers, step)``."""
+    w = weight.detach().double()
+    qmax = 2 ** (bits - 1) - 1
+    step = w.abs().max().clamp_min(1e-30) / qmax
+    return torch.round(w / step).clamp(-qmax, qmax), step
+
+
+def weight_ranges(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per conv/linear layer: the smallest and largest per-output-channel range (max |w|) and their ratio
+    (``spread``). A large spread costs per-tensor quantization bits in the small channels."""
+    out = {}
+    for name, m in unwrap_model(model).named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            r = m.weight.detach().double().reshape(m.weight.shape[0], -1).abs().amax(dim=1)
+            lo, hi = float(r.min()), float(r.max())
+            out[name] = {"min_range": lo, "max_range": hi, "spread": hi / lo if lo > 0 else math.inf}
+    return out
+
+
+def _unscaled(model: nn.Module) -> nn.Module:
+    """``model`` with every ASR layer replaced by its host as trained, without ``v`` (what the weights
+    would be if the vector were not folded in)."""
+    from ._utils import set_submodule
+
+    copy_ = copy.deepcopy(unwrap_model(model))
+    for name, layer in [(n, m) for n, m in copy_.named_modules() if isinstance(m, ASR)]:
+        set_submodule(copy_, name, layer.host)
+    return copy_
+
+
+class _Reader:
+    """An ONNX Runtime ``CalibrationDataReader`` over batches of images."""
+
+    def __init__(self, name: str, batches: Iterable[Tensor]) -> None:
+        self.name = name
+        self._it: Iterator[Tensor] = iter(batches)
+
+    def get_next(self) -> dict[str, Any] | None:
+        x = next(self._it, None)
+        return None if x is None else {self.name: x.detach().float().contiguous().numpy()}
+
+
+def quantize_onnx(fp32: str | os.PathLike[str], int8: str | os.PathLike[str], calibration: Iterable[Tensor], *,
+                  per_channel: bool = True, method: str = "minmax") -> None:
+    """Quantize the ONNX model ``fp32`` into ``int8`` (QDQ, int8 weights, uint8 activations), its
+    activation ranges calibrated on ``calibration`` (batches of model inputs). Written atomically."""
+    require("onnxruntime", "onnx")
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    import onnx
+
+    name = onnx.load(str(fp32), load_external_data=False).graph.input[0].name
+    calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+             "percentile": CalibrationMethod.Percentile}[method]
+    dest = Path(int8)
+    with tempfile.TemporaryDirectory(prefix="foldattn-quant-") as tmp, atomic_path(dest) as out, \
+            warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore")
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(out), _Reader(name, calibration), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=calib,
+                        extra_options={"CalibTensorRangeSymmetric": False, "CalibMovingAverage": False})
+
+
+class OrtRunner:
+    """An ONNX Runtime session on CPU with a fixed thread count: ``runner(x) -> logits``."""
+
+    def __init__(self, path: str | os.PathLike[str], threads: int = 1) -> None:
+        ort = require("onnxruntime", "onnx")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.detach().float().contiguous().numpy()})[0])
+
+    def latency_ms(self, x: Tensor, reps: int = 20, min_s: float = 0.05) -> float:
+        """Median milliseconds per call over ``reps`` samples (each repeated to last at least ``min_s``)."""
+        feed = {self.input: x.detach().float().contiguous().numpy()}
+        self.session.run(None, feed)
+        samples = []
+        for _ in range(reps):
+            n, t0 = 0, time.perf_counter()
+            while True:
+                self.session.run(None, feed)
+                n += 1
+                if time.perf_counter() - t0 >= min_s:
+                    break
+            samples.append((time.perf_counter() - t0) / n * 1e3)
+        return statistics.median(samples)
+
+
+def _top1(run: Callable[[Tensor], Tensor], batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[float, int, int]:
+    correct = total = nonfinite = 0
+    for x, y in batches:
+        logits = run(x)
+        nonfinite += int((~torch.isfinite(logits)).any(dim=1).sum())
+        correct += int((logits.argmax(1) == y).sum())
+        total += y.numel()
+    return 100.0 * correct / max(total, 1), total, nonfinite
+
+
+@dataclass
+class QuantizeReport:
+    """What :func:`quantize` measured (``quantize.json``)."""
+
+    top1_fp32: float
+    top1_int8: float
+    drop: float
+    per_channel: bool
+    method: str
+    calib_images: int
+    val_images: int
+    latency_ms: dict[str, dict[str, float]]
+    file_bytes: dict[str, int]
+    nonfinite_int8: int
+    weight_ranges: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def quantize(model: nn.Module, calibration: Iterable[Tensor], validation: Iterable[tuple[Tensor, Tensor]],
+             out_dir: str | os.PathLike[str], *, example: Tensor, per_channel: bool = True, method: str = "minmax",
+             threads: int = 1, latency_batches: tuple[int, ...] = (1, 64), max_drop: float = 1.0,
+             log: Callable[[str], None] | None = None) -> QuantizeReport:
+    """Deploy, export and quantize ``model``; measure both files. Writes ``out_dir/model.onnx`` (fp32) and
+    ``out_dir/model.int8.onnx``; returns the report (the caller writes ``quantize.json``).
+
+    Args:
+        model: the trained model (ASR layers and norms are folded on a copy).
+        calibration: batches of input images (normalised as in training) for the activation ranges.
+        validation: ``(images, labels)`` batches on which both files are scored.
+        example: one input batch for the export (its shape after the batch dim is the model's input).
+        per_channel: per-output-channel weight scales (else one per tensor).
+        method: ``minmax``, ``entropy`` or ``percentile`` activation calibration.
+        max_drop: an INT8 top-1 drop above this many points is recorded in ``warnings`` (and logged).
+    """
+    from .export import export_onnx
+
+    out = Path(out_dir)
+    say = log or (lambda s: None)
+    fp32, int8 = out / "model.onnx", out / "model.int8.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore")
+        deployed = fold(model, fuse_bn=True)
+        export_onnx(deployed, example, fp32, fold_asr=False, input_names=["input"], output_names=["logits"])
+    say(f"exported {fp32}")
+    calib = list(calibration)
+    quantize_onnx(fp32, int8, calib, per_channel=per_channel, method=method)
+    say(f"quantized {int8} ({'per-channel' if per_channel else 'per-tensor'}, {method}, "
+        f"{sum(x.shape[0] for x in calib)} calibration images)")
+    runners = {"fp32": OrtRunner(fp32, threads), "int8": OrtRunner(int8, threads)}
+    val = list(validation)
+    scores = {k: _top1(r, val) for k, r in runners.items()}
+    report_warnings = []
+    if scores["int8"][2]:
+        report_warnings.append(f"the INT8 model gives NaN/Inf logits for {scores['int8'][2]} images")
+    drop = scores["fp32"][0] - scores["int8"][0]
+    if drop > max_drop:
+        report_warnings.append(f"INT8 top-1 drops {drop:.2f} points (> {max_drop:g})")
+    for w in report_warnings:
+        say(f"WARNING: {w}")
+    latency = {}
+    for key, r in runners.items():
+        latency[key] = {f"batch_{b}": r.latency_ms(example[:1].expand(b, *example.shape[1:]).contiguous())
+                        for b in latency_batches}
+    ranges = {"folded": weight_ranges(deployed)}
+    if any(isinstance(m, ASR) for m in unwrap_model(model).modules()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ranges["unfolded"] = weight_ranges(fold(_unscaled(model), fuse_bn=True))
+    return QuantizeReport(
+        top1_fp32=scores["fp32"][0], top1_int8=scores["int8"][0], drop=drop, per_channel=per_channel, method=method,
+        calib_images=sum(x.shape[0] for x in calib), val_images=scores["fp32"][1], latency_ms=latency,
+        file_bytes={"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}, nonfinite_int8=scores["int8"][2],
+        weight_ranges=ranges, warnings=report_warnings)

@@ -1,0 +1,117 @@
+"""INT8 through ONNX Runtime (foldattn.quantize, `foldattn quantize`): the folded scale's effect, measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import foldattn
+from foldattn.cli import main
+from foldattn.quantize import fake_quantize_per_channel, fake_quantize_per_tensor, weight_ranges
+from foldattn.train import TrainConfig, train
+from foldattn.train.data import load_dataset
+from foldattn.transforms import scale_out_channels
+
+pytest.importorskip("onnxruntime")
+
+
+@settings(max_examples=40, deadline=None)
+@given(out=st.integers(1, 12), inp=st.integers(1, 6), k=st.sampled_from([1, 3]), seed=st.integers(0, 10_000),
+       low=st.floats(1e-3, 1.0), high=st.floats(1.0, 50.0))
+def test_a_folded_positive_scale_leaves_per_channel_integers_unchanged(out: int, inp: int, k: int, seed: int,
+                                                                      low: float, high: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, k, k, generator=g, dtype=torch.float64)
+    v = low + (high - low) * torch.rand(out, generator=g, dtype=torch.float64)  # a positive ASR vector
+    q, step = fake_quantize_per_channel(w)
+    qv, step_v = fake_quantize_per_channel(scale_out_channels(w, v))
+    assert torch.equal(q, qv)  # the same integers
+    torch.testing.assert_close(step_v, step * v)  # only each channel's step is scaled
+
+
+def test_per_tensor_loses_levels_in_small_gate_channels() -> None:
+    """Measured, not asserted equal: with one step per tensor, a channel scaled by a small gate keeps
+    fewer distinct levels (its error relative to its own range grows)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 8, 3, 3, generator=g, dtype=torch.float64)
+    v = torch.ones(16, dtype=torch.float64)
+    v[:8] = 0.02  # half the channels almost closed by the gate
+    folded = scale_out_channels(w, v)
+    q, step = fake_quantize_per_tensor(folded)
+    err = ((q * step - folded).abs().reshape(16, -1).amax(1) / folded.abs().reshape(16, -1).amax(1))
+    levels = [len(torch.unique(q[c])) for c in range(16)]
+    assert max(levels[:8]) < min(levels[8:])  # fewer levels where the gate is small
+    assert err[:8].mean() > 10 * err[8:].mean()
+    spread = weight_ranges(nn.Sequential(_conv_with(folded)))["0"]["spread"]
+    assert spread > 20
+
+
+def _conv_with(w: torch.Tensor) -> nn.Conv2d:
+    conv = nn.Conv2d(w.shape[1], w.shape[0], w.shape[2], bias=False).double()
+    with torch.no_grad():
+        conv.weight.copy_(w)
+    return conv
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("qrun")
+    train(TrainConfig(dataset="digits", epochs=2, batch_size=32, attention="se", asr=True, output=str(out),
+                      recipe="digits", lr=0.05, decay_all=True), bundle=load_dataset("digits"), log=None)
+    return out
+
+
+def test_cli_quantize_writes_both_models_and_measures_them(run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "int8"
+    assert main(["quantize", str(run), "-o", str(out), "--calib-images", "64", "--val-images", "128"]) == 0
+    report = json.loads((out / "quantize.json").read_text())
+    assert report["per_channel"] is True and report["method"] == "minmax" and report["calib_images"] == 64
+    assert report["val_images"] == 128 and report["top1_fp32"] > 30
+    assert abs(report["drop"] - (report["top1_fp32"] - report["top1_int8"])) < 1e-9
+    assert report["file_bytes"]["int8"] < report["file_bytes"]["fp32"] / 2
+    assert set(report["latency_ms"]) == {"fp32", "int8"} and report["latency_ms"]["int8"]["batch_64"] > 0
+    # the ASR model's weights before (v not folded) and after folding, per layer
+    assert set(report["weight_ranges"]) == {"folded", "unfolded"}
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(out / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    shape = sess.get_inputs()[0].shape
+    assert not isinstance(shape[0], int)  # dynamic batch
+    ops = {n.op_type for n in __import__("onnx").load(str(out / "model.int8.onnx")).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops and "BatchNormalization" not in ops
+
+
+BAD = [
+    ("calib-0", ["--calib-images", "0"], "--calib-images"),
+    ("method", ["--method", "kl"], "--method"),
+    ("deployed-without-data", ["{deployed}"], "--data"),
+    ("wrong-data", ["{vit}", "--data", "digits"], "do not fit the model"),
+    ("missing", ["{missing}"], "no such run folder"),
+]
+
+
+@pytest.mark.parametrize(("case", "extra", "message"), BAD, ids=[c[0] for c in BAD])
+def test_bad_input_is_one_line_and_writes_nothing(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 case: str, extra: list[str], message: str) -> None:
+    deployed = tmp_path / "d.safetensors"
+    tree = tmp_path / "tree"
+    if case == "deployed-without-data":
+        foldattn.save_deployed(foldattn.train.load_trained(run)[0], deployed)
+    vit = tmp_path / "vit.safetensors"  # a ViT built for 32x32 images, calibrated on the 16x16 digits
+    if case == "wrong-data":
+        foldattn.save_deployed(foldattn.create_model("cifar_vit_tiny", depth=1), vit)
+    source = str(run)
+    if extra and extra[0].startswith("{"):
+        source, extra = extra[0], extra[1:]
+    fmt = {"deployed": deployed, "tree": tree, "missing": tmp_path / "nope", "vit": vit}
+    argv = ["quantize", source.format(**fmt), "-o", str(tmp_path / "out"), *[e.format(**fmt) for e in extra]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "out").exists()
