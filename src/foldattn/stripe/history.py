@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -13,7 +12,7 @@ from torch import nn
 
 from .adapters import AttentionSite, find_attention, select_sites
 from .recorder import record_stripes
-from .results import StripeResult, _write_json
+from .results import StripeResult, _nan, _write_json
 
 # --------------------------------------------------------------------------------------
 # Over training
@@ -71,7 +70,7 @@ class StripeHistory:
     def from_dict(cls, data: Mapping[str, Any]) -> StripeHistory:
         if data.get("format") != _HISTORY_FORMAT:
             raise ValueError(f"not a stripe history (format {data.get('format')!r}, expected {_HISTORY_FORMAT!r})")
-        return cls(list(data["epochs"]), list(data["records"]))
+        return cls(list(data["epochs"]), [_nan(r) for r in data["records"]])
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write as JSON (atomically)."""
@@ -79,8 +78,14 @@ class StripeHistory:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> StripeHistory:
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        """Read a history file (bounded, structure checked: ``ValueError`` naming the file otherwise)."""
+        from .._files import load_json_file
+
+        data = load_json_file(path, "stripe history", 64 << 20)
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"stripe history {path}: not a history foldattn wrote ({type(e).__name__}: {e})") from None
 
 
 class StripeMonitor:

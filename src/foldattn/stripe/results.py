@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .._utils import atomic_path
+from .._utils import atomic_path, strict_json
 from .statistics import ChannelStats
 
 
@@ -41,8 +41,20 @@ _FORMAT = "foldattn.stripe/1"
 
 
 def _write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> None:
+    """Strict JSON (NaN as ``null``, like every file foldattn writes), atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, allow_nan=True) + "\n")
+        tmp.write_text(strict_json(data, indent=1) + "\n")
+
+
+def _nan(value: Any) -> Any:
+    """``null`` read back as NaN (statistics of empty or out-of-range gates), in lists and mappings too."""
+    if value is None:
+        return math.nan
+    if isinstance(value, list):
+        return [_nan(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _nan(v) for k, v in value.items()}
+    return value
 
 
 @dataclass
@@ -101,7 +113,9 @@ class StripeResult:
             raise ValueError(f"not a stripe result (format {data.get('format')!r}, expected {_FORMAT!r})")
         layers = [
             LayerStripes(
-                x["name"], x["kind"], int(x["channels"]), ChannelStats(**x["gate"]), ChannelStats(**x["descriptor"]),
+                x["name"], x["kind"], int(x["channels"]),
+                ChannelStats(**{k: _nan(v) for k, v in x["gate"].items()}),
+                ChannelStats(**{k: _nan(v) for k, v in x["descriptor"].items()}),
                 x.get("gate_sample", []), x.get("descriptor_sample", []),
             )
             for x in data["layers"]
@@ -114,5 +128,11 @@ class StripeResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> StripeResult:
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        """Read a result file (bounded, structure checked: ``ValueError`` naming the file otherwise)."""
+        from .._files import load_json_file
+
+        data = load_json_file(path, "stripe result", 256 << 20)
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"stripe result {path}: not a result foldattn wrote ({type(e).__name__}: {e})") from None
