@@ -104,7 +104,7 @@ class _Odd(nn.Module):
         stride = 2 if kind == "stride-identity" else 1
         self.a = nn.Conv2d(4, 4, 3, stride, 2 if kind == "dilation" else (0 if kind == "padding" else 1),
                            dilation=2 if kind == "dilation" else 1)
-        self.b = nn.Conv2d(4, 4, 1, stride, 0 if kind != "padding" else 0)
+        self.b = nn.Conv2d(4, 4, 1, stride, 0)
         self.kind = kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
