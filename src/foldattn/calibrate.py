@@ -54,13 +54,18 @@ class ChannelScale(nn.Module):
 
     Args:
         scale: the ``(C,)`` vector, stored as a buffer.
+        learnable: store it as a parameter instead (the student of :func:`foldattn.distill.distill`).
     """
 
-    def __init__(self, scale: Tensor) -> None:
+    def __init__(self, scale: Tensor, learnable: bool = False) -> None:
         super().__init__()
         if scale.dim() != 1:
             raise ValueError(f"scale must be a vector (C,), got shape {tuple(scale.shape)}")
-        self.register_buffer("scale", scale.detach().clone())
+        self.learnable = learnable
+        if learnable:
+            self.scale = nn.Parameter(scale.detach().clone())
+        else:
+            self.register_buffer("scale", scale.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[1] != self.scale.numel():

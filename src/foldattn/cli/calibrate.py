@@ -18,7 +18,7 @@ from torch import nn
 
 from .._utils import atomic_path, check_output_folder, strict_json
 from ..summary import latency_ms
-from . import nonnegative_int, positive_float, positive_int
+from . import nonnegative_float, nonnegative_int, positive_float, positive_int
 from .stripe import add_data_args, add_model_args, load_model_and_data, prepare_output
 
 __all__ = ["register", "run_calibrate", "compare_latency"]
@@ -54,6 +54,48 @@ def _save(model: nn.Module, path: Path, name: str | None, kwargs: dict[str, Any]
     return save_deployed(model, path, metadata=meta)
 
 
+def _check_distill_data(model: nn.Module, data: Any) -> None:
+    """Refuse distillation without training images, or on data with another number of classes."""
+    if len(data.train) == 0:
+        raise ValueError(f"--distill-epochs: {data.name} has no training images to distil on")
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if heads and heads[-1].out_features != data.num_classes:
+        raise ValueError(f"--distill-epochs: the model has {heads[-1].out_features} classes, {data.name} "
+                         f"{data.num_classes}: the teacher's logits and the data do not match; pass its own --data")
+
+
+def _distill(args: argparse.Namespace, model: nn.Module, stripes: Any, data: Any, example: torch.Tensor,
+             result: dict[str, Any]) -> nn.Module:
+    """Distil the calibrated model from ``model``; fills ``result`` and returns the best deployed model."""
+    from ..calibrate import constant_model
+    from ..distill import SiteGap, deploy_student, distill, distillation_student, site_gaps
+    from ..train.engine import evaluate
+    from ..verify import verify
+
+    student = distillation_student(constant_model(model, stripes), example[:2])
+    sites = [x.name for x in stripes.layers]
+    before = site_gaps(model, student, sites, data.val)
+    amp = torch.bfloat16 if args.amp == "bf16" else None
+    best, student, report = distill(model, student, data.train, data.val, epochs=args.distill_epochs,
+                                    lr=args.distill_lr, temperature=args.temperature, label_weight=args.label_weight,
+                                    feature_weight=args.feature_weight, sites=sites, amp_dtype=amp)
+    after = site_gaps(model, student, sites, data.val)
+    check = verify(student, deploy_student(student, example[:2]), example)
+    summaries = stripes.summary()
+    report.sites = [SiteGap(n, summaries[n]["gate_stripe_score"], summaries[n]["gate_mean"],
+                            summaries[n]["gate_mean_std"], before[n], after[n]) for n in sites]
+    final = evaluate(best, data.val)
+    result["after_distill"] = {**final, "epoch": report.best_epoch}
+    result["distill"] = {**report.to_dict(), "fold_check": str(check)}
+    print(f"after distillation ({args.distill_epochs} epoch(s), best epoch {report.best_epoch}): top-1 "
+          f"{final['top1']:.2f} % (change {final['top1'] - result['before']['top1']:+.2f}); student fold check: "
+          f"{check}")
+    for s in report.sites:
+        print(f"  {s.name:<28} stripe {s.stripe_score:6.3f}  gate {s.gate_mean:.3f} +- {s.gate_spread:.3f}  "
+              f"gap {s.gap_before:.2e} -> {s.gap_after:.2e}")
+    return best
+
+
 def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``foldattn calibrate``; returns the report written to ``OUT/calibration.json``."""
     from ..calibrate import calibrate, constant_model, evaluate, finetune
@@ -62,9 +104,13 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.finetune_epochs < 0:
         raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    if args.finetune_epochs and args.distill_epochs:
+        raise ValueError("--finetune-epochs and --distill-epochs are two ways to recover the accuracy: choose one")
     check_output_folder(args.output, "--output")  # created only when the results are written
     model, label, data, name, kwargs = load_model_and_data(args)
     model.eval()
+    if args.distill_epochs:
+        _check_distill_data(model, data)
     before = evaluate(model, data.val)
     print(f"before: top-1 {before['top1']:.2f} % on {int(before['images'])} validation images")
     deployed, report = calibrate(model, data.train_eval, layers=args.layers or None, max_images=args.max_images)
@@ -83,6 +129,8 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         "fold_check": str(check), **report.to_dict(),
         "params_before": count_params(model), "params_after": count_params(deployed),
     }
+    if args.distill_epochs:
+        deployed = _distill(args, model, stripes, data, example, result)
     if args.finetune_epochs:
         losses = finetune(deployed, data.train, args.finetune_epochs, lr=args.lr)
         tuned = evaluate(deployed, data.val)
@@ -127,6 +175,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fine-tune the folded model this many epochs")
     p.add_argument("--lr", type=positive_float, default=0.01,
                    help="fine-tuning learning rate (SGD, cosine; default 0.01)")
+    g = p.add_argument_group("distillation: the calibrated model learns to reproduce the attention model")
+    g.add_argument("--distill-epochs", type=nonnegative_int, default=0,
+                   help="distil the calibrated model from the original for this many epochs; the best epoch's folded "
+                        "model is kept (default 0: calibration alone)")
+    g.add_argument("--distill-lr", type=positive_float, default=0.01,
+                   help="distillation learning rate (SGD momentum 0.9 Nesterov, cosine; default 0.01)")
+    g.add_argument("--temperature", type=positive_float, default=4.0, help="softening of the logits (default 4)")
+    g.add_argument("--label-weight", type=nonnegative_float, default=0.0,
+                   help="weight of the cross-entropy on the labels beside the teacher's logits (default 0)")
+    g.add_argument("--feature-weight", type=nonnegative_float, default=1.0,
+                   help="weight of matching the outputs at each attention site (default 1; 0: logits only)")
+    g.add_argument("--amp", choices=("bf16", "none"), default="bf16",
+                   help="autocast of the distillation's forward passes (default bf16)")
     p.add_argument("--bench-batch", type=positive_int, default=1,
                    help="batch size of the latency comparison (default 1)")
     p.add_argument("-o", "--output", required=True, help="output folder")
