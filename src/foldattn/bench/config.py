@@ -35,9 +35,10 @@ class BenchConfig:
             exported with :func:`foldattn.export_onnx`), ``"ort-int8"`` (quantized by
             :func:`foldattn.quantize.quantize_onnx`, per-channel, calibrated on the benchmark's random
             inputs: a cost figure, not an accuracy one), ``"compile"`` (``torch.compile``, where it works).
-        clock: ``"wall"`` (elapsed time) or ``"cpu"`` (CPU time of this process, all
-            threads: steadier on a shared machine, meaningful with ``threads=1``; CPU only);
-            None = ``"cpu"`` on CPU with one thread, else ``"wall"``.
+        clock: ``"wall"`` (elapsed time), ``"cpu"`` (CPU time of this process, all
+            threads: steadier on a shared machine, meaningful with ``threads=1``; CPU only) or
+            ``"cuda"`` (CUDA events: the GPU's time; CUDA only); None = ``"cuda"`` on a GPU,
+            ``"cpu"`` on CPU with one thread, else ``"wall"``.
         seed: seed of the weights and inputs.
     """
 
@@ -65,9 +66,12 @@ class BenchConfig:
             raise ValueError(f"no model given; valid models: {', '.join(families())}")
         for m in self.models:
             get_family(m)
-        attentions = tuple(a.lower() for a in self.attentions) or tuple(_attention.names())
+        classic = tuple(a for a in _attention.names() if _attention.get(a).has_classic_form)
+        attentions = tuple(a.lower() for a in self.attentions) or classic
         for a in attentions:
-            _attention.get(a)
+            if not _attention.get(a).has_classic_form:
+                raise ValueError(f"attention {a!r} has no input-dependent form, and the benchmark compares +X with "
+                                 f"ASR(X); choose from {', '.join(classic)}")
         for key in ("latency_batch", "throughput_batch", "train_batch", "reps", "threads"):
             value = getattr(self, key)
             if value is None and key in ("train_batch", "threads"):
@@ -80,11 +84,15 @@ class BenchConfig:
             raise ValueError(f"min_sample_s must be a number >= 0, got {self.min_sample_s!r}")
         dev = _check_device(self.device)
         threads = self.threads if self.threads is not None or dev.type != "cpu" else 1
-        clock = self.clock if self.clock is not None else ("cpu" if dev.type == "cpu" and threads == 1 else "wall")
+        default = "cuda" if dev.type == "cuda" else ("cpu" if threads == 1 else "wall")
+        clock = self.clock if self.clock is not None else default
         if clock not in _CLOCKS:
             raise ValueError(f"unknown clock {clock!r}; valid clocks: {', '.join(_CLOCKS)}")
         if clock == "cpu" and dev.type != "cpu":
-            raise ValueError("--clock cpu measures CPU time and misses GPU work; use --clock wall with --device cuda")
+            raise ValueError("--clock cpu measures CPU time and misses GPU work; use --clock cuda (or wall) with "
+                             "--device cuda")
+        if clock == "cuda" and dev.type != "cuda":
+            raise ValueError("--clock cuda times with CUDA events and needs --device cuda; use cpu or wall on the CPU")
         runtimes = tuple(dict.fromkeys(r for r in (*self.runtimes, *(("ort",) if self.onnx else ())) if r != "eager"))
         unknown = [r for r in runtimes if r not in RUNTIMES]
         if unknown:

@@ -11,13 +11,27 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 __all__ = ["interleaved"]
 
-#: ``--clock`` names: ``wall`` is elapsed time, ``cpu`` the CPU time of this process (all threads)
-_CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+class _EventMark:
+    """A CUDA event recorded on the current stream; ``later - earlier`` is the GPU time between them, in seconds."""
+
+    def __init__(self) -> None:
+        self.event = torch.cuda.Event(enable_timing=True)
+        self.event.record()
+
+    def __sub__(self, earlier: _EventMark) -> float:
+        self.event.synchronize()
+        return earlier.event.elapsed_time(self.event) / 1e3
+
+
+#: ``--clock`` names: ``wall`` is elapsed time, ``cpu`` the CPU time of this process (all threads), ``cuda`` the
+#: GPU's own time between CUDA events (no host-side jitter)
+_CLOCKS: dict[str, Callable[[], Any]] = {"wall": time.perf_counter, "cpu": time.process_time, "cuda": _EventMark}
 #: a sample repeats a fast runner at most this many times, however short ``min_sample_s`` makes a call
 _MAX_CALLS_PER_SAMPLE = 1000
 
@@ -65,7 +79,7 @@ def interleaved(
     warmup: int,
     sync: Callable[[], None] = lambda: None,
     min_sample_s: float = 0.0,
-    clock: Callable[[], float] = time.perf_counter,
+    clock: Callable[[], Any] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Time each runner ``reps`` times, interleaved, after ``warmup`` untimed rounds (at least one).
 

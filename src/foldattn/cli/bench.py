@@ -85,7 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    f"any of {', '.join(families())}, or timm:NAME / torchvision:NAME (untrained, attention "
                    "placed by foldattn.attach)")
     p.add_argument("--attentions", nargs="+", metavar="X",
-                   help=f"default: all of {', '.join(_attention.names())}")
+                   help="default: all of "
+                        f"{', '.join(a for a in _attention.names() if _attention.get(a).has_classic_form)}")
     p.add_argument("--latency-batch", type=positive_int, help="batch of the latency figure (default 1)")
     p.add_argument("--throughput-batch", type=positive_int, help="batch of the throughput figure (default 64)")
     p.add_argument("--train-batch", type=positive_int, help="batch of the training step (default per model)")
@@ -96,7 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu (default) or cuda[:N]")
     p.add_argument("--clock", choices=sorted(_CLOCKS),
                    help="cpu: CPU time of the process, steadier on a shared machine (the default with one CPU "
-                        "thread); wall: elapsed time (the default otherwise)")
+                        "thread); cuda: CUDA-event time, the GPU's own (the default with --device cuda); wall: "
+                        "elapsed time (the default otherwise)")
     p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last")
     p.add_argument("--onnx", action="store_true", help="add ONNX Runtime rows (same as --runtime eager,ort)")
     p.add_argument("--runtime", type=_runtimes, metavar="R[,R...]",

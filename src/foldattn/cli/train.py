@@ -26,7 +26,7 @@ _FIELDS = (
     "amp", "channels_last", "compile", "sync_bn", "deterministic", "steps_per_epoch", "output", "device",
     "progress", "tensorboard", "stream", "threads", "stripe_every", "sched", "decay_epochs", "min_lr",
     "patience_epochs", "model_ema", "model_ema_decay", "model_ema_warmup", "mixup", "cutmix", "mixup_prob",
-    "mixup_switch_prob", "aa", "reprob", "grad_accum_steps", "drop_path",
+    "mixup_switch_prob", "aa", "reprob", "grad_accum_steps", "drop_path", "data_on_device",
 )
 
 
@@ -164,6 +164,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--split-seed", type=int, help="seed of the validation split [0]")
     g.add_argument("--image-size", type=int, help="imagefolder: resize + centre-crop size")
     g.add_argument("--cache-dir", help="imagefolder: keep the decoded tensor cache here")
+    g.add_argument("--data-on-device", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the in-memory images on the GPU and crop, flip, normalise and mix there [on CUDA "
+                        "where they fit in half the free memory; never on the CPU]")
     g.add_argument("--stream", action="store_true", default=None,
                    help="imagefolder: decode per batch with --workers processes instead of holding the images in "
                         "memory (ImageNet-style trees: RandomResizedCrop --image-size [224] + flip)")

@@ -73,6 +73,7 @@ class TrainConfig:
     split_seed: int = 0
     image_size: int | None = None
     stream: bool = False
+    data_on_device: bool | None = None  # in-memory images on the GPU, augmented there (None: on CUDA where they fit)
     amp: str = "auto"
     channels_last: bool = True
     sync_bn: bool = False
@@ -233,6 +234,12 @@ class TrainConfig:
         if self.cache_dir is not None and not folder:
             bad("cache-dir", self.cache_dir,
                 f"only imagefolder:PATH data is decoded into a cache; not {self.dataset!r}")
+        if self.data_on_device and self.stream:
+            bad("data-on-device", True, "serves in-memory data; --stream decodes files per batch on the CPU")
+        if self.data_on_device and self.aa is not None:
+            bad("data-on-device", True, "--aa runs per image on the CPU; drop one of them")
+        if self.data_on_device and self.device == "cpu":
+            bad("data-on-device", True, "keeps the images on a GPU, and this run is on the CPU")
         if self.workers and not self.stream:
             bad("workers", self.workers, "data-loading processes serve --stream only (in-memory data needs none)")
         if self.download and self.dataset not in ("cifar10", "cifar100", "stl10"):
@@ -308,7 +315,7 @@ def _type_name(hint: Any) -> str:
 SCHEDS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "onecycle")
 
 RESUME_IGNORED = ("output", "data_dir", "cache_dir", "download", "workers", "threads", "compile", "device",
-                  "progress", "tensorboard")
+                  "progress", "tensorboard", "data_on_device")
 
 RECIPES: Registry[dict[str, Any]] = Registry("recipe", case_sensitive=True)
 

@@ -518,18 +518,27 @@ class TensorLoader:
         channels_last: return batches in ``torch.channels_last`` memory format.
         aa: an image policy (``--aa``, :mod:`~foldattn.train.augment`) applied after crop and flip.
         reprob: random-erasing probability, applied to the normalised batch.
+        device: keep the uint8 images there (a GPU) and crop, flip and normalise there too, so a small
+            model is not bound by the CPU feeding it (``--data-on-device``). The random crops and flips
+            come from the same CPU generators, so the batches are the same as on the CPU (exact resume holds).
     """
 
     def __init__(self, data: ImageData, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
                  train: bool, pad: int = 0, flip: bool = False, seed: int = 0, rank: int = 0, world: int = 1,
-                 channels_last: bool = False, aa: str | None = None, reprob: float = 0.0) -> None:
+                 channels_last: bool = False, aa: str | None = None, reprob: float = 0.0,
+                 device: torch.device | str | None = None) -> None:
         if batch_size % world:
             raise ValueError(f"batch size {batch_size} is not divisible by the {world} processes")
         if train and len(data) < batch_size:
             raise DatasetError(f"only {len(data)} training images for a batch of {batch_size}; lower --batch-size")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type != "cpu":
+            if aa and train:
+                raise ValueError("--aa runs per image on the CPU; drop --data-on-device (or --aa)")
+            data = ImageData(data.images.to(self.device), data.labels.to(self.device))
         self.data, self.batch_size, self.train = data, batch_size, train
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
         self.pad, self.flip, self.seed = pad, flip, seed
         self.rank, self.world, self.channels_last = rank, world, channels_last
         self.epoch = 0
@@ -561,7 +570,7 @@ class TensorLoader:
         """Yield ``(x, y)`` from batch index ``start`` on (this rank's share)."""
         order = self._order()
         for b in range(start, len(self)):
-            idx = self._rank_indices(order, b)
+            idx = self._rank_indices(order, b).to(self.device)
             x = self.data.images[idx]
             key = (self.seed * 100_003 + self.epoch) * 65_537 + b
             if self.train:
@@ -583,13 +592,14 @@ class TensorLoader:
         if self.pad:
             p = self.pad
             padded = F.pad(x, (p, p, p, p))
-            oy = torch.randint(0, 2 * p + 1, (n,), generator=g)
-            ox = torch.randint(0, 2 * p + 1, (n,), generator=g)
-            rows = (oy[:, None] + torch.arange(h))[:, :, None]      # (n, h, 1)
-            cols = (ox[:, None] + torch.arange(w))[:, None, :]      # (n, 1, w)
-            x = padded.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None], rows, cols].permute(0, 3, 1, 2)
+            dev = x.device  # the offsets come from the CPU generator wherever the images are
+            oy = torch.randint(0, 2 * p + 1, (n,), generator=g).to(dev)
+            ox = torch.randint(0, 2 * p + 1, (n,), generator=g).to(dev)
+            rows = (oy[:, None] + torch.arange(h, device=dev))[:, :, None]      # (n, h, 1)
+            cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, :]      # (n, 1, w)
+            x = padded.permute(0, 2, 3, 1)[torch.arange(n, device=dev)[:, None, None], rows, cols].permute(0, 3, 1, 2)
         if self.flip:
-            mask = torch.rand(n, generator=g) < 0.5
+            mask = (torch.rand(n, generator=g) < 0.5).to(x.device)
             x = torch.where(mask[:, None, None, None], x.flip(3), x)
         return x
 
@@ -671,9 +681,9 @@ class StreamLoader(TensorLoader):
 
 def make_loader(data: ImageData | FileData, batch_size: int, bundle: DataBundle, train: bool, seed: int = 0,
                 rank: int = 0, world: int = 1, channels_last: bool = False, workers: int = 0,
-                aa: str | None = None, reprob: float = 0.0) -> TensorLoader:
-    """The right loader for ``data``: :class:`TensorLoader` in memory, :class:`StreamLoader` for files
-    (``aa`` and ``reprob`` apply to training loaders only)."""
+                aa: str | None = None, reprob: float = 0.0, device: torch.device | None = None) -> TensorLoader:
+    """The right loader for ``data``: :class:`TensorLoader` in memory (on ``device`` if given), :class:`StreamLoader`
+    for files (``aa`` and ``reprob`` apply to training loaders only)."""
     if not train:
         aa, reprob = None, 0.0
     if isinstance(data, FileData):
@@ -681,4 +691,4 @@ def make_loader(data: ImageData | FileData, batch_size: int, bundle: DataBundle,
                             world, channels_last, workers, aa=aa, reprob=reprob)
     return TensorLoader(data, batch_size, bundle.mean, bundle.std, train, pad=bundle.pad if train else 0,
                         flip=bundle.flip and train, seed=seed, rank=rank, world=world, channels_last=channels_last,
-                        aa=aa, reprob=reprob)
+                        aa=aa, reprob=reprob, device=device)

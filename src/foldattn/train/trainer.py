@@ -136,11 +136,13 @@ class Trainer:
         if (cfg.mixup or cfg.cutmix) and (cfg.batch_size // dist.world) % 2:
             raise ValueError(f"--batch-size {cfg.batch_size}: mixup/cutmix need an even batch on each of the "
                              f"{dist.world} processes")
+        on = self.device if self._data_on_device(bundle) else None
         self.train_loader = make_loader(bundle.train, cfg.batch_size, bundle, train=True, seed=cfg.seed,
                                         rank=dist.rank, world=dist.world, channels_last=cfg.channels_last,
-                                        workers=cfg.workers, aa=cfg.aa, reprob=cfg.reprob)
+                                        workers=cfg.workers, aa=cfg.aa, reprob=cfg.reprob, device=on)
         self.val_loader = make_loader(bundle.val, cfg.batch_size, bundle, train=False, rank=dist.rank,
-                                      world=dist.world, channels_last=cfg.channels_last, workers=cfg.workers)
+                                      world=dist.world, channels_last=cfg.channels_last, workers=cfg.workers,
+                                      device=on)
         n = len(self.train_loader)
         accum = cfg.grad_accum_steps
         if n < accum:
@@ -216,6 +218,29 @@ class Trainer:
         self.log(f"{label(cfg)} on {bundle.name}: {len(bundle.train)} train / {len(bundle.val)} val images, "
                  f"{params_train:,} params ({params_deployed:,} deployed), {self.steps} steps/epoch, "
                  f"amp={self.run_info['amp']}, world={dist.world}")
+
+    def _data_on_device(self, bundle: DataBundle) -> bool:
+        """Whether the in-memory images go to the GPU (``--data-on-device``; by default on CUDA where they fit in
+        half of the free memory). Refused in one line when asked for and impossible."""
+        cfg, asked = self.cfg, self.cfg.data_on_device
+        if asked is False or (asked is None and (self.device.type != "cuda" or cfg.stream or cfg.aa)):
+            return False
+        if self.device.type != "cuda":
+            raise ValueError(f"--data-on-device keeps the images on a GPU, and this run is on {self.device}")
+        images = [d.images for d in (bundle.train, bundle.val) if isinstance(getattr(d, "images", None), torch.Tensor)]
+        if len(images) != 2:
+            if asked:
+                raise ValueError("--data-on-device serves in-memory data; this dataset is streamed from files")
+            return False
+        need = sum(t.numel() * t.element_size() for t in images)
+        free = torch.cuda.mem_get_info(self.device)[0]
+        if need > free // 2:
+            if asked:
+                raise ValueError(f"--data-on-device: the images take {need / 2**30:.2f} GiB and the GPU has "
+                                 f"{free / 2**30:.2f} GiB free (at most half is used for data); drop --data-on-device")
+            self.log(f"the images ({need / 2**30:.2f} GiB) stay on the CPU: more than half the GPU's free memory")
+            return False
+        return True
 
     def _default_callbacks(self) -> list[Callback]:
         cfg, main = self.cfg, self.dist.main
@@ -413,6 +438,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, allow_
     """
     cfg.validate()
     device = resolve_device(cfg)
+    if cfg.data_on_device and device.type != "cuda":  # before the data is loaded
+        raise ValueError(f"--data-on-device keeps the images on a GPU, and this run is on {device}; drop it")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     threads, was_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
