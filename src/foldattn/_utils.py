@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 __all__ = ["eval_mode", "unwrap_model", "set_submodule", "atomic_path", "require", "strict_json", "first_line",
-           "TMP_MARK"]
+           "TMP_MARK", "write_json", "make_output_folder", "check_output_folder"]
 
 #: in the name of every temporary file foldattn writes (``.NAME.foldattn-XXXX.tmp``), so that a command
 #: holding a folder's lock removes a killed write's leftovers, and only foldattn's
@@ -179,6 +179,31 @@ def strict_json(obj: Any, **kwargs: Any) -> str:
     """``json.dumps`` that writes valid JSON only: NaN and Inf become ``null`` (Python's default
     would write ``NaN``, which JSON parsers other than Python's reject)."""
     return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 1, **kwargs: Any) -> Path:
+    """``obj`` as strict JSON (:func:`strict_json`) at ``path``, atomically: every JSON file foldattn writes."""
+    dest = Path(path)
+    with atomic_path(dest) as tmp:
+        tmp.write_text(strict_json(obj, indent=indent, **kwargs) + "\n")
+    return dest
+
+
+def make_output_folder(path: str | os.PathLike[str], option: str = "--output") -> Path:
+    """Create the output folder ``path`` (and its parents), or fail in one line naming ``option`` and why.
+
+    With :func:`check_output_folder` (which checks without creating, before long work) the one helper
+    for output folders: commands check first and create when they write."""
+    out = check_output_folder(path, option)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"{option} {out}: cannot write there ({e.strerror or e}); choose another folder") \
+            from None
+    return out
 
 
 def first_line(error: BaseException) -> str:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ._budget import BudgetExceeded, DoesNotFit, build_for, match_float_dtype, state_mismatch
 from ._files import load_json_file, load_json_text
-from ._utils import atomic_path, strict_json, unwrap_model
+from ._utils import atomic_path, unwrap_model, write_json
 from .builders import (
     UntrustedBuilderError,
     builder_spec,
@@ -220,8 +220,7 @@ def save_deployed(
     # a readable copy of the metadata beside the weights, bound to them by the weights file's hash: a pair
     # that was not written together (a kill between the two renames, two writers) is refused on load; the
     # header stays authoritative
-    with atomic_path(metadata_path(dest)) as tmp:
-        tmp.write_text(strict_json({**meta, "file_sha256": digest}, indent=2, sort_keys=True) + "\n")
+    write_json(metadata_path(dest), {**meta, "file_sha256": digest}, indent=2, sort_keys=True)
     return dest
 
 

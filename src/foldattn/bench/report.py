@@ -8,14 +8,13 @@ and optional ``profiles``. :func:`validate_result` checks it before anything is 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._utils import atomic_path
+from .._utils import atomic_path, write_json
 from .family import VARIANTS
 
 __all__ = ["SCHEMA", "validate_result", "render_markdown", "write_outputs"]
@@ -187,8 +186,7 @@ def write_outputs(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> tu
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = out / "bench.json", out / "bench.md"
-    with atomic_path(paths[0]) as tmp:
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(paths[0], result)
     with atomic_path(paths[1]) as tmp:
         tmp.write_text(render_markdown(result))
     return paths

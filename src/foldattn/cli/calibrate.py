@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._utils import atomic_path, check_output_folder, strict_json
+from .._utils import check_output_folder, make_output_folder, write_json
 from ..summary import latency_ms
 from . import nonnegative_float, nonnegative_int, positive_float, positive_int
-from .stripe import add_data_args, add_model_args, load_model_and_data, prepare_output
+from .stripe import add_data_args, add_model_args, load_model_and_data
 
 __all__ = ["register", "run_calibrate", "compare_latency"]
 
@@ -143,12 +143,11 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     result["bench_batch"] = int(bench.shape[0])
     print(f"latency, batch {bench.shape[0]}: {result['latency_ms_before']:.2f} ms -> "
           f"{result['latency_ms_after']:.2f} ms; parameters {result['params_before']:,} -> {result['params_after']:,}")
-    out = prepare_output(args.output)
+    out = make_output_folder(args.output, "--output")
     weights = _save(deployed, out / "calibrated.safetensors", name, kwargs, report.folded == len(report.layers),
                     {"source": label, "data": data.name, "calibrated_layers": len(report.layers)})
     result["weights"] = str(weights)
-    with atomic_path(out / "calibration.json") as tmp:
-        tmp.write_text(strict_json(result, indent=1) + "\n")
+    write_json(out / "calibration.json", result)
     print(f"wrote {weights}, {out / 'calibration.json'}")
     return result
 

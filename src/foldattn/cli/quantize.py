@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .._utils import check_output_folder, first_line, strict_json
+from .._utils import check_output_folder, first_line, strict_json, write_json
 from . import CLIError, nonnegative_float, positive_int
 from .stripe import add_data_args, load_data
 
@@ -83,10 +83,7 @@ def _main(args: argparse.Namespace) -> int:
         except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:  # type: ignore[attr-defined]
             raise CLIError(f"the model cannot be exported or quantized: {first_line(e)}") from None
         result = {"source": str(args.source), "dataset": data.name, **report.to_dict()}
-        from .._utils import atomic_path
-
-        with atomic_path(out / "quantize.json") as tmp:
-            tmp.write_text(strict_json(result, indent=2) + "\n")
+        write_json(out / "quantize.json", result, indent=2)
     lat = report.latency_ms
     print(strict_json({"top1_fp32": report.top1_fp32, "top1_int8": report.top1_int8, "drop": report.drop,
                        "per_channel": report.per_channel, "method": report.method,

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .._utils import check_output_folder
+from .._utils import check_output_folder, make_output_folder
 from . import positive_int, split_value
 
 __all__ = [
@@ -160,18 +160,6 @@ def _timm_model(name: str, num_classes: int) -> nn.Module:
 _EXTERNAL = {"torchvision": _torchvision_model, "timm": _timm_model}
 
 
-def prepare_output(out: str | os.PathLike[str]) -> Path:
-    """Create ``out`` (and parents); a clear error when it cannot be written."""
-    path = Path(out)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create output folder {path}: {e.strerror or e}") from None
-    if not os.access(path, os.W_OK):
-        raise PermissionError(f"output folder {path} is not writable")
-    return path
-
-
 # --------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------
@@ -184,7 +172,7 @@ def run_stripe(args: argparse.Namespace) -> dict[str, Any]:
     written: list[Path] = []
     if args.history:
         history = StripeHistory.load(args.history)
-        written += plot_history(history, prepare_output(args.output) / "stripe_curves.png")
+        written += plot_history(history, make_output_folder(args.output, "-o") / "stripe_curves.png")
         if not args.model:
             return {"written": [str(p) for p in written]}
     model, label, data, _, _ = load_model_and_data(args)
@@ -194,7 +182,7 @@ def run_stripe(args: argparse.Namespace) -> dict[str, Any]:
     result = record_stripes(model, split, layers=args.layers or None, max_images=args.max_images,
                             max_samples=args.samples, seed=args.seed)
     result.meta.update({"model": label, "data": data.name, "split": args.split})
-    out = prepare_output(args.output)
+    out = make_output_folder(args.output, "-o")
     result.save(out / "stripes.json")
     written.append(out / "stripes.json")
     written += plot_summary(result, out / "stripe_summary.png")

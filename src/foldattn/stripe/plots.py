@@ -11,13 +11,12 @@ numbers), each atomically, and returns the two paths.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._utils import atomic_path, require
+from .._utils import atomic_path, require, write_json
 
 if TYPE_CHECKING:  # annotations only: drawing needs no recording machinery
     from .history import StripeHistory
@@ -46,8 +45,7 @@ def _save(fig: Any, path: str | os.PathLike[str], data: dict[str, Any]) -> tuple
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-    with atomic_path(js) as tmp:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
+    write_json(js, data)
     return png, js
 
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .._utils import atomic_path, strict_json
+from .._utils import write_json
 from .statistics import ChannelStats
 
 
@@ -42,8 +42,7 @@ _FORMAT = "foldattn.stripe/1"
 
 def _write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> None:
     """Strict JSON (NaN as ``null``, like every file foldattn writes), atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(strict_json(data, indent=1) + "\n")
+    write_json(path, data)
 
 
 def _nan(value: Any) -> Any:

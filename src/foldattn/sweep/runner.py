@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .._files import load_json_file
-from .._utils import atomic_path, strict_json
+from .._utils import write_json
 from ..train.runtime import RunLock
 from .spec import Run, SweepError, SweepSpec
 
@@ -81,9 +81,7 @@ def prepare_folder(spec: SweepSpec, out: Path, source: str, *, create: bool = Tr
         raise SweepError(f"-o {out}: the folder holds other files and no sweep.json; choose a new or empty folder")
     if create:
         out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(record) as tmp:
-            tmp.write_text(strict_json({"format": FORMAT, "version": 1, "file": source, "spec": spec.to_dict()},
-                                       indent=2) + "\n")
+        write_json(record, {"format": FORMAT, "version": 1, "file": source, "spec": spec.to_dict()}, indent=2)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .._files import load_json_file, read_bounded
-from .._utils import atomic_path, strict_json
+from .._utils import atomic_path, write_json
 from .runner import command_for, run_state
 from .spec import Run, SweepSpec
 
@@ -193,8 +193,7 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
 def write_summary(spec: SweepSpec, out: Path, threads: int = 0, source: str = "SWEEP.yaml") -> dict[str, Any]:
     """Write ``summary.json``, ``summary.md`` and ``summary.png`` into ``out``; returns the summary."""
     summary = summarize(spec, out, threads, source)
-    with atomic_path(out / "summary.json") as tmp:
-        tmp.write_text(strict_json(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary, indent=2)
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(markdown(summary))
     if summary["runs_finished"]:

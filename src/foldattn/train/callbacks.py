@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._utils import atomic_path, strict_json
+from .._utils import atomic_path
+from .._utils import write_json as _write_json
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -118,9 +119,8 @@ class ProgressBar(Callback):
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """``obj`` as indented JSON, atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(strict_json(obj, indent=2, default=str) + "\n")
+    """``obj`` as indented strict JSON, atomically (:func:`foldattn._utils.write_json`)."""
+    _write_json(path, obj, indent=2, default=str)
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

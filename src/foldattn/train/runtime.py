@@ -17,7 +17,7 @@ from .config import TrainConfig
 
 __all__ = [
     "RunLock", "RunLockedError", "resolve_device", "amp_dtype", "Distributed", "StopFlag",
-    "TrainingInterrupted", "check_writable", "versions",
+    "TrainingInterrupted", "versions",
 ]
 
 
@@ -144,17 +144,6 @@ class StopFlag:
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
-
-
-def check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        msg = f"cannot write to output folder {out}: {e.strerror or e}; choose another --output"
-        raise PermissionError(msg) from None
 
 
 def versions() -> dict[str, str]:

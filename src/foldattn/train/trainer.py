@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._utils import check_output_folder, require
+from .._utils import check_output_folder, make_output_folder, require
 from ..fold import asr_layers
 from ..summary import count_params
 from .augment import create_mixup, seeded
@@ -45,7 +45,7 @@ from .model import build_model, deployed_copy
 from .optim import create_optimizer, create_scheduler
 from .plots import write_curves
 from .pretrained import load_pretrained
-from .runtime import Distributed, RunLock, TrainingInterrupted, amp_dtype, check_writable, resolve_device, versions
+from .runtime import Distributed, RunLock, TrainingInterrupted, amp_dtype, resolve_device, versions
 
 __all__ = ["Trainer", "train"]
 
@@ -213,7 +213,7 @@ class Trainer:
         }
         self.callbacks = self._default_callbacks() + self.extra_callbacks
         if dist.main:  # last: every refusal above leaves the folder as it was (or absent)
-            check_writable(self.out)
+            make_output_folder(self.out, "--output")
             self.lock.acquire()
         self.log(f"{label(cfg)} on {bundle.name}: {len(bundle.train)} train / {len(bundle.val)} val images, "
                  f"{params_train:,} params ({params_deployed:,} deployed), {self.steps} steps/epoch, "
