@@ -28,10 +28,11 @@ from typing import Any
 
 from torch import nn
 
+from ._registry import Registry
 from ._utils import require
 
-__all__ = ["register_builder", "unregister_builder", "resolve_builder", "builder_spec", "check_kwargs",
-           "UntrustedBuilderError"]
+__all__ = ["register_builder", "unregister_builder", "list_builders", "resolve_builder", "builder_spec",
+           "check_kwargs", "UntrustedBuilderError"]
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 #: strings a file may pass: identifier-like words (an activation, a pooling type, an attention
@@ -67,7 +68,7 @@ class Builder:
         return self.fn(**{**check_kwargs(self, kwargs), **self.fixed})
 
 
-_REGISTERED: dict[str, Callable[..., nn.Module]] = {}
+_REGISTERED: Registry[Callable[..., nn.Module]] = Registry("registered builder", case_sensitive=True)
 
 
 def register_builder(spec: str, fn: Callable[..., nn.Module]) -> None:
@@ -83,12 +84,20 @@ def register_builder(spec: str, fn: Callable[..., nn.Module]) -> None:
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     if spec.split(":")[0] in ("foldattn.models", "torchvision.models", "timm"):
         raise ValueError(f"{spec!r} is one of the built-in families; register under your own package name")
-    _REGISTERED[spec] = fn
+    if spec in _REGISTERED:
+        _REGISTERED.unregister(spec)  # registering again replaces (a program's own choice)
+    _REGISTERED.register(spec, fn)
+
+
+def list_builders() -> list[str]:
+    """The specs programs registered with :func:`register_builder` (the built-in families are not listed)."""
+    return _REGISTERED.names()
 
 
 def unregister_builder(spec: str) -> None:
     """Undo :func:`register_builder` (a no-op for a spec that is not registered)."""
-    _REGISTERED.pop(spec, None)
+    if spec in _REGISTERED:
+        _REGISTERED.unregister(spec)
 
 
 def _init_params(obj: Any) -> tuple[set[str], bool]:
@@ -158,7 +167,7 @@ def _timm(name: str, spec: str) -> Builder:
 def _allowed_specs() -> str:
     return ("'foldattn.models:NAME' (foldattn.list_models()), 'torchvision.models:NAME' "
             "(torchvision.models.list_models()), 'timm:NAME' (timm.list_models())"
-            + (f", or one registered with foldattn.deploy.register_builder ({', '.join(sorted(_REGISTERED))})"
+            + (f", or one registered with foldattn.deploy.register_builder ({', '.join(_REGISTERED.names())})"
                if _REGISTERED else ", or one registered with foldattn.deploy.register_builder"))
 
 
@@ -168,7 +177,7 @@ def resolve_builder(spec: Any) -> Builder:
         raise UntrustedBuilderError(f"builder {str(spec)[:80]!r} is not a spec such as 'torchvision.models:resnet18'; "
                                     f"allowed: {_allowed_specs()}")
     if spec in _REGISTERED:
-        fn = _REGISTERED[spec]
+        fn = _REGISTERED.get(spec)
         return Builder(spec, fn, _keywords(fn if not isinstance(fn, type) else fn.__init__))
     family, name = spec.split(":")
     refusal = UntrustedBuilderError(f"builder {spec!r} is not allowed: a deployed file may only name "

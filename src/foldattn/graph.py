@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from . import attention as _attention
+from ._registry import Registry
 from ._utils import eval_mode, first_line
 from .hosts import HOST_TYPES
 
@@ -41,26 +42,10 @@ __all__ = [
 # Type registries (qualified class names, so that optional packages need not be imported)
 # --------------------------------------------------------------------------------------
 
-#: Attention modules a model may already contain: never hosts, never entered, passed through
-#: when walking back from an addition (ASR then sits before them: "ASR(X) + X").
-_ATTENTION_TYPES: set[str] = {
-    "torchvision.ops.misc.SqueezeExcitation",
-    "timm.layers.squeeze_excite.SEModule",
-    "timm.layers.squeeze_excite.EffectiveSEModule",
-    "timm.layers.squeeze_excite.SqueezeExcite",
-    "timm.layers.squeeze_excite.SqueezeExciteCl",
-    "timm.layers.eca.EcaModule",
-    "timm.layers.eca.CecaModule",
-    "timm.layers.cbam.CbamModule",
-    "timm.layers.cbam.LightCbamModule",
-    "timm.layers.gather_excite.GatherExcite",
-    "timm.layers.global_context.GlobalContext",
-    "timm.models._efficientnet_blocks.SqueezeExcite",
-}
-
 #: Modules that commute with a positive per-channel scale of their input (or are the identity
 #: at inference): the walk from an addition back to its host passes through them.
-_TRANSPARENT_TYPES: set[str] = {
+_TRANSPARENT_TYPES: Registry[str] = Registry("transparent type", case_sensitive=True)
+for _name in (
     "torch.nn.modules.linear.Identity",
     "torch.nn.modules.dropout.Dropout",
     "torch.nn.modules.dropout.Dropout1d",
@@ -76,7 +61,8 @@ _TRANSPARENT_TYPES: set[str] = {
     "timm.layers.layer_scale.LayerScale2d",
     "timm.models.fastvit.LayerScale2d",
     "foldattn.models.vit.LayerScale",
-}
+):
+    _TRANSPARENT_TYPES.register(_name, _name)
 
 #: Norm layers with buffers only (no parameters, no children) that must stay whole so that
 #: deployment fusion (:mod:`foldattn.fuse`) sees them as one layer.
@@ -91,32 +77,36 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _register(registry: set[str], cls: type | str) -> None:
+def _name_of(cls: type | str) -> str:
     name = cls if isinstance(cls, str) else _qualname(cls)
     if "." not in name:
         raise ValueError(f"expected a class or its qualified name 'package.module.Class', got {name!r}")
-    registry.add(name)
+    return name
 
 
 def register_attention_type(cls: type | str) -> None:
     """Declare a class (or ``"package.module.Class"``) as an attention module the model
-    already has: :func:`attach` never puts ASR on it or inside it and leaves it in place."""
-    _register(_ATTENTION_TYPES, cls)
+    already has: :func:`attach` never puts ASR on it or inside it and leaves it in place
+    (an entry of :mod:`foldattn.attention`'s list of known attention classes)."""
+    name = _name_of(cls)
+    if name not in _attention.KNOWN:
+        _attention.register_known_attention(name)
 
 
 def register_transparent_type(cls: type | str) -> None:
     """Declare a module type that commutes with a per-channel scale (e.g. a custom
     layer-scale or drop-path): ``where="block"`` walks through it to find the host."""
-    _register(_TRANSPARENT_TYPES, cls)
+    name = _name_of(cls)
+    _TRANSPARENT_TYPES.register(name, name)
 
 
-def _matches(module: nn.Module, registry: set[str]) -> bool:
+def _matches(module: nn.Module, registry: Registry[Any]) -> bool:
     return any(_qualname(c) in registry for c in type(module).__mro__)
 
 
 def is_existing_attention(module: nn.Module) -> bool:
     """True for attention modules (SE, ECA, CBAM, ...) that :func:`attach` leaves alone."""
-    return isinstance(module, _attention.ChannelAttention) or _matches(module, _ATTENTION_TYPES)
+    return isinstance(module, _attention.ChannelAttention) or _attention.known_attention_of(module) is not None
 
 
 def is_transparent(module: nn.Module) -> bool:

@@ -32,6 +32,8 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils.hooks import BackwardHook
 
+from ._registry import Registry
+
 __all__ = [
     "HOST_TYPES", "host_channels", "absorbing_parameters", "channel_dim", "scaled_forward",
     "scale_like", "batch_norm", "has_scaled_forward",
@@ -198,32 +200,30 @@ def _rms_norm(host: nn.RMSNorm, w: Tensor, b: Tensor | None, x: Tensor) -> Tenso
 
 _Functional = Callable[[Any, Tensor, "Tensor | None", Tensor], Tensor]
 
-#: keyed by the ``forward`` function the host's class runs, so that a subclass with a forward
-#: of its own (which may do more than the base layer) is never computed as the base layer
-_FUNCTIONAL: dict[Any, _Functional] = {
-    _BatchNorm.forward: _bn,
-    nn.SyncBatchNorm.forward: _bn,
-    nn.Conv1d.forward: _conv,
-    nn.Conv2d.forward: _conv,
-    nn.Conv3d.forward: _conv,
-    nn.Linear.forward: _linear,
-    nn.GroupNorm.forward: _group_norm,
-    _InstanceNorm.forward: _instance_norm,
-    nn.LayerNorm.forward: _layer_norm,
-    nn.RMSNorm.forward: _rms_norm,
-}
-#: by qualified class name, so that optional packages need not be imported
-_FUNCTIONAL_BY_NAME: dict[str, _Functional] = {
-    "timm.layers.norm_act.BatchNormAct2d": _bn_act,
-}
+
+def _qualname(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+#: the functional form of each host type, keyed by the qualified name of the ``forward`` function the
+#: host's class runs (a subclass with a forward of its own, which may do more than the base layer, is never
+#: computed as the base layer), or by the class's qualified name for optional packages' layers
+HOST_FORMS: Registry[_Functional] = Registry("host functional form", case_sensitive=True)
+for _key, _fn in (
+    (_BatchNorm.forward, _bn), (nn.SyncBatchNorm.forward, _bn), (nn.Conv1d.forward, _conv),
+    (nn.Conv2d.forward, _conv), (nn.Conv3d.forward, _conv), (nn.Linear.forward, _linear),
+    (nn.GroupNorm.forward, _group_norm), (_InstanceNorm.forward, _instance_norm), (nn.LayerNorm.forward, _layer_norm),
+    (nn.RMSNorm.forward, _rms_norm), ("timm.layers.norm_act.BatchNormAct2d", _bn_act),
+):
+    HOST_FORMS.register(_key if isinstance(_key, str) else _qualname(_key), _fn)
 
 
 def _functional_for(host: nn.Module) -> _Functional | None:
     cls = type(host)
-    fn = _FUNCTIONAL.get(cls.forward)
-    if fn is None:
-        fn = _FUNCTIONAL_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
-    return fn
+    for key in (_qualname(cls.forward), _qualname(cls)):
+        if key in HOST_FORMS:
+            return HOST_FORMS.get(key)
+    return None
 
 
 def has_scaled_forward(host: nn.Module) -> bool:

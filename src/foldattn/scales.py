@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._registry import Registry
 from ._utils import set_submodule
 from .graph import Graph, build_graph
 from .hosts import absorbing_parameters, channel_dim, get_tensor, host_channels
 from .transforms import scale_out_channels
 
-__all__ = ["ScaleSpec", "scale_spec", "fold_scales", "ScaleReport", "register_scale_type"]
+__all__ = ["ScaleSpec", "scale_spec", "fold_scales", "ScaleReport", "register_scale_type", "unregister_scale_type",
+           "list_scale_types", "SCALE_TYPES"]
 
 
 @dataclass(frozen=True)
@@ -37,11 +39,13 @@ class ScaleSpec:
 
 
 #: third-party scale layers by qualified class name (optional packages need not be imported)
-_KNOWN: dict[str, ScaleSpec] = {
-    "timm.layers.layer_scale.LayerScale": ScaleSpec("gamma", -1),
-    "timm.layers.layer_scale.LayerScale2d": ScaleSpec("gamma", 1),
-    "timm.models.fastvit.LayerScale2d": ScaleSpec("gamma", 1),  # gamma of shape (C, 1, 1)
-}
+SCALE_TYPES: Registry[ScaleSpec] = Registry("scale layer type", case_sensitive=True)
+for _name, _spec in (
+    ("timm.layers.layer_scale.LayerScale", ScaleSpec("gamma", -1)),
+    ("timm.layers.layer_scale.LayerScale2d", ScaleSpec("gamma", 1)),
+    ("timm.models.fastvit.LayerScale2d", ScaleSpec("gamma", 1)),  # gamma of shape (C, 1, 1)
+):
+    SCALE_TYPES.register(_name, _spec)
 
 
 def register_scale_type(cls: type | str, parameter: str, dim: int) -> None:
@@ -50,14 +54,25 @@ def register_scale_type(cls: type | str, parameter: str, dim: int) -> None:
     name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
     if dim not in (1, -1):
         raise ValueError(f"dim must be 1 (channels first) or -1 (channels last), got {dim!r}")
-    _KNOWN[name] = ScaleSpec(parameter, dim)
+    SCALE_TYPES.register(name, ScaleSpec(parameter, dim))
+
+
+def unregister_scale_type(name: str) -> ScaleSpec:
+    """Remove a registered scale layer type (qualified name)."""
+    return SCALE_TYPES.unregister(name)
+
+
+def list_scale_types() -> list[str]:
+    """Qualified names of the registered third-party scale layer types."""
+    return SCALE_TYPES.names()
 
 
 def scale_spec(module: nn.Module) -> ScaleSpec | None:
     """The :class:`ScaleSpec` of a scale layer, None for other modules."""
     if getattr(type(module), "folds_away", False):
         return ScaleSpec(getattr(module, "scale_parameter", "gamma"), int(getattr(module, "scale_dim", -1)))
-    return _KNOWN.get(f"{type(module).__module__}.{type(module).__qualname__}")
+    name = f"{type(module).__module__}.{type(module).__qualname__}"
+    return SCALE_TYPES.get(name) if name in SCALE_TYPES else None
 
 
 @dataclass

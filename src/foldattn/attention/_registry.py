@@ -8,7 +8,8 @@ from typing import Any, TypeVar
 from .._registry import Registry
 from ._base import ChannelAttention
 
-__all__ = ["register", "unregister", "create", "names", "get", "REGISTRY"]
+__all__ = ["register_attention", "unregister_attention", "list_attentions", "get_attention", "create_attention",
+           "register", "unregister", "create", "names", "get", "REGISTRY"]
 
 T = TypeVar("T", bound=type[ChannelAttention])
 
@@ -53,3 +54,12 @@ def create(name: str, channels: int, **kwargs: Any) -> ChannelAttention:
         return cls(channels, **kwargs)
     except TypeError as e:  # wrong keyword: say which module and what it takes
         raise TypeError(f"attention {name!r}: {e}") from None
+
+
+# the package-wide naming (register_X / unregister_X / list_Xs / get_X); the short names above are the same
+# functions, as foldattn 0.1 named them
+register_attention = register
+unregister_attention = unregister
+list_attentions = names
+get_attention = get
+create_attention = create

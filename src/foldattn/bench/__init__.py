@@ -32,6 +32,7 @@ from .family import (
     Variant,
     families,
     get_family,
+    list_families,
     register_family,
     unregister_family,
 )
@@ -42,7 +43,8 @@ from .targets import TARGETS, check_targets, profile_variant
 from .timing import interleaved
 
 __all__ = [
-    "BenchConfig", "Family", "Variant", "register_family", "unregister_family", "families", "get_family",
+    "BenchConfig", "Family", "Variant", "register_family", "unregister_family", "list_families", "families",
+    "get_family",
     "VARIANTS", "run_bench", "render_markdown", "check_targets", "validate_result", "write_outputs",
     "SCHEMA", "QUICK",
     # public names of the single-module bench, kept importable from the package

@@ -30,7 +30,7 @@ from ..fold import fold
 from ..models import create_model, list_models
 
 __all__ = [
-    "Builder", "Family", "FAMILIES", "register_family", "unregister_family", "families", "get_family",
+    "Builder", "Family", "FAMILIES", "register_family", "unregister_family", "list_families", "families", "get_family",
     "Variant", "VARIANTS", "ONNX_ROWS", "RUNTIMES", "RUNTIME_VARIANTS", "runtime_rows",
 ]
 
@@ -91,9 +91,12 @@ def unregister_family(name: str) -> Family:
     return FAMILIES.unregister(name)
 
 
-def families() -> list[str]:
+def list_families() -> list[str]:
     """Sorted names accepted by ``--models``."""
     return FAMILIES.names()
+
+
+families = list_families  # foldattn 0.1's name
 
 
 def get_family(name: str) -> Family:

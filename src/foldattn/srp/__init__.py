@@ -16,18 +16,24 @@ from ._base import (
     RepBlock,
     centred_padding,
     create,
+    create_block,
     get,
+    get_block,
+    list_blocks,
     names,
     register,
+    register_block,
     rep_blocks,
     reparameterize,
     unregister,
+    unregister_block,
 )
 from .blocks import ACBlock, ConvBNBlock, DBBlock, RepVGGBlock
 from .branches import BNAndPad, ConvBN, IdentityBN, OneByOneThen
 
 __all__ = [
     "RepBlock", "Branch", "register", "unregister", "create", "get", "names", "rep_blocks", "reparameterize",
+    "register_block", "unregister_block", "list_blocks", "get_block", "create_block",
     "centred_padding",
     "ConvBNBlock", "RepVGGBlock", "ACBlock", "DBBlock", "ConvBN", "IdentityBN", "OneByOneThen", "BNAndPad",
 ]

@@ -23,6 +23,7 @@ from ..transforms import add_branches, pad_kernel
 
 __all__ = [
     "Branch", "RepBlock", "register", "unregister", "create", "names", "get", "rep_blocks", "reparameterize",
+    "register_block", "unregister_block", "list_blocks", "get_block", "create_block",
     "centred_padding", "deploy_conv",
 ]
 
@@ -235,6 +236,14 @@ def create(name: str, in_channels: int, out_channels: int, kernel_size: int = 3,
     except TypeError as e:
         raise TypeError(f"block {name!r}: {e}") from None
     return block.deploy_conv() if deploy else block
+
+
+# the package-wide naming (register_X / unregister_X / list_Xs / get_X), the same functions as above
+register_block = register
+unregister_block = unregister
+list_blocks = names
+get_block = get
+create_block = create
 
 
 # --- model-level ---------------------------------------------------------------------

@@ -29,8 +29,12 @@ from .adapters import (
     Tap,
     attention_kinds,
     find_attention,
+    get_attention_kind,
+    list_attention_kinds,
+    register_attention_kind,
     register_kind,
     select_sites,
+    unregister_attention_kind,
     unregister_kind,
 )
 from .history import StripeHistory, StripeMonitor
@@ -44,7 +48,9 @@ from .results import LayerStripes, StripeResult
 from .statistics import ChannelStats, constancy, stripe_score
 
 __all__ = [
-    "AttentionKind", "AttentionSite", "Tap", "register_kind", "unregister_kind", "attention_kinds", "find_attention",
+    "AttentionKind", "AttentionSite", "Tap", "register_attention_kind", "unregister_attention_kind",
+    "list_attention_kinds", "get_attention_kind", "register_kind", "unregister_kind", "attention_kinds",
+    "find_attention",
     "select_sites", "stripe_score", "constancy", "ChannelStats", "LayerStripes", "StripeResult", "StripeRecorder",
     "record_stripes", "StripeHistory", "StripeMonitor", "NoAttentionError", "KINDS",
 ]

@@ -5,7 +5,6 @@ sites found in a model."""
 from __future__ import annotations
 
 import fnmatch
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +14,7 @@ from torch import Tensor, nn
 
 from .._registry import Registry
 from .._utils import unwrap_model
-from ..attention import ChannelAttention
+from ..attention import ChannelAttention, known_attention_of
 
 
 class NoAttentionError(ValueError):
@@ -116,9 +115,20 @@ def unregister_kind(name: str) -> AttentionKind:
     return kind
 
 
-def attention_kinds() -> list[str]:
+def list_attention_kinds() -> list[str]:
     """Names of the kinds of attention module :func:`find_attention` searches for, in search order."""
     return list(_ORDER)
+
+
+def get_attention_kind(name: str) -> AttentionKind:
+    """The kind registered as ``name``."""
+    return KINDS.get(name)
+
+
+# the package-wide naming; the short names are foldattn 0.1's
+register_attention_kind = register_kind
+unregister_attention_kind = unregister_kind
+attention_kinds = list_attention_kinds
 
 
 def _kinds() -> list[AttentionKind]:
@@ -147,11 +157,8 @@ register_kind(AttentionKind("foldattn", _is_foldattn, _attach_foldattn, lambda m
 
 # --- torchvision SqueezeExcitation (MobileNetV3, EfficientNet, RegNet) -------------------
 def _is_torchvision_se(m: nn.Module) -> bool:
-    try:
-        from torchvision.ops import SqueezeExcitation
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return False
-    return isinstance(m, SqueezeExcitation)
+    entry = known_attention_of(m)
+    return entry is not None and entry.recorded == "torchvision-se"
 
 
 def _attach_torchvision_se(m: nn.Module, tap: Tap) -> list[Any]:
@@ -167,25 +174,10 @@ register_kind(AttentionKind(
 
 
 # --- timm channel gates: the module's `gate` submodule holds the attention ---------------
-def _timm_classes() -> tuple[tuple[type[nn.Module], ...], tuple[type[nn.Module], ...]]:
-    """``(supported, excluded)`` timm classes; empty without timm."""
-    if "timm" not in sys.modules:  # a model built with timm has imported it; never import it ourselves
-        return (), ()
-    try:
-        from timm.layers.cbam import ChannelAttn, LightChannelAttn
-        from timm.layers.eca import CecaModule, EcaModule
-        from timm.layers.squeeze_excite import EffectiveSEModule, SEModule
-        from timm.models._efficientnet_blocks import SqueezeExcite
-    except ImportError:  # pragma: no cover - another timm layout
-        return (), ()
-    # LightChannelAttn subclasses ChannelAttn but applies F.sigmoid, not its `gate`
-    return (SEModule, EffectiveSEModule, EcaModule, CecaModule, ChannelAttn, SqueezeExcite), (LightChannelAttn,)
-
-
 def _is_timm_gate(m: nn.Module) -> bool:
-    supported, excluded = _timm_classes()
-    return (bool(supported) and isinstance(m, supported) and not isinstance(m, excluded)
-            and isinstance(getattr(m, "gate", None), nn.Module))
+    # the known-attention list (foldattn.attention) says which timm classes apply their `gate`
+    entry = known_attention_of(m)
+    return entry is not None and entry.recorded == "timm-gate" and isinstance(getattr(m, "gate", None), nn.Module)
 
 
 def _attach_timm_gate(m: nn.Module, tap: Tap) -> list[Any]:

@@ -18,7 +18,7 @@ from typing import Any
 from .._registry import Registry
 
 __all__ = ["TrainConfig", "RESUME_IGNORED", "SCHEDS", "register_recipe", "unregister_recipe", "list_recipes",
-           "recipe_defaults", "RECIPES"]
+           "get_recipe", "recipe_defaults", "RECIPES"]
 
 
 @dataclass
@@ -338,9 +338,12 @@ def list_recipes() -> list[str]:
     return RECIPES.names()
 
 
-def recipe_defaults(name: str) -> dict[str, Any]:
+def get_recipe(name: str) -> dict[str, Any]:
     """The defaults of recipe ``name`` (a copy)."""
     return dict(RECIPES.get(name))
+
+
+recipe_defaults = get_recipe  # foldattn 0.1's name
 
 
 register_recipe("default", epochs=30, lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=128, schedule="cosine")

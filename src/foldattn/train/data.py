@@ -40,7 +40,8 @@ from .images import ImageError, read_rgb
 
 __all__ = [
     "ImageData", "FileData", "DataBundle", "DatasetError", "TensorLoader", "StreamLoader", "make_loader",
-    "register_dataset", "unregister_dataset", "DATASETS", "load_dataset", "list_datasets", "stratified_split",
+    "register_dataset", "unregister_dataset", "DATASETS", "load_dataset", "list_datasets", "get_dataset",
+    "stratified_split",
     "IMAGE_EXTENSIONS", "preprocessing", "with_preprocessing",
 ]
 
@@ -135,6 +136,11 @@ def register_dataset(name: str) -> Callable[[Loader], Loader]:
 def unregister_dataset(name: str) -> Loader:
     """Remove a registered dataset (tests, plug-ins); returns its loader."""
     return DATASETS.unregister(name)
+
+
+def get_dataset(name: str) -> Loader:
+    """The loader function registered as ``name``."""
+    return DATASETS.get(name)
 
 
 def list_datasets() -> list[str]:
