@@ -2,9 +2,9 @@
 
 For every trained run ``RUNS/<attention>/s<seed>`` (the runs of benchmarks/sweeps/resnet20-cifar10.yaml, or
 any ``LABEL=RUN`` given with ``--run``): the top-1 of the attention model (the teacher), of its calibrated
-constant model (``foldattn.calibrate.calibrate`` on ``--calib-images`` training images), and of the
+constant model (``foldattn.stripe.calibrate`` on ``--calib-images`` training images), and of the
 folded student after 1 and after 3 distillation epochs (two separate distillations, each with its own
-cosine schedule: ``foldattn.distill.distill``, KL on logits at temperature 4 plus the feature term at
+cosine schedule: ``foldattn.stripe.distill``, KL on logits at temperature 4 plus the feature term at
 every attention site, SGD lr 0.01, bf16 autocast), all on the run's 5,000 held-out images; the
 deployed parameters and the batch-1 latency (one thread, interleaved) of the teacher and of the
 deployed model; per site, the stripe statistics and the teacher-student output gap before and after.
@@ -33,8 +33,9 @@ import torch
 
 from foldattn._utils import atomic_path, write_json
 from foldattn.bench.timing import interleaved
-from foldattn.calibrate import calibrate, constant_model
-from foldattn.distill import distill, distillation_student, site_gaps
+from foldattn.calibrate import constant_model
+from foldattn.stripe.calibration import calibrate
+from foldattn.stripe.distillation import distill, distillation_student, site_gaps
 from foldattn.summary import count_params
 from foldattn.train.data import TensorLoader, load_dataset, with_preprocessing
 from foldattn.train.engine import evaluate

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from foldattn.calibrate import calibrate, evaluate, finetune
 from foldattn.cli.stripe import load_data
 from foldattn.models import create_model
 from foldattn.stripe import StripeHistory, record_stripes
+from foldattn.stripe.calibration import calibrate, evaluate, finetune
 from foldattn.stripe.plots import plot_heatmaps, plot_history, plot_summary
 
 

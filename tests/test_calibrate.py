@@ -15,17 +15,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from foldattn import attention
-from foldattn.calibrate import (
-    ChannelScale,
-    calibrate,
-    constant_model,
-    evaluate,
-    finetune,
-    fold_scales,
-)
+from foldattn.calibrate import ChannelScale, constant_model, fold_scales
 from foldattn.cli import main
 from foldattn.models import create_model
 from foldattn.stripe import find_attention, record_stripes
+from foldattn.stripe.calibration import calibrate, evaluate, finetune
 from foldattn.verify import verify
 
 torch.set_num_threads(1)

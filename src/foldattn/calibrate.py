@@ -21,32 +21,32 @@ scale into a neighbouring layer so the deployed model costs exactly the backbone
 Where neither applies the :class:`ChannelScale` stays (one multiply). The data flow is
 read from a ``torch.fx`` trace; where the model does not trace, from ``nn.Sequential``
 neighbours. The fold is exact (tested); the *approximation* is replacing ``a(x)`` by
-its mean, whose cost :func:`evaluate` measures and :func:`finetune` can recover.
+its mean.
+
+This module is the library part: the constants and their folds, from mean gates given to it. Measuring
+the gates on data, scoring, fine-tuning and distilling are the app's (:mod:`foldattn.stripe.calibration`,
+:mod:`foldattn.stripe.distillation`; ``foldattn calibrate``).
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._utils import eval_mode, set_submodule, unwrap_model
+from ._utils import set_submodule, unwrap_model
 from .asr import ASR, absorbing_parameters
 from .attention import DIA
 from .graph import build_graph
-from .stripe import StripeResult, find_attention, record_stripes, select_sites
-from .stripe.recorder import _device_of, _images, _to_model  # the recorder's batch handling, shared
 from .transforms import scale_in_channels, scale_out_channels
 
-__all__ = [
-    "ChannelScale", "scale_in_channels", "FoldedLayer", "CalibrationReport", "calibrate", "constant_model",
-    "fold_scales", "evaluate", "finetune",
-]
+__all__ = ["ChannelScale", "scale_in_channels", "FoldedLayer", "constant_model", "fold_scales", "mean_gates",
+           "strip_attention"]
 
 
 class ChannelScale(nn.Module):
@@ -54,7 +54,7 @@ class ChannelScale(nn.Module):
 
     Args:
         scale: the ``(C,)`` vector, stored as a buffer.
-        learnable: store it as a parameter instead (the student of :func:`foldattn.distill.distill`).
+        learnable: store it as a parameter instead (the student of :func:`foldattn.stripe.distill`).
     """
 
     def __init__(self, scale: Tensor, learnable: bool = False) -> None:
@@ -91,27 +91,36 @@ def _check_dia_chains(model: nn.Module, names: set[str]) -> None:
         )
 
 
-def constant_model(model: nn.Module, result: StripeResult, inplace: bool = False) -> nn.Module:
-    """``model`` with each layer of ``result`` replaced by :class:`ChannelScale` (its mean gate).
+def mean_gates(result: Any) -> dict[str, Sequence[float]]:
+    """``{module name: mean gate}`` of a stripe result (``.layers``, each with ``.name`` and ``.gate.mean``)
+    or of a mapping already in that form."""
+    if isinstance(result, Mapping):
+        return dict(result)
+    return {x.name: x.gate.mean for x in result.layers}
 
+
+def constant_model(model: nn.Module, gates: Any, inplace: bool = False) -> nn.Module:
+    """``model`` with each attention module named in ``gates`` replaced by :class:`ChannelScale` (its mean gate).
+
+    ``gates``: ``{name: mean gate}``, or a :class:`foldattn.stripe.StripeResult` (its layers' mean gates).
     A project CBAM loses its spatial half (position-dependent, it has no constant form), as in ASR.
     """
+    means = mean_gates(gates)
     model = unwrap_model(model)
     if not inplace:
         model = copy.deepcopy(model)
-    names = {x.name for x in result.layers}
-    _check_dia_chains(model, names)
+    _check_dia_chains(model, set(means))
     available = {n for n, _ in model.named_modules()}
-    for layer in result.layers:
-        if layer.name not in available:
-            raise ValueError(f"the model has no module {layer.name!r} (the stripe result is of another model)")
-        old = model.get_submodule(layer.name)
+    for name, mean in means.items():
+        if name not in available:
+            raise ValueError(f"the model has no module {name!r} (the gates are of another model)")
+        old = model.get_submodule(name)
         # parameter-free modules (GE without MLP) take the model's dtype and device
         ref = next(itertools.chain(old.parameters(), old.buffers(), model.parameters()), None)
-        scale = torch.tensor(layer.gate.mean, dtype=ref.dtype if ref is not None else torch.float32)
+        scale = torch.as_tensor(mean, dtype=ref.dtype if ref is not None else torch.float32)
         new = ChannelScale(scale.to(ref.device) if ref is not None else scale)
-        if layer.name:
-            set_submodule(model, layer.name, new)
+        if name:
+            set_submodule(model, name, new)
         else:
             model = new
     return model
@@ -242,127 +251,21 @@ def fold_scales(model: nn.Module, example_inputs: Any = None) -> list[FoldedLaye
     return out
 
 
-# --------------------------------------------------------------------------------------
-# Accuracy and fine-tuning
-# --------------------------------------------------------------------------------------
-def evaluate(model: nn.Module, loader: Iterable[Any], max_images: int | None = None) -> dict[str, float]:
-    """Top-1 accuracy (%), mean cross-entropy and image count of ``model`` (eval mode, restored) over
-    ``loader`` (``(images, labels)`` batches): :func:`foldattn.train.evaluate`."""
-    from .train.engine import evaluate as _evaluate
+def strip_attention(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """``model`` with every attention module replaced by ``nn.Identity`` (the documented rewrite that gives
+    architectures without an attention-free builder, such as torchvision's MobileNetV3 or timm's
+    EfficientNet, the module tree of a calibrated and folded model, so its ``state_dict`` loads strictly).
 
-    return _evaluate(unwrap_model(model), loader, max_images=max_images)
-
-
-def finetune(model: nn.Module, loader: Iterable[Any], epochs: int, lr: float = 0.01, momentum: float = 0.9,
-             weight_decay: float = 1e-4) -> list[float]:
-    """Train ``model`` (in place) with SGD and a cosine schedule for ``epochs``; mean loss per epoch.
-
-    Meant for a few epochs on the folded model, to recover what replacing ``a(x)`` by its mean
-    cost. Each step is :func:`foldattn.train.training_step`.
+    Attention modules are this package's classic ones and the known third-party classes
+    (:func:`foldattn.attention.list_known_attentions`); one inside another is replaced with it.
     """
-    from .train.engine import batch_images, training_step
+    from .graph import is_existing_attention
 
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
-    if epochs == 0:
-        return []
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    dev = _device_of(model)
-    losses = []
-    was_training = model.training
-    model.train()
-    try:
-        for _ in range(epochs):
-            total, n = 0.0, 0
-            for batch in loader:
-                x, y = batch_images(batch)
-                loss, _ = training_step(model, _to_model(x, model, dev), y.to(dev), opt)
-                total += float(loss) * x.shape[0]
-                n += x.shape[0]
-            if n == 0:
-                raise ValueError("the fine-tuning loader yielded no images")
-            sched.step()
-            losses.append(total / n)
-    finally:
-        model.train(was_training)
-    return losses
-
-
-# --------------------------------------------------------------------------------------
-# The whole conversion
-# --------------------------------------------------------------------------------------
-@dataclass
-class CalibrationReport:
-    """What :func:`calibrate` did: per-layer fold actions, the calibration images, the stripes."""
-
-    num_images: int
-    layers: list[FoldedLayer]
-    stripes: StripeResult | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def folded(self) -> int:
-        return sum(x.action != "kept" for x in self.layers)
-
-    def table(self) -> str:
-        rows = [f"{'layer':<30} {'gate mean':>9} {'gate std':>9}  fold"]
-        for x in self.layers:
-            where = "kept as ChannelScale" if x.action == "kept" else f"{x.action} {x.target}"
-            rows.append(f"{x.name:<30} {x.gate_mean:>9.4f} {x.gate_mean_std:>9.4f}  {where}")
-        rows.append(f"{self.folded} of {len(self.layers)} attention modules folded away; "
-                    f"calibrated on {self.num_images} images")
-        return "\n".join(rows)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"num_images": self.num_images, "folded": self.folded,
-                "layers": [asdict(x) for x in self.layers], **self.extra}
-
-
-def calibrate(
-    model: nn.Module,
-    loader: Iterable[Any],
-    layers: Iterable[str] | None = None,
-    max_images: int | None = None,
-    fold: bool = True,
-    inplace: bool = False,
-) -> tuple[nn.Module, CalibrationReport]:
-    """Turn input-dependent channel attention into zero-cost constants.
-
-    Records the mean gate ``E_x[a(x)]`` of each attention module over ``loader``
-    (:func:`~foldattn.stripe.record_stripes`), replaces the module by that constant
-    (:class:`ChannelScale`) and, with ``fold=True``, folds it into a neighbouring layer
-    (:func:`fold_scales`).
-
-    Args:
-        model: a trained model with supported attention modules (any kind
-            :func:`~foldattn.stripe.find_attention` finds).
-        loader: calibration images (``(images, labels)`` or image batches).
-        layers: names or glob patterns of the modules to convert (default all).
-        max_images: calibration images to use (default the whole loader).
-        fold: fold the constants; otherwise leave :class:`ChannelScale` modules.
-        inplace: modify ``model``; by default a deep copy is converted.
-
-    Returns:
-        ``(converted model, CalibrationReport)``.
-    """
     model = unwrap_model(model)
-    select_sites(find_attention(model), layers)  # clear errors before any data is read
-    result = record_stripes(model, loader, layers=layers, max_images=max_images, max_samples=0)
-    converted = constant_model(model, result, inplace=inplace)
-    summaries = result.summary()
-    if fold:
-        example = None  # lets the dataflow be recorded where the model does not trace
-        if not isinstance(loader, Iterator):  # a one-shot iterator was consumed by the recording
-            batch = next(iter(loader), None)
-            if batch is not None:
-                example = _to_model(_images(batch)[:2], converted, _device_of(converted))
-        with eval_mode(converted):
-            folded = fold_scales(converted, example)
-    else:
-        folded = [FoldedLayer(x.name, "kept", None) for x in result.layers]
-    for f in folded:
-        f.gate_mean = summaries[f.name]["gate_mean"]
-        f.gate_mean_std = summaries[f.name]["gate_mean_std"]
-    return converted, CalibrationReport(result.num_images, folded, result)
+    if not inplace:
+        model = copy.deepcopy(model)
+    names = [n for n, m in model.named_modules() if n and is_existing_attention(m) and not isinstance(m, ASR)]
+    outer = [n for n in names if not any(n.startswith(f"{o}.") for o in names)]
+    for name in outer:
+        set_submodule(model, name, nn.Identity())
+    return model

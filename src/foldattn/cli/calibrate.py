@@ -68,7 +68,7 @@ def _distill(args: argparse.Namespace, model: nn.Module, stripes: Any, data: Any
              result: dict[str, Any]) -> nn.Module:
     """Distil the calibrated model from ``model``; fills ``result`` and returns the best deployed model."""
     from ..calibrate import constant_model
-    from ..distill import SiteGap, deploy_student, distill, distillation_student, site_gaps
+    from ..stripe.distillation import SiteGap, deploy_student, distill, distillation_student, site_gaps
     from ..train.engine import evaluate
     from ..verify import verify
 
@@ -98,7 +98,8 @@ def _distill(args: argparse.Namespace, model: nn.Module, stripes: Any, data: Any
 
 def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``foldattn calibrate``; returns the report written to ``OUT/calibration.json``."""
-    from ..calibrate import calibrate, constant_model, evaluate, finetune
+    from ..calibrate import constant_model
+    from ..stripe.calibration import calibrate, evaluate, finetune
     from ..summary import count_params
     from ..verify import verify
 

@@ -54,3 +54,10 @@ __all__ = [
     "select_sites", "stripe_score", "constancy", "ChannelStats", "LayerStripes", "StripeResult", "StripeRecorder",
     "record_stripes", "StripeHistory", "StripeMonitor", "NoAttentionError", "KINDS",
 ]
+
+# the calibration app (imported last: it builds on the recorder and on foldattn.calibrate)
+from .calibration import CalibrationReport, calibrate, evaluate, finetune
+from .distillation import DistillReport, deploy_student, distill, distillation_student, site_gaps
+
+__all__ += ["CalibrationReport", "calibrate", "evaluate", "finetune", "DistillReport", "deploy_student", "distill",
+            "distillation_student", "site_gaps"]

@@ -1,9 +1,9 @@
 """The two primitives every loop of the package is made of: one training step, one evaluation.
 
 :class:`~foldattn.train.Trainer` composes them (with accumulation, clipping, EMA, ...);
-``foldattn.calibrate.finetune`` and ``foldattn bench``'s training-step timing call
+``foldattn.stripe.finetune`` and ``foldattn bench``'s training-step timing call
 :func:`training_step` as it is; ``foldattn eval``, the trainer's validation and
-``foldattn.calibrate.evaluate`` call :func:`evaluate`.
+``foldattn.stripe.evaluate`` call :func:`evaluate`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Recovering a calibrated model's accuracy by distillation from the attention model it came from.
 
-:func:`foldattn.calibrate.calibrate` replaces each input-dependent attention ``a(x)`` by its mean
+:func:`foldattn.stripe.calibrate` replaces each input-dependent attention ``a(x)`` by its mean
 ``v``: free at inference, but the small input dependence is lost. Fine-tuning on labels at a
 restarted learning rate moves the model away from the one it came from. :func:`distill` instead
 trains the calibrated model (the *student*) to reproduce the attention model (the *teacher*,
@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._utils import eval_mode, set_submodule, unwrap_model
-from .asr import ASR
-from .calibrate import ChannelScale, _plan, fold_scales
-from .fold import fold
+from .._utils import eval_mode, set_submodule, unwrap_model
+from ..asr import ASR
+from ..calibrate import ChannelScale, _plan, fold_scales
+from ..fold import fold
 
 __all__ = ["distillation_student", "deploy_student", "distill", "DistillReport", "SiteGap", "site_gaps"]
 
@@ -136,7 +136,7 @@ def _feature_loss(t: dict[str, Tensor], s: dict[str, Tensor]) -> Tensor:
 def site_gaps(teacher: nn.Module, student: nn.Module, names: list[str], loader: Iterable[Any],
               max_batches: int = 4) -> dict[str, float]:
     """Relative squared error between teacher and student outputs at each site, over a few batches."""
-    from .train.engine import batch_images
+    from ..train.engine import batch_images
 
     tt, ts = _Taps(teacher, names), _Taps(student, names)
     num = dict.fromkeys(names, 0.0)
@@ -185,7 +185,7 @@ def distill(teacher: nn.Module, student: nn.Module, train: Iterable[Any], val: I
     Raises:
         ValueError: ``train`` yields nothing, or the two models disagree on the number of classes.
     """
-    from .train.engine import batch_images, evaluate
+    from ..train.engine import batch_images, evaluate
 
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
