@@ -30,8 +30,8 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
-from torch.utils.hooks import BackwardHook
 
+from ._hooks import call_with_hooks
 from ._registry import Registry
 
 __all__ = [
@@ -257,49 +257,4 @@ def scaled_forward(host: nn.Module, v: Tensor, *args: Any, **kwargs: Any) -> Ten
             return host.forward_scaled(v, *a, **kw)  # type: ignore[operator]
     else:
         return _scaled_by_functional_call(host, v, args, kwargs)
-    return _call_with_hooks(host, forward, args, kwargs)
-
-
-def _call_with_hooks(host: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
-                     kwargs: dict[str, Any]) -> Any:
-    """``forward(*args, **kwargs)`` wrapped in the host's (and the global) forward hooks, as
-    ``host(*args, **kwargs)`` would wrap ``host.forward``."""
-    from torch.nn.modules import module as _m
-
-    pre = (*_m._global_forward_pre_hooks.items(), *host._forward_pre_hooks.items())
-    post = (*_m._global_forward_hooks.items(), *host._forward_hooks.items())
-    has_backward = bool(host._backward_hooks or host._backward_pre_hooks or _m._global_backward_hooks
-                        or _m._global_backward_pre_hooks)
-    if not (pre or post or has_backward):
-        return forward(*args, **kwargs)
-    for hook_id, hook in pre:
-        if hook_id in host._forward_pre_hooks_with_kwargs:
-            result = hook(host, args, kwargs)
-            if result is not None:
-                if not (isinstance(result, tuple) and len(result) == 2):
-                    raise RuntimeError(f"forward pre-hook must return None or a tuple (new_args, new_kwargs), "
-                                       f"but got {result}.")
-                args, kwargs = result
-        else:
-            result = hook(host, args)
-            if result is not None:
-                args = result if isinstance(result, tuple) else (result,)
-    full, non_full = host._get_backward_hooks() if has_backward else ([], [])
-    backward_pre = host._get_backward_pre_hooks() if has_backward else []
-    bw_hook = BackwardHook(host, full, backward_pre) if full or backward_pre else None
-    if bw_hook is not None:
-        args = bw_hook.setup_input_hook(args)
-    out = forward(*args, **kwargs)
-    for hook_id, hook in post:
-        if hook_id in host._forward_hooks_with_kwargs or hook_id in _m._global_forward_hooks_with_kwargs:
-            result = hook(host, args, kwargs, out)
-        else:
-            result = hook(host, args, out)
-        if result is not None:
-            out = result
-    if bw_hook is not None:
-        out = bw_hook.setup_output_hook(out)
-    if non_full and isinstance(out, Tensor) and out.grad_fn is not None:
-        for hook in non_full:
-            out.grad_fn.register_hook(_m._WrappedHook(hook, host))
-    return out
+    return call_with_hooks(host, forward, args, kwargs)
