@@ -396,6 +396,103 @@ def _as_patterns(value: str | Sequence[str] | None, arg: str) -> list[str]:
     raise TypeError(f"{arg} must be a module name, a glob pattern or a list of them, got {type(value).__name__}")
 
 
+@dataclass
+class _Found:
+    """Candidate sites of one placement mode, before the filters."""
+
+    names: list[str]
+    looked_for: str
+    skipped: list[Skipped] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)
+    groups: dict[str, int] = field(default_factory=dict)  # the branches of one sum share one v
+
+
+def _check_arguments(model: Any, where: Where, every: Any, include: Any, exclude: Any) -> tuple[list[str], list[str]]:
+    """The include/exclude patterns, once every argument is checked."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    if where not in ("block", "transformer", "norms", None):
+        raise ValueError(f"where must be 'block', 'transformer', 'norms' or None (then include= names the sites), "
+                         f"got {where!r}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive integer (keep every k-th site), got {every!r}")
+    includes, excludes = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
+    if where is None and not includes:
+        raise ValueError("where=None selects exactly the modules named by include=, but include is empty")
+    return includes, excludes
+
+
+def _residual_sites(model: nn.Module, graph: Graph, where: Where) -> _Found:
+    """``where="block"``/``"transformer"``: the graph's residual branches and sums of parallel branches."""
+    found, skipped = _BlockFinder(model, graph, branch_input=where == "transformer").find()
+    return _Found(
+        [n for n, _, _ in found],
+        "additions x + f(x) whose residual branch f ends (before the addition) in a BatchNorm, GroupNorm, "
+        "LayerNorm, InstanceNorm, Conv, Linear or RMSNorm, and sums of parallel linear branches (RepVGG-style) "
+        "each ending in one",
+        skipped, {n: note for n, note, _ in found if note}, {n: g for n, _, g in found if g is not None})
+
+
+def _named_sites(modules: dict[str, nn.Module], where: Where, includes: list[str],
+                 called: set[str] | None) -> _Found:
+    """``where="norms"``: every affine norm; ``where=None``: the modules ``include`` names."""
+    asr_names = [n for n, m in modules.items() if isinstance(m, ASR)]
+    attn_names = [n for n, m in modules.items() if is_existing_attention(m) and not isinstance(m, ASR)]
+    if where == "norms":
+        pool = [n for n, m in modules.items()
+                if isinstance(m, _NORM_TYPES) or (isinstance(m, ASR) and isinstance(m.host, _NORM_TYPES))]
+        looked_for = "BatchNorm, GroupNorm and LayerNorm layers (with affine parameters)"
+    else:
+        for p in includes:
+            if not any(fnmatch.fnmatchcase(n, p) for n in modules if n):
+                raise ValueError(f"include pattern {p!r} matches no module name (names look like "
+                                 f"{', '.join(n for n in list(modules)[1:4])})")
+        pool = [n for n in modules if n and _match_any(n, includes)]
+        looked_for = f"modules matching {includes}"
+    found = _Found([], looked_for)
+    for n in pool:
+        m = modules[n]
+        owner = _inside(n, asr_names) or _inside(n, attn_names)
+        if owner is not None:
+            if not (where == "norms" and owner in asr_names):  # an ASR's own host is the ASR site
+                found.skipped.append(Skipped(n, f"inside {type(modules[owner]).__name__} {owner!r}, left as it is"))
+            continue
+        if not isinstance(m, ASR) and not _is_host(m):
+            found.skipped.append(Skipped(n, _host_problem(m).split(";")[0]))
+            continue
+        if called is not None and n not in called and not isinstance(m, ASR):
+            found.skipped.append(Skipped(n, "not called as a module in forward (a parent may use its weights "
+                                            "directly, as nn.MultiheadAttention does), so ASR there would do nothing"))
+            continue
+        found.names.append(n)
+    return found
+
+
+def _filter(found: _Found, modules: dict[str, nn.Module], where: Where, includes: list[str],
+            excludes: list[str], every: int) -> list[str]:
+    """Apply include (with a placement mode), exclude and every-k-th (a sum of branches counts once)."""
+    candidates = found.names
+    if where is not None and includes:
+        for p in includes:
+            if not any(fnmatch.fnmatchcase(c, p) for c in candidates):
+                raise ValueError(f"include pattern {p!r} matches none of the {len(candidates)} '{where}' sites "
+                                 f"(e.g. {', '.join(candidates[:4])})")
+        found.skipped += [Skipped(c, "not in include") for c in candidates if not _match_any(c, includes)]
+        candidates = [c for c in candidates if _match_any(c, includes)]
+    for p in excludes:
+        if not any(fnmatch.fnmatchcase(n, p) for n in modules if n):
+            raise ValueError(f"exclude pattern {p!r} matches no module name (names look like "
+                             f"{', '.join(n for n in list(modules)[1:4])})")
+    found.skipped += [Skipped(c, "excluded") for c in candidates if _match_any(c, excludes)]
+    candidates = [c for c in candidates if not _match_any(c, excludes)]
+    if not candidates:
+        raise ValueError(f"include/exclude leave no site out of those found for where={where!r}")
+    unit = {c: i for i, c in enumerate(dict.fromkeys(found.groups.get(c, f"site:{c}") for c in candidates))}
+    position = {c: unit[found.groups.get(c, f"site:{c}")] for c in candidates}
+    found.skipped += [Skipped(c, f"every={every}") for c in candidates if position[c] % every]
+    return [c for c in candidates if position[c] % every == 0]
+
+
 def find_sites(
     model: nn.Module,
     where: Where = "block",
@@ -415,117 +512,43 @@ def find_sites(
     instead of refusing them. Raises ``ValueError`` when no site is eligible (saying what was
     looked for), when a pattern matches nothing, or when a selected site already has ASR.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    if where not in ("block", "transformer", "norms", None):
-        raise ValueError(f"where must be 'block', 'transformer', 'norms' or None (then include= names the sites), "
-                         f"got {where!r}")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be a positive integer (keep every k-th site), got {every!r}")
-    includes, excludes = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
-    if where is None and not includes:
-        raise ValueError("where=None selects exactly the modules named by include=, but include is empty")
+    includes, excludes = _check_arguments(model, where, every, include, exclude)
     model = unwrap_model(model)
     modules = dict(model.named_modules())
-    asr_names = [n for n, m in modules.items() if isinstance(m, ASR)]
-    attn_names = [n for n, m in modules.items() if is_existing_attention(m) and not isinstance(m, ASR)]
     why_not = ""
     if graph is None:
         graph, why_not = _graph_for(model, example_inputs, need=where in ("block", "transformer"))
     method = graph.method if graph is not None else "module tree (no graph: " + why_not[:120] + ")"
-    called: set[str] | None = graph.called_modules() if graph is not None else None
-    calls: dict[str, int] = graph.calls() if graph is not None else {}
-
-    skipped: list[Skipped] = []
-    notes: dict[str, str] = {}
-    groups: dict[str, int] = {}  # the branches of one sum share one attention module (one v)
     if where in ("block", "transformer"):
         assert graph is not None
-        found, skipped = _BlockFinder(model, graph, branch_input=where == "transformer").find()
-        candidates = [n for n, _, _ in found]
-        notes = {n: note for n, note, _ in found if note}
-        groups = {n: g for n, _, g in found if g is not None}
-        looked_for = (
-            "additions x + f(x) whose residual branch f ends (before the addition) in a BatchNorm, GroupNorm, "
-            "LayerNorm, InstanceNorm, Conv, Linear or RMSNorm, and sums of parallel linear branches (RepVGG-style) "
-            "each ending in one"
-        )
+        found = _residual_sites(model, graph, where)
     else:
-        if where == "norms":
-            pool = [
-                n for n, m in modules.items()
-                if isinstance(m, _NORM_TYPES) or (isinstance(m, ASR) and isinstance(m.host, _NORM_TYPES))
-            ]
-            looked_for = "BatchNorm, GroupNorm and LayerNorm layers (with affine parameters)"
-        else:
-            for p in includes:
-                if not any(fnmatch.fnmatchcase(n, p) for n in modules if n):
-                    raise ValueError(f"include pattern {p!r} matches no module name (names look like "
-                                     f"{', '.join(n for n in list(modules)[1:4])})")
-            pool = [n for n in modules if n and _match_any(n, includes)]
-            looked_for = f"modules matching {includes}"
-        candidates = []
-        for n in pool:
-            m = modules[n]
-            owner = _inside(n, asr_names) or _inside(n, attn_names)
-            if owner is not None:
-                if not (where == "norms" and owner in asr_names):  # an ASR's own host is the ASR site
-                    skipped.append(Skipped(n, f"inside {type(modules[owner]).__name__} {owner!r}, left as it is"))
-                continue
-            if not isinstance(m, ASR) and not _is_host(m):
-                skipped.append(Skipped(n, _host_problem(m).split(";")[0]))
-                continue
-            if called is not None and n not in called and not isinstance(m, ASR):
-                skipped.append(Skipped(n, "not called as a module in forward (a parent may use its weights "
-                                          "directly, as nn.MultiheadAttention does), so ASR there would do nothing"))
-                continue
-            candidates.append(n)
-
-    if not candidates:
+        found = _named_sites(modules, where, includes, graph.called_modules() if graph is not None else None)
+    if not found.names:
         extra = "" if where not in ("block", "transformer") else (
             " If the model has no residual connections, try where='norms'; if its branches end in a module of "
             "your own (an attention x * gate, a layer-scale), declare it with "
             "foldattn.register_attention_type(cls) or foldattn.register_transparent_type(cls).")
-        raise ValueError(f"no eligible ASR site: looked for {looked_for} (graph: {method}).{extra}"
-                         + (f" Skipped: {'; '.join(f'{s.name}: {s.reason}' for s in skipped[:5])}" if skipped else ""))
-
-    if where is not None and includes:
-        for p in includes:
-            if not any(fnmatch.fnmatchcase(c, p) for c in candidates):
-                raise ValueError(f"include pattern {p!r} matches none of the {len(candidates)} '{where}' sites "
-                                 f"(e.g. {', '.join(candidates[:4])})")
-        skipped += [Skipped(c, "not in include") for c in candidates if not _match_any(c, includes)]
-        candidates = [c for c in candidates if _match_any(c, includes)]
-    for p in excludes:
-        if not any(fnmatch.fnmatchcase(n, p) for n in modules if n):
-            raise ValueError(f"exclude pattern {p!r} matches no module name (names look like "
-                             f"{', '.join(n for n in list(modules)[1:4])})")
-    skipped += [Skipped(c, "excluded") for c in candidates if _match_any(c, excludes)]
-    candidates = [c for c in candidates if not _match_any(c, excludes)]
-    if not candidates:
-        raise ValueError(f"include/exclude leave no site out of those found for where={where!r}")
-    # every k-th unit: a site, or a whole sum of branches
-    unit = {c: i for i, c in enumerate(dict.fromkeys(groups.get(c, f"site:{c}") for c in candidates))}
-    position = {c: unit[groups.get(c, f"site:{c}")] for c in candidates}
-    skipped += [Skipped(c, f"every={every}") for c in candidates if position[c] % every]
-    candidates = [c for c in candidates if position[c] % every == 0]
-
+        raise ValueError(f"no eligible ASR site: looked for {found.looked_for} (graph: {method}).{extra}"
+                         + (f" Skipped: {'; '.join(f'{s.name}: {s.reason}' for s in found.skipped[:5])}"
+                            if found.skipped else ""))
+    candidates = _filter(found, modules, where, includes, excludes, every)
     already = [c for c in candidates if isinstance(modules[c], ASR)]
     if already and not allow_existing:
         raise ValueError(
             f"{len(already)} selected site(s) already have ASR ({', '.join(already[:5])}); attach ASR once per "
             "host: fold the model first, or exclude= these sites"
         )
-    sites = [
-        Site(c, type(modules[c]).__name__, _channels(modules[c]), calls.get(c, 1), notes.get(c, ""), groups.get(c))
-        for c in candidates
-    ]
-    return AttachReport(where=str(where) if where else "include", method=method, sites=sites, skipped=skipped)
+    calls = graph.calls() if graph is not None else {}
+    sites = [Site(c, type(modules[c]).__name__, _channels(modules[c]), calls.get(c, 1), found.notes.get(c, ""),
+                  found.groups.get(c)) for c in candidates]
+    return AttachReport(where=str(where) if where else "include", method=method, sites=sites, skipped=found.skipped)
 
 
 def attach(
     model: nn.Module,
     attention: str | Callable[[int], _attention.ChannelAttention] = "se",
+    *,
     where: Where = "block",
     every: int = 1,
     include: str | Sequence[str] | None = None,
@@ -533,7 +556,6 @@ def attach(
     both: bool = False,
     psi_init: _attention.PsiInit = None,
     inplace: bool = False,
-    *,
     example_inputs: Tensor | Sequence[Tensor] | None = None,
     return_report: bool = False,
     preserve_outputs: bool = False,

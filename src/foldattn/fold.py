@@ -46,7 +46,7 @@ def asr_layers(model: nn.Module) -> list[tuple[str, ASR]]:
 
 
 @torch.no_grad()
-def fold(model: nn.Module, inplace: bool = False, fuse_bn: bool = False, reparam: bool = True,
+def fold(model: nn.Module, *, inplace: bool = False, fuse_bn: bool = False, reparam: bool = True,
          return_report: bool = False) -> nn.Module | tuple[nn.Module, FuseReport | None]:
     """The deployed form of ``model``: each ASR layer replaced by its folded host.
 

@@ -123,8 +123,8 @@ def verify(
     model: nn.Module,
     deployed: nn.Module,
     example_inputs: Tensor | Sequence[Tensor],
-    dtype: torch.dtype | None = None,
     *,
+    dtype: torch.dtype | None = None,
     tolerance: float | None = None,
 ) -> VerifyReport:
     """Compare ``model`` and ``deployed`` on ``example_inputs``, both in eval mode.

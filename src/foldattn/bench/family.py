@@ -173,7 +173,7 @@ def _attach_builder(factory: Callable[[], nn.Module]) -> Builder:
             return model
         sites = [site.name for site in find_sites(model, "block").sites]
         if asr:
-            model = attach(model, attention, "block", inplace=True)
+            model = attach(model, attention, where="block", inplace=True)
         if both or not asr:
             classic = _StageAttention(attention)
             for name in sites:

@@ -274,5 +274,5 @@ def attach_vit_asr(model: nn.Module, attention: str = "se", *, psi_init: PsiInit
     Example:
         >>> model = attach_vit_asr(timm.create_model("vit_tiny_patch16_224"), "se")
     """
-    return attach(model, attention, "transformer", psi_init=psi_init, inplace=inplace,  # type: ignore[return-value]
+    return attach(model, attention, where="transformer", psi_init=psi_init, inplace=inplace,  # type: ignore[return-value]
                   **attention_kwargs)
