@@ -513,7 +513,12 @@ def find_sites(
     looked for), when a pattern matches nothing, or when a selected site already has ASR.
     """
     includes, excludes = _check_arguments(model, where, every, include, exclude)
-    model = unwrap_model(model)
+    return _find_sites(unwrap_model(model), where, every, includes, excludes, example_inputs, graph, allow_existing)
+
+
+def _find_sites(model: nn.Module, where: Where, every: int, includes: list[str], excludes: list[str],
+                example_inputs: Any, graph: Graph | None, allow_existing: bool) -> AttachReport:
+    """:func:`find_sites` on an unwrapped model with checked arguments."""
     modules = dict(model.named_modules())
     why_not = ""
     if graph is None:
@@ -611,9 +616,10 @@ def attach(
         _attention.get(attention)  # unknown names fail here, before any work
     elif not callable(attention):
         raise TypeError(f"attention must be a registered name or a callable channels -> module, got {name}")
-    report = find_sites(model, where, every=every, include=include, exclude=exclude, example_inputs=example_inputs)
+    includes, excludes = _check_arguments(model, where, every, include, exclude)
+    model = unwrap_model(model)  # where the model enters
+    report = _find_sites(model, where, every, includes, excludes, example_inputs, None, False)
     report.attention = name
-    model = unwrap_model(model)
     if not inplace:
         model = copy.deepcopy(model)
     # one factory per role: DIA modules share a cell along consecutive sites of equal width

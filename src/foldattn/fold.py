@@ -36,13 +36,20 @@ def _has_scale_layers(model: nn.Module) -> bool:
 def has_foldable(model: nn.Module) -> bool:
     """True if :func:`fold` changes ``model``: it has ASR layers, re-parameterization blocks (a plain
     RepVGG/ACNet/DBB network still deploys fused) or training-time scale layers (LayerScale)."""
-    model = unwrap_model(model)
-    return bool(asr_layers(model)) or _has_rep_blocks(model) or _has_scale_layers(model)
+    return _has_foldable(unwrap_model(model))
+
+
+def _has_foldable(model: nn.Module) -> bool:
+    return bool(_asr_layers(model)) or _has_rep_blocks(model) or _has_scale_layers(model)
 
 
 def asr_layers(model: nn.Module) -> list[tuple[str, ASR]]:
     """``(name, layer)`` for every ASR layer of ``model``, in module order."""
-    return [(n, m) for n, m in unwrap_model(model).named_modules() if isinstance(m, ASR)]
+    return _asr_layers(unwrap_model(model))
+
+
+def _asr_layers(model: nn.Module) -> list[tuple[str, ASR]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ASR)]
 
 
 @torch.no_grad()
@@ -89,10 +96,10 @@ def fold(model: nn.Module, *, inplace: bool = False, fuse_bn: bool = False, repa
     for name, flag in flags.items():
         if not isinstance(flag, bool):
             raise TypeError(f"fold: {name} must be True or False, got {flag!r}")
-    model = unwrap_model(model)
+    model = unwrap_model(model)  # where the model enters: the helpers below take it unwrapped
     if not inplace:
         model = copy.deepcopy(model)
-    layers = asr_layers(model)
+    layers = _asr_layers(model)
     has_blocks = reparam and _has_rep_blocks(model)
     if not layers and not fuse_bn and not has_blocks and not _has_scale_layers(model):
         warnings.warn("fold: the model has no ASR layer; returned unchanged", stacklevel=3)

@@ -66,7 +66,7 @@ def weight_ranges(model: nn.Module) -> dict[str, dict[str, float]]:
     """Per conv/linear layer: the smallest and largest per-output-channel range (max |w|) and their ratio
     (``spread``). A large spread costs per-tensor quantization bits in the small channels."""
     out = {}
-    for name, m in unwrap_model(model).named_modules():
+    for name, m in unwrap_model(model).named_modules():  # a public entry: wrappers are removed here
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             r = m.weight.detach().double().reshape(m.weight.shape[0], -1).abs().amax(dim=1)
             lo, hi = float(r.min()), float(r.max())
@@ -79,7 +79,7 @@ def _unscaled(model: nn.Module) -> nn.Module:
     would be if the vector were not folded in)."""
     from ._utils import set_submodule
 
-    copy_ = copy.deepcopy(unwrap_model(model))
+    copy_ = copy.deepcopy(model)
     for name, layer in [(n, m) for n, m in copy_.named_modules() if isinstance(m, ASR)]:
         set_submodule(copy_, name, layer.host)
     return copy_
@@ -203,6 +203,7 @@ def quantize(model: nn.Module, calibration: Iterable[Tensor], validation: Iterab
     """
     from .export import export_onnx
 
+    model = unwrap_model(model)  # where the model enters: the helpers below take it unwrapped
     out = Path(out_dir)
     say = log or (lambda s: None)
     fp32, int8 = out / "model.onnx", out / "model.int8.onnx"
@@ -231,7 +232,7 @@ def quantize(model: nn.Module, calibration: Iterable[Tensor], validation: Iterab
         latency[key] = {f"batch_{b}": r.latency_ms(example[:1].expand(b, *example.shape[1:]).contiguous())
                         for b in latency_batches}
     ranges = {"folded": weight_ranges(deployed)}
-    if any(isinstance(m, ASR) for m in unwrap_model(model).modules()):
+    if any(isinstance(m, ASR) for m in model.modules()):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ranges["unfolded"] = weight_ranges(fold(_unscaled(model), fuse_bn=True))
