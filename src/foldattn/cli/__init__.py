@@ -7,9 +7,9 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "CLIError", "positive_int", "nonnegative_int", "positive_float",
+           "nonnegative_float", "split_value"]
 
 # module (relative to foldattn) providing ``register(subparsers)`` for each command
 _COMMANDS: tuple[str, ...] = (
@@ -22,58 +22,8 @@ class CLIError(Exception):
     """An error the CLI reports as one line, without a traceback."""
 
 
-def _integer(low: int) -> Any:
-    kind = "positive integer" if low == 1 else f"integer >= {low}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a {kind}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is too small; give a {kind}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-#: argparse types: whole numbers >= 1 and >= 0, refused by argparse itself (exit 2, one line)
-positive_int = _integer(1)
-nonnegative_int = _integer(0)
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def split_value(text: str) -> float | int:
-    """``--val-split``: a fraction in (0, 1) or a whole number of images >= 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction (0.1) or a count (5000), got {text!r}") from None
-    if 0 < value < 1:
-        return value
-    if value >= 1 and value.is_integer():
-        return int(value)
-    raise argparse.ArgumentTypeError(f"{text}: give a fraction in (0, 1) or a whole number of images >= 1")
+# the argparse value types, shared with the training options' declarations (foldattn._argtypes)
+from .._argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int, split_value  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,88 +9,200 @@ lr x0.1 at epochs 81 and 122.
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from .. import _argtypes
 from .._registry import Registry
+from .options import check_declared, option, resume_ignored
 
 __all__ = ["TrainConfig", "RESUME_IGNORED", "SCHEDS", "register_recipe", "unregister_recipe", "list_recipes",
            "get_recipe", "recipe_defaults", "RECIPES"]
 
 
+_TV_DATASETS = ("cifar10", "cifar100", "stl10")
+#: ``--sched`` names: timm's ``create_scheduler_v2`` schedulers, and torch's ``OneCycleLR``
+SCHEDS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "onecycle")
+#: the largest --image-size (a side in pixels) accepted
+_MAX_IMAGE_SIZE = 4096
+#: the largest --lr accepted (beyond it every optimizer diverges; near 1e38 float32 overflows in the update)
+_MAX_LR = 1e3
+
+
+def _uses_milestones(c: TrainConfig) -> bool:
+    return c.sched == "multistep" or (c.sched is None and c.schedule == "step")
+
+
+def _which_schedule(c: TrainConfig) -> str:
+    which = f"--sched is {c.sched}" if c.sched else f"--schedule is {c.schedule}"
+    return f"only the step schedule (or --sched multistep) uses milestones ({which})"
+
+
+def _mixing(c: TrainConfig) -> bool:
+    return c.mixup > 0 or c.cutmix > 0
+
+
+def _folder(c: TrainConfig) -> bool:
+    return isinstance(c.dataset, str) and c.dataset.startswith("imagefolder:")
+
+
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (saved in every checkpoint)."""
+    """Everything that defines a training run (saved in every checkpoint).
 
-    model: str = "cifar_resnet20"
-    dataset: str = "digits"
-    attention: str | None = None
-    asr: bool = False
-    both: bool = False
-    psi_init: float | str | None = None  # None: the attention module's default (0.1; scale: 1); "random"
-    every: int = 1
-    where: str | None = None  # attach's placement for torchvision:/timm: models (block, transformer, norms)
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    pretrained: str | None = None  # plain-architecture weights loaded before training starts
-    preserve_outputs: bool = False  # ASR starts as the identity of the (pretrained) model
-    recipe: str = "default"
-    epochs: int = 30
-    opt: str = "sgd"  # sgd (momentum, --nesterov) or any optimizer of timm's factory: adamw, lamb, ...
-    decay_all: bool = False  # weight decay on norms, biases and psi too (the paper's reference code does)
-    clip_grad: float | None = None  # clip the gradient norm to this (None: no clipping)
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # for torchvision/timm constructors
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    schedule: str = "cosine"  # foldattn's per-step schedule (the paper recipes): cosine, step, constant
-    sched: str | None = None  # instead: timm's scheduler (cosine, tanh, step, multistep, plateau, poly) or onecycle
-    milestones: list[int] = field(default_factory=list)
-    decay_epochs: float | None = None  # --sched step: decay every this many epochs
-    gamma: float = 0.1
-    min_lr: float = 0.0  # --sched: the floor of the learning rate
-    patience_epochs: int = 10  # --sched plateau: epochs without a better top-1 before lr x gamma
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    model_ema: bool = False  # keep an exponential moving average of the weights (timm's ModelEmaV3)
-    model_ema_decay: float = 0.9998
-    model_ema_warmup: bool = False  # ramp the EMA decay up from 0 (timm's warm-up)
-    mixup: float = 0.0  # mixup alpha (0: off)
-    cutmix: float = 0.0  # cutmix alpha (0: off)
-    mixup_prob: float = 1.0  # probability of mixing a batch
-    mixup_switch_prob: float = 0.5  # with both: probability of cutmix instead of mixup
-    aa: str | None = None  # image policy as timm spells it: rand-m9-mstd0.5-inc1, v0, augmix-m5-w4-d2, trivialaugment
-    reprob: float = 0.0  # random-erasing probability
-    grad_accum_steps: int = 1  # optimizer step every K batches (the effective batch is K x --batch-size)
-    drop_path: float | None = None  # stochastic depth rate (timm drop_path_rate, torchvision stochastic_depth_prob)
-    seed: int = 0
-    val_split: float | int | None = None
-    split_seed: int = 0
-    image_size: int | None = None
-    stream: bool = False
-    data_on_device: bool | None = None  # in-memory images on the GPU, augmented there (None: on CUDA where they fit)
-    amp: str = "auto"
-    channels_last: bool = True
-    sync_bn: bool = False
-    deterministic: bool = False
-    steps_per_epoch: int | None = None
-    # run-time options: may change on --resume without changing the result
-    output: str = "runs/train"
-    data_dir: str = "data"
-    cache_dir: str | None = None
-    download: bool = False
-    workers: int = 0
-    threads: int = 0
-    compile: bool = False
-    device: str = "auto"
-    progress: bool = False
-    tensorboard: bool = False
-    stripe_every: int = 0  # record the Stripe Observation statistics every N epochs (0: never)
+    Every field is declared once (:func:`foldattn.train.options.option`): its flag, help, type, range,
+    the options it needs and whether a resume may change it; ``foldattn train``'s arguments, the keys of
+    ``-c FILE.yaml``, :meth:`validate` and the resume rule are derived from the declarations.
+    """
+
+    # --- model ------------------------------------------------------------------------------------
+    model: str = option("cifar_resnet20", group="model", help="foldattn model name (foldattn.list_models()), "
+                        "torchvision:NAME or timm:NAME [cifar_resnet20]")
+    attention: str | None = option(group="model", help="attention module name, e.g. se, cbam, eca")
+    asr: bool = option(False, group="model", action="store_true", help="put the attention in ASR form (folds away)")
+    both: bool = option(False, group="model", action="store_true", help="ASR(X) + X (needs --asr)")
+    psi_init: float | str | None = option(group="model", argtype=_argtypes.psi_init, metavar="VALUE|random",
+                                          help="where psi starts: a number, or 'random' (standard normal) "
+                                               "[the attention's: 0.1; scale: 1]")
+    every: int = option(1, group="model", integer=True, low=1, help="attention in every K-th block only [1]")
+    where: str | None = option(group="model", choices=("block", "transformer", "norms"),
+                               help="torchvision:/timm: models: where attach puts ASR [block]")
+    include: list[str] = option(factory=list, group="model", nargs="+", metavar="PATTERN",
+                                help="torchvision:/timm: models: only these sites")
+    exclude: list[str] = option(factory=list, group="model", nargs="+", metavar="PATTERN",
+                                help="torchvision:/timm: models: not these sites")
+    pretrained: str | None = option(group="model", metavar="PATH",
+                                    help="start from these plain-model weights (.safetensors, or a weights-only "
+                                         ".pt/.pth state dict or timm/Lightning/foldattn checkpoint); strict, a "
+                                         "classifier of another size re-initialised")
+    preserve_outputs: bool = option(False, group="model", action="store_true",
+                                    help="ASR starts as the identity: the model computes what the pretrained one "
+                                         "computed")
+    # --- data -------------------------------------------------------------------------------------
+    dataset: str = option("digits", group="data", help="digits, cifar10, cifar100, stl10 or imagefolder:PATH "
+                                                       "[digits]")
+    data_dir: str = option("data", group="data", resume_may_change=True,
+                           help="root of torchvision-format datasets [data]")
+    download: bool = option(False, group="data", action="store_true", resume_may_change=True,
+                            only_if=(lambda c: c.dataset in _TV_DATASETS,
+                                     lambda c: f"only cifar10, cifar100 and stl10 are downloaded; not {c.dataset!r}"),
+                            help="download torchvision datasets")
+    val_split: float | int | None = option(group="data", argtype=_argtypes.split_value,
+                                           help="hold out this fraction or count (stratified)")
+    split_seed: int = option(0, group="data", integer=True, low=0, high=2**32 - 1,
+                             help="seed of the validation split [0]")
+    image_size: int | None = option(group="data", integer=True, low=1, high=_MAX_IMAGE_SIZE,
+                                    only_if=(_folder, lambda c: f"only imagefolder:PATH data is resized; "
+                                                                f"{c.dataset!r} has its size"),
+                                    help="imagefolder: resize + centre-crop size")
+    cache_dir: str | None = option(group="data", resume_may_change=True,
+                                   only_if=(_folder, lambda c: "only imagefolder:PATH data is decoded into a cache; "
+                                                               f"not {c.dataset!r}"),
+                                   help="imagefolder: keep the decoded tensor cache here")
+    data_on_device: bool | None = option(group="data", action="boolean", resume_may_change=True,
+                                         help="keep the in-memory images on the GPU and crop, flip, normalise and mix "
+                                              "there [on CUDA where they fit in half the free memory; never on the "
+                                              "CPU]")
+    stream: bool = option(False, group="data", action="store_true",
+                          help="imagefolder: decode per batch with --workers processes instead of holding the images "
+                               "in memory (ImageNet-style trees: RandomResizedCrop --image-size [224] + flip)")
+    # --- recipe and overrides ---------------------------------------------------------------------
+    recipe: str = option("default", help="one of the registered recipes (foldattn.train.list_recipes()) [default]")
+    epochs: int = option(30, integer=True, low=1)
+    opt: str = option("sgd", help="optimizer: sgd (torch's, with --momentum/--nesterov) or a name of timm's factory "
+                                  "(adamw, lamb, lion, ...) [sgd]")
+    decay_all: bool = option(False, action="boolean",
+                             help="weight decay on norms, biases and psi too (the paper recipes do) [no]")
+    clip_grad: float | None = option(low=0.0, help="clip the gradient norm to this [off]")
+    model_kwargs: dict[str, Any] = option(factory=dict, argtype=_argtypes.key_values, metavar="K=V,...",
+                                          help="keyword arguments for torchvision:/timm: constructors, e.g. "
+                                               "img_size=16,drop_path_rate=0.1")
+    lr: float = option(0.1, low=0.0, high=_MAX_LR)
+    momentum: float = option(0.9, low=0.0, high=1.0, open_high=True)
+    nesterov: bool = option(False, action="boolean",
+                            only_if=(lambda c: c.opt == "sgd", lambda c: "applies to --opt sgd (timm's Nesterov SGD "
+                                                                         f"is --opt nesterov), not {c.opt}"))
+    weight_decay: float = option(5e-4, low=0.0, flags=("--wd", "--weight-decay"))
+    batch_size: int = option(128, integer=True, low=1, help="global batch size (split across DDP ranks)")
+    schedule: str = option("cosine", choices=("cosine", "step", "constant"))
+    sched: str | None = option(choices=SCHEDS,
+                               help="instead of --schedule: timm's scheduler of this name (per update; step needs "
+                                    "--decay-epochs, multistep --milestones, plateau watches the validation top-1) or "
+                                    "torch's OneCycleLR")
+    milestones: list[int] = option(factory=list, nargs="+", argtype=int, only_if=(_uses_milestones, _which_schedule),
+                                   help="epochs where a step schedule multiplies lr by --gamma")
+    decay_epochs: float | None = option(argtype=_argtypes.positive_float, low=0.0,
+                                        only_if=(lambda c: c.sched == "step", "only --sched step uses it"),
+                                        help="--sched step: multiply lr by --gamma every N epochs")
+    gamma: float = option(0.1, low=0.0, high=1.0)
+    min_lr: float = option(0.0, argtype=_argtypes.nonnegative_float, low=0.0,
+                           only_if=(lambda c: c.sched is not None,
+                                    "only --sched schedules have a floor; add --sched cosine (or drop it)"),
+                           help="--sched: the lowest learning rate [0]")
+    patience_epochs: int = option(10, argtype=_argtypes.nonnegative_int, integer=True, low=0,
+                                  only_if=(lambda c: c.sched == "plateau", "only --sched plateau uses it"),
+                                  help="--sched plateau: epochs without a better top-1 before lr x --gamma [10]")
+    warmup_epochs: float = option(0.0, low=0.0, help="linear warm-up length (fractions allowed)")
+    label_smoothing: float = option(0.0, low=0.0, high=1.0, open_high=True)
+    model_ema: bool = option(False, action="store_true",
+                             help="keep an EMA of the weights (timm's ModelEmaV3); it is validated (folded) every "
+                                  "epoch, selects best.pt, and fold/export/eval deploy it")
+    model_ema_decay: float = option(0.9998, low=0.0, high=1.0, open_high=True,
+                                    only_if=(lambda c: c.model_ema, "add --model-ema to use it"),
+                                    help="EMA decay per update [0.9998]")
+    model_ema_warmup: bool = option(False, action="store_true",
+                                    only_if=(lambda c: c.model_ema, "add --model-ema to use it"),
+                                    help="ramp the EMA decay up over the first updates (timm's warm-up; short runs "
+                                         "need it)")
+    mixup: float = option(0.0, argtype=_argtypes.nonnegative_float, low=0.0, metavar="ALPHA",
+                          help="mixup alpha (timm's Mixup) [0: off]")
+    cutmix: float = option(0.0, argtype=_argtypes.nonnegative_float, low=0.0, metavar="ALPHA",
+                           help="cutmix alpha [0: off]")
+    mixup_prob: float = option(1.0, low=0.0, high=1.0,
+                               only_if=(_mixing, "mixing is off: set --mixup and/or --cutmix, or drop it"),
+                               help="probability of mixing a batch [1.0]")
+    mixup_switch_prob: float = option(0.5, low=0.0, high=1.0,
+                                      only_if=(_mixing, "mixing is off: set --mixup and/or --cutmix, or drop it"),
+                                      help="with both: probability of cutmix instead of mixup [0.5]")
+    aa: str | None = option(metavar="SPEC", help="image policy as timm spells it: rand-m9-mstd0.5-inc1 (RandAugment), "
+                                                 "v0 or original (AutoAugment), augmix-m5-w4-d2 (AugMix), or "
+                                                 "trivialaugment (torchvision's)")
+    reprob: float = option(0.0, low=0.0, high=1.0, help="random-erasing probability (timm's RandomErasing) [0]")
+    grad_accum_steps: int = option(1, argtype=_argtypes.positive_int, integer=True, low=1, metavar="K",
+                                   help="one optimizer update every K batches of --batch-size [1]")
+    drop_path: float | None = option(low=0.0, high=1.0, open_high=True, metavar="RATE",
+                                     help="stochastic depth: timm drop_path_rate, torchvision stochastic_depth_prob, "
+                                          "cifar_vit_tiny")
+    workers: int = option(0, integer=True, low=0, resume_may_change=True,
+                          only_if=(lambda c: c.stream, "data-loading processes serve --stream only (in-memory data "
+                                                       "needs none)"),
+                          help="data-loading processes for --stream [0: in the main process]")
+    threads: int = option(0, integer=True, low=0, resume_may_change=True,
+                          help="torch CPU threads [0: PyTorch's default]")
+    seed: int = option(0, integer=True, low=0, high=2**32 - 1)
+    steps_per_epoch: int | None = option(integer=True, low=1, help="cap the batches per epoch (smoke tests)")
+    # --- runtime ----------------------------------------------------------------------------------
+    amp: str = option("auto", group="runtime", choices=("auto", "bf16", "fp16", "none"),
+                      help="autocast dtype [auto: bf16 on CPU]")
+    channels_last: bool = option(True, group="runtime", action="boolean")
+    compile: bool = option(False, group="runtime", action="store_true", resume_may_change=True,
+                           help="torch.compile the training model")
+    sync_bn: bool = option(False, group="runtime", action="store_true", help="SyncBatchNorm under DDP (CUDA)")
+    deterministic: bool = option(False, group="runtime", action="store_true",
+                                 help="torch.use_deterministic_algorithms(True)")
+    device: str = option("auto", group="runtime", resume_may_change=True, help="auto, cpu, cuda [auto]")
+    output: str = option("runs/train", group="runtime", flags=("-o", "--output"), resume_may_change=True,
+                         help="output folder [runs/MODEL-VARIANT-DATASET-sSEED]")
+    progress: bool = option(False, group="runtime", action="boolean", resume_may_change=True,
+                            help="progress bar [on when stderr is a terminal]")
+    tensorboard: bool = option(False, group="runtime", action="store_true", resume_may_change=True,
+                               help="also log to OUTPUT/tensorboard")
+    stripe_every: int = option(0, group="runtime", integer=True, low=0, metavar="N",
+                               help="before training and every N epochs record the attention statistics (Stripe "
+                                    "Observation) of the classic attention modules on 512 validation images: "
+                                    "OUTPUT/stripes/ (history JSON, curves, heat maps)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,118 +219,49 @@ class TrainConfig:
                                  f"{type(value).__name__}")
 
     def validate(self) -> None:
-        """Refuse values no run can use, before any work (``ValueError`` naming the option,
-        the value and what is allowed)."""
+        """Refuse values no run can use, before any work (``ValueError`` naming the option, the value and
+        what is allowed): the field types, every declaration's range, choices and ``only_if``
+        (:func:`foldattn.train.options.check_declared`), then the rules that relate several options."""
         self.check_types()
+        check_declared(self)
 
         def bad(option: str, value: Any, allowed: str) -> None:
             raise ValueError(f"--{option} {_short(value)}: {allowed}")
 
-        def integer(option: str, value: Any, low: int) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                bad(option, value, f"must be an integer >= {low}")
-
-        def number(option: str, value: Any, low: float, high: float = math.inf, open_high: bool = False) -> None:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not ok or value < low or value > high or (open_high and value == high):
-                bad(option, value, f"must be a number in [{low:g}, {high:g}{')' if open_high else ']'}")
-
-        integer("epochs", self.epochs, 1)
-        integer("batch-size", self.batch_size, 1)
-        integer("every", self.every, 1)
-        integer("seed", self.seed, 0)
-        integer("split-seed", self.split_seed, 0)
-        for option, value in (("seed", self.seed), ("split-seed", self.split_seed)):
-            if value >= 2**32:
-                bad(option, value, "must be below 2^32 (NumPy's generators take 32-bit seeds)")
-        integer("workers", self.workers, 0)
-        integer("threads", self.threads, 0)
-        integer("stripe-every", self.stripe_every, 0)
-        if self.steps_per_epoch is not None:
-            integer("steps-per-epoch", self.steps_per_epoch, 1)
-        if self.image_size is not None:
-            integer("image-size", self.image_size, 1)
-            if self.image_size > _MAX_IMAGE_SIZE:
-                bad("image-size", self.image_size, f"must be at most {_MAX_IMAGE_SIZE} pixels")
-        number("lr", self.lr, 0.0, _MAX_LR)
         if self.lr == 0:
             bad("lr", self.lr, "must be > 0 (a zero learning rate trains nothing)")
-        number("momentum", self.momentum, 0.0, 1.0, open_high=True)
-        number("weight-decay", self.weight_decay, 0.0)
-        number("gamma", self.gamma, 0.0, 1.0)
-        number("warmup-epochs", self.warmup_epochs, 0.0, float(self.epochs))
-        number("label-smoothing", self.label_smoothing, 0.0, 1.0, open_high=True)
-        if self.psi_init is not None and self.psi_init != "random":
-            number("psi-init", self.psi_init, -1e6, 1e6)
-        if self.clip_grad is not None:
-            number("clip-grad", self.clip_grad, 0.0)
-            if self.clip_grad == 0:
-                bad("clip-grad", self.clip_grad, "must be > 0 (omit it for no clipping)")
-        if not isinstance(self.opt, str) or not self.opt:
+        if self.warmup_epochs > self.epochs:
+            bad("warmup-epochs", self.warmup_epochs, f"must be a number in [0, {self.epochs:g}]")
+        if self.psi_init is not None and self.psi_init != "random" and abs(self.psi_init) > 1e6:  # type: ignore[arg-type]
+            bad("psi-init", self.psi_init, "must be a number in [-1e+06, 1e+06]")
+        if self.clip_grad == 0:
+            bad("clip-grad", self.clip_grad, "must be > 0 (omit it for no clipping)")
+        if not self.opt:
             bad("opt", self.opt, "name an optimizer: sgd, adamw, lamb, ... (timm.optim.list_optimizers())")
-        if not isinstance(self.model_kwargs, dict) or not all(isinstance(k, str) for k in self.model_kwargs):
-            bad("model-kwargs", self.model_kwargs, "must be key=value pairs")
-        if self.schedule not in ("cosine", "step", "constant"):
-            bad("schedule", self.schedule, "choose cosine, step or constant")
-        if self.sched is not None and self.sched not in SCHEDS:
-            bad("sched", self.sched, f"choose {', '.join(SCHEDS)}")
-        uses_milestones = self.sched == "multistep" or (self.sched is None and self.schedule == "step")
-        which = f"--sched is {self.sched}" if self.sched else f"--schedule is {self.schedule}"
-        if self.milestones and not uses_milestones:
-            bad("milestones", self.milestones,
-                f"only the step schedule (or --sched multistep) uses milestones ({which})")
-        if uses_milestones and not self.milestones:
+        if _uses_milestones(self) and not self.milestones:
             bad("milestones", self.milestones, "a step schedule needs milestones (--milestones 81 122)")
-        if self.decay_epochs is not None:
-            if self.sched != "step":
-                bad("decay-epochs", self.decay_epochs, "only --sched step uses it")
-            number("decay-epochs", self.decay_epochs, 0.0)
-            if self.decay_epochs == 0:
-                bad("decay-epochs", self.decay_epochs, "must be > 0")
+        if self.decay_epochs == 0:
+            bad("decay-epochs", self.decay_epochs, "must be > 0")
         if self.sched == "step" and self.decay_epochs is None:
             bad("decay-epochs", None, "--sched step decays every --decay-epochs N epochs: give N")
-        number("min-lr", self.min_lr, 0.0)
-        integer("patience-epochs", self.patience_epochs, 0)
-        if self.patience_epochs != 10 and self.sched != "plateau":
-            bad("patience-epochs", self.patience_epochs, "only --sched plateau uses it")
-        if self.min_lr and self.sched is None:
-            bad("min-lr", self.min_lr, "only --sched schedules have a floor; add --sched cosine (or drop it)")
         if self.min_lr >= self.lr:
             bad("min-lr", self.min_lr, f"must be below --lr ({self.lr:g})")
-        if not isinstance(self.model_ema, bool):
-            bad("model-ema", self.model_ema, "must be true or false")
-        number("model-ema-decay", self.model_ema_decay, 0.0, 1.0, open_high=True)
         if self.model_ema_decay == 0:
             bad("model-ema-decay", self.model_ema_decay, "must be in (0, 1): 0 makes the EMA a copy of the weights")
-        if not self.model_ema and (self.model_ema_decay != 0.9998 or self.model_ema_warmup):
-            bad("model-ema-decay" if self.model_ema_decay != 0.9998 else "model-ema-warmup",
-                self.model_ema_decay if self.model_ema_decay != 0.9998 else True, "add --model-ema to use it")
-        number("mixup", self.mixup, 0.0)
-        number("cutmix", self.cutmix, 0.0)
-        number("mixup-prob", self.mixup_prob, 0.0, 1.0)
-        number("mixup-switch-prob", self.mixup_switch_prob, 0.0, 1.0)
-        mixing = self.mixup > 0 or self.cutmix > 0
-        if not mixing and (self.mixup_prob != 1.0 or self.mixup_switch_prob != 0.5):
-            bad("mixup-prob", self.mixup_prob, "mixing is off: set --mixup and/or --cutmix, or drop it")
-        if mixing and self.batch_size % 2:
+        if _mixing(self) and self.batch_size % 2:
             bad("batch-size", self.batch_size, "mixup/cutmix pair each image with another: use an even batch size")
-        number("reprob", self.reprob, 0.0, 1.0)
         if self.aa is not None:
             from .augment import check_aa
 
             check_aa(self.aa)
-        integer("grad-accum-steps", self.grad_accum_steps, 1)
         if self.steps_per_epoch is not None and self.steps_per_epoch < self.grad_accum_steps:
             bad("steps-per-epoch", self.steps_per_epoch,
                 f"fewer batches than one optimizer step takes (--grad-accum-steps {self.grad_accum_steps})")
-        if self.drop_path is not None:
-            number("drop-path", self.drop_path, 0.0, 1.0, open_high=True)
         for m in self.milestones:
-            integer("milestones", m, 1)
+            if isinstance(m, bool) or m < 1:
+                bad("milestones", m, "must be an integer >= 1")
             if m >= self.epochs:
                 bad("milestones", self.milestones, f"every milestone must be < --epochs ({self.epochs})")
-        if self.amp not in ("auto", "bf16", "fp16", "none"):
-            bad("amp", self.amp, "choose auto, bf16, fp16 or none")
         if self.device != "auto":
             try:
                 import torch
@@ -228,27 +271,15 @@ class TrainConfig:
                 bad("device", self.device, "use auto, cpu, cuda or cuda:N")
             if dev.type not in ("cpu", "cuda"):
                 bad("device", self.device, "use auto, cpu, cuda or cuda:N")
-        folder = isinstance(self.dataset, str) and self.dataset.startswith("imagefolder:")
-        if self.image_size is not None and not folder:
-            bad("image-size", self.image_size, f"only imagefolder:PATH data is resized; {self.dataset!r} has its size")
-        if self.cache_dir is not None and not folder:
-            bad("cache-dir", self.cache_dir,
-                f"only imagefolder:PATH data is decoded into a cache; not {self.dataset!r}")
         if self.data_on_device and self.stream:
             bad("data-on-device", True, "serves in-memory data; --stream decodes files per batch on the CPU")
         if self.data_on_device and self.aa is not None:
             bad("data-on-device", True, "--aa runs per image on the CPU; drop one of them")
         if self.data_on_device and self.device == "cpu":
             bad("data-on-device", True, "keeps the images on a GPU, and this run is on the CPU")
-        if self.workers and not self.stream:
-            bad("workers", self.workers, "data-loading processes serve --stream only (in-memory data needs none)")
-        if self.download and self.dataset not in ("cifar10", "cifar100", "stl10"):
-            bad("download", True, f"only cifar10, cifar100 and stl10 are downloaded; not {self.dataset!r}")
-        if self.nesterov and self.opt != "sgd":
-            bad("nesterov", True, f"applies to --opt sgd (timm's Nesterov SGD is --opt nesterov), not {self.opt}")
         if self.val_split is not None:
             v = self.val_split
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < 1 or (v >= 1 and v == int(v))):
+            if isinstance(v, bool) or not (0 < v < 1 or (v >= 1 and v == int(v))):
                 bad("val-split", v, "must be a fraction in (0, 1) or a whole number of images >= 1")
 
     @classmethod
@@ -258,12 +289,6 @@ class TrainConfig:
             raise ValueError(f"a training config must be a mapping of option names to values, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if isinstance(k, str) and k in known})
-
-
-#: the largest --image-size (a side in pixels) accepted
-_MAX_IMAGE_SIZE = 4096
-#: the largest --lr accepted (beyond it every optimizer diverges; near 1e38 float32 overflows in the update)
-_MAX_LR = 1e3
 
 
 def _short(value: Any) -> str:
@@ -311,11 +336,9 @@ def _type_name(hint: Any) -> str:
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
-#: ``--sched`` names: timm's ``create_scheduler_v2`` schedulers, and torch's ``OneCycleLR``
-SCHEDS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "onecycle")
 
-RESUME_IGNORED = ("output", "data_dir", "cache_dir", "download", "workers", "threads", "compile", "device",
-                  "progress", "tensorboard", "data_on_device")
+#: the fields a resumed run may change (declared with ``resume_may_change``)
+RESUME_IGNORED = resume_ignored(TrainConfig)
 
 RECIPES: Registry[dict[str, Any]] = Registry("recipe", case_sensitive=True)
 
