@@ -92,7 +92,7 @@ BAD = [
     ("method", ["--method", "kl"], "--method"),
     ("deployed-without-data", ["{deployed}"], "--data"),
     ("wrong-data", ["{vit}", "--data", "digits"], "do not fit the model"),
-    ("missing", ["{missing}"], "no such run folder"),
+    ("missing", ["{missing}"], "does not exist"),
 ]
 
 

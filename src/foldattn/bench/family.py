@@ -114,20 +114,16 @@ def _external_family(name: str) -> Family:
     """A family for an untrained timm / torchvision model (1000 classes, its default input size)."""
     source, _, arch = name.partition(":")
     check_external_name(source, arch)
+    size: tuple[int, ...] = (3, 224, 224)
     if source == "timm":
-        timm = require("timm", "timm")
-        cfg = timm.get_pretrained_cfg(arch)
-        size = tuple(cfg.input_size) if cfg is not None and cfg.input_size else (3, 224, 224)
+        cfg = require("timm", "timm").get_pretrained_cfg(arch)
+        size = tuple(cfg.input_size) if cfg is not None and cfg.input_size else size
 
-        def factory() -> nn.Module:
-            return timm.create_model(arch, pretrained=False)
-    else:
-        import torchvision
+    def factory() -> nn.Module:
+        from ..train.source import model_by_name
 
-        size = (3, 224, 224)
+        return model_by_name(name, 1000)
 
-        def factory() -> nn.Module:
-            return torchvision.models.get_model(arch, weights=None)
     return Family(name, size, _attach_builder(factory), train_batch=16, num_classes=1000)
 
 

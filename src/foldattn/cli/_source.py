@@ -5,14 +5,13 @@ attach options that built it."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from torch import nn
 
 from ..train import TrainConfig
-from ..train.checkpoint import checkpoint_in
-from ..train.model import load_foreign, load_trained
 from . import positive_int
 
 __all__ = ["add_source_options", "load_source"]
@@ -39,23 +38,29 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
                         "state_dict_ema [no]")
 
 
-def load_source(args: argparse.Namespace) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
-    """``(model, config, checkpoint-like dict)`` for the command's checkpoint argument."""
+def load_source(args: argparse.Namespace, notes: TextIO | None = None) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+    """``(model, config, checkpoint-like dict)`` for the command's checkpoint argument
+    (:func:`foldattn.train.source.load_source`); which file and weights were taken is said on ``notes``
+    (stdout by default; ``eval`` passes stderr, its stdout being JSON)."""
+    notes = notes or sys.stdout
+    from ..train.source import load_source as _load
+
     if args.model is None:
         foreign = [o for o in ("attention", "num_classes", "image_size", "where", "include", "exclude")
                    if getattr(args, o)] + [o for o in ("asr", "both") if getattr(args, o)]
         if foreign:
             raise ValueError(f"--{foreign[0].replace('_', '-')} describes another trainer's checkpoint and needs "
                              "--model; a foldattn checkpoint records its own model")
-        path = checkpoint_in(args.checkpoint, args.which)
-        if path != Path(args.checkpoint):
-            print(f"using {path} (--which {args.which})")
-        model, cfg, blob = load_trained(path, args.ema)
-        if blob["weights"] == "ema" and args.ema is None:
-            print("using the EMA weights (--no-ema for the others)")
-        return model, cfg, blob
-    if Path(args.checkpoint).is_dir():
-        raise ValueError(f"{args.checkpoint} is a folder; with --model give the checkpoint file")
+        source = _load(args.checkpoint, which=args.which, ema=args.ema)
+        if source.path != Path(args.checkpoint):
+            print(f"using {source.path} (--which {args.which})", file=notes)
+        if source.weights == "ema" and args.ema is None:
+            print("using the EMA weights (--no-ema for the others)", file=notes)
+        assert source.config is not None
+        return source.model, source.config, source.blob
     cfg = TrainConfig(model=args.model, attention=args.attention, asr=args.asr, both=args.both, every=args.every,
                       where=args.where, include=list(args.include or []), exclude=list(args.exclude or []))
-    return load_foreign(args.checkpoint, cfg, args.num_classes, args.image_size, bool(args.ema))
+    source = _load(args.checkpoint, foreign=cfg, num_classes=args.num_classes, image_size=args.image_size,
+                   ema=bool(args.ema))
+    assert source.config is not None
+    return source.model, source.config, source.blob

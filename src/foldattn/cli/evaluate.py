@@ -13,7 +13,7 @@ from ..summary import count_params
 from ..train import evaluate
 from ..train.checkpoint import checkpoint_in
 from ..train.data import load_dataset, make_loader, preprocessing, with_preprocessing
-from ..train.model import deployed_copy, load_trained
+from ..train.model import deployed_copy
 from ..verify import verify
 from . import positive_int
 from ._source import add_source_options, load_source
@@ -38,10 +38,8 @@ def _main(args: argparse.Namespace) -> int:
         path = Path(args.checkpoint)
         bundle = load_dataset(args.dataset, args.data_dir or "data", None, 0, args.cache_dir, args.image_size)
     else:
+        model, cfg, blob = load_source(args, notes=sys.stderr)
         path = checkpoint_in(args.checkpoint, args.which)
-        if path != Path(args.checkpoint):
-            print(f"using {path} (--which {args.which})", file=sys.stderr)
-        model, cfg, blob = load_trained(path, args.ema)
         dataset = args.dataset or cfg.dataset
         # the decode cache only where this command line says: a checkpoint does not choose where we write
         bundle = load_dataset(dataset, args.data_dir or cfg.data_dir, cfg.val_split if args.dataset is None else None,

@@ -26,23 +26,17 @@ __all__ = ["register"]
 
 def _source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any] | None, dict[str, Any] | None]:
     """``(model, training config, recorded preprocessing)`` of a run folder, checkpoint or deployed file."""
+    from ..train.source import load_source
+
     path = Path(args.source)
-    if not path.exists():
-        raise CLIError(f"{path}: no such run folder, checkpoint or deployed file")
-    if path.suffix == ".safetensors":
-        from ..deploy import load_deployed, read_metadata
-
-        if args.data is None:
-            raise CLIError(f"{path} is a deployed file: name the images it is calibrated and scored on with --data "
-                           "(and --data-dir / --val-split)")
-        user = read_metadata(path).get("user") or {}
-        pre = user.get("preprocessing") if isinstance(user, dict) else None
-        return load_deployed(path), None, pre if isinstance(pre, dict) else None
-    from ..train.checkpoint import checkpoint_in
-    from ..train.model import load_trained
-
-    model, cfg, blob = load_trained(checkpoint_in(path, args.which), args.ema)
-    return model, cfg.to_dict(), (blob.get("run") or {}).get("preprocessing")
+    if path.suffix == ".safetensors" and args.data is None and path.exists():
+        raise CLIError(f"{path} is a deployed file: name the images it is calibrated and scored on with --data "
+                       "(and --data-dir / --val-split)")
+    try:
+        source = load_source(path, which=args.which, ema=args.ema)
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from None
+    return source.model, source.config.to_dict() if source.config else None, source.preprocessing
 
 
 def _main(args: argparse.Namespace) -> int:

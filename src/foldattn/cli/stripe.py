@@ -112,52 +112,32 @@ def load_model_and_data(args: argparse.Namespace) -> Loaded:
     spec = args.model
     if not spec:
         raise ValueError("give a model: a checkpoint path, a foldattn model name, torchvision:NAME or timm:NAME")
-    if os.path.exists(spec):
-        from ..train.model import load_trained
+    from ..train.source import load_source, model_by_name
 
+    if os.path.exists(spec):
         # the trained weights (not an EMA), rebuilt with the checks every checkpoint gets
-        model, cfg, blob = load_trained(spec, ema=False)
-        data = load_data(args, cfg.to_dict(), (blob.get("run") or {}).get("preprocessing"))
-        kwargs = {"num_classes": int((blob.get("run") or {}).get("classes") or data.num_classes)}
-        return Loaded(model, spec, data, None if ":" in cfg.model else cfg.model, kwargs)
+        source = load_source(spec, ema=False)
+        assert source.config is not None
+        data = load_data(args, source.config.to_dict(), source.preprocessing)
+        kwargs = {"num_classes": source.classes or data.num_classes}
+        return Loaded(source.model, spec, data, None if ":" in source.config.model else source.config.model, kwargs)
     data = load_data(args)
     num_classes = args.num_classes or data.num_classes
     torch.manual_seed(args.seed)  # a model built by name is randomly initialised: make it reproducible
-    source, _, name = spec.partition(":")
-    if name and source in _EXTERNAL:
-        return Loaded(_EXTERNAL[source](name, num_classes), spec, data, None, {})
-    from ..models import create_model, list_models
+    if ":" in spec:
+        return Loaded(model_by_name(spec, num_classes), spec, data, None, {})
+    from ..models import list_models
 
     if spec not in list_models():
         raise ValueError(f"{spec!r} is neither a file nor a model name; models: {', '.join(list_models())}, "
                          "or torchvision:NAME / timm:NAME")
-    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {}
     if data.in_channels != 3:
         kwargs["in_channels"] = data.in_channels
-    return Loaded(create_model(spec, attention=args.attention, **kwargs), spec, data, spec, kwargs)
+    model = model_by_name(spec, num_classes, kwargs={"attention": args.attention, **kwargs})
+    return Loaded(model, spec, data, spec, {"num_classes": num_classes, **kwargs})
 
 
-def _torchvision_model(name: str, num_classes: int) -> nn.Module:
-    import torchvision
-
-    try:
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    except ValueError as e:
-        raise ValueError(f"torchvision:{name}: {e}") from None
-
-
-def _timm_model(name: str, num_classes: int) -> nn.Module:
-    try:
-        import timm
-    except ImportError:
-        raise ValueError("timm:NAME needs timm: pip install 'foldattn[timm]'") from None
-    try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes)
-    except RuntimeError as e:
-        raise ValueError(f"timm:{name}: {e}") from None
-
-
-_EXTERNAL = {"torchvision": _torchvision_model, "timm": _timm_model}
 
 
 # --------------------------------------------------------------------------------------

@@ -10,11 +10,12 @@ from torch import nn
 
 from .. import attention as _attention
 from .._budget import BudgetExceeded, DoesNotFit, build_for
-from .._utils import check_external_name, require, unwrap_model
+from .._utils import check_external_name, unwrap_model
 from ..builders import UntrustedBuilderError, check_kwargs, resolve_builder
 from ..fold import fold, has_foldable
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .config import TrainConfig
+from .source import model_by_name
 
 __all__ = ["build_model", "load_trained", "load_foreign", "example_input", "deployed_copy", "config_of"]
 
@@ -100,31 +101,17 @@ def _check_model_kwargs(model: str, kwargs: dict[str, Any]) -> None:
 def _external_model(source: str, name: str, cfg: TrainConfig, num_classes: int) -> nn.Module:
     from ..attach import attach
 
-    if source == "torchvision":
-        import torchvision
-
-        check_external_name("torchvision", name)
-        kwargs = dict(cfg.model_kwargs)
-        if cfg.drop_path is not None:
-            kwargs["stochastic_depth_prob"] = cfg.drop_path
-        try:
-            model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
-        except TypeError as e:
-            hint = " (--drop-path is stochastic_depth_prob, which this model does not take)" \
-                if cfg.drop_path is not None else ""
-            raise ValueError(f"torchvision:{name} refused its arguments {sorted(kwargs)}{hint}: {e}") from None
-    elif source == "timm":
-        timm = require("timm", "timm")
-        check_external_name("timm", name)
-        kwargs = dict(cfg.model_kwargs)
-        if cfg.drop_path is not None:
-            kwargs["drop_path_rate"] = cfg.drop_path
-        try:
-            model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-        except TypeError as e:
-            raise ValueError(f"timm:{name} refused its arguments {sorted(kwargs)}: {e}") from None
-    else:
+    if source not in ("torchvision", "timm"):
         raise ValueError(f"unknown model source {source!r}; use torchvision:NAME, timm:NAME or a foldattn model name")
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.drop_path is not None:
+        kwargs["stochastic_depth_prob" if source == "torchvision" else "drop_path_rate"] = cfg.drop_path
+    try:
+        model = model_by_name(cfg.model, num_classes, kwargs=kwargs)
+    except ValueError as e:
+        hint = (" (--drop-path is stochastic_depth_prob, which this model does not take)"
+                if cfg.drop_path is not None and source == "torchvision" else "")
+        raise ValueError(f"{e}{hint}") from None
     if cfg.attention is None:
         return model
     if not cfg.asr:

@@ -1,0 +1,111 @@
+"""Where a model comes from: a name, a run folder, a checkpoint (foldattn's, timm ``train.py``'s,
+Lightning's, a state dict) or a deployed file, with its preprocessing and the choice of EMA weights.
+
+Every command that takes a model gets it here: ``train`` builds by name (:func:`model_by_name`),
+``fold``/``export``/``eval``/``quantize``/``stripe``/``calibrate`` read what they are given
+(:func:`load_source`), ``bench`` builds timm and torchvision models by name. A name is checked against
+its library's list (foldattn's registry, ``torchvision.models.list_models()``, ``timm.list_models()``)
+and built without pretrained weights; files are read with every check :mod:`foldattn.train.checkpoint`
+and :mod:`foldattn.deploy` apply.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .._utils import check_external_name, require
+from .config import TrainConfig
+
+__all__ = ["Source", "model_by_name", "load_source"]
+
+
+def model_by_name(name: str, num_classes: int, *, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """A randomly initialised model: a foldattn model name, ``torchvision:NAME`` or ``timm:NAME`` (built
+    with ``weights=None`` / ``pretrained=False``; ``kwargs`` are the constructor's options)."""
+    kwargs = dict(kwargs or {})
+    source, sep, arch = name.partition(":")
+    if not sep:
+        from ..models import create_model, get_builder
+
+        get_builder(name)  # an unknown name fails here, listing the valid ones
+        return create_model(name, num_classes=num_classes, **kwargs)
+    check_external_name(source, arch)
+    if source == "torchvision":
+        import torchvision
+
+        try:
+            return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"torchvision:{arch} refused its arguments {sorted(kwargs)}: {e}") from None
+    timm = require("timm", "timm")
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"timm:{arch} refused its arguments {sorted(kwargs)}: {e}") from None
+
+
+@dataclass
+class Source:
+    """A model read from a file, and what the file says about it.
+
+    ``kind``: ``"checkpoint"`` (foldattn), ``"foreign"`` (another trainer's, described by a config),
+    ``"deployed"``; ``blob``: the checkpoint (or a checkpoint-like dict: ``run`` with ``classes``,
+    ``image_size``, ``preprocessing``); ``weights``: ``"model"``, ``"ema"`` or ``"deployed"``.
+    """
+
+    model: nn.Module
+    kind: str
+    path: Path
+    config: TrainConfig | None
+    blob: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def weights(self) -> str:
+        return str(self.blob.get("weights", "deployed" if self.kind == "deployed" else "model"))
+
+    @property
+    def preprocessing(self) -> dict[str, Any] | None:
+        pre = (self.blob.get("run") or {}).get("preprocessing")
+        return pre if isinstance(pre, dict) else None
+
+    @property
+    def classes(self) -> int | None:
+        classes = (self.blob.get("run") or {}).get("classes")
+        return int(classes) if isinstance(classes, int) else None
+
+
+def load_source(path: str | os.PathLike[str], *, which: str = "last", ema: bool | None = None,
+                foreign: TrainConfig | None = None, num_classes: int | None = None,
+                image_size: int | None = None) -> Source:
+    """The model in ``path``: a run folder (its ``which``.pt), a foldattn checkpoint, another trainer's
+    checkpoint described by ``foreign`` (the architecture and attach options that built it), or a deployed
+    ``.safetensors`` file. ``ema``: the EMA weights (None: a foldattn run's when present)."""
+    from .checkpoint import CheckpointError, checkpoint_in
+    from .model import load_foreign, load_trained
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist: no run folder, checkpoint or deployed file there")
+    if p.suffix == ".safetensors" and foreign is None:
+        from ..deploy import load_deployed, read_metadata
+
+        meta = read_metadata(p)
+        user = meta.get("user") if isinstance(meta.get("user"), dict) else {}
+        run = {"preprocessing": user.get("preprocessing")} if isinstance(user.get("preprocessing"), dict) else {}
+        return Source(load_deployed(p), "deployed", p, None, {"run": run, "weights": "deployed"})
+    if foreign is not None:
+        if p.is_dir():
+            raise ValueError(f"{p} is a folder; with --model give the checkpoint file")
+        model, cfg, blob = load_foreign(p, foreign, num_classes, image_size, bool(ema))
+        return Source(model, "foreign", p, cfg, blob)
+    try:
+        file = checkpoint_in(p, which)
+    except CheckpointError:
+        raise
+    model, cfg, blob = load_trained(file, ema)
+    return Source(model, "checkpoint", file, cfg, blob)
