@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/foldattn demo $(ARGS)
 
+# -n auto: one pytest worker per CPU core (pytest-xdist), each with one torch thread (tests/conftest.py)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n auto $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# one torch thread per pytest-xdist worker (the workers share the cores); up to two without xdist
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
