@@ -329,3 +329,26 @@ def test_cli_calibrate_errors(tmp_path, capsys) -> None:
                  "-o", str(tmp_path)]) == 2
     assert "--finetune-epochs" in capsys.readouterr().err
     assert not (tmp_path / "calibrated.safetensors").exists()
+
+
+@pytest.mark.parametrize("att", ["se", "cbam", "spa"])
+def test_report_names_the_dropped_spatial_gate(att: str) -> None:
+    """Per site, the report says what a constant cannot keep: CBAM's spatial gate; SPA and SE lose nothing else."""
+    torch.manual_seed(0)
+    _, rep = calibrate(create_model("cifar_resnet20", attention=att).double(), _data())
+    dropped = {x.dropped for x in rep.layers}
+    if att == "cbam":
+        assert len(rep.layers) == 9 and all(d is not None and "spatial gate" in d for d in dropped)
+        assert "spatial gate" in rep.table() and "spatial gate" in str(rep.to_dict()["layers"][0]["dropped"])
+    else:
+        assert dropped == {None}
+
+
+def test_timm_cbam_spatial_gate_is_named() -> None:
+    pytest.importorskip("timm")
+    from timm.layers.cbam import CbamModule
+    from timm.layers.squeeze_excite import SEModule
+
+    from foldattn.calibrate import dropped_part
+
+    assert dropped_part(CbamModule(32)) is not None and dropped_part(SEModule(32)) is None

@@ -45,8 +45,8 @@ from .attention import DIA
 from .graph import build_graph
 from .transforms import scale_in_channels, scale_out_channels
 
-__all__ = ["ChannelScale", "scale_in_channels", "FoldedLayer", "constant_model", "fold_scales", "mean_gates",
-           "strip_attention"]
+__all__ = ["ChannelScale", "scale_in_channels", "FoldedLayer", "dropped_part", "constant_model", "fold_scales",
+           "mean_gates", "strip_attention"]
 
 
 class ChannelScale(nn.Module):
@@ -140,6 +140,21 @@ class FoldedLayer:
     target: str | None
     gate_mean: float = float("nan")
     gate_mean_std: float = float("nan")
+    #: what of the module a per-channel constant does not keep besides its dependence on the input
+    #: (:func:`dropped_part`); ``None``: the module is a channel gate and all of it became the constant
+    dropped: str | None = None
+
+
+def dropped_part(module: nn.Module) -> str | None:
+    """The part of an attention module that has no constant per-channel form, or ``None``.
+
+    A CBAM (this package's or timm's ``CbamModule``) also gates every position with its spatial half,
+    which depends on where a pixel is, not only on its channel: a constant cannot stand for it, so
+    calibration (like ASR) drops it. SPA's pyramid pools only feed its channel gate: nothing is dropped.
+    """
+    if isinstance(getattr(module, "spatial", None), nn.Module):
+        return "spatial gate (one value per position, no constant form): dropped"
+    return None
 
 
 _NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .._utils import eval_mode, unwrap_model
-from ..calibrate import ChannelScale, FoldedLayer, constant_model, fold_scales
+from ..calibrate import ChannelScale, FoldedLayer, constant_model, dropped_part, fold_scales
 from .adapters import find_attention, select_sites
 from .recorder import _device_of, _images, _to_model, record_stripes
 from .results import StripeResult
@@ -90,6 +90,8 @@ class CalibrationReport:
         rows = [f"{'layer':<30} {'gate mean':>9} {'gate std':>9}  fold"]
         for x in self.layers:
             where = "kept as ChannelScale" if x.action == "kept" else f"{x.action} {x.target}"
+            if x.dropped:
+                where += f"; {x.dropped}"
             rows.append(f"{x.name:<30} {x.gate_mean:>9.4f} {x.gate_mean_std:>9.4f}  {where}")
         rows.append(f"{self.folded} of {len(self.layers)} attention modules folded away; "
                     f"calibrated on {self.num_images} images")
@@ -129,6 +131,7 @@ def calibrate(
     """
     model = unwrap_model(model)
     select_sites(find_attention(model), layers)  # clear errors before any data is read
+    modules = dict(model.named_modules())
     result = record_stripes(model, loader, layers=layers, max_images=max_images, max_samples=0)
     converted = constant_model(model, result, inplace=inplace)
     summaries = result.summary()
@@ -145,4 +148,5 @@ def calibrate(
     for f in folded:
         f.gate_mean = summaries[f.name]["gate_mean"]
         f.gate_mean_std = summaries[f.name]["gate_mean_std"]
+        f.dropped = dropped_part(modules[f.name]) if f.name in modules else None
     return converted, CalibrationReport(result.num_images, folded, result)
