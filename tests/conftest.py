@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,3 +43,16 @@ def randomize_psi(model: nn.Module, seed: int = 1) -> nn.Module:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def digits_asr_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run folder (``last.pt``, ``best.pt``, summary): ResNet-20 + ASR(SE), one epoch of two
+    steps on the embedded digits. Module-scoped: tests that damage files work on copies."""
+    from foldattn.train import TrainConfig, train
+    from foldattn.train.data import load_dataset
+
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(dataset="digits", epochs=1, steps_per_epoch=2, batch_size=16, attention="se", asr=True,
+                      output=str(out)), bundle=load_dataset("digits"), log=None)
+    return out

@@ -9,18 +9,13 @@ import torch
 from PIL import Image
 
 from foldattn.cli import main
-from foldattn.train import TrainConfig, train
-from foldattn.train.data import load_dataset
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    train(TrainConfig(dataset="digits", epochs=1, steps_per_epoch=2, batch_size=16, attention="se", asr=True,
-                      output=str(out)), bundle=load_dataset("digits"), log=None)
-    return out
+def run(digits_asr_run: Path) -> Path:
+    return digits_asr_run
 
 
 @pytest.fixture(scope="module")

@@ -26,18 +26,13 @@ from safetensors.torch import save_file
 from foldattn import create_model, load_deployed, save_deployed
 from foldattn.cli import main
 from foldattn.deploy import ArchitectureMismatchError, DeployedFileError, UntrustedBuilderError
-from foldattn.train import TrainConfig, train
-from foldattn.train.data import load_dataset
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    train(TrainConfig(dataset="digits", epochs=1, steps_per_epoch=2, batch_size=16, attention="se", asr=True,
-                      output=str(out)), bundle=load_dataset("digits"), log=None)
-    return out
+def run(digits_asr_run: Path) -> Path:
+    return digits_asr_run
 
 
 @pytest.fixture(scope="module")

@@ -148,7 +148,7 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def _plot(summary: dict[str, Any], path: Path) -> None:
-    from ..train.plots import require_matplotlib
+    from ..train.plots import require_matplotlib, save_png
 
     plt = require_matplotlib()
     arms = list(summary["arms"])
@@ -182,12 +182,7 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(f"difference to {base} (points)")
         ax.set_title("paired by seed", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
+    save_png(fig, path)
 
 
 def write_summary(spec: SweepSpec, out: Path, threads: int = 0, source: str = "SWEEP.yaml") -> dict[str, Any]:

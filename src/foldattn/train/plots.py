@@ -8,7 +8,7 @@ from typing import Any
 
 from .._utils import atomic_path, require
 
-__all__ = ["write_curves", "require_matplotlib"]
+__all__ = ["write_curves", "require_matplotlib", "save_png"]
 
 
 def require_matplotlib() -> Any:
@@ -41,6 +41,12 @@ def write_curves(path: Path, runs: dict[str, list[dict[str, float]]], title: str
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
+    save_png(fig, path)
+
+
+def save_png(fig: Any, path: Path) -> None:
+    """Lay out ``fig``, write it as a PNG atomically (rendered first, then one write and a rename), close it."""
+    plt = require_matplotlib()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
