@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-images", type=int, default=512)
     p.add_argument("--methods", nargs="+", default=["minmax", "percentile"], choices=METHODS)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--equalize", action="store_true",
+                   help="cross-layer equalization before quantizing (foldattn quantize --equalize)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 folder.mkdir(parents=True, exist_ok=True)
                 t0 = time.time()
                 report = quantize(model, calib, val, folder, example=calib[0][:1], per_channel=per_channel,
-                                  method=method, threads=args.threads)
+                                  method=method, threads=args.threads, equalize=args.equalize)
                 row = report.to_dict()
                 row["seconds"] = time.time() - t0
                 results[label]["rows"][name] = row  # type: ignore[index]

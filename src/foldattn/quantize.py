@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ._utils import atomic_path, require, unwrap_model
 from .asr import ASR
 from .fold import fold
+from .verify import verify
 
 __all__ = ["METHODS", "QuantizeReport", "quantize", "quantize_onnx", "weight_ranges", "fake_quantize_per_channel",
            "fake_quantize_per_tensor", "OrtRunner"]
@@ -180,6 +181,8 @@ class QuantizeReport:
     nonfinite_int8: int
     weight_ranges: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: layer pairs whose ranges :func:`foldattn.equalize.equalize` evened out before export (``equalize=True``)
+    equalized_pairs: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -188,7 +191,7 @@ class QuantizeReport:
 def quantize(model: nn.Module, calibration: Iterable[Tensor], validation: Iterable[tuple[Tensor, Tensor]],
              out_dir: str | os.PathLike[str], *, example: Tensor, per_channel: bool = True, method: str = "minmax",
              threads: int = 1, latency_batches: tuple[int, ...] = (1, 64), max_drop: float = 1.0,
-             log: Callable[[str], None] | None = None) -> QuantizeReport:
+             equalize: bool = False, log: Callable[[str], None] | None = None) -> QuantizeReport:
     """Deploy, export and quantize ``model``; measure both files. Writes ``out_dir/model.onnx`` (fp32) and
     ``out_dir/model.int8.onnx``; returns the report (the caller writes ``quantize.json``).
 
@@ -198,6 +201,8 @@ def quantize(model: nn.Module, calibration: Iterable[Tensor], validation: Iterab
         validation: ``(images, labels)`` batches on which both files are scored.
         example: one input batch for the export (its shape after the batch dim is the model's input).
         per_channel: per-output-channel weight scales (else one per tensor).
+        equalize: cross-layer equalization of the deployed model before export (:mod:`foldattn.equalize`),
+            checked with :func:`foldattn.verify`: the cure for per-tensor scales on merged branches.
         method: ``minmax``, ``entropy`` or ``percentile`` activation calibration.
         max_drop: an INT8 top-1 drop above this many points is recorded in ``warnings`` (and logged).
     """
@@ -210,7 +215,16 @@ def quantize(model: nn.Module, calibration: Iterable[Tensor], validation: Iterab
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
         deployed = fold(model, fuse_bn=True)
+        pairs: list[tuple[str, str]] = []
+        if equalize:
+            from .equalize import equalize as equalize_ranges
+
+            equalized, pairs = equalize_ranges(deployed, example)
+            verify(deployed, equalized, example)  # EquivalenceError past float32 tolerance
+            deployed = equalized
         export_onnx(deployed, example, fp32, fold_asr=False, input_names=["input"], output_names=["logits"])
+    if equalize:
+        say(f"equalized the weight ranges of {len(pairs)} layer pair(s) (outputs verified unchanged)")
     say(f"exported {fp32}")
     calib = list(calibration)
     quantize_onnx(fp32, int8, calib, per_channel=per_channel, method=method)
@@ -240,4 +254,4 @@ def quantize(model: nn.Module, calibration: Iterable[Tensor], validation: Iterab
         top1_fp32=scores["fp32"][0], top1_int8=scores["int8"][0], drop=drop, per_channel=per_channel, method=method,
         calib_images=sum(x.shape[0] for x in calib), val_images=scores["fp32"][1], latency_ms=latency,
         file_bytes={"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}, nonfinite_int8=scores["int8"][2],
-        weight_ranges=ranges, warnings=report_warnings)
+        weight_ranges=ranges, warnings=report_warnings, equalized_pairs=len(pairs))

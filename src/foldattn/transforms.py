@@ -12,6 +12,7 @@ from torch import Tensor
 __all__ = [
     "scale_out_channels", "scale_in_channels", "fuse_bn", "fuse_conv_bn", "bn_zero_response",
     "pad_kernel", "add_branches", "merge_1x1_kxk", "avgpool_as_conv", "identity_as_conv",
+    "in_channel_ranges", "out_channel_ranges", "equalization_scales",
 ]
 
 
@@ -216,3 +217,30 @@ def identity_as_conv(channels: int, kernel_size: int | tuple[int, int] = 1, grou
     c = torch.arange(channels)
     w[c, c % (channels // groups), kh // 2, kw // 2] = 1.0
     return w
+
+
+def out_channel_ranges(weight: Tensor) -> Tensor:
+    """The largest absolute weight of each output channel of a conv/linear ``weight`` (float64)."""
+    return weight.detach().double().flatten(1).abs().amax(dim=1)
+
+
+def in_channel_ranges(weight: Tensor, groups: int = 1) -> Tensor:
+    """The largest absolute weight reading each *input* channel of a conv/linear ``weight`` ``(out, in / groups,
+    ...)`` (float64): over the output channels of the input's group."""
+    out_ch, per_group = weight.shape[0], weight.shape[1]
+    if groups < 1 or out_ch % groups:
+        raise ValueError(f"groups={groups} does not divide the {out_ch} output channels of {tuple(weight.shape)}")
+    w = weight.detach().double().abs().reshape(groups, out_ch // groups, per_group, -1)
+    return w.amax(dim=(1, 3)).reshape(groups * per_group)
+
+
+def equalization_scales(r1: Tensor, r2: Tensor) -> Tensor:
+    """Cross-layer equalization (Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias
+    Correction", ICCV 2019): per channel ``s = sqrt(r1 / r2)``, so that after dividing the first layer's output
+    channel by ``s`` and multiplying the second layer's input channel by ``s`` both have the range
+    ``sqrt(r1 * r2)``. Channels where either range is zero keep ``s = 1``."""
+    if r1.shape != r2.shape or r1.dim() != 1:
+        raise ValueError(f"ranges must be two vectors of one length, got {tuple(r1.shape)} and {tuple(r2.shape)}")
+    r1, r2 = r1.double(), r2.double()
+    ok = (r1 > 0) & (r2 > 0) & torch.isfinite(r1) & torch.isfinite(r2)
+    return torch.where(ok, (r1 / torch.where(ok, r2, 1.0)).sqrt(), torch.ones_like(r1))

@@ -67,15 +67,20 @@ def _main(args: argparse.Namespace) -> int:
     val = list(itertools.islice(data.val, None)) if args.val_images is None else _first(data.val, args.val_images)
     from .._lock import RunLock
     from ..quantize import quantize
+    from ..verify import EquivalenceError
 
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):
         try:
             report = quantize(model, calib, val, out, example=calib[0][:1].contiguous(),
                               per_channel=not args.per_tensor, method=args.method, threads=args.threads,
-                              max_drop=args.max_drop, log=lambda s: print(s, file=sys.stderr, flush=True))
+                              max_drop=args.max_drop, equalize=args.equalize,
+                              log=lambda s: print(s, file=sys.stderr, flush=True))
         except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:  # type: ignore[attr-defined]
             raise CLIError(f"the model cannot be exported or quantized: {first_line(e)}") from None
+        except EquivalenceError as e:  # --equalize changed the function (a float32 model at its limits)
+            raise CLIError(f"cross-layer equalization changed the model's outputs ({first_line(e)}); "
+                           "quantize without --equalize") from None
         result = {"source": str(args.source), "dataset": data.name, **report.to_dict()}
         write_json(out / "quantize.json", result, indent=2)
     lat = report.latency_ms
@@ -122,6 +127,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="the EMA weights of a --model-ema run [used when present]")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
+    p.add_argument("--equalize", action="store_true",
+                   help="cross-layer equalization before quantizing (evens out per-channel weight ranges between "
+                        "consecutive layers; outputs verified unchanged): for --per-tensor and merged branches")
     p.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax",
                    help="activation calibration [minmax]")
     p.add_argument("--calib-images", type=positive_int, default=512, help="training images for calibration [512]")
