@@ -115,3 +115,30 @@ def test_bad_input_is_one_line_and_writes_nothing(run: Path, tmp_path: Path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and "Traceback" not in "\n".join(err)
     assert not (tmp_path / "out").exists()
+
+
+def test_entropy_calibration_is_not_minmax(tmp_path: Path) -> None:
+    """onnxruntime's quantize_static alone would give the entropy calibrator a single candidate (the whole
+    range, i.e. minmax); foldattn computes the KL ranges on a finer histogram and hands them over."""
+    import onnx
+    from onnx import numpy_helper
+
+    from foldattn.quantize import quantize_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()
+    fp32 = tmp_path / "m.onnx"
+    foldattn.export_onnx(model, torch.randn(2, 3, 8, 8), fp32, input_names=["input"], output_names=["logits"])
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(16, 3, 8, 8, generator=g) * torch.rand(16, 1, 1, 1, generator=g) * 4 for _ in range(4)]
+    scales = {}
+    for method in ("minmax", "entropy"):
+        quantize_onnx(fp32, tmp_path / f"{method}.onnx", calib, method=method)
+        scales[method] = {i.name: float(numpy_helper.to_array(i)) for i in
+                          onnx.load(str(tmp_path / f"{method}.onnx")).graph.initializer
+                          if i.name.endswith("_scale") and numpy_helper.to_array(i).size == 1}
+    shared = sorted(set(scales["minmax"]) & set(scales["entropy"]))
+    assert shared
+    # KL clips outliers: some activation range is narrower than the min-max one, none is wider
+    assert any(scales["entropy"][k] < 0.99 * scales["minmax"][k] for k in shared)
+    assert all(scales["entropy"][k] <= scales["minmax"][k] * 1.0001 for k in shared)

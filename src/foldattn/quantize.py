@@ -118,10 +118,35 @@ def quantize_onnx(fp32: str | os.PathLike[str], int8: str | os.PathLike[str], ca
         warnings.simplefilter("ignore")
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(out), _Reader(name, calibration), quant_format=QuantFormat.QDQ,
+        batches = list(calibration)
+        cache: dict[str, Any] = {}
+        if method == "entropy":
+            cache["calibration_cache_path"] = _entropy_ranges(pre, Path(tmp), name, batches)
+        quantize_static(str(pre), str(out), _Reader(name, batches), quant_format=QuantFormat.QDQ,
                         per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=calib,
-                        extra_options={"CalibTensorRangeSymmetric": False, "CalibMovingAverage": False})
+                        extra_options={"CalibTensorRangeSymmetric": False, "CalibMovingAverage": False}, **cache)
+
+
+def _entropy_ranges(model: Path, tmp: Path, name: str, batches: list[Tensor]) -> Path:
+    """Entropy (KL) activation ranges over a 2,048-bin histogram, written where ``quantize_static`` reads
+    calibration ranges from. ``quantize_static`` itself gives the entropy calibrator 128 bins and 128
+    quantized bins, where the KL search has a single candidate, the whole range: it would be minmax."""
+    import inspect
+
+    from onnxruntime.quantization import CalibrationMethod, quantize_static
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        raise RuntimeError("--method entropy needs a newer onnxruntime (this one's quantize_static takes no "
+                           "calibration_cache_path); upgrade it, or use --method minmax or percentile")
+    calibrator = create_calibrator(str(model), augmented_model_path=str(tmp / "augmented.onnx"),
+                                   calibrate_method=CalibrationMethod.Entropy,
+                                   extra_options={"num_bins": 2048, "num_quantized_bins": 128, "symmetric": False})
+    calibrator.collect_data(_Reader(name, batches))
+    path = tmp / "entropy-ranges.json"
+    save_tensors_data(calibrator.compute_data(), path)
+    return path
 
 
 class OrtRunner:
