@@ -108,7 +108,8 @@ def _table(results: list[dict[str, Any]], epochs: list[int], command: str) -> st
         t = r["teacher"]["top1"]
         cal = r["after_calibration"]["top1"]
         cells = [r["label"], f"{t:.2f}", f"{cal:.2f} ({cal - t:+.2f})"]
-        cells += [f"{r[f'distill_{e}']['top1']:.2f} ({r[f'distill_{e}']['top1'] - t:+.2f})" for e in epochs]
+        cells += [f"{r[f'distill_{e}']['top1']:.2f} ({r[f'distill_{e}']['top1'] - t:+.2f})"
+                  if f"distill_{e}" in r else "-" for e in epochs]  # a run distilled with fewer --epochs
         cells += [f"{r['params_teacher']:,} / {r['params_deployed']:,}",
                   f"{r['latency_ms_b1']['teacher']:.2f} / {r['latency_ms_b1']['deployed']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
