@@ -40,6 +40,20 @@ def randomize_psi(model: nn.Module, seed: int = 1) -> nn.Module:
     return model
 
 
+# Module-scoped fixtures that train or benchmark for seconds. `make test` runs pytest-xdist with
+# --dist loadgroup: the tests that use one of these go to one worker, so the fixture is built once
+# per session instead of once per worker (the `bench --quick` fixture alone takes ~20 s).
+_SHARED_FIXTURES = {"test_bench.py": "quick_run", "test_distill.py": "teacher_run", "test_quantize.py": "run",
+                    "test_train.py": "trained_run", "test_ddp.py": "full_run"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        name = _SHARED_FIXTURES.get(item.path.name)
+        if name in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(f"{item.path.name}::{name}"))
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

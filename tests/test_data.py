@@ -43,6 +43,24 @@ def test_digits_is_embedded_and_stratified() -> None:
     assert torch.allclose(frac, torch.full((10,), 0.2), atol=0.02)
 
 
+def test_digits_read_from_the_installed_csv_equal_load_digits(monkeypatch, tmp_path: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    from foldattn.train import data
+
+    raw = load_digits()
+    pixels, labels = data._digits_arrays()
+    assert numpy.array_equal(pixels, raw.images) and numpy.array_equal(labels, raw.target)
+    # a file that is not what scikit-learn ships falls back to load_digits
+    fake = tmp_path / "sklearn"
+    (fake / "datasets" / "data").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "datasets" / "data" / "digits.csv.gz").write_bytes(b"1,2,3\n")
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: type("S", (), {"origin": str(fake / "__init__.py")}))
+    pixels, labels = data._digits_arrays()
+    assert numpy.array_equal(pixels, raw.images) and numpy.array_equal(labels, raw.target)
+
+
 @pytest.mark.parametrize("val", [0.25, 7])
 def test_stratified_split_counts_and_seed(val: float | int) -> None:
     labels = torch.tensor([0] * 10 + [1] * 10 + [2] * 8)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from foldattn.train import TrainConfig, build_model
@@ -24,9 +25,16 @@ def _torchrun(*args: object) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_two_process_ddp_ranks_agree(tmp_path: Path) -> None:
-    _torchrun(tmp_path)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted two-rank run, shared by the tests that compare against it."""
+    out = tmp_path_factory.mktemp("full")
+    _torchrun(out)
+    return out
+
+
+def test_two_process_ddp_ranks_agree(full_run: Path) -> None:
+    r0, r1 = (torch.load(full_run / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0.keys() == r1.keys() and any(k.endswith("psi") for k in r0)
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
@@ -35,7 +43,7 @@ def test_two_process_ddp_ranks_agree(tmp_path: Path) -> None:
     torch.manual_seed(0)
     init = dict(build_model(TrainConfig(attention="se", asr=True), num_classes=10).named_parameters())
     assert any(not torch.equal(init[k].detach(), r0[k]) for k in r0)
-    assert load_checkpoint(tmp_path)["run"]["world_size"] == 2
+    assert load_checkpoint(full_run)["run"]["world_size"] == 2
 
 
 def test_two_process_ddp_with_the_modern_recipe_options(tmp_path: Path) -> None:
@@ -48,8 +56,8 @@ def test_two_process_ddp_with_the_modern_recipe_options(tmp_path: Path) -> None:
     assert blob["run"]["world_size"] == 2
 
 
-def test_ctrl_c_on_one_rank_stops_all_ranks_at_the_same_step_and_resumes_exactly(tmp_path: Path) -> None:
-    _torchrun(tmp_path / "full")
+def test_ctrl_c_on_one_rank_stops_all_ranks_at_the_same_step_and_resumes_exactly(full_run: Path,
+                                                                                   tmp_path: Path) -> None:
     cut = tmp_path / "cut"
     _torchrun(cut, "cut")  # Ctrl-C reaches rank 1 only, after its first step
     assert {p.name for p in cut.glob("interrupted-rank*")} == {"interrupted-rank0", "interrupted-rank1"}
@@ -57,7 +65,7 @@ def test_ctrl_c_on_one_rank_stops_all_ranks_at_the_same_step_and_resumes_exactly
     assert (blob["epoch"], blob["step"]) == (0, 1)
     assert blob["partial"][2] == 16  # images of the one step done, over both ranks (8 each)
     _torchrun(cut, "resume")
-    full = torch.load(tmp_path / "full" / "rank0.pt", weights_only=True)
+    full = torch.load(full_run / "rank0.pt", weights_only=True)
     for r in (0, 1):
         resumed = torch.load(cut / f"rank{r}.pt", weights_only=True)
         for k in full:

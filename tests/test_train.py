@@ -451,12 +451,16 @@ def test_two_runs_cannot_share_an_output_folder(tmp_path: Path) -> None:
                              text=True)
     try:
         deadline = time.time() + 120
-        while not (out / "summary.json").exists() and time.time() < deadline and first.poll() is None:
-            time.sleep(0.2)
+        # the second run starts as soon as the first holds the folder (while it still sets up) ...
+        while not (out / ".lock").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.05)
         second = subprocess.run([*base, "--epochs", "1", "--attention", "se"], env=env, capture_output=True,
                                 text=True, timeout=120)
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"in use by PID {first.pid}" in second.stderr and "Traceback" not in second.stderr
+        # ... and the first is stopped once it trains (its SIGTERM handler is in place by then)
+        while not (out / "summary.json").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.05)
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=60)
     finally:

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import StochasticDepth
 
 from ..attach import attach, find_sites
 from ..attention import Factory, PsiInit
@@ -122,8 +121,13 @@ class ViTBlock(nn.Module):
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         # stochastic depth (Huang et al. 2016) on each residual branch; the identity in eval mode,
-        # so it never enters a fold
-        self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
+        # so it never enters a fold. Imported here: torchvision.ops pulls in torch._dynamo (~1 s),
+        # which every `import foldattn` would pay otherwise
+        self.drop_path: nn.Module = nn.Identity()
+        if drop_path > 0:
+            from torchvision.ops import StochasticDepth
+
+            self.drop_path = StochasticDepth(drop_path, "row")
 
     def _gate(self, site: str, x: Tensor) -> Tensor:
         return self.gates[site](x) if site in self.gates else x

@@ -260,14 +260,42 @@ def _split(data: ImageData | FileData, val_split: float | int, seed: int) -> tup
 
 
 # ----------------------------------------------------------------------------- digits
+_DIGITS_CSV = ("datasets", "data", "digits.csv.gz")  # inside the installed scikit-learn package
+
+
+def _digits_arrays() -> tuple[Any, Any]:
+    """The 1,797 digits as (N, 8, 8) float pixels 0..16 and (N,) int64 labels.
+
+    scikit-learn ships them as a gzipped CSV (64 pixels, then the label, per row). Reading that file
+    directly skips ``import sklearn.datasets`` (about a second per process, which every digits run,
+    demo and test would pay); anything unexpected about the file falls back to ``load_digits``.
+    """
+    import importlib.util
+
+    import numpy as np
+
+    try:
+        spec = importlib.util.find_spec("sklearn")
+        path = Path(spec.origin).parent.joinpath(*_DIGITS_CSV) if spec and spec.origin else None
+        if path is not None and path.is_file() and path.stat().st_size < 1 << 20:
+            table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+            if table.shape == (1797, 65) and table.min() >= 0 and table[:, :64].max() <= 16 \
+                    and table[:, 64].max() <= 9 and np.array_equal(table, np.round(table)):
+                return table[:, :64].reshape(-1, 8, 8), table[:, 64].astype(np.int64)
+    except (ValueError, OSError):
+        pass
+    raw = require("sklearn.datasets", "train").load_digits()
+    return raw.images, raw.target
+
+
 @register_dataset("digits")
 def _digits(val_split: float | int | None = None, split_seed: int = 0, **_: object) -> DataBundle:
     """scikit-learn's 1,797 8x8 digits, bilinearly upscaled to 16x16, 3 channels."""
-    raw = require("sklearn.datasets", "train").load_digits()
-    x = torch.from_numpy(raw.images).float().div(16).unsqueeze(1)  # values 0..16
+    pixels, targets = _digits_arrays()
+    x = torch.from_numpy(pixels).float().div(16).unsqueeze(1)  # values 0..16
     x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
     images = x.mul(255).round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    data = ImageData(images, torch.from_numpy(raw.target))
+    data = ImageData(images, torch.from_numpy(targets))
     train, val = _split(data, 0.2 if val_split is None else val_split, split_seed)
     mean, std = _channel_stats(train.images)
     return DataBundle("digits", train, val, [str(i) for i in range(10)], mean, std, pad=2, flip=False)
