@@ -47,6 +47,7 @@ _SHARED_FIXTURES = {"test_bench.py": "quick_run", "test_distill.py": "teacher_ru
                     "test_train.py": "trained_run", "test_ddp.py": "full_run"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         name = _SHARED_FIXTURES.get(item.path.name)
