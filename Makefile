@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/foldattn demo $(ARGS)
 
-# -n auto: one pytest worker per CPU core (pytest-xdist), each with one torch thread; --dist loadgroup
-# keeps the tests of an expensive shared fixture on one worker (tests/conftest.py)
+# -n auto: one pytest worker per CPU core (pytest-xdist), each with one torch thread; expensive
+# read-only fixtures are built once for all workers (tests/conftest.py: shared_folder)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadgroup $(ARGS)
+	$(BIN)/python -m pytest -q -n auto $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,19 +42,27 @@ def randomize_psi(model: nn.Module, seed: int = 1) -> nn.Module:
     return model
 
 
-# Module-scoped fixtures that train or benchmark for seconds. `make test` runs pytest-xdist with
-# --dist loadgroup: the tests that use one of these go to one worker, so the fixture is built once
-# per session instead of once per worker (the `bench --quick` fixture alone takes ~20 s).
-_SHARED_FIXTURES = {"test_bench.py": "quick_run", "test_distill.py": "teacher_run", "test_quantize.py": "run",
-                    "test_train.py": "trained_run", "test_ddp.py": "full_run"}
+def shared_folder(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder that ``build`` fills once per test session, whichever pytest-xdist worker asks first.
 
+    For expensive read-only fixtures (the `bench --quick` run takes ~20 s): a module-scoped fixture
+    is built once per worker, and `make test` runs a worker per core. The other workers wait for
+    the first one under a file lock, then reuse its folder. (xdist's own ``--dist loadgroup`` does
+    not group tests under pytest 9.2, whose node ids it can no longer rewrite.)
+    """
+    from filelock import FileLock  # a dependency of torch
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        name = _SHARED_FIXTURES.get(item.path.name)
-        if name in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group(f"{item.path.name}::{name}"))
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    folder = root / f"shared-{name}"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".complete").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".complete").touch()
+    return folder
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,9 @@ Nothing here asserts a speed: timings are checked by the benchmark's own PASS/FA
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import re
 from pathlib import Path
@@ -21,22 +23,26 @@ from foldattn.bench import memory, runner, targets, timing
 from foldattn.cli import main
 from foldattn.summary import count_flops
 
+from .conftest import shared_folder
+
 
 # --------------------------------------------------------------------------------------
 # `foldattn bench --quick`: the CI run, and its output format
 # --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, str, str]:
-    out = tmp_path_factory.mktemp("bench")
+def _quick(out: Path) -> None:
     torch.manual_seed(0)
-    import contextlib
-    import io
-
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = main(["bench", "--quick", "--out", str(out)])
+    (out / "stdout.txt").write_text(buf.getvalue())
+    (out / "rc.txt").write_text(str(rc))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, str, str]:
+    out = shared_folder(tmp_path_factory, "bench-quick", _quick)
     result = json.loads((out / "bench.json").read_text())
-    return rc, result, (out / "bench.md").read_text(), buf.getvalue()
+    return int((out / "rc.txt").read_text()), result, (out / "bench.md").read_text(), (out / "stdout.txt").read_text()
 
 
 def test_quick_writes_valid_json(quick_run: tuple[int, dict, str, str]) -> None:

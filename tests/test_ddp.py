@@ -13,6 +13,8 @@ import torch
 from foldattn.train import TrainConfig, build_model
 from foldattn.train.checkpoint import load_checkpoint
 
+from .conftest import shared_folder
+
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
@@ -28,9 +30,7 @@ def _torchrun(*args: object) -> None:
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted two-rank run, shared by the tests that compare against it."""
-    out = tmp_path_factory.mktemp("full")
-    _torchrun(out)
-    return out
+    return shared_folder(tmp_path_factory, "ddp-full", _torchrun)
 
 
 def test_two_process_ddp_ranks_agree(full_run: Path) -> None:

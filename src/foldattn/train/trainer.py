@@ -93,6 +93,7 @@ class Trainer:
         self.stop_signal = 2  # SIGINT; StopOnSignal records SIGTERM
         self.lock = RunLock(self.out)
         self.history: list[dict[str, float]] = []
+        self._plotted = 0  # epochs drawn in curves.png
         self.best: dict[str, float] = {"top1": -1.0, "top5": 0.0, "epoch": 0}
         self.start_epoch = self.start_step = 0
         self.partial: list[float] | None = None
@@ -288,9 +289,12 @@ class Trainer:
             return
         write_json(self.out / "summary.json", self.summary())
         write_csv(self.out / "metrics.csv", self.history)
-        with contextlib.suppress(Exception):
-            if self.history:
+        # the curves only change with the history: the end of a run does not draw its last epoch again
+        plotted = len(self.history)
+        if self.history and plotted != self._plotted:
+            with contextlib.suppress(Exception):
                 write_curves(self.out / "curves.png", {self.cfg.model: self.history}, title=label(self.cfg))
+                self._plotted = plotted
 
     # --- the loop -----------------------------------------------------------------------
     def first_step(self, epoch: int) -> int:
