@@ -9,7 +9,8 @@ every attention site, SGD lr 0.01, bf16 autocast), all on the run's 5,000 held-o
 deployed parameters and the batch-1 latency (one thread, interleaved) of the teacher and of the
 deployed model; per site, the stripe statistics and the teacher-student output gap before and after.
 
-Results are written per run (``OUT/<label>.json``, so a rerun skips what is done) and as a table
+Results are written per run (``OUT/<label>.json``, after each distillation: a rerun, also one with more
+``--epochs``, runs only the distillations a run's file does not hold yet) and as a table
 (``OUT/distill.md``). ``--ablate`` adds, for the first run, one-epoch distillations without the feature
 term and with the norms' statistics fixed.
 
@@ -50,7 +51,10 @@ def _latency_ms(models: dict[str, torch.nn.Module], x: torch.Tensor) -> dict[str
     return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
 
 
-def run_one(label: str, run: Path, args: argparse.Namespace, bundles: dict[Any, Any], ablate: bool) -> dict[str, Any]:
+def run_one(label: str, run: Path, args: argparse.Namespace, bundles: dict[Any, Any], ablate: bool,
+            done: dict[str, Any], save: Any) -> dict[str, Any]:
+    """Calibrate, then every distillation of ``args.epochs`` (and the ablations) that ``done`` lacks; ``save``
+    gets the result after each one."""
     teacher, cfg, blob = load_trained(run / "last.pt", ema=False)
     key = (cfg.dataset, cfg.val_split, cfg.split_seed)
     if key not in bundles:
@@ -67,6 +71,11 @@ def run_one(label: str, run: Path, args: argparse.Namespace, bundles: dict[Any, 
     stripes = report.stripes
     assert stripes is not None
     result["after_calibration"] = evaluate(deployed, val)
+    for key in ("teacher", "after_calibration"):  # the same run and calibration as the file's distillations
+        if key in done and done[key]["top1"] != result[key]["top1"]:
+            raise SystemExit(f"{label}: {key} top-1 {result[key]['top1']} differs from the file's "
+                             f"{done[key]['top1']}; move the file away to start this run again")
+    result = {**done, **result}
     example = next(iter(val))[0][:8]
     result["fold_check"] = str(verify(constant_model(teacher, stripes), deployed, example))
     result["calibration_seconds"] = time.time() - t0
@@ -79,6 +88,8 @@ def run_one(label: str, run: Path, args: argparse.Namespace, bundles: dict[Any, 
         runs["distill_1_fixed_norm_stats"] = {"epochs": 1, "freeze_norm_stats": True}
     best = None
     for name, options in runs.items():
+        if name in result:
+            continue
         student = distillation_student(constant_model(teacher, stripes), example)
         gaps_before = site_gaps(teacher, student, sites, val)
         t0 = time.time()
@@ -92,8 +103,11 @@ def run_one(label: str, run: Path, args: argparse.Namespace, bundles: dict[Any, 
                                       "gate_mean": summaries[s]["gate_mean"],
                                       "gate_spread": summaries[s]["gate_mean_std"],
                                       "gap_before": gaps_before[s], "gap_after": gaps_after[s]} for s in sites}}
-        if name == f"distill_{max(args.epochs)}":
+        if best is None or name == f"distill_{max(args.epochs)}":
             best = out
+        save(result)
+    if best is None:  # every distillation was done already
+        return result
     x1 = example[:1]
     lat = _latency_ms({"teacher": copy.deepcopy(teacher).eval(), "deployed": copy.deepcopy(best).eval()}, x1)
     result.update(params_teacher=count_params(teacher), params_deployed=count_params(best), latency_ms_b1=lat)
@@ -146,16 +160,25 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for i, (label, run) in enumerate(todo):
         dest = args.out / f"{label.replace(' ', '_').replace('+', '')}.json"
-        if dest.is_file():
-            results.append(json.loads(dest.read_text()))
+        done = json.loads(dest.read_text()) if dest.is_file() else {}
+        wanted = [f"distill_{e}" for e in args.epochs] + (
+            ["distill_1_no_features", "distill_1_fixed_norm_stats"] if args.ablate and i == 0 else [])
+        if all(name in done for name in wanted):
+            results.append(done)
             continue
         summary = Path(run) / "summary.json"
         if not summary.is_file() or not json.loads(summary.read_text()).get("finished"):
             print(f"{label}: {run} has not finished training; skipped (run this again later)", flush=True)
             continue
         print(f"== {label} ({run})", flush=True)
-        results.append(run_one(label, Path(run), args, bundles, ablate=args.ablate and i == 0))
-        write_json(dest, {**results[-1], "command": command})
+        def save(result: dict[str, Any], dest: Path = dest) -> None:
+            commands = result.get("commands") or ([result["command"]] if "command" in result else [])
+            kept = {k: v for k, v in result.items() if k != "command"}
+            write_json(dest, {**kept, "commands": [*dict.fromkeys([*commands, command])]})
+
+        results.append(run_one(label, Path(run), args, bundles, ablate=args.ablate and i == 0, done=done,
+                               save=save))
+        save(results[-1])
     with atomic_path(args.out / "distill.md") as tmp:
         tmp.write_text(_table(results, args.epochs, command))
     print(_table(results, args.epochs, command))
