@@ -127,6 +127,24 @@ def _table(results: list[dict[str, Any]], epochs: list[int], command: str) -> st
         cells += [f"{r['params_teacher']:,} / {r['params_deployed']:,}",
                   f"{r['latency_ms_b1']['teacher']:.2f} / {r['latency_ms_b1']['deployed']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    # per model over its seeds (labels "<model> s<seed>"): the mean change, and each seed's
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_model.setdefault(r["label"].rsplit(" s", 1)[0], []).append(r)
+    rows = []
+    for model, rs in by_model.items():
+        if len(rs) < 2:
+            continue
+        cells = [model, str(len(rs))]
+        for key in ["after_calibration"] + [f"distill_{e}" for e in epochs]:
+            changes = [r[key]["top1"] - r["teacher"]["top1"] for r in rs if key in r]
+            cells.append(f"{statistics.mean(changes):+.2f} ({', '.join(f'{c:+.2f}' for c in changes)})"
+                         if len(changes) == len(rs) else "-")
+        rows.append("| " + " | ".join(cells) + " |")
+    if rows:
+        lines += ["", "Change to the teacher, mean over seeds (each seed's):", "",
+                  "| model | seeds | calibrated | " + " | ".join(f"distilled {e} ep" for e in epochs) + " |",
+                  "|---|---:|" + "---:|" * (1 + len(epochs)), *rows]
     ablations = [r for r in results if "distill_1_no_features" in r]
     for r in ablations:
         lines += ["", f"Ablation on {r['label']}, one epoch: with the feature term {r['distill_1']['top1']:.2f}, "
@@ -149,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the distillation's batches")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ablate", action="store_true", help="feature-term and norm-statistics ablations on the first run")
+    p.add_argument("--table-only", action="store_true", help="rewrite OUT/distill.md from the runs' files; run nothing")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -163,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         done = json.loads(dest.read_text()) if dest.is_file() else {}
         wanted = [f"distill_{e}" for e in args.epochs] + (
             ["distill_1_no_features", "distill_1_fixed_norm_stats"] if args.ablate and i == 0 else [])
-        if all(name in done for name in wanted):
+        if all(name in done for name in wanted) or (args.table_only and done):
             results.append(done)
+            continue
+        if args.table_only:
             continue
         summary = Path(run) / "summary.json"
         if not summary.is_file() or not json.loads(summary.read_text()).get("finished"):
