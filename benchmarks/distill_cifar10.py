@@ -27,6 +27,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ def _latency_ms(models: dict[str, torch.nn.Module], x: torch.Tensor) -> dict[str
 
 
 def run_one(label: str, run: Path, args: argparse.Namespace, bundles: dict[Any, Any], ablate: bool,
-            done: dict[str, Any], save: Any) -> dict[str, Any]:
+            done: dict[str, Any], save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Calibrate, then every distillation of ``args.epochs`` (and the ablations) that ``done`` lacks; ``save``
     gets the result after each one."""
     teacher, cfg, blob = load_trained(run / "last.pt", ema=False)
@@ -182,10 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         done = json.loads(dest.read_text()) if dest.is_file() else {}
         wanted = [f"distill_{e}" for e in args.epochs] + (
             ["distill_1_no_features", "distill_1_fixed_norm_stats"] if args.ablate and i == 0 else [])
-        if all(name in done for name in wanted) or (args.table_only and done):
-            results.append(done)
-            continue
-        if args.table_only:
+        if args.table_only or all(name in done for name in wanted):
+            if done:
+                results.append(done)
             continue
         summary = Path(run) / "summary.json"
         if not summary.is_file() or not json.loads(summary.read_text()).get("finished"):
