@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from foldattn.cli import main
-from foldattn.sweep import SweepError, load_sweep, parse_sweep, stats, summarize
+from foldattn.sweep import SweepError, load_sweep, parse_sweep, stats, summarize, write_summary
 
 FAST = ["--recipe", "digits", "--epochs", "2", "--steps-per-epoch", "4", "--batch-size", "32"]
 
@@ -99,6 +99,31 @@ def test_summary_statistics_and_paired_differences(tmp_path: Path) -> None:
     assert b["paired_diff"]["final_top1"]["values"] == pytest.approx([1.0, 0.5])
     assert b["paired_diff"]["final_top1"]["mean"] == pytest.approx(0.75)
     assert "paired_diff" not in a and summary["runs_finished"] == 5 and summary["runs_planned"] == 6
+    assert summary["contrasts"] == []
+
+
+def test_contrasts_are_paired_by_seed_in_json_markdown_and_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    spec = parse_sweep({"arms": {"plain": [], "asr-se": ["--attention", "se", "--asr"],
+                                 "asr-scale": ["--attention", "scale", "--asr"]},
+                        "seeds": [0, 1, 2], "baseline": "plain", "contrasts": [["asr-se", "asr-scale"]]})
+    assert spec.contrasts == (("asr-se", "asr-scale"),)
+    finals = {("plain", 0): 80.0, ("plain", 1): 81.0, ("plain", 2): 82.0, ("asr-se", 0): 81.0,
+              ("asr-se", 1): 81.5, ("asr-se", 2): 83.0, ("asr-scale", 0): 80.5, ("asr-scale", 1): 82.5}
+    for (arm, seed), top1 in finals.items():
+        folder = tmp_path / "runs" / arm / f"s{seed}"
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"finished": True, "time_per_epoch_s": 2.0,
+                                                         "run": {"params_train": 10, "params_deployed": 8}}))
+        (folder / "metrics.csv").write_text(f"epoch,val_top1\n1,{top1 - 5}\n2,{top1}\n")
+    summary = write_summary(spec, tmp_path)
+    (contrast,) = summary["contrasts"]
+    assert contrast["arms"] == ["asr-se", "asr-scale"] and contrast["seeds"] == [0, 1]  # asr-scale s2 unfinished
+    assert contrast["final_top1"]["values"] == pytest.approx([0.5, -1.0])
+    assert contrast["final_top1"]["mean"] == pytest.approx(-0.25)
+    md = (tmp_path / "summary.md").read_text()
+    assert "| asr-se - asr-scale | 0,1 | -0.25 ± 1.06 (+0.50, -1.00) |" in md
+    assert (tmp_path / "summary.png").stat().st_size > 1000
 
 
 # (id, sweep file text after `base`, the one line's text)
@@ -120,6 +145,11 @@ BAD = [
     ("missing-data", "arms:\n  a: [--dataset, 'imagefolder:/no/such/folder']\nseeds: [0]\n", "does not exist"),
     ("yaml-alias", "arms:\n  a: &x []\n  b: *x\nseeds: [0]\n", "aliases"),
     ("not-a-mapping", "arms: [a, b]\nseeds: [0]\n", "arms must map"),
+    ("contrast-unknown-arm", "arms:\n  a: []\nseeds: [0]\ncontrasts: [[a, c]]\n", "'c' is not an arm"),
+    ("contrast-not-a-pair", "arms:\n  a: []\nseeds: [0]\ncontrasts: [a]\n", "pair of arm names"),
+    ("contrast-self", "arms:\n  a: []\nseeds: [0]\ncontrasts: [[a, a]]\n", "with itself"),
+    ("contrast-twice", "arms:\n  a: []\n  b: [--attention, se]\nseeds: [0]\ncontrasts: [[a, b], [b, a]]\n",
+     "listed twice"),
 ]
 
 
@@ -169,3 +199,13 @@ def test_bad_file_and_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "--jobs" in capsys.readouterr().err
     with pytest.raises(SweepError, match="expected a list of options"):
         parse_sweep({"arms": {"a": "--asr"}, "seeds": [0]})
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "benchmarks" / "sweeps").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_the_projects_sweep_files_load(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the CIFAR-10 files name their data through ${CIFAR10}; any folder with a train/ subfolder passes the checks
+    (tmp_path / "train").mkdir()
+    monkeypatch.setenv("CIFAR10", str(tmp_path))
+    spec = load_sweep(path)
+    assert spec.runs() and (spec.baseline is None or spec.baseline in {a.name for a in spec.arms})

@@ -9,6 +9,7 @@
       psi-1: {args: [--attention, se, --asr, --psi-init, "1"], seeds: [0, 1]}   # its own seeds
     seeds: [0, 1]
     baseline: plain                             # paired differences are taken against it
+    contrasts: [[asr-se, psi-1]]                # more paired differences, first arm minus second (optional)
     jobs: 2                                     # runs at a time (optional; --jobs overrides)
     threads: 1                                  # torch threads per run (optional; --threads overrides)
 
@@ -35,7 +36,7 @@ __all__ = ["Arm", "Run", "SweepSpec", "SweepError", "load_sweep", "parse_sweep",
 
 _ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+\-]{0,63}")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_KEYS = {"base", "arms", "seeds", "baseline", "jobs", "threads"}
+_KEYS = {"base", "arms", "seeds", "baseline", "contrasts", "jobs", "threads"}
 #: options the sweep sets for every run itself (TrainConfig/argparse dest -> the option)
 OWNED_OPTIONS = {"output": "-o/--output", "seed": "--seed", "resume": "--resume", "threads": "--threads",
                  "config": "-c/--config", "allow_config_change": "--allow-config-change", "progress": "--progress"}
@@ -85,6 +86,8 @@ class SweepSpec:
     baseline: str | None = None
     jobs: int = 1
     threads: int = 0
+    #: (first, second) arm pairs whose paired difference (first minus second, seed by seed) is summarised
+    contrasts: tuple[tuple[str, str], ...] = ()
 
     def arm(self, name: str) -> Arm:
         for a in self.arms:
@@ -147,6 +150,28 @@ def _count(value: Any, where: str, low: int) -> int:
     return value
 
 
+def _contrasts(value: Any, arms: Sequence[str], where: str) -> tuple[tuple[str, str], ...]:
+    example = "e.g. [[asr-se, asr-scale]]"
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise SweepError(f"{where}: expected a list of arm pairs, {example}; got {value!r}")
+    out: list[tuple[str, str]] = []
+    for pair in value:
+        if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise SweepError(f"{where}: each contrast is a pair of arm names, {example}; got {pair!r}")
+        first, second = pair
+        for name in (first, second):
+            if name not in arms:
+                raise SweepError(f"{where}: {name!r} is not an arm; arms: {', '.join(arms)}")
+        if first == second:
+            raise SweepError(f"{where}: [{first}, {second}] compares an arm with itself; name two arms")
+        if (first, second) in out or (second, first) in out:
+            raise SweepError(f"{where}: [{first}, {second}] is listed twice")
+        out.append((first, second))
+    return tuple(out)
+
+
 def parse_sweep(data: Any, source: str = "sweep file") -> SweepSpec:
     """Check the structure of a loaded sweep document (not yet the options; see :func:`check_options`)."""
     if not isinstance(data, Mapping):
@@ -179,9 +204,10 @@ def parse_sweep(data: Any, source: str = "sweep file") -> SweepSpec:
     baseline = data.get("baseline")
     if baseline is not None and baseline not in {a.name for a in arms}:
         raise SweepError(f"{source}: baseline {baseline!r} is not an arm; arms: {', '.join(a.name for a in arms)}")
+    contrasts = _contrasts(data.get("contrasts"), [a.name for a in arms], f"{source}: contrasts")
     jobs = _count(data.get("jobs", 1), f"{source}: jobs", 1)
     threads = _count(data.get("threads", 0), f"{source}: threads", 0)
-    return SweepSpec(base, tuple(arms), seeds, baseline, jobs, threads)
+    return SweepSpec(base, tuple(arms), seeds, baseline, jobs, threads, contrasts)
 
 
 def load_sweep(path: str | os.PathLike[str]) -> SweepSpec:

@@ -3,7 +3,8 @@
 Only finished runs count. ``final`` is the last epoch's validation top-1 of the folded model,
 ``best`` the highest over the epochs (picked on the validation split: report both); with
 ``--model-ema`` the EMA's are given as well. The paired difference of an arm is taken seed by
-seed against the baseline run of the same seed, so the spread the two share cancels.
+seed against the baseline run of the same seed, so the spread the two share cancels; the file's
+``contrasts`` (e.g. ASR(SE) against ASR(scale)) are paired the same way.
 """
 
 from __future__ import annotations
@@ -67,6 +68,18 @@ def _run_metrics(folder: Path) -> dict[str, Any] | None:
     return out
 
 
+def _paired(per_run: dict[tuple[str, int], dict[str, Any]], first: str, second: str,
+            seeds: tuple[int, ...]) -> dict[str, Any]:
+    """``first`` minus ``second``, seed by seed, over the seeds both finished."""
+    paired = [s for s in seeds if (first, s) in per_run and (second, s) in per_run]
+    diff: dict[str, Any] = {"seeds": paired}
+    for metric in _METRICS:
+        pairs = [(per_run[(first, s)].get(metric), per_run[(second, s)].get(metric)) for s in paired]
+        if pairs and all(a is not None and b is not None for a, b in pairs):
+            diff[metric] = stats([a - b for a, b in pairs])
+    return diff
+
+
 def summarize(spec: SweepSpec, out: Path, threads: int = 0, source: str = "SWEEP.yaml") -> dict[str, Any]:
     """The sweep's summary (what ``summary.json`` holds) from the finished runs in ``out``."""
     per_run: dict[tuple[str, int], dict[str, Any]] = {}
@@ -90,17 +103,12 @@ def summarize(spec: SweepSpec, out: Path, threads: int = 0, source: str = "SWEEP
             entry["epochs"] = rows[0]["epochs"]
         entry["commands"] = {str(s): shlex.join(command_for(spec, Run(arm.name, s), out, threads)) for s in seeds}
         if spec.baseline is not None and arm.name != spec.baseline:
-            paired = [s for s in seeds if (spec.baseline, s) in per_run]
-            diff: dict[str, Any] = {"seeds": paired}
-            for metric in _METRICS:
-                pairs = [(per_run[(arm.name, s)].get(metric), per_run[(spec.baseline, s)].get(metric)) for s in paired]
-                if pairs and all(a is not None and b is not None for a, b in pairs):
-                    diff[metric] = stats([a - b for a, b in pairs])
-            entry["paired_diff"] = diff
+            entry["paired_diff"] = _paired(per_run, arm.name, spec.baseline, arm.seeds)
         arms[arm.name] = entry
+    contrasts = [{"arms": [a, b], **_paired(per_run, a, b, spec.arm(a).seeds)} for a, b in spec.contrasts]
     return {"format": "foldattn-sweep-summary", "version": 1, "baseline": spec.baseline, "seeds": list(spec.seeds),
             "base": list(spec.base), "command": f"foldattn sweep {source} -o {out}", "arms": arms,
-            "runs_finished": len(per_run), "runs_planned": len(spec.runs())}
+            "contrasts": contrasts, "runs_finished": len(per_run), "runs_planned": len(spec.runs())}
 
 
 def _ms(s: dict[str, Any] | None, signed: bool = False) -> str:
@@ -113,8 +121,25 @@ def _ms(s: dict[str, Any] | None, signed: bool = False) -> str:
     return text
 
 
+def _per_seed(d: dict[str, Any], key: str) -> str:
+    per = d.get(key, {}).get("values", [])
+    return _ms(d.get(key), signed=True) + (f" ({', '.join(f'{v:+.2f}' for v in per)})" if per else "")
+
+
+def _contrast_table(summary: dict[str, Any], ema: bool) -> list[str]:
+    key = "final_ema_top1" if ema else "final_top1"
+    best = "best_ema_top1" if ema else "best_top1"
+    lines = ["", "Contrasts (first arm minus second, paired by seed):", "",
+             f"| contrast | seeds | {'final EMA' if ema else 'final'} top-1 difference (per seed) | "
+             f"{'best EMA' if ema else 'best'} top-1 difference |", "|---|---|---|---|"]
+    for c in summary.get("contrasts", []):
+        lines.append(f"| {c['arms'][0]} - {c['arms'][1]} | {','.join(map(str, c['seeds'])) or '-'} | "
+                     f"{_per_seed(c, key)} | {_ms(c.get(best), signed=True)} |")
+    return lines
+
+
 def markdown(summary: dict[str, Any]) -> str:
-    """The summary as a Markdown table, with the command that made it."""
+    """The summary as Markdown tables (arms, then contrasts), with the command that made them."""
     base = summary["baseline"]
     ema = any("final_ema_top1" in a for a in summary["arms"].values())
     head = ["arm", "seeds", "final top-1", "best top-1"] + (["final EMA top-1"] if ema else [])
@@ -133,17 +158,16 @@ def markdown(summary: dict[str, Any]) -> str:
                 cells += ["(baseline)", "(baseline)"]
             else:
                 d = a.get("paired_diff") or {}
-                per = d.get("final_top1", {}).get("values", [])
                 key = "final_ema_top1" if ema and "final_ema_top1" in d else "final_top1"
-                per = d.get(key, {}).get("values", per)
-                cells.append(_ms(d.get(key), signed=True) + (f" ({', '.join(f'{v:+.2f}' for v in per)})" if per
-                                                               else ""))
+                cells.append(_per_seed(d, key))
                 cells.append(_ms(d.get("best_ema_top1" if key == "final_ema_top1" else "best_top1"), signed=True))
         t = a.get("time_per_epoch_s") or {}
         cells.append(f"{t['mean']:.0f}" if t.get("mean") is not None else "-")
         pt, pd = a.get("params_trained"), a.get("params_deployed")
         cells.append(f"{pt:,} / {pd:,}" if isinstance(pt, int) and isinstance(pd, int) else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    if summary.get("contrasts"):
+        lines += _contrast_table(summary, ema)
     return "\n".join(lines) + "\n"
 
 
@@ -155,7 +179,8 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     base = summary["baseline"]
     ema = any("final_ema_top1" in a for a in summary["arms"].values())
     key = "final_ema_top1" if ema else "final_top1"
-    panels = 2 if base is not None else 1
+    contrasts = summary.get("contrasts", [])
+    panels = 2 if base is not None or contrasts else 1
     fig, axes = plt.subplots(1, panels, figsize=(max(5.0, 1.1 * len(arms) + 2) * panels / 1.4, 3.8), squeeze=False)
     ax = axes[0][0]
     for i, name in enumerate(arms):
@@ -168,19 +193,22 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     ax.set_ylabel(f"{'EMA ' if ema else ''}final top-1 (%)")
     ax.set_title("per seed (grey), mean ± std (blue)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    if base is not None:
+    if panels == 2:
         ax = axes[0][1]
-        others = [a for a in arms if a != base]
-        for i, name in enumerate(others):
-            d = (summary["arms"][name].get("paired_diff") or {}).get(key)
+        # each arm against the baseline (orange), then the file's contrasts (green), all paired by seed
+        entries = [(name, (summary["arms"][name].get("paired_diff") or {}).get(key), "C1")
+                   for name in arms if base is not None and name != base]
+        entries += [(f"{c['arms'][0]} - {c['arms'][1]}", c.get(key), "C2") for c in contrasts]
+        for i, (_, d, color) in enumerate(entries):
             if not d:
                 continue
             ax.scatter([i] * len(d["values"]), d["values"], s=14, color="0.45", zorder=2)
-            ax.errorbar([i], [d["mean"]], yerr=[d["std"] or 0], fmt="o", color="C1", capsize=4, zorder=3)
+            ax.errorbar([i], [d["mean"]], yerr=[d["std"] or 0], fmt="o", color=color, capsize=4, zorder=3)
         ax.axhline(0, color="k", lw=0.8)
-        ax.set_xticks(range(len(others)), others, rotation=30, ha="right")
-        ax.set_ylabel(f"difference to {base} (points)")
-        ax.set_title("paired by seed", fontsize=9)
+        ax.set_xticks(range(len(entries)), [e[0] for e in entries], rotation=30, ha="right")
+        ax.set_ylabel("paired difference (points)")
+        ax.set_title("paired by seed\n" + "; ".join(([f"orange: vs {base}"] if base is not None else [])
+                                                   + (["green: contrasts"] if contrasts else [])), fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     save_png(fig, path)
 
