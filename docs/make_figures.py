@@ -2,12 +2,17 @@
 
     python docs/make_figures.py                  # ~5 minutes on 2 CPU cores; writes docs/*.png
     python docs/make_figures.py --quick          # a few steps only, to check the script (figures not kept)
+    python docs/make_figures.py --sweep runs/resnet20 --sweep runs/vit   # only the sweeps' figures (seconds)
 
 1. ``foldattn demo`` (plain, +SE, +ASR(SE) ResNet-20 on digits): ``docs/demo-curves.png``.
 2. The Stripe Observation of the trained +SE model on the validation digits:
    ``docs/stripe-heatmap.png`` (images x channels; vertical stripes = input-independent attention).
 3. ``foldattn bench`` of ResNet-20 with SE (latency, throughput, training step, parameters as
    ratios to plain): ``docs/cost.png``.
+
+4. With ``--sweep DIR`` (a ``foldattn sweep`` folder), instead of 1-3: its summary plot as
+   ``docs/sweep-<sweep file name>.png`` (each seed's final top-1, mean ± std per arm, paired
+   differences), redrawn from ``DIR/summary.json``; docs/ablations.md shows them.
 
 Every number in a figure comes from these runs; the script prints the command lines it ran and the
 tables the figures were drawn from, so they can be quoted beside the figure.
@@ -99,11 +104,35 @@ def _cost(work: Path, quick: bool) -> Path:
     return path
 
 
+def _sweep_figure(folder: Path) -> Path:
+    from foldattn._files import load_json_file
+    from foldattn.sweep import plot_summary
+
+    summary = load_json_file(folder / "summary.json", "sweep summary")
+    record = load_json_file(folder / "sweep.json", "sweep record")
+    if not (isinstance(summary, dict) and summary.get("format") == "foldattn-sweep-summary"
+            and isinstance(summary.get("arms"), dict) and isinstance(record, dict)):
+        raise SystemExit(f"make_figures: {folder} is not a `foldattn sweep` folder (its summary.json and sweep.json "
+                         "are not the sweep's); name the folder given to `foldattn sweep -o`")
+    stem = Path(str(record.get("file") or folder.name)).stem
+    path = DOCS / f"sweep-{stem}.png"
+    plot_summary(summary, path, title=stem)
+    print(f"  wrote docs/{path.name} ({summary.get('runs_finished')} of {summary.get('runs_planned')} runs; "
+          f"{summary.get('command')})")
+    return path
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a few steps only; the figures are not copied to docs/")
     p.add_argument("--work", type=Path, help="folder for the runs [a temporary folder]")
+    p.add_argument("--sweep", type=Path, action="append", default=[], metavar="DIR",
+                   help="draw docs/sweep-<name>.png from this foldattn sweep folder (repeatable); skips 1-3")
     args = p.parse_args()
+    if args.sweep:
+        for folder in args.sweep:
+            _sweep_figure(folder)
+        return 0
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)

@@ -209,3 +209,32 @@ def test_the_projects_sweep_files_load(path: Path, tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("CIFAR10", str(tmp_path))
     spec = load_sweep(path)
     assert spec.runs() and (spec.baseline is None or spec.baseline in {a.name for a in spec.arms})
+
+
+def test_docs_figure_of_a_sweep_is_drawn_from_its_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib")
+    import importlib.util
+
+    script = Path(__file__).parents[1] / "docs" / "make_figures.py"
+    module_spec = importlib.util.spec_from_file_location("make_figures", script)
+    assert module_spec is not None and module_spec.loader is not None
+    make_figures = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(make_figures)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    monkeypatch.setattr(make_figures, "DOCS", docs)
+    sweep = tmp_path / "sweep"
+    spec = parse_sweep({"arms": {"a": [], "b": ["--attention", "se"]}, "seeds": [0], "baseline": "a"})
+    for arm, top1 in (("a", 80.0), ("b", 81.0)):
+        folder = sweep / "runs" / arm / "s0"
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"finished": True, "run": {}}))
+        (folder / "metrics.csv").write_text(f"epoch,val_top1\n1,{top1}\n")
+    write_summary(spec, sweep)
+    (sweep / "sweep.json").write_text(json.dumps({"file": "benchmarks/sweeps/my-sweep.yaml"}))
+    monkeypatch.setattr(sys, "argv", ["make_figures.py", "--sweep", str(sweep)])
+    assert make_figures.main() == 0
+    assert (docs / "sweep-my-sweep.png").stat().st_size > 1000
+    (sweep / "summary.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(SystemExit, match="is not a `foldattn sweep` folder"):
+        make_figures.main()

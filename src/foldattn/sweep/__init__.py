@@ -7,9 +7,9 @@ differences to a baseline arm (``foldattn sweep FILE.yaml -o DIR``).
 
 from .runner import SweepResult, command_for, prepare_folder, run_state, run_sweep
 from .spec import Arm, Run, SweepError, SweepSpec, load_sweep, parse_sweep
-from .summary import markdown, stats, summarize, write_summary
+from .summary import markdown, plot_summary, stats, summarize, write_summary
 
 __all__ = [
     "Arm", "Run", "SweepSpec", "SweepError", "SweepResult", "load_sweep", "parse_sweep", "run_sweep", "run_state",
-    "prepare_folder", "command_for", "summarize", "write_summary", "markdown", "stats",
+    "prepare_folder", "command_for", "summarize", "write_summary", "markdown", "stats", "plot_summary",
 ]

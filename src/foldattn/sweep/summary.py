@@ -22,7 +22,7 @@ from .._utils import atomic_path, write_json
 from .runner import command_for, run_state
 from .spec import Run, SweepSpec
 
-__all__ = ["summarize", "write_summary", "stats", "markdown"]
+__all__ = ["summarize", "write_summary", "stats", "markdown", "plot_summary"]
 
 _METRICS = ("final_top1", "best_top1", "final_ema_top1", "best_ema_top1")
 
@@ -171,7 +171,9 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(summary: dict[str, Any], path: Path) -> None:
+def plot_summary(summary: dict[str, Any], path: Path, title: str | None = None) -> None:
+    """Draw ``summary`` (what :func:`summarize` returns) into the PNG ``path``: per arm each seed's
+    final top-1 with mean ± std, and the paired differences to the baseline and of the contrasts."""
     from ..train.plots import require_matplotlib, save_png
 
     plt = require_matplotlib()
@@ -210,6 +212,8 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
         ax.set_title("paired by seed\n" + "; ".join(([f"orange: vs {base}"] if base is not None else [])
                                                    + (["green: contrasts"] if contrasts else [])), fontsize=9)
         ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{title + ': ' if title else ''}{summary['runs_finished']} of {summary['runs_planned']} runs "
+                 "finished", fontsize=10)
     save_png(fig, path)
 
 
@@ -220,5 +224,5 @@ def write_summary(spec: SweepSpec, out: Path, threads: int = 0, source: str = "S
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(markdown(summary))
     if summary["runs_finished"]:
-        _plot(summary, out / "summary.png")
+        plot_summary(summary, out / "summary.png")
     return summary
