@@ -108,8 +108,11 @@ def _sweep_figure(folder: Path) -> Path:
     from foldattn._files import load_json_file
     from foldattn.sweep import plot_summary
 
-    summary = load_json_file(folder / "summary.json", "sweep summary")
-    record = load_json_file(folder / "sweep.json", "sweep record")
+    try:
+        summary = load_json_file(folder / "summary.json", "sweep summary")
+        record = load_json_file(folder / "sweep.json", "sweep record")
+    except ValueError as e:  # missing, too large or not JSON: the message names the file and the reason
+        raise SystemExit(f"make_figures: {e}") from None
     if not (isinstance(summary, dict) and summary.get("format") == "foldattn-sweep-summary"
             and isinstance(summary.get("arms"), dict) and isinstance(record, dict)):
         raise SystemExit(f"make_figures: {folder} is not a `foldattn sweep` folder (its summary.json and sweep.json "

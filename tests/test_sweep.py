@@ -238,3 +238,6 @@ def test_docs_figure_of_a_sweep_is_drawn_from_its_summary(tmp_path: Path, monkey
     (sweep / "summary.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(SystemExit, match="is not a `foldattn sweep` folder"):
         make_figures.main()
+    (sweep / "summary.json").unlink()
+    with pytest.raises(SystemExit, match="summary.json: no such file"):
+        make_figures.main()
