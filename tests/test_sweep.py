@@ -80,16 +80,22 @@ def test_two_arm_two_seed_sweep_resumes_after_a_kill(tmp_path: Path, capsys: pyt
     assert (first / "summary.json").stat().st_mtime_ns == before
 
 
+def _finished_runs(out: Path, curves: dict[tuple[str, int], list[float]]) -> None:
+    """Fake finished runs: ``curves[(arm, seed)]`` is the validation top-1 per epoch."""
+    for (arm, seed), top1 in curves.items():
+        folder = out / "runs" / arm / f"s{seed}"
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"finished": True, "time_per_epoch_s": 2.0,
+                                                         "run": {"params_train": 10, "params_deployed": 8}}))
+        rows = "".join(f"{i},{v}\n" for i, v in enumerate(top1, 1))
+        (folder / "metrics.csv").write_text(f"epoch,val_top1\n{rows}")
+
+
 def test_summary_statistics_and_paired_differences(tmp_path: Path) -> None:
     spec = parse_sweep({"base": [], "arms": {"a": [], "b": ["--attention", "se"]}, "seeds": [0, 1, 2],
                         "baseline": "a"})
     finals = {("a", 0): 80.0, ("a", 1): 82.0, ("a", 2): 81.0, ("b", 0): 81.0, ("b", 1): 82.5}  # b-s2 unfinished
-    for (arm, seed), top1 in finals.items():
-        folder = tmp_path / "runs" / arm / f"s{seed}"
-        folder.mkdir(parents=True)
-        (folder / "summary.json").write_text(json.dumps({"finished": True, "time_per_epoch_s": 2.0,
-                                                         "run": {"params_train": 10, "params_deployed": 8}}))
-        (folder / "metrics.csv").write_text(f"epoch,val_top1\n1,{top1 - 5}\n2,{top1 + 1}\n3,{top1}\n")
+    _finished_runs(tmp_path, {k: [v - 5, v + 1, v] for k, v in finals.items()})
     summary = summarize(spec, tmp_path)
     a, b = summary["arms"]["a"], summary["arms"]["b"]
     assert a["final_top1"] == stats([80.0, 82.0, 81.0]) and a["final_top1"]["std"] == pytest.approx(1.0)
@@ -110,12 +116,7 @@ def test_contrasts_are_paired_by_seed_in_json_markdown_and_plot(tmp_path: Path) 
     assert spec.contrasts == (("asr-se", "asr-scale"),)
     finals = {("plain", 0): 80.0, ("plain", 1): 81.0, ("plain", 2): 82.0, ("asr-se", 0): 81.0,
               ("asr-se", 1): 81.5, ("asr-se", 2): 83.0, ("asr-scale", 0): 80.5, ("asr-scale", 1): 82.5}
-    for (arm, seed), top1 in finals.items():
-        folder = tmp_path / "runs" / arm / f"s{seed}"
-        folder.mkdir(parents=True)
-        (folder / "summary.json").write_text(json.dumps({"finished": True, "time_per_epoch_s": 2.0,
-                                                         "run": {"params_train": 10, "params_deployed": 8}}))
-        (folder / "metrics.csv").write_text(f"epoch,val_top1\n1,{top1 - 5}\n2,{top1}\n")
+    _finished_runs(tmp_path, {k: [v - 5, v] for k, v in finals.items()})
     summary = write_summary(spec, tmp_path)
     (contrast,) = summary["contrasts"]
     assert contrast["arms"] == ["asr-se", "asr-scale"] and contrast["seeds"] == [0, 1]  # asr-scale s2 unfinished
@@ -225,11 +226,7 @@ def test_docs_figure_of_a_sweep_is_drawn_from_its_summary(tmp_path: Path, monkey
     monkeypatch.setattr(make_figures, "DOCS", docs)
     sweep = tmp_path / "sweep"
     spec = parse_sweep({"arms": {"a": [], "b": ["--attention", "se"]}, "seeds": [0], "baseline": "a"})
-    for arm, top1 in (("a", 80.0), ("b", 81.0)):
-        folder = sweep / "runs" / arm / "s0"
-        folder.mkdir(parents=True)
-        (folder / "summary.json").write_text(json.dumps({"finished": True, "run": {}}))
-        (folder / "metrics.csv").write_text(f"epoch,val_top1\n1,{top1}\n")
+    _finished_runs(sweep, {("a", 0): [80.0], ("b", 0): [81.0]})
     write_summary(spec, sweep)
     (sweep / "sweep.json").write_text(json.dumps({"file": "benchmarks/sweeps/my-sweep.yaml"}))
     monkeypatch.setattr(sys, "argv", ["make_figures.py", "--sweep", str(sweep)])
