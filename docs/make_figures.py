@@ -104,6 +104,12 @@ def _cost(work: Path, quick: bool) -> Path:
     return path
 
 
+def _bad_input(message: str) -> SystemExit:
+    """One line on stderr and exit status 2, like the CLI's own errors."""
+    print(f"make_figures: error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
 def _sweep_figure(folder: Path) -> Path:
     from foldattn._files import load_json_file
     from foldattn.sweep import plot_summary
@@ -112,10 +118,10 @@ def _sweep_figure(folder: Path) -> Path:
         summary = load_json_file(folder / "summary.json", "sweep summary")
         record = load_json_file(folder / "sweep.json", "sweep record")
     except ValueError as e:  # missing, too large or not JSON: the message names the file and the reason
-        raise SystemExit(f"make_figures: {e}") from None
+        raise _bad_input(str(e)) from None
     if not (isinstance(summary, dict) and summary.get("format") == "foldattn-sweep-summary"
             and isinstance(summary.get("arms"), dict) and isinstance(record, dict)):
-        raise SystemExit(f"make_figures: {folder} is not a `foldattn sweep` folder (its summary.json and sweep.json "
+        raise _bad_input(f"{folder} is not a `foldattn sweep` folder (its summary.json and sweep.json "
                          "are not the sweep's); name the folder given to `foldattn sweep -o`")
     stem = Path(str(record.get("file") or folder.name)).stem
     path = DOCS / f"sweep-{stem}.png"
