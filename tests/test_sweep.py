@@ -127,6 +127,28 @@ def test_contrasts_are_paired_by_seed_in_json_markdown_and_plot(tmp_path: Path) 
     assert (tmp_path / "summary.png").stat().st_size > 1000
 
 
+def test_with_an_ema_the_paired_differences_are_the_emas(tmp_path: Path) -> None:
+    spec = parse_sweep({"arms": {"plain": [], "asr": ["--attention", "scale", "--asr"]}, "seeds": [0, 1],
+                        "baseline": "plain", "contrasts": [["asr", "plain"]]})
+    # (model top-1, EMA top-1) per epoch: the model's differences and the EMA's differ in sign
+    runs = {("plain", 0): [(50.0, 40.0), (60.0, 55.0)], ("plain", 1): [(52.0, 42.0), (61.0, 56.0)],
+            ("asr", 0): [(49.0, 41.0), (59.0, 57.0)], ("asr", 1): [(50.0, 44.0), (60.0, 56.5)]}
+    for (arm, seed), rows in runs.items():
+        folder = tmp_path / "runs" / arm / f"s{seed}"
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"finished": True}))
+        body = "".join(f"{i},{m},{e}\n" for i, (m, e) in enumerate(rows, 1))
+        (folder / "metrics.csv").write_text(f"epoch,val_top1,ema_val_top1\n{body}")
+    summary = write_summary(spec, tmp_path)
+    asr = summary["arms"]["asr"]
+    assert asr["final_ema_top1"]["values"] == [57.0, 56.5] and asr["best_ema_top1"]["values"] == [57.0, 56.5]
+    assert asr["paired_diff"]["final_top1"]["values"] == pytest.approx([-1.0, -1.0])
+    assert asr["paired_diff"]["final_ema_top1"]["values"] == pytest.approx([2.0, 0.5])
+    md = (tmp_path / "summary.md").read_text()
+    assert "| final EMA vs plain (per seed) | best EMA vs plain |" in md
+    assert "| +1.25 ± 1.06 (+2.00, +0.50) |" in md and "final EMA top-1 difference" in md
+
+
 # (id, sweep file text after `base`, the one line's text)
 BAD = [
     ("unknown-option", "arms:\n  a: []\n  b: [--attenshun, se]\nseeds: [0]\n", "unrecognized arguments"),

@@ -144,7 +144,9 @@ def markdown(summary: dict[str, Any]) -> str:
     ema = any("final_ema_top1" in a for a in summary["arms"].values())
     head = ["arm", "seeds", "final top-1", "best top-1"] + (["final EMA top-1"] if ema else [])
     if base is not None:
-        head += [f"final vs {base} (per seed)", f"best vs {base}"]
+        # with an EMA the paired differences are the EMA's (the number such a recipe deploys)
+        which = "EMA " if ema else ""
+        head += [f"final {which}vs {base} (per seed)", f"best {which}vs {base}"]
     head += ["s / epoch", "params train / deployed"]
     lines = [f"Command: `{summary['command']}` ({summary['runs_finished']} of {summary['runs_planned']} runs "
              "finished; mean ± sample std over seeds)", "",
