@@ -79,6 +79,40 @@ def test_two_arm_two_seed_sweep_resumes_after_a_kill(tmp_path: Path, capsys: pyt
     assert "4 finished, 0 to run" in capsys.readouterr().out
     assert (first / "summary.json").stat().st_mtime_ns == before
 
+    # benchmarks/branch_scales.py reads the finished runs: each ASR site's v = T(psi) and deployed weight
+    _branch_scales_of(out, tmp_path / "scales")
+
+
+def _branch_scales_of(out: Path, dest: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import importlib.util
+
+    from foldattn import ASR, fold
+    from foldattn.train.model import load_trained
+
+    script = Path(__file__).parents[1] / "benchmarks" / "branch_scales.py"
+    module_spec = importlib.util.spec_from_file_location("branch_scales", script)
+    assert module_spec is not None and module_spec.loader is not None
+    branch_scales = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(branch_scales)
+    assert branch_scales.main([str(out), "--out", str(dest)]) == 0
+    result = json.loads((dest / "branch_scales.json").read_text())
+    model, _, _ = load_trained(out / "runs" / "asr-se" / "s1" / "last.pt")
+    asr = {n: m for n, m in model.named_modules() if isinstance(m, ASR)}
+    assert result["sites"] == list(asr) and asr
+    run, plain = result["runs"]["asr-se"]["s1"], result["runs"]["plain"]["s1"]
+    deployed = dict(fold(model).named_modules())
+    for site, layer in asr.items():
+        v = layer.vector().detach().double()
+        assert run["factor_by_site"][site] == pytest.approx(float(v.pow(2).mean().sqrt()), rel=1e-9)
+        assert 0 < run["factor_init_by_site"][site] < 1  # SE's sigmoid
+        w = deployed[site].weight.detach().double()
+        assert run["deployed_weight_rms"][site] == pytest.approx(float(w.pow(2).mean().sqrt()), rel=1e-9)
+        assert site in plain["deployed_weight_rms"] and not plain["factor_by_site"]
+    assert "| asr-se | 0,1 |" in (dest / "branch_scales.md").read_text()
+    assert (dest / "branch_scales.png").stat().st_size > 1000
+    assert branch_scales.main([str(dest / "nothing-here"), "--out", str(dest)]) == 2
+
 
 def _finished_runs(out: Path, curves: dict[tuple[str, int], list[float]]) -> None:
     """Fake finished runs: ``curves[(arm, seed)]`` is the validation top-1 per epoch."""
