@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("sweep", type=Path, help="a foldattn sweep output folder (holds runs/<arm>/s<seed>)")
     p.add_argument("--out", type=Path, required=True, help="folder for branch_scales.{json,md,png}")
     p.add_argument("--png", type=Path, help="write the figure here instead of OUT/branch_scales.png")
+    p.add_argument("--arms", nargs="+", metavar="ARM", help="only these arms (default: every arm with a finished run)")
     p.add_argument("--model", action="store_true", help="the model's weights, not its EMA's")
     args = p.parse_args(argv)
     runs_dir = args.sweep / "runs"
@@ -107,7 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(1)
     results: dict[str, dict[str, Any]] = {}
-    for arm_dir in sorted(d for d in runs_dir.iterdir() if d.is_dir()):
+    arm_dirs = sorted(d for d in runs_dir.iterdir() if d.is_dir())
+    if args.arms:
+        unknown = sorted(set(args.arms) - {d.name for d in arm_dirs})
+        if unknown:
+            print(f"error: --arms: {', '.join(unknown)} not in {runs_dir} (it has "
+                  f"{', '.join(d.name for d in arm_dirs)})", file=sys.stderr)
+            return 2
+        arm_dirs = [runs_dir / a for a in args.arms]
+    for arm_dir in arm_dirs:
         for run in sorted(d for d in arm_dir.iterdir() if d.is_dir() and _finished(d)):
             results.setdefault(arm_dir.name, {})[run.name] = measure(run, ema=not args.model)
             print(f"{arm_dir.name}/{run.name}: done", file=sys.stderr)
@@ -156,7 +165,7 @@ def _plot(per_arm: dict[str, dict[str, list[float]]], sites: list[str], path: Pa
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     x = list(range(len(sites)))
     for i, (arm, d) in enumerate(per_arm.items()):
-        color = f"C{i}"
+        color = plt.get_cmap("tab10" if len(per_arm) <= 10 else "tab20")(i)
         if any(v == v for v in d["factor"]):  # not all NaN: the arm has a factor
             a1.plot(x, d["factor"], "o-", color=color, label=f"{arm} trained")
             a1.plot(x, d["init"], "--", color=color, alpha=0.6, label=f"{arm} init")
