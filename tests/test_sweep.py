@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,18 @@ def _sweep_file(tmp_path: Path, arms: str = "  plain: []\n  asr-se: [--attention
                 seeds: str = "[0, 1]", extra: str = "baseline: plain\n") -> Path:
     base = ", ".join(FAST)
     return _write(tmp_path / "sweep.yaml", f"base: [{base}]\narms:\n{arms}seeds: {seeds}\n{extra}")
+
+
+def _script(relative: str) -> Any:
+    """A script of the repository (not a package module), imported as a module."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / relative
+    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 def _cli(args: list[str], timeout: float = 300, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -85,16 +98,10 @@ def test_two_arm_two_seed_sweep_resumes_after_a_kill(tmp_path: Path, capsys: pyt
 
 def _branch_scales_of(out: Path, dest: Path) -> None:
     pytest.importorskip("matplotlib")
-    import importlib.util
-
     from foldattn import ASR, fold
     from foldattn.train.model import load_trained
 
-    script = Path(__file__).parents[1] / "benchmarks" / "branch_scales.py"
-    module_spec = importlib.util.spec_from_file_location("branch_scales", script)
-    assert module_spec is not None and module_spec.loader is not None
-    branch_scales = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(branch_scales)
+    branch_scales = _script("benchmarks/branch_scales.py")
     assert branch_scales.main([str(out), "--out", str(dest)]) == 0
     result = json.loads((dest / "branch_scales.json").read_text())
     model, _, _ = load_trained(out / "runs" / "asr-se" / "s1" / "last.pt")
@@ -272,13 +279,7 @@ def test_the_projects_sweep_files_load(path: Path, tmp_path: Path, monkeypatch: 
 def test_docs_figure_of_a_sweep_is_drawn_from_its_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("matplotlib")
-    import importlib.util
-
-    script = Path(__file__).parents[1] / "docs" / "make_figures.py"
-    module_spec = importlib.util.spec_from_file_location("make_figures", script)
-    assert module_spec is not None and module_spec.loader is not None
-    make_figures = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(make_figures)
+    make_figures = _script("docs/make_figures.py")
     docs = tmp_path / "docs"
     docs.mkdir()
     monkeypatch.setattr(make_figures, "DOCS", docs)
