@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     if not runs_dir.is_dir():
         print(f"error: {runs_dir} does not exist: pass a foldattn sweep output folder", file=sys.stderr)
         return 2
+    if args.png is not None and not args.png.parent.is_dir():
+        print(f"error: --png {args.png}: folder {args.png.parent} does not exist", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
     results: dict[str, dict[str, Any]] = {}
     arm_dirs = sorted(d for d in runs_dir.iterdir() if d.is_dir())

@@ -118,8 +118,9 @@ def _branch_scales_of(out: Path, dest: Path) -> None:
         assert site in plain["deployed_weight_rms"] and not plain["factor_by_site"]
     assert "| asr-se | 0,1 |" in (dest / "branch_scales.md").read_text()
     assert (dest / "branch_scales.png").stat().st_size > 1000
-    for bad in ([str(dest / "nothing-here")], [str(out), "--arms", "nope"], [str(out), "--arms", "plain"]):
-        assert branch_scales.main([*bad, "--out", str(dest)]) == 2  # no sweep, no such arm, no ASR arm
+    for bad in ([str(dest / "nothing-here")], [str(out), "--arms", "nope"], [str(out), "--arms", "plain"],
+                [str(out), "--png", str(dest / "no-folder" / "x.png")]):
+        assert branch_scales.main([*bad, "--out", str(dest)]) == 2  # no sweep, no such arm, no ASR arm, no folder
 
 
 def _finished_runs(out: Path, curves: dict[tuple[str, int], list[float]]) -> None:
