@@ -19,7 +19,6 @@ and site) and ``OUT/branch_scales.png`` (both against the site's depth, one line
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import warnings
@@ -31,6 +30,7 @@ from torch import nn
 
 from foldattn import ASR, fold
 from foldattn._utils import atomic_path, write_json
+from foldattn.sweep import run_state
 from foldattn.train.model import build_model, load_trained
 
 
@@ -62,13 +62,6 @@ def measure(run: Path, ema: bool) -> dict[str, Any]:
                    if isinstance(getattr(m, "weight", None), torch.Tensor)}
     return {"weights": blob["weights"], "factor_sites": [n for n, _ in trained],
             "factor": [v for _, v in trained], "factor_init": [v for _, v in initial], "deployed_weight_rms": weights}
-
-
-def _finished(folder: Path) -> bool:
-    try:
-        return bool(json.loads((folder / "summary.json").read_text()).get("finished"))
-    except (OSError, ValueError):
-        return False
 
 
 def _mean(xs: list[float]) -> float:
@@ -120,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         arm_dirs = [runs_dir / a for a in args.arms]
     for arm_dir in arm_dirs:
-        for run in sorted(d for d in arm_dir.iterdir() if d.is_dir() and _finished(d)):
+        for run in sorted(d for d in arm_dir.iterdir() if d.is_dir() and run_state(d) == "finished"):
             results.setdefault(arm_dir.name, {})[run.name] = measure(run, ema=not args.model)
             print(f"{arm_dir.name}/{run.name}: done", file=sys.stderr)
     # the sites: every ASR layer name any run has, in model order (an every-2nd-block arm has fewer)
