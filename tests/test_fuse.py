@@ -32,11 +32,14 @@ def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def _check(model: nn.Module, x: torch.Tensor, fused: int, left: int = 0, tol: float = TOL64) -> FuseReport:
+def _check(model: nn.Module, x: torch.Tensor, fused: int, left: int = 0, tol: float = TOL64,
+           example: bool = True) -> FuseReport:
+    """Fold with fuse_bn (on ``x`` as example inputs, or without any), count, and verify on ``x``."""
     model = _randomize(model).to(x.dtype).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        deployed, report = foldattn.fold(model, fuse_bn=True, return_report=True)
+        deployed, report = foldattn.fold(model, fuse_bn=True, return_report=True,
+                                         example_inputs=x if example else None)
     assert (len(report.fused), len(report.left)) == (fused, left), str(report)
     assert sum(is_batch_norm(m) for m in deployed.modules()) == left
     foldattn.verify(model, deployed, x, tolerance=tol)
@@ -163,3 +166,149 @@ def test_detection_backbone_with_frozen_batch_norm() -> None:
                                    trainable_layers=5)
     report = _check(backbone.double(), torch.randn(1, 3, 64, 64, dtype=torch.float64), fused=20)
     assert {p.norm_type for p in report.fused} == {"FrozenBatchNorm2d"}
+
+
+# --- fusion only where the shapes prove it exact -------------------------------------------------------------------
+
+class _Unbatched(nn.Module):
+    """A model fed one unbatched sample: its conv writes channels on axis 0."""
+
+    def __init__(self, conv: nn.Module, norm: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.norm = conv, norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+class _WithDefaultSize(nn.Sequential):
+    default_input_size = (5,)  # what foldattn's models declare: an example input without the caller
+
+
+# (id, model, input shape, example inputs given, fused?, the reason's text when left)
+SHAPES = [
+    ("linear-bn1d-2d", lambda: nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6)), (4, 5), True, True, None),
+    ("linear-bn1d-3d-N-L-F", lambda: nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6)), (4, 6, 5), True, False,
+     "normalises axis 1 of the (4, 6, 6) output of 0, whose channels are on axis 2"),
+    ("linear-bn1d-3d-N-F-L", lambda: nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6)), (4, 6, 6), True, False,
+     "normalises axis 1"),
+    ("linear-bn1d-3d-other-width", lambda: nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(6)), (4, 6, 5), True,
+     False, "has 3 outputs, the norm 6 channels"),
+    ("linear-bn1d-no-example", lambda: nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6)), (4, 5), False, False,
+     "input shape unknown"),
+    ("linear-bn1d-default-input-size", lambda: _WithDefaultSize(nn.Linear(5, 6), nn.BatchNorm1d(6)), (4, 5), False,
+     True, None),
+    ("linear-bn1d-one-feature", lambda: nn.Sequential(nn.Linear(5, 1), nn.BatchNorm1d(1)), (4, 1, 5), False, True,
+     None),  # one channel: the same affine map everywhere, whatever the shape
+    ("conv1d-bn1d-batched", lambda: nn.Sequential(nn.Conv1d(3, 6, 3), nn.BatchNorm1d(6)), (2, 3, 8), True, True, None),
+    ("conv1d-bn1d-no-example", lambda: nn.Sequential(nn.Conv1d(3, 6, 3), nn.BatchNorm1d(6)), (2, 3, 8), False,
+     False, "input shape unknown"),
+    ("conv1d-bn1d-unbatched", lambda: _Unbatched(nn.Conv1d(3, 6, 3), nn.BatchNorm1d(6)), (3, 8), True, False,
+     "whose channels are on axis 0"),
+    ("conv2d-bn2d-no-example", lambda: nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)), (2, 3, 6, 6), False,
+     True, None),  # BatchNorm2d accepts 4-D only: the types prove it
+    ("conv3d-unbatched-bn2d", lambda: _Unbatched(nn.Conv3d(3, 4, 1), nn.BatchNorm2d(4)), (3, 4, 5, 5), True, False,
+     "whose channels are on axis 0"),
+    ("conv3d-unbatched-bn2d-no-example", lambda: _Unbatched(nn.Conv3d(3, 4, 1), nn.BatchNorm2d(4)), (3, 4, 5, 5),
+     False, False, "input shape unknown"),
+    ("conv2d-sync-batched", lambda: nn.Sequential(nn.Conv2d(3, 6, 3), nn.SyncBatchNorm(6)), (2, 3, 6, 6), True,
+     True, None),
+    ("conv2d-sync-unbatched", lambda: _Unbatched(nn.Conv2d(3, 6, 1), nn.SyncBatchNorm(6)), (3, 6, 7), True, False,
+     "normalises axis 1"),
+    ("conv2d-frozen-batched", lambda: nn.Sequential(nn.Conv2d(3, 6, 3), FrozenBatchNorm2d(6)), (2, 3, 6, 6), True,
+     True, None),
+    ("conv2d-frozen-unbatched", lambda: _Unbatched(nn.Conv2d(3, 6, 1), FrozenBatchNorm2d(6)), (3, 5, 5), True, False,
+     "it broadcasts"),
+    ("conv3d-frozen", lambda: nn.Sequential(nn.Conv3d(3, 4, 1), FrozenBatchNorm2d(4)), (2, 3, 4, 5, 5), True, False,
+     "normalises axis 2"),
+]
+
+
+@pytest.mark.parametrize(("model", "shape", "example", "fused", "reason"), [s[1:] for s in SHAPES],
+                         ids=[s[0] for s in SHAPES])
+def test_fusion_only_where_the_shapes_prove_it(model: object, shape: tuple[int, ...], example: bool, fused: bool,
+                                               reason: str | None) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64)
+    report = _check(model(), x, fused=int(fused), left=int(not fused), example=example)  # verified on x
+    if reason is not None:
+        assert reason in report.left[0].reason, str(report)
+
+
+def test_the_attack_linear_bn1d_on_a_sequence_is_left_not_wrong() -> None:
+    """The attacker's case: (N, L, F) with L == F ran, was fused, and was off by about 1.0."""
+    torch.manual_seed(0)
+    model = _randomize(nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))).double().eval()
+    x = torch.randn(3, 8, 8, dtype=torch.float64)
+    for kwargs in ({}, {"example_inputs": x}):
+        with pytest.warns(UserWarning, match="left 1"):
+            deployed = foldattn.fold(model, fuse_bn=True, **kwargs)
+        assert isinstance(deployed[1], nn.BatchNorm1d)
+        assert foldattn.verify(model, deployed, x, tolerance=TOL64).max_abs == 0
+
+
+def test_example_inputs_that_do_not_run_are_one_clear_error() -> None:
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6))
+    with pytest.raises(ValueError, match=r"cannot run on example_inputs to record the shapes.*real inputs"):
+        foldattn.fold(model, fuse_bn=True, example_inputs=torch.randn(2, 7))
+
+
+class _InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        y.mul_(2)
+        return self.bn(y)
+
+
+def test_recorded_pass_sees_an_input_changed_in_place() -> None:
+    from foldattn.fuse import _record, _shape_reason
+
+    model = _InPlace().eval()
+    seen = _record(model, torch.randn(2, 3, 5), [("conv", "bn")])
+    assert "not exactly conv's output" in _shape_reason("conv", model.conv, model.bn, seen["bn"])
+    # and the graph already refuses the pair: mul_ is a second reader of the conv's output
+    with pytest.warns(UserWarning, match="left 1"):
+        report = foldattn.fold(model, fuse_bn=True, return_report=True, example_inputs=torch.randn(2, 3, 5))[1]
+    assert "2 consumers" in report.left[0].reason
+
+
+@pytest.mark.parametrize("where", ["norm-forward", "norm-pre", "conv-forward", "conv-backward"])
+def test_a_pair_with_hooks_is_left(where: str) -> None:
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).double().eval()
+    m = model[1] if where.startswith("norm") else model[0]
+    if where.endswith("pre"):
+        m.register_forward_pre_hook(lambda *a: None)
+    elif where.endswith("backward"):
+        m.register_full_backward_hook(lambda *a: None)
+    else:
+        m.register_forward_hook(lambda *a: None)
+    with pytest.warns(UserWarning, match="left 1"):
+        deployed, report = foldattn.fold(model, fuse_bn=True, return_report=True)
+    assert "hook" in report.left[0].reason
+    foldattn.verify(model, deployed, torch.randn(2, 3, 5, 5, dtype=torch.float64), tolerance=TOL64)
+
+
+class _OwnForward(nn.Sequential):
+    """A Sequential whose forward is not its order (and which torch.fx cannot trace)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent: no fx trace
+            x = x + 1
+        return self[1](self[0](x) + 1)
+
+
+def test_sequential_order_is_no_proof_when_the_container_has_its_own_forward() -> None:
+    model = _randomize(_OwnForward(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))).double().eval()
+    with pytest.warns(UserWarning, match="left 1"):
+        deployed, report = foldattn.fold(model, fuse_bn=True, return_report=True)
+    assert "a Sequential with its own forward" in report.left[0].reason
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    foldattn.verify(model, deployed, x, tolerance=TOL64)
+    # with example inputs the recorded pass shows the addition between them
+    with pytest.warns(UserWarning, match="left 1"):
+        report = foldattn.fold(model, fuse_bn=True, return_report=True, example_inputs=x)[1]
+    assert "computed by `add`" in report.left[0].reason

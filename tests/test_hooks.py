@@ -6,6 +6,7 @@ their hooks, these comparisons fail here instead of ASR layers silently skipping
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,15 @@ import pytest
 import torch
 from torch import nn
 
-from foldattn._hooks import call_with_hooks
+from foldattn._hooks import (
+    LEGACY_BACKWARD,
+    call_with_hooks,
+    carry_hooks,
+    carry_problem,
+    hook_kinds,
+    hook_memo,
+    rebind_hooks,
+)
 
 
 def _record(log: list[Any], tag: str, ret: Callable[..., Any] | None = None) -> Callable[..., Any]:
@@ -77,3 +86,89 @@ def test_no_hooks_is_the_plain_forward() -> None:
     x = torch.randn(1, 3)
     seen = []
     assert torch.equal(call_with_hooks(m, lambda t: seen.append(1) or m.forward(t), (x,), {}), m(x)) and seen == [1]
+
+
+# --- the helpers fold uses to carry a replaced module's hooks ---------------------------------------------------
+
+class _Wrap(nn.Module):
+    """A module that only calls another: its hooks, moved onto the inner one, must see the same."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if not k.startswith(("global", "legacy", "all-at-once"))])
+def test_carry_hooks_runs_them_as_the_replaced_module_did(kind: str) -> None:
+    torch.manual_seed(0)
+    inner = nn.Linear(4, 3)
+    wrap, bare = _Wrap(inner), copy.deepcopy(inner)
+    log: list[Any] = []
+    handles = KINDS[kind](wrap, log)
+    x = torch.randn(2, 4)
+
+    def run(module: nn.Module) -> tuple[Any, ...]:
+        start = len(log)
+        xi = x.clone().requires_grad_(True)
+        out = module(xi)
+        out.sum().backward()
+        return [(tag, shapes) for tag, _, shapes in log[start:]], out.detach(), xi.grad
+
+    log_a, out_a, gx_a = run(wrap)
+    assert carry_problem(wrap, bare) is None
+    carry_hooks(wrap, bare)
+    for h in handles:
+        h.remove()  # only the carried copies run now
+    log_b, out_b, gx_b = run(bare)
+    assert log_a == log_b and log_a  # the same hooks, in the same order, with the same tensors
+    assert torch.equal(out_a, out_b) and torch.equal(gx_a, gx_b)
+
+
+# (id, registration, the kind hook_kinds reports, whether carry_problem refuses it)
+REGISTER = [
+    ("forward-pre", lambda m: m.register_forward_pre_hook(lambda *a: None), "forward-pre", False),
+    ("forward", lambda m: m.register_forward_hook(lambda *a: None), "forward", False),
+    ("full-backward", lambda m: m.register_full_backward_hook(lambda *a: None), "backward", False),
+    ("backward-pre", lambda m: m.register_full_backward_pre_hook(lambda *a: None), "backward-pre", False),
+    ("legacy-backward", lambda m: m.register_backward_hook(lambda *a: None), LEGACY_BACKWARD, True),
+    ("state-dict-pre", lambda m: m.register_state_dict_pre_hook(lambda *a: None), "state-dict-pre", True),
+    ("state-dict", lambda m: m._register_state_dict_hook(lambda *a: None), "state-dict", True),
+    ("load-pre", lambda m: m.register_load_state_dict_pre_hook(lambda *a: None), "load-state-dict-pre", True),
+    ("load-post", lambda m: m.register_load_state_dict_post_hook(lambda *a: None), "load-state-dict-post", True),
+]
+
+
+@pytest.mark.parametrize(("register", "kind", "refused"), [r[1:] for r in REGISTER], ids=[r[0] for r in REGISTER])
+def test_hook_kinds_and_which_are_carried(register: Callable[[nn.Module], Any], kind: str, refused: bool) -> None:
+    m = nn.Linear(2, 2)
+    assert hook_kinds(m) == []
+    register(m)
+    assert hook_kinds(m) == [kind]
+    problem = carry_problem(m, nn.Linear(2, 2))
+    assert (problem is not None) == refused
+    if refused:
+        assert kind in problem
+
+
+def test_a_deep_copy_with_hook_memo_shares_the_hook_objects() -> None:
+    calls: list[int] = []
+
+    class Counter:
+        def hook(self, module: nn.Module, args: Any, out: Any) -> None:
+            calls.append(1)
+
+    m = nn.Sequential(nn.Linear(2, 2))
+    counter = Counter()
+    m[0].register_forward_hook(counter.hook)
+    m[0].register_load_state_dict_post_hook(m[0].register_forward_hook)  # a module's own method: rebound
+    twin = copy.deepcopy(m, hook_memo(m))
+    assert next(iter(twin[0]._forward_hooks.values())).__self__ is counter
+    assert next(iter(twin[0]._load_state_dict_post_hooks.values())).__self__ is twin[0]
+    plain = copy.deepcopy(m)
+    assert next(iter(plain[0]._forward_hooks.values())).__self__ is not counter  # what fold no longer does
+    other = copy.deepcopy(m)
+    assert rebind_hooks(m, other) == [m[0]]
+    assert next(iter(other[0]._forward_hooks.values())).__self__ is counter

@@ -18,12 +18,18 @@ and compared with the file's tensors, so a file cannot make it allocate more tha
 The embedded checksum detects corruption, not tampering: anyone who can edit the file
 can recompute it. To detect tampering, publish :func:`file_sha256` of the file through a
 channel you trust and pass it as ``load_deployed(path, sha256=...)``.
+
+Neither function accepts weights that cannot compute anything: :func:`save_deployed` refuses NaN/Inf
+in the metadata (JSON cannot hold them) and, like :func:`load_deployed`, NaN/Inf in a tensor and
+impossible statistics (a negative ``running_var`` or ``num_batches_tracked``), unless
+``allow_nonfinite=True``, so a file that is saved can be loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -49,7 +55,7 @@ from .fold import asr_layers, fold, has_foldable
 __all__ = [
     "save_deployed", "load_deployed", "read_metadata", "metadata_path", "file_sha256",
     "register_builder", "unregister_builder",
-    "DeployedFileError", "ArchitectureMismatchError", "UntrustedBuilderError", "FORMAT_VERSION",
+    "DeployedFileError", "ArchitectureMismatchError", "InvalidWeightsError", "UntrustedBuilderError", "FORMAT_VERSION",
 ]
 
 FORMAT = "foldattn.deployed"
@@ -65,6 +71,53 @@ class DeployedFileError(ValueError):
 
 class ArchitectureMismatchError(ValueError):
     """The deployed weights do not fit the model they are loaded into."""
+
+
+class InvalidWeightsError(ValueError):
+    """Tensors with NaN/Inf or impossible statistics (a negative variance or batch count)."""
+
+
+#: buffers that hold statistics which cannot be negative (BatchNorm and InstanceNorm, torch's and timm's)
+_NON_NEGATIVE = {"running_var": "a variance", "num_batches_tracked": "a count of batches"}
+
+
+def _invalid_tensors(tensors: Mapping[str, Tensor], skip: Any = ()) -> list[str]:
+    """``"name: what is wrong"`` for every tensor with NaN/Inf or an impossible statistic."""
+    found = []
+    for name, t in tensors.items():
+        if name in skip:
+            continue
+        what = []
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            for label, mask in (("NaN", torch.isnan(t)), ("+Inf", torch.isposinf(t.real)),
+                                ("-Inf", torch.isneginf(t.real))):
+                if int(mask.sum()):
+                    what.append(f"{int(mask.sum())} {label}")
+        stat = _NON_NEGATIVE.get(name.rpartition(".")[2])
+        if stat is not None and not t.is_complex() and int((t < 0).sum()):
+            what.append(f"{int((t < 0).sum())} negative value(s), impossible for {stat}")
+        if what:
+            found.append(f"{name}: {', '.join(what)}")
+    return found
+
+
+def _listed(found: list[str]) -> str:
+    more = f" (and {len(found) - 4} more)" if len(found) > 4 else ""
+    return "; ".join(found[:4]) + more
+
+
+def _nonfinite_in(obj: Any, where: str, _open: frozenset[int] = frozenset()) -> str | None:
+    """The first place in a JSON-like value that holds NaN or Inf (``where`` names the value), or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return f"{where} is {obj}"
+    if id(obj) in _open:  # a container inside itself: json.dumps reports the cycle
+        return None
+    items = obj.items() if isinstance(obj, Mapping) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _nonfinite_in(value, f"{where}[{key!r}]", _open | {id(obj)})
+        if found:
+            return found
+    return None
 
 
 def _checksum(tensors: Mapping[str, Tensor]) -> str:
@@ -124,6 +177,7 @@ def save_deployed(
     metadata: Mapping[str, Any] | None = None,
     check_builder: bool = True,
     fuse_bn: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write the deployed form of ``model`` to ``path`` (safetensors + JSON metadata).
 
@@ -150,12 +204,28 @@ def save_deployed(
             file that cannot be loaded is never written (a recorded builder is always checked).
         fuse_bn: fold with ``fuse_bn=True`` (norms fused into the convs); such a file no longer
             fits the plain builder, so load it with ``load_deployed(path, model=...)``.
+        allow_nonfinite: write weights with NaN/Inf or impossible statistics (a negative
+            ``running_var`` or ``num_batches_tracked``) all the same; by default they are refused,
+            since :func:`load_deployed` refuses them too (it needs ``allow_nonfinite=True`` as well).
+            NaN/Inf in ``kwargs`` or ``metadata`` are always refused: JSON cannot hold them.
 
     Returns:
         The path written.
+
+    Raises:
+        ValueError: NaN/Inf in ``kwargs`` or ``metadata`` (the place is named).
+        InvalidWeightsError: NaN/Inf or impossible statistics in the weights (the tensors are named).
+        Nothing is written when it raises.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_deployed expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(allow_nonfinite, bool):
+        raise TypeError(f"save_deployed: allow_nonfinite must be True or False, got {allow_nonfinite!r}")
+    for value, label in ((kwargs, "kwargs"), (metadata, "metadata")):
+        bad = _nonfinite_in(value, label) if value is not None else None
+        if bad:  # JSON has no NaN/Inf: a header holding one is a file load_deployed calls corrupted
+            raise ValueError(f"save_deployed: {bad}, which JSON cannot hold; store null or a string there "
+                             "(nothing was written)")
     model = unwrap_model(model)
     n_asr = len(asr_layers(model))
     if fuse_bn:
@@ -185,6 +255,11 @@ def save_deployed(
     if metadata is not None:
         meta["user"] = dict(metadata)
     tensors, aliases = _split_aliases(state)
+    invalid = _invalid_tensors(tensors)
+    if invalid and not allow_nonfinite:
+        raise InvalidWeightsError(f"save_deployed: {len(invalid)} tensor(s) cannot be valid weights: "
+                                  f"{_listed(invalid)}; nothing was written (fix the model, or pass "
+                                  "allow_nonfinite=True)")
     if builder is None:
         recorded = _recorded_builder(model, state)  # the full state: aliases included
         if recorded is not None:
@@ -192,9 +267,12 @@ def save_deployed(
     meta["aliases"] = aliases
     meta["checksum"] = _checksum(tensors)
     try:
-        header = json.dumps(meta, sort_keys=True)
+        header = json.dumps(meta, sort_keys=True, allow_nan=False)  # never NaN: load_deployed would refuse it
     except TypeError as e:
         raise TypeError(f"kwargs and metadata must be JSON-serialisable: {e}") from None
+    except ValueError as e:  # a cycle (NaN/Inf were refused above)
+        raise ValueError(f"save_deployed: kwargs and metadata cannot be written as JSON ({e}); nothing was "
+                         "written") from None
     if builder is not None:  # a file that load_deployed would refuse is never written
         check_kwargs(resolve_builder(meta["builder"]), meta["kwargs"])
     if builder is not None and check_builder:
@@ -344,7 +422,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def load_deployed(path: str | os.PathLike[str], model: nn.Module | None = None, *,
-                  sha256: str | None = None) -> nn.Module:
+                  sha256: str | None = None, allow_nonfinite: bool = False) -> nn.Module:
     """Rebuild (or fill ``model``) from a file written by :func:`save_deployed`.
 
     Args:
@@ -355,6 +433,9 @@ def load_deployed(path: str | os.PathLike[str], model: nn.Module | None = None, 
             trusted).
         sha256: the expected :func:`file_sha256` of the file, obtained from a source you trust;
             the file is refused before it is parsed if it differs.
+        allow_nonfinite: load tensors with NaN/Inf and impossible statistics (a negative
+            ``running_var`` or ``num_batches_tracked``) all the same; by default the file is refused,
+            naming the tensors, before any weight is copied (the ``model=`` you pass is left as it was).
 
     Returns:
         The model with the weights loaded strictly, in eval mode.
@@ -363,7 +444,10 @@ def load_deployed(path: str | os.PathLike[str], model: nn.Module | None = None, 
         DeployedFileError: truncated, corrupted or foreign file.
         ArchitectureMismatchError: the weights do not fit (missing/unexpected keys, shapes).
         UntrustedBuilderError: the file names a builder or keyword arguments outside the allowlist.
+        InvalidWeightsError: NaN/Inf or impossible statistics (unless ``allow_nonfinite``).
     """
+    if not isinstance(allow_nonfinite, bool):
+        raise TypeError(f"load_deployed: allow_nonfinite must be True or False, got {allow_nonfinite!r}")
     if sha256 is not None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no deployed file at {path}")
@@ -399,5 +483,10 @@ def load_deployed(path: str | os.PathLike[str], model: nn.Module | None = None, 
         raise ArchitectureMismatchError(
             f"{path} was saved from another architecture ({built}) than {type(target).__name__}: {problem}"
         )
+    # after the architecture checks (a file of another architecture says that first), before any weight is copied
+    invalid = [] if allow_nonfinite else _invalid_tensors(tensors, skip=meta.get("aliases") or {})
+    if invalid:
+        raise InvalidWeightsError(f"{path}: {len(invalid)} tensor(s) cannot be valid weights: {_listed(invalid)}; "
+                                  "do not deploy it (or pass allow_nonfinite=True to load it anyway)")
     target.load_state_dict(tensors, strict=True)
     return target.eval()
