@@ -292,3 +292,168 @@ def test_splits_are_not_listed_class_by_class(tmp_path: Path, layout: str) -> No
         assert len(set(split.labels[:8].tolist())) >= 3, split.labels.tolist()
     again = load_dataset(f"imagefolder:{tmp_path}", val_split=8 if layout == "val-split" else None)
     assert torch.equal(again.val.labels, b.val.labels)  # seeded: the same order every time
+
+
+# ----------------------------------------------------------------------------- one training size per folder
+def _solid(path: Path, size: tuple[int, int], value: int = 90) -> None:
+    """A one-colour image of ``size = (width, height)``: large ones still encode and decode fast."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (value, 255 - value, value // 2)).save(path)
+
+
+def _decoded(bundle: DataBundle) -> list[bytes]:
+    return [x.numpy().tobytes() for x in torch.cat([bundle.train.images, bundle.val.images])]
+
+
+# (id, the odd file: (width, height), its path ("!" sorts first); the only file of its size among 10 of 16x16)
+ODD = [
+    ("tiny-first", (1, 1), "a/!first.png"),
+    ("tall-first", (7, 3000), "a/!first.png"),
+    ("huge-png-first", (3000, 3000), "a/!first.png"),
+    ("huge-jpeg", (3000, 3000), "b/2x.jpg"),
+]
+
+
+@pytest.mark.parametrize(("case", "odd", "name"), ODD, ids=[c[0] for c in ODD])
+def test_an_odd_file_does_not_set_the_size(tmp_path: Path, case: str, odd: tuple[int, int], name: str) -> None:
+    root = _tree(tmp_path / "t", {"a": 5, "b": 5}, size=(16, 16))
+    _solid(root / name, odd)
+    if case.endswith("-first"):
+        from foldattn.train.data import _scan
+
+        assert _scan(root)[1][0][0] == root / name  # the file the old loader took its size from
+    b = load_dataset(f"imagefolder:{root}", val_split=2)
+    assert b.image_size == (16, 16) and len(b.train) + len(b.val) == 11
+    w, h = odd
+    assert b.notes["mixed sizes"] == f"images of 2 sizes (16x16: 10; {w}x{h}: 1) resized to 16x16"
+    assert "median of 11 sampled files" in b.notes["image size"]
+    # the files already at the size are kept pixel for pixel
+    decoded = set(_decoded(b))
+    for f in sorted((root / "a").glob("[0-9].png")) + sorted((root / "b").glob("[0-9].png")):
+        assert numpy.asarray(Image.open(f).convert("RGB")).transpose(2, 0, 1).tobytes() in decoded
+    assert ("aspect ratios" in b.notes) == (case == "tall-first")
+    if case == "tall-first":
+        assert "1 image(s)" in b.notes["aspect ratios"] and "7x3000" in b.notes["aspect ratios"]
+
+
+@pytest.mark.parametrize(("size", "expected"), [(None, (16, 16)), (12, (12, 12)), (40, (40, 40))],
+                         ids=["sampled", "smaller", "larger"])
+def test_the_image_size_given_wins_over_the_sample(tmp_path: Path, size: int | None,
+                                                   expected: tuple[int, int]) -> None:
+    root = _tree(tmp_path / "t", {"a": 3, "b": 3}, size=(16, 16))
+    _solid(root / "a" / "!first.png", (1, 1))
+    b = load_dataset(f"imagefolder:{root}", val_split=2, image_size=size)
+    assert b.image_size == expected and b.train.images.shape[2:] == expected
+    assert ("the image size given" in b.notes["image size"]) == (size is not None)
+
+
+@pytest.mark.parametrize(("size", "shown"), [((2, 2), "2x2"), ((7, 40), "7x40"), ((1100, 1100), "1100x1100")],
+                         ids=["tiny", "thin", "large"])
+def test_a_sampled_size_out_of_range_needs_image_size(tmp_path: Path, size: tuple[int, int], shown: str) -> None:
+    root = tmp_path / "t"
+    for c in "ab":
+        for i in range(3):
+            _solid(root / c / f"{i}.png", size, value=40 * i)
+    with pytest.raises(DatasetError, match=rf"{shown} pixels .*--image-size N") as info:
+        load_dataset(f"imagefolder:{root}", val_split=2)
+    assert str(root) in str(info.value) and len(str(info.value).splitlines()) == 1
+    assert load_dataset(f"imagefolder:{root}", val_split=2, image_size=8).image_size == (8, 8)
+
+
+def test_the_sample_reads_headers_spread_over_all_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from foldattn.train import data
+
+    # 3 classes of 40 files: 64 of 120 are sampled, from every class, and only their headers
+    root = tmp_path / "t"
+    for c in "abc":
+        for i in range(40):
+            (root / c).mkdir(parents=True, exist_ok=True)
+            (root / c / f"{i:02d}.png").write_bytes(b"")
+    seen: list[Path] = []
+    monkeypatch.setattr(data, "read_size", lambda p: seen.append(p) or (20, 10))
+    assert data._sampled_size(root, data._scan(root)[1]) == (10, 20)
+    assert len(seen) == data.SAMPLE_FILES == len(set(seen)) and {p.parent.name for p in seen} == set("abc")
+
+
+def test_a_cache_at_another_size_is_not_reused(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "t", {"a": 3, "b": 3}, size=(16, 16))
+    cache = tmp_path / "cache"
+    assert load_dataset(f"imagefolder:{root}", val_split=2, cache_dir=cache).image_size == (16, 16)
+    (at16,) = cache.glob("*.pt")
+    at12 = load_dataset(f"imagefolder:{root}", val_split=2, cache_dir=cache, image_size=12)
+    assert at12.image_size == (12, 12) and len(list(cache.glob("*.pt"))) == 2
+    # a 16x16 tensor under the 12x12 name (a crafted or mixed-up file) is rebuilt, not served
+    (at12_file,) = set(cache.glob("*.pt")) - {at16}
+    at12_file.write_bytes(at16.read_bytes())
+    again = load_dataset(f"imagefolder:{root}", val_split=2, cache_dir=cache, image_size=12)
+    assert again.image_size == (12, 12) and torch.equal(again.train.images, at12.train.images)
+    # and a cache hit keeps the notes on the files' sizes
+    _solid(root / "a" / "!first.png", (1, 1))
+    first = load_dataset(f"imagefolder:{root}", val_split=2, cache_dir=cache)
+    hit = load_dataset(f"imagefolder:{root}", val_split=2, cache_dir=cache)
+    assert hit.notes == first.notes and "1x1: 1" in hit.notes["mixed sizes"]
+
+
+def test_a_tensor_too_large_for_memory_is_refused_before_decoding(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from foldattn.train import data
+
+    root = _tree(tmp_path / "t", {"a": 3, "b": 3}, size=(16, 16))
+    monkeypatch.setattr(data, "_memory_bytes", lambda: 3 * 6 * 3 * 16 * 16)  # a third: exactly the tensor at 16
+    assert load_dataset(f"imagefolder:{root}", val_split=2).image_size == (16, 16)
+    monkeypatch.setattr(data, "_decode", lambda *a: pytest.fail("decoded before the memory check"))
+    with pytest.raises(DatasetError, match=r"6 images .* at 17x17 .*--stream.*smaller --image-size") as info:
+        load_dataset(f"imagefolder:{root}", val_split=2, image_size=17)
+    assert len(str(info.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("size", [0, -3, 2.5, True], ids=["zero", "negative", "fraction", "bool"])
+def test_a_bad_image_size_is_refused(tmp_path: Path, size: object) -> None:
+    root = _tree(tmp_path / "t", {"a": 3, "b": 3})
+    with pytest.raises(DatasetError, match="--image-size N"):
+        load_dataset(f"imagefolder:{root}", val_split=2, image_size=size)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("size", [None, 32], ids=["sampled", "given"])
+def test_a_uniform_jpeg_tree_loads_unchanged(tmp_path: Path, size: int | None) -> None:
+    # the CIFAR-10 JPEG archive's shape: PATH/train/<class>/*.jpg, all 32x32
+    root = _tree(tmp_path / "train", {"cat": 4, "dog": 4}, size=(32, 32))
+    for f in list(root.rglob("*.png")):
+        Image.open(f).save(f.with_suffix(".jpg"), quality=90)
+        f.unlink()
+    b = load_dataset(f"imagefolder:{tmp_path}", val_split=2, image_size=size)
+    assert b.image_size == (32, 32) and "mixed sizes" not in b.notes and "aspect ratios" not in b.notes
+    expected = {numpy.asarray(Image.open(f).convert("RGB")).transpose(2, 0, 1).tobytes() for f in root.rglob("*.jpg")}
+    assert set(_decoded(b)) == expected
+
+
+def test_streaming_does_not_take_the_first_files_size(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "t", {"a": 3, "b": 3}, size=(40, 40))
+    _solid(root / "a" / "!first.png", (9, 9))
+    assert load_dataset(f"imagefolder:{root}", val_split=2, stream=True).image_size == (224, 224)
+
+
+# (id, files' sizes as {(width, height): count}, the training (height, width), the expected notes past "image size")
+SIZE_NOTES = [
+    ("uniform", {(32, 32): 9}, (32, 32), {}),
+    ("one-other-size", {(12, 10): 8}, (8, 8), {"mixed sizes": "images of 1 size (12x10: 8) resized to 8x8"}),
+    ("many-sizes", {(8 + i, 8): 1 for i in range(8)} | {(8, 8): 5}, (8, 8),
+     {"mixed sizes": "images of 8 sizes (8x8: 5; 9x8: 1; 10x8: 1; 11x8: 1; 12x8: 1; 13x8: 1; 2 more sizes) resized "
+                     "to 8x8"}),
+    ("elongated", {(16, 16): 4, (64, 16): 2, (16, 30): 1}, (16, 16),  # 16x30 keeps 53%: not counted
+     {"mixed sizes": "images of 3 sizes (16x16: 4; 64x16: 2; 16x30: 1) resized to 16x16",
+      "aspect ratios": "2 image(s) lose more than half their area to the centre crop (the most elongated: 64x16, "
+                       "25.0% kept)"}),
+]
+
+
+@pytest.mark.parametrize(("case", "sizes", "size", "expected"), SIZE_NOTES, ids=[c[0] for c in SIZE_NOTES])
+def test_size_notes(case: str, sizes: dict[tuple[int, int], int], size: tuple[int, int],
+                    expected: dict[str, str]) -> None:
+    from collections import Counter
+
+    from foldattn.train.data import _size_notes
+
+    notes = _size_notes(Counter(sizes), size, "how")
+    assert notes.pop("image size") == f"{size[1]}x{size[0]} (width x height; how)"
+    assert notes == expected

@@ -142,3 +142,69 @@ def test_a_crafted_cache_file_is_rebuilt(tmp_path: Path, blob: object) -> None:
     bundle = load_dataset(f"imagefolder:{root}", val_split=2, cache_dir=cache)
     labels = torch.cat([bundle.train.labels, bundle.val.labels])
     assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+# (id, writer of a 24x16 file at `path`): read_fitted at its own size must be read_rgb, pixel for pixel
+def _noise(mode: str) -> object:
+    def write(path: Path) -> None:
+        rng = np.random.default_rng(0)
+        if mode == "I;16":
+            Image.fromarray(rng.integers(0, 65536, (16, 24), dtype=np.uint16)).save(path)
+        elif mode == "P":
+            Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)).convert("P").save(path)
+        else:
+            Image.fromarray(rng.integers(0, 256, (16, 24, len(mode)), dtype=np.uint8).squeeze(), mode=mode).save(path)
+    return write
+
+
+SAME_SIZE = [("rgb-png", "a.png", _noise("RGB")), ("rgb-jpeg", "a.jpg", _noise("RGB")),
+             ("grey-jpeg", "a.jpg", _noise("L")), ("rgba-png", "a.png", _noise("RGBA")),
+             ("grey16-png", "a.png", _noise("I;16")), ("palette-png", "a.png", _noise("P"))]
+
+
+@pytest.mark.parametrize(("case", "name", "write"), SAME_SIZE, ids=[c[0] for c in SAME_SIZE])
+def test_read_fitted_at_the_files_size_is_read_rgb(tmp_path: Path, case: str, name: str, write: object) -> None:
+    from foldattn.train.images import read_fitted
+
+    path = tmp_path / name
+    write(path)  # type: ignore[operator]
+    image, original = read_fitted(path, (24, 16))
+    assert original == (24, 16) and image.mode == "RGB"
+    assert np.array_equal(np.asarray(image), np.asarray(read_rgb(path)))
+
+
+# (id, file name, mode, (width, height) in the file, the most pixels its RGB conversion may see)
+LARGE = [("jpeg-draft", "a.jpg", "RGB", (2400, 1600), 200 * 134),
+         ("png-reduce", "a.png", "RGB", (2400, 1600), 200 * 134),
+         ("grey-png-reduce", "a.png", "L", (2400, 1600), 200 * 134),
+         ("palette-png-whole", "a.png", "P", (600, 400), 600 * 400)]
+
+
+@pytest.mark.parametrize(("case", "name", "mode", "size", "most"), LARGE, ids=[c[0] for c in LARGE])
+def test_a_large_image_is_shrunk_while_it_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str,
+                                                  name: str, mode: str, size: tuple[int, int], most: int) -> None:
+    from foldattn.train import images
+
+    # a smooth pattern, so the shrunk and the direct resize agree closely
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 255 // (w + h)], axis=-1).astype(np.uint8)
+    path = tmp_path / name
+    Image.fromarray(rgb).convert(mode).save(path)
+    seen: list[tuple[int, int]] = []
+    to_rgb8 = images.to_rgb8
+    monkeypatch.setattr(images, "to_rgb8", lambda im, name="image": seen.append(im.size) or to_rgb8(im, name))
+    image, original = images.read_fitted(path, (48, 32))
+    assert original == size and image.size == (48, 32) and image.mode == "RGB"
+    assert seen[0][0] * seen[0][1] <= most
+    direct = images.fit(read_rgb(path), (48, 32))
+    assert np.abs(np.asarray(image, dtype=np.int16) - np.asarray(direct, dtype=np.int16)).mean() < 2
+
+
+def test_fit_is_shorter_side_then_centre_crop() -> None:
+    from foldattn.train.images import fit
+
+    # 40x10, left half black and right half white: fitting 10x10 keeps the middle, half and half
+    im = Image.fromarray(np.repeat(np.repeat(np.array([[0, 255]], dtype=np.uint8), 20, axis=1), 10, axis=0))
+    out = np.asarray(fit(im.convert("RGB"), (10, 10)))[:, :, 0]
+    assert out.shape == (10, 10) and (out[:, :4] == 0).all() and (out[:, 6:] == 255).all()

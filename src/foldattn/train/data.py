@@ -13,8 +13,11 @@ Names accepted by :func:`load_dataset`:
   ``--data-dir`` (downloaded with ``download=True`` when online).
 * ``imagefolder:PATH``: any ``PATH/<class>/<image>`` tree; a ``PATH/train`` +
   ``PATH/val`` (or ``test``) pair is used as given, otherwise a seeded, stratified
-  validation split is held out. With ``stream=True`` (ImageNet-style trees) only
-  the paths are kept and :class:`StreamLoader` decodes each batch in workers.
+  validation split is held out. Every image is decoded at one training size
+  (``image_size``, else the median size of a sample of the files, never the first
+  file's; see :func:`_sampled_size`); a folder of mixed sizes says so in the notes.
+  With ``stream=True`` (ImageNet-style trees) only the paths are kept and
+  :class:`StreamLoader` decodes each batch in workers.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import dataclasses
 import hashlib
 import math
 import os
+import statistics
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._files import check_zip
+from .._files import torch_load
 from .._registry import Registry
 from .._utils import atomic_path, require
 from .augment import BatchPolicy, random_erasing, seeded
-from .images import ImageError, read_rgb
+from .images import ImageError, read_fitted, read_rgb, read_size
 
 __all__ = [
     "ImageData", "FileData", "DataBundle", "DatasetError", "TensorLoader", "StreamLoader", "make_loader",
@@ -168,8 +173,8 @@ def load_dataset(
             dataset's own validation/test split where it has one.
         split_seed: seed of the stratified split (independent of the training seed).
         cache_dir: where ``imagefolder`` keeps its decoded tensor cache (None: no cache).
-        image_size: ``imagefolder`` only: resize (shorter side) + centre-crop to this size;
-            default: the size of the first image.
+        image_size: ``imagefolder`` only: resize (shorter side) + centre-crop every image to
+            this size; default: the median size of a sample of the files (see ``_sampled_size``).
         download: torchvision datasets only: download when missing (needs network).
         stream: ``imagefolder`` only: keep file paths and decode each batch on the fly
             (ImageNet-style trees; RandomResizedCrop + flip for training, resize +
@@ -231,9 +236,22 @@ def _mixed(data: Any, seed: int) -> Any:
 
 
 def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    x = images.double().div_(255)
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    """Per-channel mean and (sample) std of ``images`` scaled to [0, 1], rounded to 4 decimals.
+
+    Two passes over chunks of about 256 MB of float64: a float64 copy of the whole tensor would take
+    eight times the memory the decoded dataset was bounded by."""
+    n, c, h, w = images.shape
+    step = max(1, (32 << 20) // max(1, c * h * w))
+    chunks = [images[i:i + step] for i in range(0, n, step)]
+    count = n * h * w
+    total = torch.zeros(c, dtype=torch.float64)
+    for x in chunks:
+        total += x.double().sum(dim=(0, 2, 3))
+    mean = total / count / 255
+    squares = torch.zeros(c, dtype=torch.float64)
+    for x in chunks:
+        squares += (x.double().div_(255) - mean.view(1, -1, 1, 1)).square_().sum(dim=(0, 2, 3))
+    std = (squares / max(1, count - 1)).sqrt().clamp_min(1e-3)
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
@@ -398,35 +416,85 @@ def _images_under(folder: Path) -> list[Path]:
     return [p for p in out if p.is_file()]
 
 
-def _decode(files: list[tuple[Path, int]], size: int | None) -> ImageData:
-    from PIL import Image
+def _read_fitted(path: Path, size: tuple[int, int]) -> tuple[Any, tuple[int, int]]:
+    try:
+        return read_fitted(path, size)
+    except ImageError as e:
+        raise DatasetError(str(e)) from None
 
-    read = _read_rgb
-    first = read(files[0][0])
-    h = w = size
-    if size is None:
-        w, h = first.size
+
+def _read_size(path: Path) -> tuple[int, int]:
+    try:
+        return read_size(path)
+    except ImageError as e:
+        raise DatasetError(str(e)) from None
+
+
+#: files whose headers choose the size of a folder given no image size
+SAMPLE_FILES = 64
+#: the sides (pixels) a sampled size may have; outside them the folder needs an explicit image size
+SAMPLED_SIDES = (8, 1024)
+#: the share of the machine's memory the decoded tensor may take (the train/val split briefly copies it)
+MEMORY_SHARE = 1 / 3
+_MEMORY_UNKNOWN = 8 << 30  # assumed where the machine's memory cannot be read
+
+
+def _sampled_size(root: Path, files: list[tuple[Path, int]]) -> tuple[int, int]:
+    """``(height, width)`` for a folder given no image size: the medians (``median_low``, a size some
+    file has) of the header sizes of up to :data:`SAMPLE_FILES` files at evenly spaced positions of the
+    class-sorted file list (every file when there are fewer), so each class is sampled in proportion to
+    its files and no single file, the first one included, decides it. Only headers are read."""
+    n = len(files)
+    k = min(n, SAMPLE_FILES)
+    sizes = [_read_size(files[(2 * i + 1) * n // (2 * k)][0]) for i in range(k)]
+    w, h = statistics.median_low(s[0] for s in sizes), statistics.median_low(s[1] for s in sizes)
+    lo, hi = SAMPLED_SIDES
+    if not (lo <= w <= hi and lo <= h <= hi):
+        raise DatasetError(f"the images under {root} are typically {w}x{h} pixels (width x height, the median of "
+                           f"{k} sampled files), outside the {lo}..{hi} a training size is taken from; pass "
+                           "--image-size N to choose it")
+    return h, w
+
+
+def _memory_bytes() -> int:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX, or not reported
+        return _MEMORY_UNKNOWN
+    return total if total > 0 else _MEMORY_UNKNOWN
+
+
+def _check_memory(path: Path, count: int, size: tuple[int, int]) -> None:
+    """Refuse a decoded tensor of ``count`` images at ``size`` larger than :data:`MEMORY_SHARE` of memory."""
+    h, w = size
+    memory = _memory_bytes()
+    need, limit = count * 3 * h * w, int(memory * MEMORY_SHARE)
+    if need > limit:
+        raise DatasetError(f"{count:,} images under {path} at {w}x{h} take {need / 2**30:.1f} GiB decoded, more than "
+                           f"the {limit / 2**30:.1f} GiB (a third of {memory / 2**30:.1f} GiB of memory) held in "
+                           "memory; add --stream to decode each batch from the files, or pass a smaller --image-size")
+
+
+def _decode(files: list[tuple[Path, int]], size: tuple[int, int]) -> tuple[ImageData, Counter[tuple[int, int]]]:
+    """The images at ``size = (height, width)``, and how many files had each ``(width, height)``."""
+    h, w = size
     out = torch.empty(len(files), 3, h, w, dtype=torch.uint8)
+    sizes: Counter[tuple[int, int]] = Counter()
     for i, (path, _) in enumerate(files):
-        im = first if i == 0 else read(path)
-        if im.size != (w, h):
-            scale = max(w / im.size[0], h / im.size[1])
-            nw, nh = max(w, math.ceil(im.size[0] * scale)), max(h, math.ceil(im.size[1] * scale))
-            im = im.resize((nw, nh), Image.BILINEAR)
-            left, top = (nw - w) // 2, (nh - h) // 2
-            im = im.crop((left, top, left + w, top + h))
+        im, original = _read_fitted(path, (w, h))
+        sizes[original] += 1
         out[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
-    return ImageData(out, torch.tensor([c for _, c in files]))
+    return ImageData(out, torch.tensor([c for _, c in files])), sizes
 
 
-_CACHE_VERSION = 3  # bump when the decoding changes (3: 16-bit and float modes rescaled, hidden files skipped)
+_CACHE_VERSION = 4  # bump when the decoding changes (4: one sampled or given size, file sizes kept)
 
 
-def _content_key(root: Path, size: int | None, files: list[tuple[Path, int]], classes: list[str]) -> str:
+def _content_key(root: Path, size: tuple[int, int], files: list[tuple[Path, int]], classes: list[str]) -> str:
     """A key over everything that defines the decoded tensor: each file's path relative to the root, its
     bytes (a hash: an edited image with its size and time put back still changes the key), its class,
     the class names, the image size and the decoder version."""
-    h = hashlib.sha256(f"v{_CACHE_VERSION}|size={size}|classes={'/'.join(classes)}".encode())
+    h = hashlib.sha256(f"v{_CACHE_VERSION}|size={size[0]}x{size[1]}|classes={'/'.join(classes)}".encode())
     for path, label in files:
         h.update(f"\n{path.relative_to(root).as_posix()}|{label}|".encode())
         with open(path, "rb") as f:
@@ -435,39 +503,70 @@ def _content_key(root: Path, size: int | None, files: list[tuple[Path, int]], cl
     return h.hexdigest()[:24]
 
 
-def _folder(root: Path, size: int | None, cache_dir: str | os.PathLike[str] | None) -> tuple[ImageData, list[str]]:
-    classes, files = _scan(root)
+def _folder(root: Path, classes: list[str], files: list[tuple[Path, int]], size: tuple[int, int],
+            cache_dir: str | os.PathLike[str] | None) -> tuple[ImageData, Counter[tuple[int, int]]]:
+    """The scanned ``files`` decoded at ``size`` (or read from the cache), and the files' own sizes."""
     cache = None
     if cache_dir is not None:
         cache = Path(cache_dir) / f"imagefolder-{_content_key(root, size, files, classes)}.pt"
         if cache.is_file():
             cached = _read_cache(cache, len(files), classes, size)
             if cached is not None:
-                return cached, classes
-    data = _decode(files, size)
+                return cached
+    data, sizes = _decode(files, size)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
+        table = torch.tensor([[w, h, n] for (w, h), n in sorted(sizes.items())], dtype=torch.int64)
         with atomic_path(cache) as tmp:
-            torch.save({"images": data.images, "labels": data.labels, "classes": classes}, tmp)
-    return data, classes
+            torch.save({"images": data.images, "labels": data.labels, "classes": classes, "sizes": table}, tmp)
+    return data, sizes
 
 
-def _read_cache(cache: Path, count: int, classes: list[str], size: int | None) -> ImageData | None:
-    """The decoded tensor in ``cache`` if it is what this folder decodes to (structure checked: a cache
-    file is read like any other file); None for a stale, broken or foreign one, which is then rebuilt."""
+def _read_cache(cache: Path, count: int, classes: list[str],
+                size: tuple[int, int]) -> tuple[ImageData, Counter[tuple[int, int]]] | None:
+    """The decoded tensor in ``cache`` and the files' sizes, if it is what this folder decodes to at ``size``
+    (structure checked: a cache file is read like any other file); None for a stale, broken or foreign one,
+    which is then rebuilt."""
     try:
-        check_zip(cache, "image cache")
-        blob = torch.load(cache, weights_only=True)
+        blob = torch_load(cache, "image cache")
     except Exception:  # a stale, broken or crafted cache is rebuilt
         return None
     if not isinstance(blob, dict) or blob.get("classes") != classes:
         return None
-    images, labels = blob.get("images"), blob.get("labels")
+    images, labels, table = blob.get("images"), blob.get("labels"), blob.get("sizes")
     ok = (isinstance(images, Tensor) and images.dtype == torch.uint8 and images.dim() == 4 and images.shape[0] == count
-          and images.shape[1] == 3 and (size is None or tuple(images.shape[2:]) == (size, size))
+          and images.shape[1] == 3 and tuple(images.shape[2:]) == tuple(size)
           and isinstance(labels, Tensor) and labels.dtype == torch.int64 and tuple(labels.shape) == (count,)
-          and (count == 0 or (int(labels.min()) >= 0 and int(labels.max()) < len(classes))))
-    return ImageData(images, labels) if ok else None
+          and (count == 0 or (int(labels.min()) >= 0 and int(labels.max()) < len(classes)))
+          and isinstance(table, Tensor) and table.dtype == torch.int64 and table.dim() == 2 and table.shape[1] == 3
+          and (table.numel() == 0 or int(table.min()) >= 1) and int(table[:, 2].sum()) == count)
+    if not ok:
+        return None
+    return ImageData(images, labels), Counter({(w, h): n for w, h, n in table.tolist()})
+
+
+def _kept(image: tuple[int, int], target: tuple[int, int]) -> float:
+    """The share of an image of ``image = (width, height)`` a centre crop to ``target``'s aspect keeps."""
+    a, b = image[0] / image[1], target[0] / target[1]
+    return min(a / b, b / a)
+
+
+def _size_notes(sizes: Counter[tuple[int, int]], size: tuple[int, int], how: str) -> dict[str, str]:
+    """Notes on the training size and on the files that were not at it (sizes as width x height)."""
+    h, w = size
+    notes = {"image size": f"{w}x{h} (width x height; {how})"}
+    if set(sizes) != {(w, h)}:
+        listed = sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = "; ".join(f"{a}x{b}: {n:,}" for (a, b), n in listed[:6])
+        more = f"; {len(listed) - 6:,} more sizes" if len(listed) > 6 else ""
+        notes["mixed sizes"] = (f"images of {len(listed)} size{'s' if len(listed) > 1 else ''} ({shown}{more}) "
+                                f"resized to {w}x{h}")
+    cropped = {s: n for s, n in sizes.items() if _kept(s, (w, h)) < 0.5}
+    if cropped:
+        worst = min(cropped, key=lambda s: _kept(s, (w, h)))
+        notes["aspect ratios"] = (f"{sum(cropped.values()):,} image(s) lose more than half their area to the centre "
+                                  f"crop (the most elongated: {worst[0]}x{worst[1]}, {_kept(worst, (w, h)):.1%} kept)")
+    return notes
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -512,22 +611,36 @@ def _streamed(path: Path, val_split: float | int | None, split_seed: int, image_
 def _imagefolder(path: Path, val_split: float | int | None = None, split_seed: int = 0,
                  cache_dir: str | os.PathLike[str] | None = None, image_size: int | None = None,
                  stream: bool = False, **_: object) -> DataBundle:
-    """``PATH/<class>/<image>``, or ``PATH/train`` + ``PATH/val`` (or ``test``) trees."""
+    """``PATH/<class>/<image>``, or ``PATH/train`` + ``PATH/val`` (or ``test``) trees, decoded at one size."""
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise DatasetError(f"image size {image_size!r} is not a positive whole number of pixels (--image-size N)")
     if stream:
         return _streamed(path, val_split, split_seed, image_size)
     root, val_dir = _split_layout(path, val_split)
+    classes, files = _scan(root)
+    val_files: list[tuple[Path, int]] = []
     if val_dir is not None:
-        train, classes = _folder(root, image_size, cache_dir)
-        val, val_classes = _folder(val_dir, image_size or train.images.shape[-1], cache_dir)
+        val_classes, val_files = _scan(val_dir)
         if val_classes != classes:
             raise DatasetError(f"{root} and {val_dir} have different class folders")
-        train, val = _mixed(train, split_seed), _mixed(val, split_seed)
+    if image_size is not None:
+        size, how = (image_size, image_size), "the image size given"
+    else:
+        size = _sampled_size(root, files)
+        how = f"the median of {min(len(files), SAMPLE_FILES)} sampled files; --image-size N to choose"
+    _check_memory(path, len(files) + len(val_files), size)  # before the tensor is allocated
+    data, sizes = _folder(root, classes, files, size, cache_dir)
+    if val_dir is not None:
+        val, val_sizes = _folder(val_dir, classes, val_files, size, cache_dir)
+        sizes += val_sizes
+        train, val = _mixed(data, split_seed), _mixed(val, split_seed)
         notes = {"validation": str(val_dir)}
     else:
-        data, classes = _folder(root, image_size, cache_dir)
         split = 0.1 if val_split is None else val_split
         train, val = _split(data, split, split_seed)
         notes = {"validation": f"{len(val)} images held out (stratified, seed {split_seed})"}
+    del data  # the split made copies: only they are kept
+    notes.update(_size_notes(sizes, size, how))
     mean, std = _channel_stats(train.images)
     return DataBundle(f"imagefolder:{path}", train, val, classes, mean, std, pad=max(1, train.images.shape[-1] // 8),
                       flip=True, notes=notes)

@@ -4,18 +4,22 @@ Pillow's ``convert("RGB")`` clips 16-bit and 32-bit integer images (a 16-bit gre
 becomes all 255) and truncates float images (a TIFF of values in [0, 1] becomes all 0),
 silently. :func:`to_rgb8` rescales those modes to 8 bits first. Decompression bombs (an
 image whose pixel count is far beyond any training image) are refused before they are
-decoded, naming the file.
+decoded, naming the file. :func:`read_fitted` decodes straight to a training size, shrinking a
+large image while it is read, so one huge file costs only its own small transient.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["read_rgb", "to_rgb8", "MAX_PIXELS", "ImageError"]
+__all__ = ["read_rgb", "read_size", "read_fitted", "fit", "to_rgb8", "MAX_PIXELS", "ImageError"]
 
 #: the most pixels an image may have (about 16k x 16k); larger files are refused as decompression bombs
 MAX_PIXELS = 1 << 28
@@ -61,8 +65,9 @@ def to_rgb8(image: Any, name: str = "image") -> Any:
     return image.convert("RGB")
 
 
-def read_rgb(path: str | Path) -> Any:
-    """The image at ``path`` as an 8-bit RGB PIL image; :class:`ImageError` naming the file otherwise."""
+@contextmanager
+def _opened(path: str | Path) -> Iterator[Any]:
+    """``Image.open(path)`` with bombs and unreadable files (in the body too) turned into :class:`ImageError`."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -74,7 +79,7 @@ def read_rgb(path: str | Path) -> Any:
                 if w * h > MAX_PIXELS:
                     raise ImageError(f"image {path} has {w} x {h} pixels, more than the {MAX_PIXELS:,} accepted "
                                      "(a decompression bomb, or not a training image); remove it")
-                return to_rgb8(im, str(path))
+                yield im
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"image {path}: {str(e).split('.')[0]} (a decompression bomb?); remove it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -82,3 +87,66 @@ def read_rgb(path: str | Path) -> Any:
             raise
         raise ImageError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
                          "delete or replace it") from None
+
+
+def read_rgb(path: str | Path) -> Any:
+    """The image at ``path`` as an 8-bit RGB PIL image; :class:`ImageError` naming the file otherwise."""
+    with _opened(path) as im:
+        return to_rgb8(im, str(path))
+
+
+def read_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of the image at ``path`` from its header alone (nothing is decoded)."""
+    with _opened(path) as im:
+        w, h = im.size
+    return int(w), int(h)
+
+
+def _cover(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """The size ``size`` is scaled to so that it covers ``target`` (both ``(width, height)``)."""
+    (w, h), (tw, th) = size, target
+    scale = max(tw / w, th / h)
+    return max(tw, math.ceil(w * scale)), max(th, math.ceil(h * scale))
+
+
+def fit(image: Any, size: tuple[int, int]) -> Any:
+    """``image`` resized (bilinear) so its shorter side fits ``size = (width, height)``, then centre-cropped
+    to it; ``image`` itself when it already has that size (no resampling: its pixels are kept exactly)."""
+    from PIL import Image
+
+    if image.size == tuple(size):
+        return image
+    w, h = size
+    nw, nh = _cover(image.size, size)
+    image = image.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - w) // 2, (nh - h) // 2
+    return image.crop((left, top, left + w, top + h))
+
+
+# modes whose RGB conversion is per pixel and for which a box average is meaningful (not a palette, not
+# the I/F modes whose conversion depends on the value range)
+_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+_GAP = 2  # shrink before resampling only down to twice the covering size, as Pillow's thumbnail() does
+
+
+def read_fitted(path: str | Path, size: tuple[int, int]) -> tuple[Any, tuple[int, int]]:
+    """The image at ``path`` as 8-bit RGB of exactly ``size = (width, height)`` (:func:`fit`), and its
+    size in the file.
+
+    A large image is shrunk while it is read so its transient copies stay small: a JPEG is decoded at
+    1/2, 1/4 or 1/8 scale (``draft``) and an 8-bit image is box-averaged (``reduce``) before its RGB
+    conversion, each only down to twice the size :func:`fit` resamples from. An image already at
+    ``size`` is decoded exactly as :func:`read_rgb` does.
+    """
+    with _opened(path) as im:
+        original = (int(im.width), int(im.height))
+        if original != tuple(size):
+            cw, ch = _cover(original, size)
+            if im.format == "JPEG":
+                im.draft(None, (cw * _GAP, ch * _GAP))
+            im.load()
+            factor = min(im.width // (cw * _GAP), im.height // (ch * _GAP))
+            if factor >= 2 and im.mode in _REDUCIBLE:
+                im = im.reduce(factor)
+        rgb = to_rgb8(im, str(path))
+    return fit(rgb, size), original
