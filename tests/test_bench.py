@@ -190,7 +190,14 @@ def test_cli_cuda_without_cuda(monkeypatch, capsys, tmp_path) -> None:
         ({"throughput_batch": 0}, "throughput_batch must be a positive integer"),
         ({"latency_batch": True}, "latency_batch must be a positive integer"),
         ({"threads": -1}, "threads must be a positive integer"),
-        ({"warmup": -1}, "warmup must be a non-negative integer"),
+        ({"warmup": -1}, "warmup must be an integer in [0, 1000]"),
+        # upper bounds (issue 32): the library refuses what the command line refuses
+        ({"throughput_batch": 1_000_000}, "throughput_batch must be a positive integer <= 4096"),
+        ({"train_batch": 5000}, "train_batch must be a positive integer <= 4096"),
+        ({"threads": 4096}, "threads must be a positive integer <= "),
+        ({"reps": 10**6}, "reps must be a positive integer <= 1000"),
+        ({"warmup": 10**6}, "warmup must be an integer in [0, 1000]"),
+        ({"min_sample_s": 3600.0}, "min_sample_s must be a number in [0, 60]"),
         ({"device": "meta"}, "not supported by the benchmark"),
         ({"clock": "sundial"}, "unknown clock 'sundial'; valid clocks: wall, cpu"),
         ({"reps": 2.5}, "reps must be a positive integer"),
@@ -559,3 +566,34 @@ def test_unknown_runtime_is_refused(argv: list[str], capsys: pytest.CaptureFixtu
 
     assert main(["bench", "--quick", *argv, "--out", str(tmp_path / "b")]) == 2
     assert "runtime" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"models": ("resnet50",), "throughput_batch": 4096}, "resnet50: --throughput-batch 4096 of 3x224x224 inputs and "
+                                                          "the activations of a forward pass would take about"),
+    ({"models": ("resnet50",), "train_batch": 2048}, "resnet50: --train-batch 2048 of 3x224x224 inputs and the "
+                                                     "activations of a training step"),
+])
+def test_batches_are_bounded_by_their_estimated_memory_before_any_model_is_built(change: dict, message: str) -> None:
+    """bench --throughput-batch 1000000 reached 12.7 GB before its out-of-memory line: the inputs' and
+    activations' bytes (traced on the meta device) are refused first, naming the option and the limit."""
+    import resource
+
+    from foldattn.bench.runner import check_memory
+
+    cfg = bench.BenchConfig(attentions=("se",), **change).validated()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match="over the limit of") as e:
+        check_memory(cfg)
+    assert message in str(e.value) and "lower --" in str(e.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 1 << 20  # KiB: nothing of that size made
+    check_memory(bench.BenchConfig(models=("resnet50",), attentions=("se",), throughput_batch=8,
+                                   train_batch=4).validated())  # a small batch passes
+
+
+@pytest.mark.parametrize(("option", "value"), [("--threads", "4096"), ("--throughput-batch", "1000000"),
+                                               ("--reps", "1000000"), ("--warmup", "1000000")])
+def test_cli_refuses_counts_past_their_bound(option: str, value: str, capsys, tmp_path) -> None:
+    assert main(["bench", option, value, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: {value} is too large" in err and not (tmp_path / "b").exists()

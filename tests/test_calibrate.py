@@ -7,6 +7,7 @@ relative to the output scale (verify's float64 tolerance).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -352,3 +353,45 @@ def test_timm_cbam_spatial_gate_is_named() -> None:
     from foldattn.calibrate import dropped_part
 
     assert dropped_part(CbamModule(32)) is not None and dropped_part(SEModule(32)) is None
+
+
+def test_a_long_recovery_says_how_long_after_its_first_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """calibrate --distill-epochs 1000000000 ran with no word about when it would end: the epochs are now
+    bounded, and a run expected past an hour (its first batch timed) says so before it goes on."""
+    from foldattn.stripe import calibration
+    from foldattn.stripe.distillation import distill, distillation_student
+
+    lines: list[str] = []
+    assert calibration.announce_duration(2.0, 10, "distillation", lines.append) == 20.0 and lines == []
+    calibration.announce_duration(2.0, 10_000, "distillation", lines.append)
+    assert lines == ["distillation: about 5.6 hours expected (10,000 batches at 2 s, the first one timed); "
+                     "Ctrl-C stops it"]
+    calibration.announce_duration(30.0, 10_000, "fine-tuning", lines.append)
+    assert lines[-1].startswith("fine-tuning: about 3 days expected")
+    # wired into both recoveries: with the threshold at 0 each announces itself once, after its first batch
+    monkeypatch.setattr(calibration, "ANNOUNCE_AFTER_S", 0.0)
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet20", attention="se").double().eval()
+    lines.clear()
+    finetune(constant_model(model, calibrate(model, _data())[1].stripes), _data(), epochs=3, log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("fine-tuning: about") and "(6 batches at" in lines[0]
+    stripes = calibrate(model, _data())[1].stripes
+    student = distillation_student(constant_model(model, stripes), _data()[0][0][:2])
+    lines.clear()
+    distill(model, student, _data(), _data(), epochs=2, log=lines.append)
+    announced = [x for x in lines if x.startswith("distillation: about")]
+    assert len(announced) == 1 and "(4 batches at" in announced[0]
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--distill-epochs", "1000000000", "--distill-epochs: 1000000000 is too large; give an integer in [0, 1000]"),
+    ("--finetune-epochs", "1001", "--finetune-epochs: 1001 is too large"),
+    ("--bench-batch", "5000", "--bench-batch: 5000 is too large"),
+    ("--batch-size", "100000", "--batch-size: 100000 is too large"),
+    ("--max-images", "100000000", "--max-images: 100000000 is too large"),
+])
+def test_cli_calibrate_bounds(tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str,
+                              message: str) -> None:
+    assert main(["calibrate", "cifar_resnet20", "--attention", "se", option, value, "-o", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "c").exists()

@@ -235,3 +235,29 @@ def test_torch_export_program_refuses_non_finite_outputs(tmp_path: Path) -> None
     with pytest.raises(EquivalenceError, match="not finite"):
         export_program(model, torch.randn(2, 3), tmp_path / "n.pt2")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def recorded_8192(digits_asr_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A foldattn checkpoint recording 8192x8192 images: its example batch would take tens of GB."""
+    blob = torch.load(digits_asr_run / "last.pt", weights_only=True)
+    blob["run"]["image_size"] = [8192, 8192]
+    path = tmp_path_factory.mktemp("r8192") / "last.pt"
+    torch.save(blob, path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["fold", "export"])
+def test_image_size_is_the_way_out_of_a_recorded_size_too_large(recorded_8192: Path, tmp_path: Path, command: str,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused in one line naming --image-size; with it, a foldattn checkpoint's example batch takes that
+    size, and the command writes its file."""
+    from foldattn.cli import main
+
+    out = ["-o", str(tmp_path / "o")] if command == "fold" else ["--onnx", str(tmp_path / "o" / "m.onnx")]
+    assert main([command, str(recorded_8192), *out]) == 2
+    err = capsys.readouterr().err
+    assert "pass --image-size N" in err and "3x8192x8192" in err and not (tmp_path / "o").exists()
+    assert main([command, str(recorded_8192), "--image-size", "16", *out]) == 0, capsys.readouterr().err
+    assert (tmp_path / "o" / ("deployed.safetensors" if command == "fold" else "m.onnx")).is_file()
+

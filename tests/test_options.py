@@ -65,3 +65,30 @@ def test_declared_rules_reach_the_command_line(argv: list[str], message: str, tm
                                                capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--steps-per-epoch", "1", "-o", str(tmp_path / "o"), *argv]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+#: the integer options that set a size or a duration, each with its documented upper bound
+BOUNDED = {"epochs": 10_000, "batch_size": 65_536, "steps_per_epoch": 10_000_000, "grad_accum_steps": 1_024,
+           "workers": 64, "threads": 256, "patience_epochs": 10_000, "stripe_every": 10_000, "image_size": 4096}
+
+
+@pytest.mark.parametrize(("name", "high"), BOUNDED.items(), ids=list(BOUNDED))
+def test_counts_have_an_upper_bound_at_parse_time_in_config_files_and_in_help(name: str, high: int) -> None:
+    action = next(a for a in _train_parser()._actions if a.dest == name)
+    assert f"at most {high}" in (action.help or "")
+    assert action.type(str(high)) == high
+    with pytest.raises(argparse.ArgumentTypeError, match=f"{high + 1} is too large"):
+        action.type(str(high + 1))
+    with pytest.raises(ValueError, match=f"must be at most {high}"):
+        check_declared(TrainConfig(**{name: high + 1}))
+
+
+@pytest.mark.parametrize("name", ["warmup_epochs", "decay_epochs"])
+def test_epoch_lengths_in_floats_are_bounded(name: str) -> None:
+    with pytest.raises(ValueError, match=r"must be a number in \[0, 10000\]"):
+        check_declared(TrainConfig(**{name: 1e9}))
+
+
+def test_a_saved_config_with_more_threads_than_this_machine_has_cores_still_loads() -> None:
+    """The bound of a saved setting is not this machine's: a run written on a larger machine resumes here."""
+    check_declared(TrainConfig(threads=256))

@@ -142,3 +142,91 @@ def test_entropy_calibration_is_not_minmax(tmp_path: Path) -> None:
     # KL clips outliers: some activation range is narrower than the min-max one, none is wider
     assert any(scales["entropy"][k] < 0.99 * scales["minmax"][k] for k in shared)
     assert all(scales["entropy"][k] <= scales["minmax"][k] * 1.0001 for k in shared)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    """Staged folders a failed quantize would have left (``.NAME.foldattn-*.tmp``)."""
+    return [p.name for p in folder.iterdir() if ".foldattn-" in p.name]
+
+
+@pytest.fixture()
+def nan_run(run: Path, tmp_path: Path) -> Path:
+    """The run's checkpoint with one NaN weight (a diverged training)."""
+    blob = torch.load(run / "last.pt", weights_only=True)
+    blob["model"]["conv1.weight"][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "nan" / "last.pt"
+    path.parent.mkdir()
+    torch.save(blob, path)
+    return path
+
+
+def _export_differs(*args: object, **kwargs: object) -> None:
+    raise foldattn.EquivalenceError("onnxruntime differs from PyTorch: max abs 1.0e+00")
+
+
+def _verify_fails(*args: object, **kwargs: object) -> None:
+    raise foldattn.EquivalenceError("max abs error 3.0e-02 > tolerance")
+
+
+# (id, source, extra options, what to patch, the one line must contain, must not contain)
+FAILURES = [
+    ("nan-weights", "{nan}", [], None, "weights hold NaN or Inf (conv1.weight)", "equalization"),
+    ("export-check", "{run}", [], ("foldattn.export.export_onnx", _export_differs),
+     "the exported ONNX model does not reproduce the deployed model", "equalization"),
+    ("equalize-verify", "{run}", ["--equalize"], ("foldattn.quantize.verify", _verify_fails),
+     "cross-layer equalization changed the model's outputs", "exported"),
+]
+
+
+@pytest.mark.parametrize(("source", "extra", "patch", "message", "absent"), [c[1:] for c in FAILURES],
+                         ids=[c[0] for c in FAILURES])
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_quantize_says_what_failed_and_leaves_nothing(
+        run: Path, nan_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        source: str, extra: list[str], patch: tuple | None, message: str, absent: str, existing: bool) -> None:
+    """Kind 6 of issue 32: each failure named for what it is (not all as "equalization changed the outputs"),
+    and no output folder it created, no partial file (an existing empty folder stays empty)."""
+    if patch is not None:
+        monkeypatch.setattr(*patch)
+    out = tmp_path / "new" / "int8"
+    if existing:
+        out.mkdir(parents=True)
+    argv = ["quantize", source.format(run=run, nan=nan_run), "-o", str(out), "--calib-images", "32",
+            "--val-images", "32", *extra]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
+    assert len(err) == 1 and message in err[0] and absent not in err[0], err
+    if existing:
+        assert not any(out.iterdir())
+    else:
+        assert not (tmp_path / "new").exists()
+    assert not _leftovers(tmp_path)
+    if existing:
+        assert not _leftovers(tmp_path / "new")
+
+
+def test_quantize_into_a_missing_parent_and_over_an_old_result(run: Path, tmp_path: Path) -> None:
+    """The staged folder becomes OUT (parents made at the end, usual permissions); --overwrite replaces
+    the files of an earlier result and keeps the others."""
+    out = tmp_path / "a" / "b"
+    argv = ["quantize", str(run), "-o", str(out), "--calib-images", "32", "--val-images", "32"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.int8.onnx", "model.onnx", "quantize.json"]
+    assert out.stat().st_mode & 0o777 != 0o700 and not _leftovers(out.parent)
+    (out / "notes.txt").write_text("mine")
+    before = (out / "quantize.json").stat().st_mtime_ns
+    assert main([*argv, "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "quantize.json").stat().st_mtime_ns >= before
+    assert not _leftovers(out.parent) and not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"threads": 100_000}, "threads must be an integer in"),
+                                                 ({"threads": 0}, "threads must be an integer in"),
+                                                 ({"latency_batches": (1, 10**6)}, "latency_batches")])
+def test_the_library_bounds_its_counts_before_any_work(tmp_path: Path, kwargs: dict, message: str) -> None:
+    from foldattn.quantize import quantize
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(ValueError, match=message):
+        quantize(model, [], [], tmp_path / "q", example=torch.zeros(1, 3, 8, 8), **kwargs)
+    assert not (tmp_path / "q").exists()

@@ -195,7 +195,7 @@ def test_with_an_ema_the_paired_differences_are_the_emas(tmp_path: Path) -> None
 # (id, sweep file text after `base`, the one line's text)
 BAD = [
     ("unknown-option", "arms:\n  a: []\n  b: [--attenshun, se]\nseeds: [0]\n", "unrecognized arguments"),
-    ("bad-value", "arms:\n  a: [--epochs, zero]\nseeds: [0]\n", "invalid int value"),
+    ("bad-value", "arms:\n  a: [--epochs, zero]\nseeds: [0]\n", "'zero' is not an integer"),
     ("repeated-arm", "arms:\n  a: [--attention, se]\n  b: [--attention, se, --epochs, '1']\nseeds: [0]\n",
      "repeats arm 'a'"),
     ("empty-seeds", "arms:\n  a: []\nseeds: []\n", "non-empty list of seeds"),
@@ -216,6 +216,16 @@ BAD = [
     ("contrast-self", "arms:\n  a: []\nseeds: [0]\ncontrasts: [[a, a]]\n", "with itself"),
     ("contrast-twice", "arms:\n  a: []\n  b: [--attention, se]\nseeds: [0]\ncontrasts: [[a, b], [b, a]]\n",
      "listed twice"),
+    # bounds (issue 32): counts checked before anything is parsed per arm or run
+    ("seeds-too-many", "arms:\n  a: []\nseeds: [" + ", ".join(map(str, range(1001))) + "]\n",
+     "seeds: 1,001 seeds; at most 1,000"),
+    ("arm-seeds-too-many", "arms:\n  a: {seeds: [" + ", ".join(map(str, range(1001))) + "]}\nseeds: [0]\n",
+     "arm 'a': seeds: 1,001 seeds; at most 1,000"),
+    ("runs-too-many", "arms:\n" + "".join(f"  a{i}: [--lr, '0.{i + 1}']\n" for i in range(11))
+     + "seeds: [" + ", ".join(map(str, range(1000))) + "]\n", "11 arms x their seeds are 11,000 runs; at most 10,000"),
+    ("jobs-too-many", "arms:\n  a: []\nseeds: [0]\njobs: 1000\n", "jobs: expected an integer in [1, 64]"),
+    ("threads-too-many", "arms:\n  a: []\nseeds: [0]\nthreads: 100000\n", "threads: expected an integer in [0, 256]"),
+    ("epochs-too-many", "arms:\n  a: [--epochs, '1000000000']\nseeds: [0]\n", "--epochs: 1000000000 is too large"),
 ]
 
 
@@ -300,3 +310,19 @@ def test_docs_figure_of_a_sweep_is_drawn_from_its_summary(tmp_path: Path, monkey
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
         (sweep / "summary.json").unlink(missing_ok=True)
+
+
+def test_seed_counts_are_refused_before_the_list_is_walked() -> None:
+    """150,000 seeds hung --dry-run (a quadratic duplicate check): the count alone refuses them now, and the
+    duplicate check within the bound is a set."""
+    from foldattn.sweep.spec import MAX_SEEDS, Run
+
+    t0 = time.perf_counter()
+    with pytest.raises(SweepError, match="150,000 seeds; at most 1,000"):
+        parse_sweep({"arms": {"a": []}, "seeds": list(range(150_000))})
+    seeds = [*range(MAX_SEEDS - 1), MAX_SEEDS - 2]
+    with pytest.raises(SweepError, match=f"seed {MAX_SEEDS - 2} is listed twice"):
+        parse_sweep({"arms": {"a": []}, "seeds": seeds})
+    spec = parse_sweep({"arms": {f"a{i}": [] for i in range(10)}, "seeds": list(range(MAX_SEEDS))})
+    assert len(spec.runs()) == 10 * MAX_SEEDS and spec.runs()[:2] == [Run("a0", 0), Run("a1", 0)]
+    assert time.perf_counter() - t0 < 10

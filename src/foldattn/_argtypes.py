@@ -1,29 +1,86 @@
-"""argparse value types shared by every command and by the training options' declaration (private)."""
+"""argparse value types shared by every command and by the training options' declaration, and the
+upper bounds of the counts they accept (private).
+
+Every count a user gives that sets a size or a duration has an upper bound checked when the
+command line is parsed, before anything is allocated or started (docs/decisions.md, "Bounds on
+sizes and counts"); memory that depends on several options together is estimated before it is
+allocated (:mod:`foldattn._sizes`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["positive_int", "nonnegative_int", "positive_float", "nonnegative_float", "split_value", "psi_init",
-           "key_values"]
+           "key_values", "bounded_int", "MAX_THREADS", "MAX_WORKERS", "MAX_EPOCHS", "MAX_TUNE_EPOCHS", "MAX_BATCH",
+           "MAX_TRAIN_BATCH", "MAX_IMAGES", "MAX_SAMPLES", "MAX_REPS", "MAX_STEPS", "MAX_ACCUM_STEPS",
+           "MAX_CONFIG_THREADS", "MAX_CLASSES", "MAX_SEED"]
+
+#: threads (torch, ONNX Runtime) of a command run here: past 4 per core they only contend, and each is an
+#: OS thread with its stack; 4096 of them made ``bench`` crawl and 100,000 took 6 GB
+MAX_THREADS = min(256, 4 * (os.cpu_count() or 1))
+#: threads a saved setting may hold (``train --threads``, a sweep file's ``threads``): the same bound, but
+#: not this machine's, so that a config or checkpoint written on a larger machine still loads here
+MAX_CONFIG_THREADS = 256
+#: data-loading processes of ``train --stream`` (each a process holding a copy of the loader)
+MAX_WORKERS = 64
+#: training epochs (``train``): the paper's schedules are 164-300; more is a typo, or days of compute
+MAX_EPOCHS = 10_000
+#: fine-tuning / distillation epochs of ``calibrate`` (a recovery of a few epochs, not a training)
+MAX_TUNE_EPOCHS = 1_000
+#: one forward's batch (``bench``, ``stripe``, ``calibrate``, ``quantize``); its bytes are estimated too
+MAX_BATCH = 4_096
+#: ``train``'s global batch (large-batch recipes reach 32k-64k); its memory is the trainer's to check
+MAX_TRAIN_BATCH = 65_536
+#: images a command reads (``--max-images``, ``--calib-images``, ``--val-images``): ten ImageNets
+MAX_IMAGES = 10_000_000
+#: images whose attention vectors ``stripe`` keeps for its heat maps (each kept per layer, in the JSON)
+MAX_SAMPLES = 1_024
+#: timed samples and warm-up rounds of ``bench``
+MAX_REPS = 1_000
+#: batches accumulated into one optimizer update (``train --grad-accum-steps``)
+MAX_ACCUM_STEPS = 1_024
+#: classes of a model built by name (``stripe``/``calibrate --num-classes``): its classifier is allocated;
+#: ImageNet-21k has 21,841
+MAX_CLASSES = 100_000
+#: seeds: what torch's generators take (a larger one overflowed in torch, a cryptic error)
+MAX_SEED = 2**32 - 1
+#: batches per epoch, optimizer steps and other step counts of ``train``
+MAX_STEPS = 10_000_000
 
 
-def _integer(low: int) -> Any:
-    kind = "positive integer" if low == 1 else f"integer >= {low}"
+def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    if low == 1:
+        kind = "a positive integer" + (f" <= {high}" if high is not None else "")
+    else:
+        kind = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a {kind}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give {kind}") from None
         if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is too small; give a {kind}")
+            raise argparse.ArgumentTypeError(f"{value} is too small; give {kind}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value} is too large; give {kind}")
         return value
 
-    parse.__name__ = f"integer >= {low}"
+    parse.__name__ = f"integer in [{low}, {high}]" if high is not None else f"integer >= {low}"
     return parse
+
+
+def bounded_int(low: int, high: int | None) -> Callable[[str], int]:
+    """An argparse type for a whole number in ``[low, high]`` (``high`` None: no upper bound, for values
+    that size nothing): out of range is argparse's one-line refusal (exit 2) at parse time, before the
+    command allocates or starts anything."""
+    if high is not None and high < low:
+        raise ValueError(f"bounded_int: high {high} < low {low}")
+    return _integer(low, high)
 
 
 #: whole numbers >= 1 and >= 0, refused by argparse itself (exit 2, one line)

@@ -38,10 +38,24 @@ from torch import Tensor, nn
 from ._utils import atomic_path, require, unwrap_model
 from .asr import ASR
 from .fold import fold
-from .verify import verify
+from .verify import EquivalenceError, verify
 
 __all__ = ["METHODS", "QuantizeReport", "quantize", "quantize_onnx", "weight_ranges", "fake_quantize_per_channel",
-           "fake_quantize_per_tensor", "OrtRunner"]
+           "fake_quantize_per_tensor", "OrtRunner", "EqualizationError", "NonFiniteWeights"]
+
+
+class EqualizationError(EquivalenceError):
+    """Cross-layer equalization (``equalize=True``) changed the deployed model's outputs."""
+
+
+class NonFiniteWeights(ValueError):
+    """The model's weights hold NaN or Inf: no quantization step can represent them."""
+
+
+def _nonfinite(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``model`` that hold NaN or Inf."""
+    return [name for name, t in model.state_dict().items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 #: calibration methods of ONNX Runtime's ``CalibrationMethod``
 METHODS = ("minmax", "entropy", "percentile")
@@ -231,9 +245,20 @@ def quantize(model: nn.Module, calibration: Iterable[Tensor], validation: Iterab
         method: ``minmax``, ``entropy`` or ``percentile`` activation calibration.
         max_drop: an INT8 top-1 drop above this many points is recorded in ``warnings`` (and logged).
     """
+    from ._argtypes import MAX_BATCH, MAX_THREADS
     from .export import export_onnx
 
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads must be an integer in [1, {MAX_THREADS}] (4 per CPU core, 256 at most), got "
+                         f"{threads!r}")
+    if not latency_batches or not all(isinstance(b, int) and 1 <= b <= MAX_BATCH for b in latency_batches):
+        raise ValueError(f"latency_batches must be batch sizes in [1, {MAX_BATCH}], got {latency_batches!r}")
     model = unwrap_model(model)  # where the model enters: the helpers below take it unwrapped
+    bad = _nonfinite(model)
+    if bad:  # said here: later it would surface as a failed equivalence check of some stage
+        more = f", ... ({len(bad) - 4} more)" if len(bad) > 4 else ""
+        raise NonFiniteWeights(f"the model's weights hold NaN or Inf ({', '.join(bad[:4])}{more}); it cannot be "
+                               "quantized: use a checkpoint from before the training diverged")
     out = Path(out_dir)
     say = log or (lambda s: None)
     fp32, int8 = out / "model.onnx", out / "model.int8.onnx"
@@ -245,9 +270,16 @@ def quantize(model: nn.Module, calibration: Iterable[Tensor], validation: Iterab
             from .equalize import equalize as equalize_ranges
 
             equalized, pairs = equalize_ranges(deployed, example)
-            verify(deployed, equalized, example)  # EquivalenceError past float32 tolerance
+            try:
+                verify(deployed, equalized, example)  # past float32 tolerance: a model at its limits
+            except EquivalenceError as e:
+                raise EqualizationError(f"cross-layer equalization changed the model's outputs ({e}); quantize "
+                                        "without equalize") from None
             deployed = equalized
-        export_onnx(deployed, example, fp32, fold_asr=False, input_names=["input"], output_names=["logits"])
+        try:
+            export_onnx(deployed, example, fp32, fold_asr=False, input_names=["input"], output_names=["logits"])
+        except EquivalenceError as e:
+            raise EquivalenceError(f"the exported ONNX model does not reproduce the deployed model: {e}") from None
     if equalize:
         say(f"equalized the weight ranges of {len(pairs)} layer pair(s) (outputs verified unchanged)")
     say(f"exported {fp32}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .. import attention as _attention
+from .._argtypes import MAX_BATCH, MAX_REPS, MAX_THREADS
 from .family import RUNTIMES, families, get_family
 from .timing import _CLOCKS, _check_device
 
@@ -72,16 +73,19 @@ class BenchConfig:
             if not _attention.get(a).has_classic_form:
                 raise ValueError(f"attention {a!r} has no input-dependent form, and the benchmark compares +X with "
                                  f"ASR(X); choose from {', '.join(classic)}")
-        for key in ("latency_batch", "throughput_batch", "train_batch", "reps", "threads"):
+        highs = {"latency_batch": MAX_BATCH, "throughput_batch": MAX_BATCH, "train_batch": MAX_BATCH,
+                 "reps": MAX_REPS, "threads": MAX_THREADS}
+        for key, high in highs.items():
             value = getattr(self, key)
             if value is None and key in ("train_batch", "threads"):
                 continue
-            if not _is_positive_int(value):
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        if not _is_nonnegative_int(self.warmup):
-            raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
-        if not (isinstance(self.min_sample_s, (int, float)) and self.min_sample_s >= 0):
-            raise ValueError(f"min_sample_s must be a number >= 0, got {self.min_sample_s!r}")
+            if not _is_positive_int(value) or value > high:
+                raise ValueError(f"{key} must be a positive integer <= {high}, got {value!r}")
+        if not _is_nonnegative_int(self.warmup) or self.warmup > MAX_REPS:
+            raise ValueError(f"warmup must be an integer in [0, {MAX_REPS}], got {self.warmup!r}")
+        # a sample repeats its call until it lasts this long: past a minute a benchmark runs for days
+        if not (isinstance(self.min_sample_s, (int, float)) and 0 <= self.min_sample_s <= 60):
+            raise ValueError(f"min_sample_s must be a number in [0, 60], got {self.min_sample_s!r}")
         dev = _check_device(self.device)
         threads = self.threads if self.threads is not None or dev.type != "cpu" else 1
         default = "cuda" if dev.type == "cuda" else ("cpu" if threads == 1 else "wall")

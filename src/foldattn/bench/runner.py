@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._sizes import check_bytes, combine, leaf_output_bytes
 from ..export import export_onnx
 from ..fold import fold
 from ..summary import count_flops, count_params
@@ -39,7 +40,8 @@ from .targets import check_targets
 from .timing import _CLOCKS, _stats, _sync_for, interleaved
 from .workload import _inputs, _prepare, _train_step
 
-__all__ = ["bench_group", "run_bench", "UNRELIABLE_SPREAD", "REFERENCE_LABEL", "REFERENCE_DEPLOYED_LABEL"]
+__all__ = ["bench_group", "run_bench", "check_memory", "UNRELIABLE_SPREAD", "REFERENCE_LABEL",
+           "REFERENCE_DEPLOYED_LABEL"]
 
 #: ONNX opset of the exported models of the ``--onnx`` rows
 _ONNX_OPSET = 17
@@ -245,6 +247,36 @@ def _add_ratios(rows: dict[str, dict[str, Any]]) -> None:
         row["ratio"] = ratios
 
 
+def check_memory(cfg: BenchConfig) -> None:
+    """Refuse, before any model is built for real, a batch whose inputs and activations would pass the
+    memory limit (:func:`foldattn._sizes.memory_limit`): the throughput batch's forward pass and the
+    training step's, of each model's plain form traced on the meta device (the attention adds little)."""
+    device = torch.device(cfg.device)
+    for name in cfg.models:
+        family = get_family(name)
+        per_image = 4 * int(torch.Size(family.input_size).numel())
+        shape = "x".join(map(str, family.input_size))
+        batches = [("--throughput-batch", cfg.throughput_batch, False), ("--latency-batch", cfg.latency_batch, False)]
+        if cfg.train:
+            batches.append(("--train-batch", cfg.train_batch or family.train_batch, True))
+        for option, batch, _ in batches:  # the inputs alone first: no model needed
+            check_bytes(batch * per_image, f"{name}: {option} {batch} of {shape} inputs",
+                        f"lower {option}", device)
+        outputs = None
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                outputs = leaf_output_bytes(family.build(None, False, False).eval(), family.input_size, 1)
+        except Exception:
+            outputs = None
+        if not outputs:
+            continue
+        for option, batch, training in batches:
+            need = batch * (per_image + combine(outputs, training))
+            check_bytes(need, f"{name}: {option} {batch} of {shape} inputs and the activations of "
+                        f"{'a training step' if training else 'a forward pass'}", f"lower {option}", device)
+
+
 # --- the whole run -----------------------------------------------------------------------
 def _cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``; ``platform`` elsewhere)."""
@@ -273,6 +305,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None,
               command: str | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the result dict (see :func:`~foldattn.bench.validate_result` for its schema)."""
     cfg = config.validated()
+    check_memory(cfg)  # before anything of the batches' size is allocated
     t_start = time.perf_counter()
     user_log = log
 

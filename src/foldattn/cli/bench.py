@@ -8,11 +8,11 @@ import sys
 from dataclasses import replace
 
 from .. import attention as _attention
+from .._argtypes import MAX_BATCH, MAX_REPS, MAX_SEED, MAX_THREADS, bounded_int
 from .._utils import check_output_folder
 from ..bench import QUICK, BenchConfig, families, render_markdown, run_bench, write_outputs
 from ..bench.targets import _profile_failures
 from ..bench.timing import _CLOCKS
-from . import nonnegative_int, positive_int
 
 __all__ = ["register"]
 
@@ -87,13 +87,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attentions", nargs="+", metavar="X",
                    help="default: all of "
                         f"{', '.join(a for a in _attention.names() if _attention.get(a).has_classic_form)}")
-    p.add_argument("--latency-batch", type=positive_int, help="batch of the latency figure (default 1)")
-    p.add_argument("--throughput-batch", type=positive_int, help="batch of the throughput figure (default 64)")
-    p.add_argument("--train-batch", type=positive_int, help="batch of the training step (default per model)")
-    p.add_argument("--reps", type=positive_int, help="timed samples per variant (default 7)")
-    p.add_argument("--warmup", type=nonnegative_int, help="untimed rounds first (default 2; at least 1 is run)")
-    p.add_argument("--threads", type=positive_int,
-                   help="CPU threads (default 1 on CPU: the steadiest figures; torch's default with CUDA)")
+    batch = bounded_int(1, MAX_BATCH)
+    limits = (f"at most {MAX_BATCH}; the inputs' and activations' memory is estimated before anything is "
+              "allocated, and refused past min(16 GiB, half the machine's memory or 90%% of the GPU's)")
+    p.add_argument("--latency-batch", type=batch, help=f"batch of the latency figure ({limits}; default 1)")
+    p.add_argument("--throughput-batch", type=batch, help=f"batch of the throughput figure ({limits}; default 64)")
+    p.add_argument("--train-batch", type=batch, help=f"batch of the training step ({limits}; default per model)")
+    p.add_argument("--reps", type=bounded_int(1, MAX_REPS), help=f"timed samples per variant (at most {MAX_REPS}; "
+                                                                  "default 7)")
+    p.add_argument("--warmup", type=bounded_int(0, MAX_REPS),
+                   help=f"untimed rounds first (at most {MAX_REPS}; default 2; at least 1 is run)")
+    p.add_argument("--threads", type=bounded_int(1, MAX_THREADS),
+                   help=f"CPU threads (at most {MAX_THREADS}: 4 per CPU core, 256 at most; default 1 on CPU: the "
+                        "steadiest figures; torch's default with CUDA)")
     p.add_argument("--device", help="cpu (default) or cuda[:N]")
     p.add_argument("--clock", choices=sorted(_CLOCKS),
                    help="cpu: CPU time of the process, steadier on a shared machine (the default with one CPU "
@@ -106,7 +112,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "ort (ONNX Runtime), ort-int8 (its INT8 model, per-channel), compile (torch.compile)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
-    p.add_argument("--seed", type=int, help="seed of weights and inputs (default 0)")
+    p.add_argument("--seed", type=bounded_int(0, MAX_SEED), help=f"seed of weights and inputs (0 to {MAX_SEED}; "
+                                                                     "default 0)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md (default runs/bench)")
     p.add_argument("--profile-failures", action="store_true",
                    help="profile (torch.profiler) plain and the variant of each missed target; tables go "

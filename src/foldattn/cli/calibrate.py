@@ -10,16 +10,18 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._argtypes import MAX_BATCH, MAX_IMAGES, MAX_TUNE_EPOCHS, bounded_int
 from .._utils import check_output_folder, make_output_folder, write_json
 from ..summary import latency_ms
-from . import nonnegative_float, nonnegative_int, positive_float, positive_int
-from .stripe import add_data_args, add_model_args, load_model_and_data
+from . import nonnegative_float, positive_float
+from .stripe import add_data_args, add_model_args, check_batch_memory, load_model_and_data
 
 __all__ = ["register", "run_calibrate", "compare_latency"]
 
@@ -112,6 +114,8 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     model.eval()
     if args.distill_epochs:
         _check_distill_data(model, data)
+    if args.distill_epochs or args.finetune_epochs:  # training keeps every activation for the backward pass
+        check_batch_memory(model, data, args.batch_size, "--batch-size", training=True)
     before = evaluate(model, data.val)
     print(f"before: top-1 {before['top1']:.2f} % on {int(before['images'])} validation images")
     deployed, report = calibrate(model, data.train_eval, layers=args.layers or None, max_images=args.max_images)
@@ -133,7 +137,8 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     if args.distill_epochs:
         deployed = _distill(args, model, stripes, data, example, result)
     if args.finetune_epochs:
-        losses = finetune(deployed, data.train, args.finetune_epochs, lr=args.lr)
+        losses = finetune(deployed, data.train, args.finetune_epochs, lr=args.lr,
+                          log=lambda s: print(s, file=sys.stderr, flush=True))
         tuned = evaluate(deployed, data.val)
         print(f"after {args.finetune_epochs} fine-tuning epoch(s): top-1 {tuned['top1']:.2f} % "
               f"(change {tuned['top1'] - before['top1']:+.2f})")
@@ -169,16 +174,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_args(p)
     p.add_argument("--layers", nargs="+", default=None, metavar="NAME",
                    help="attention modules to convert: names or glob patterns (default: all)")
-    p.add_argument("--max-images", type=positive_int, default=2048,
-                   help="training images (no augmentation) used for calibration (default 2048)")
-    p.add_argument("--finetune-epochs", type=nonnegative_int, default=0,
-                   help="fine-tune the folded model this many epochs")
+    p.add_argument("--max-images", type=bounded_int(1, MAX_IMAGES), default=2048,
+                   help=f"training images (no augmentation) used for calibration (at most {MAX_IMAGES}; default 2048)")
+    p.add_argument("--finetune-epochs", type=bounded_int(0, MAX_TUNE_EPOCHS), default=0,
+                   help=f"fine-tune the folded model this many epochs (at most {MAX_TUNE_EPOCHS}; a run expected to "
+                        "take over an hour says so after its first batch)")
     p.add_argument("--lr", type=positive_float, default=0.01,
                    help="fine-tuning learning rate (SGD, cosine; default 0.01)")
     g = p.add_argument_group("distillation: the calibrated model learns to reproduce the attention model")
-    g.add_argument("--distill-epochs", type=nonnegative_int, default=0,
+    g.add_argument("--distill-epochs", type=bounded_int(0, MAX_TUNE_EPOCHS), default=0,
                    help="distil the calibrated model from the original for this many epochs; the best epoch's folded "
-                        "model is kept (default 0: calibration alone)")
+                        f"model is kept (at most {MAX_TUNE_EPOCHS}; a run expected to take over an hour says so after "
+                        "its first batch; default 0: calibration alone)")
     g.add_argument("--distill-lr", type=positive_float, default=0.01,
                    help="distillation learning rate (SGD momentum 0.9 Nesterov, cosine; default 0.01)")
     g.add_argument("--temperature", type=positive_float, default=4.0, help="softening of the logits (default 4)")
@@ -188,7 +195,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="weight of matching the outputs at each attention site (default 1; 0: logits only)")
     g.add_argument("--amp", choices=("bf16", "none"), default="bf16",
                    help="autocast of the distillation's forward passes (default bf16)")
-    p.add_argument("--bench-batch", type=positive_int, default=1,
-                   help="batch size of the latency comparison (default 1)")
+    p.add_argument("--bench-batch", type=bounded_int(1, MAX_BATCH), default=1,
+                   help=f"batch size of the latency comparison (at most {MAX_BATCH}, and at most --batch-size: its "
+                        "images are one validation batch; default 1)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.set_defaults(func=_main)

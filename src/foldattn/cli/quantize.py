@@ -10,22 +10,31 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._utils import check_output_folder, first_line, strict_json, write_json
-from . import CLIError, nonnegative_float, positive_int
+from .._argtypes import MAX_IMAGES, MAX_THREADS, bounded_int
+from .._sizes import check_bytes, check_forward
+from .._utils import TMP_MARK, _umask, check_output_folder, first_line, strict_json, write_json
+from . import CLIError
 from .stripe import add_data_args, load_data
 
 __all__ = ["register"]
 
 
-def _source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any] | None, dict[str, Any] | None]:
-    """``(model, training config, recorded preprocessing)`` of a run folder, checkpoint or deployed file."""
+def _source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any] | None, dict[str, Any] | None,
+                                              dict[str, Any] | None]:
+    """``(model, training config, recorded preprocessing, run record)`` of a run folder, checkpoint or deployed
+    file."""
     from ..train.source import load_source
 
     path = Path(args.source)
@@ -36,7 +45,51 @@ def _source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any] |
         source = load_source(path, which=args.which, ema=args.ema)
     except FileNotFoundError as e:
         raise CLIError(str(e)) from None
-    return source.model, source.config.to_dict() if source.config else None, source.preprocessing
+    return source.model, source.config.to_dict() if source.config else None, source.preprocessing, \
+        source.blob.get("run")
+
+
+#: the batch sizes at which both files are timed (:func:`foldattn.quantize.quantize`'s default)
+_LATENCY_BATCHES = (1, 64)
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder that becomes ``out`` when the block succeeds (renamed into place, or its files
+    moved into an existing ``out``), and is removed when it fails: a failed command leaves no folder it
+    created and no partial file. Made in the nearest existing folder above ``out`` (the same file
+    system, so the rename is atomic); ``out``'s missing parents are created only at the end."""
+    base = out.parent
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}", suffix=".tmp", dir=base))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would become OUT's mode
+        yield tmp
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():  # empty, or --overwrite: files replaced one by one, others kept
+            for f in tmp.iterdir():
+                os.replace(f, out / f.name)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_memory(args: argparse.Namespace, model: torch.nn.Module, data: Any) -> None:
+    """Refuse, before any image is gathered, what the calibration and validation images held in memory
+    and the largest forward pass would take (the images' size comes from the data or the checkpoint)."""
+    shape = data.image_shape
+    if not shape:
+        return
+    train, val = data.counts
+    held = min(args.calib_images, train) + (val if args.val_images is None else min(args.val_images, val))
+    per_image = 4 * int(torch.Size(shape).numel())
+    hint = "lower --calib-images and --val-images (and --batch-size)"
+    check_bytes(held * per_image, f"{held} calibration and validation images of {'x'.join(map(str, shape))}", hint)
+    batch = max(args.batch_size, *_LATENCY_BATCHES)
+    need = check_forward(model, shape, batch, f"a forward pass of {batch} images", hint)
+    check_bytes(held * per_image + need, "the images held and a forward pass", hint)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -44,8 +97,9 @@ def _main(args: argparse.Namespace) -> int:
     out = check_output_folder(args.output, "-o")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CLIError(f"-o {out}: the folder is not empty; choose a new folder or pass --overwrite")
-    model, cfg, pre = _source(args)
-    data = load_data(args, cfg, pre)
+    model, cfg, pre, run = _source(args)
+    data = load_data(args, cfg, pre, run)
+    _check_memory(args, model, data)
     calib: list[torch.Tensor] = []
     count = 0
     for x, _ in data.train_eval:  # the run's training images, no augmentation, in the split's seeded order
@@ -69,20 +123,22 @@ def _main(args: argparse.Namespace) -> int:
     from ..quantize import quantize
     from ..verify import EquivalenceError
 
-    out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out):
+    # written into a staged folder, moved into OUT only once everything succeeded; an OUT that exists
+    # (empty, or --overwrite) is held under its lock meanwhile
+    with RunLock(out) if out.exists() else contextlib.nullcontext(), staged_folder(out) as stage:
         try:
-            report = quantize(model, calib, val, out, example=calib[0][:1].contiguous(),
+            report = quantize(model, calib, val, stage, example=calib[0][:1].contiguous(),
                               per_channel=not args.per_tensor, method=args.method, threads=args.threads,
-                              max_drop=args.max_drop, equalize=args.equalize,
+                              max_drop=args.max_drop, equalize=args.equalize, latency_batches=_LATENCY_BATCHES,
                               log=lambda s: print(s, file=sys.stderr, flush=True))
         except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:  # type: ignore[attr-defined]
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
             raise CLIError(f"the model cannot be exported or quantized: {first_line(e)}") from None
-        except EquivalenceError as e:  # --equalize changed the function (a float32 model at its limits)
-            raise CLIError(f"cross-layer equalization changed the model's outputs ({first_line(e)}); "
-                           "quantize without --equalize") from None
+        except EquivalenceError as e:  # the message names the stage that failed (equalization, the export)
+            raise CLIError(first_line(e)) from None
         result = {"source": str(args.source), "dataset": data.name, **report.to_dict()}
-        write_json(out / "quantize.json", result, indent=2)
+        write_json(stage / "quantize.json", result, indent=2)
     lat = report.latency_ms
     print(strict_json({"top1_fp32": report.top1_fp32, "top1_int8": report.top1_int8, "drop": report.drop,
                        "per_channel": report.per_channel, "method": report.method,
@@ -100,6 +156,17 @@ def _first(batches: Any, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out.append((x[: n - count], y[: n - count]))
         count += out[-1][1].numel()
     return out
+
+
+def _points(text: str) -> float:
+    """``--max-drop``: top-1 points, in [0, 100]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of points in [0, 100], got {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a number of points in [0, 100], got {text}")
+    return value
 
 
 def require_onnx() -> None:
@@ -132,12 +199,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "consecutive layers; outputs verified unchanged): for --per-tensor and merged branches")
     p.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax",
                    help="activation calibration [minmax]")
-    p.add_argument("--calib-images", type=positive_int, default=512, help="training images for calibration [512]")
-    p.add_argument("--val-images", type=positive_int, default=None, help="score on the first N validation images "
-                                                                        "[all]")
-    p.add_argument("--threads", type=positive_int, default=1, help="ONNX Runtime threads for scoring and timing [1]")
-    p.add_argument("--max-drop", type=nonnegative_float, default=1.0,
-                   help="report a top-1 drop above this many points loudly [1.0]")
+    p.add_argument("--calib-images", type=bounded_int(1, MAX_IMAGES), default=512,
+                   help=f"training images for calibration, held in memory (at most {MAX_IMAGES}; their bytes are "
+                        "estimated first) [512]")
+    p.add_argument("--val-images", type=bounded_int(1, MAX_IMAGES), default=None,
+                   help=f"score on the first N validation images, held in memory (at most {MAX_IMAGES}) [all]")
+    p.add_argument("--threads", type=bounded_int(1, MAX_THREADS), default=1,
+                   help=f"ONNX Runtime threads for scoring and timing (at most {MAX_THREADS}: 4 per CPU core, "
+                        "256 at most) [1]")
+    p.add_argument("--max-drop", type=_points, default=1.0,
+                   help="report a top-1 drop above this many points (0 to 100) loudly [1.0]")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
     add_data_args(p)
     p.set_defaults(func=_main)

@@ -9,7 +9,8 @@ distillation from the original model, is :mod:`foldattn.stripe.distillation`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,7 +23,26 @@ from .adapters import find_attention, select_sites
 from .recorder import _device_of, _images, _to_model, record_stripes
 from .results import StripeResult
 
-__all__ = ["CalibrationReport", "calibrate", "evaluate", "finetune", "ChannelScale"]
+__all__ = ["CalibrationReport", "calibrate", "evaluate", "finetune", "ChannelScale", "announce_duration"]
+
+#: a recovery expected to run longer than this says how long before it goes on (seconds)
+ANNOUNCE_AFTER_S = 3600.0
+
+
+def _readable(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:,.0f} days"
+    return f"{seconds / 3600:,.1f} hours" if seconds >= 3600 else f"{seconds / 60:.0f} minutes"
+
+
+def announce_duration(first_batch_s: float, batches: int, what: str, log: Callable[[str], None] | None) -> float:
+    """Say how long ``batches`` batches will take, from the first one's time, where that is past
+    :data:`ANNOUNCE_AFTER_S` (one line on ``log``); returns the estimate in seconds."""
+    total = first_batch_s * batches
+    if log is not None and total > ANNOUNCE_AFTER_S:
+        log(f"{what}: about {_readable(total)} expected ({batches:,} batches at {first_batch_s:.3g} s, the first "
+            "one timed); Ctrl-C stops it")
+    return total
 
 
 def evaluate(model: nn.Module, loader: Iterable[Any], max_images: int | None = None) -> dict[str, float]:
@@ -34,11 +54,12 @@ def evaluate(model: nn.Module, loader: Iterable[Any], max_images: int | None = N
 
 
 def finetune(model: nn.Module, loader: Iterable[Any], epochs: int, lr: float = 0.01, momentum: float = 0.9,
-             weight_decay: float = 1e-4) -> list[float]:
+             weight_decay: float = 1e-4, log: Callable[[str], None] | None = None) -> list[float]:
     """Train ``model`` (in place) with SGD and a cosine schedule for ``epochs``; mean loss per epoch.
 
     Meant for a few epochs on the folded model, to recover what replacing ``a(x)`` by its mean
-    cost. Each step is :func:`foldattn.train.training_step`.
+    cost. Each step is :func:`foldattn.train.training_step`. A run expected (from its first batch)
+    to last more than an hour says so on ``log`` (:func:`announce_duration`).
     """
     from ..train.engine import batch_images, training_step
 
@@ -53,6 +74,8 @@ def finetune(model: nn.Module, loader: Iterable[Any], epochs: int, lr: float = 0
     losses = []
     was_training = model.training
     model.train()
+    per_epoch = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    t0: float | None = time.perf_counter()
     try:
         for _ in range(epochs):
             total, n = 0.0, 0
@@ -61,6 +84,10 @@ def finetune(model: nn.Module, loader: Iterable[Any], epochs: int, lr: float = 0
                 loss, _ = training_step(model, _to_model(x, model, dev), y.to(dev), opt)
                 total += float(loss) * x.shape[0]
                 n += x.shape[0]
+                if t0 is not None:  # after the first batch: how long all of them will take
+                    if per_epoch:
+                        announce_duration(time.perf_counter() - t0, epochs * per_epoch, "fine-tuning", log)
+                    t0 = None
             if n == 0:
                 raise ValueError("the fine-tuning loader yielded no images")
             sched.step()

@@ -33,6 +33,7 @@ from .._utils import eval_mode, set_submodule, unwrap_model
 from ..asr import ASR
 from ..calibrate import ChannelScale, _plan, fold_scales
 from ..fold import fold
+from .calibration import announce_duration
 
 __all__ = ["distillation_student", "deploy_student", "distill", "DistillReport", "SiteGap", "site_gaps"]
 
@@ -213,6 +214,7 @@ def distill(teacher: nn.Module, student: nn.Module, train: Iterable[Any], val: I
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     taps_t, taps_s = _Taps(teacher, sites), _Taps(student, sites)
     t0 = time.time()
+    timing: float | None = time.perf_counter()  # the first batch is timed: how long all of them will take
     try:
         for epoch in range(1, epochs + 1):
             student.train()
@@ -247,6 +249,9 @@ def distill(teacher: nn.Module, student: nn.Module, train: Iterable[Any], val: I
                 sched.step()
                 total += loss.item() * y.numel()
                 n += y.numel()
+                if timing is not None:
+                    announce_duration(time.perf_counter() - timing, steps, "distillation", say)
+                    timing = None
             deployed = deploy_student(student)
             metrics = {k: v for k, v in evaluate(deployed, val).items() if k != "images"}
             report.history.append({"epoch": epoch, "train_loss": total / max(n, 1), **metrics})

@@ -24,8 +24,9 @@ class _LayerAccumulator:
         self.tap = Tap()
         self.gate, self.descriptor = _Moments(), _Moments()
         self.samples = samples
-        self.gate_sample: list[Tensor | None] = [None] * samples
-        self.descriptor_sample: list[Tensor | None] = [None] * samples
+        # slot -> vector, filled as images are seen: memory follows the images recorded, not max_samples
+        self.gate_sample: dict[int, Tensor] = {}
+        self.descriptor_sample: dict[int, Tensor] = {}
         self.channels = site.kind.channels(site.module)
 
     def consume(self, batch: int, picks: list[tuple[int, int]]) -> None:
@@ -49,8 +50,8 @@ class _LayerAccumulator:
                 self.descriptor_sample[slot] = d[row].float()
 
     def result(self, order: list[int]) -> LayerStripes:
-        def rows(sample: list[Tensor | None]) -> list[list[float]]:
-            return [sample[i].tolist() for i in order if sample[i] is not None]  # type: ignore[union-attr]
+        def rows(sample: dict[int, Tensor]) -> list[list[float]]:
+            return [sample[i].tolist() for i in order if i in sample]
 
         return LayerStripes(
             self.site.name, self.site.kind.name.split(" ")[0], self.channels, self.gate.stats(),

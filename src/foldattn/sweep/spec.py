@@ -30,9 +30,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._argtypes import MAX_CONFIG_THREADS
 from .._files import load_yaml_file
 
-__all__ = ["Arm", "Run", "SweepSpec", "SweepError", "load_sweep", "parse_sweep", "OWNED_OPTIONS"]
+__all__ = ["Arm", "Run", "SweepSpec", "SweepError", "load_sweep", "parse_sweep", "OWNED_OPTIONS", "MAX_SEEDS",
+           "MAX_ARMS", "MAX_RUNS", "MAX_JOBS"]
+
+#: seeds of the file (and of one arm): a paired comparison needs tens, not thousands
+MAX_SEEDS = 1_000
+#: arms of the file (each is parsed and validated, and is a folder of runs)
+MAX_ARMS = 1_000
+#: runs (every arm x its seeds): each is a training process and a folder, listed by --dry-run
+MAX_RUNS = 10_000
+#: training processes at a time (``jobs``): each holds a model, its data and its threads
+MAX_JOBS = 64
 
 _ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+\-]{0,63}")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -97,8 +108,13 @@ class SweepSpec:
 
     def runs(self) -> list[Run]:
         """Every (arm, seed), seed-major: each finished seed is a complete comparison."""
-        order = sorted({s for a in self.arms for s in a.seeds}, key=lambda s: (s not in self.seeds, s))
-        return [Run(a.name, s) for s in order for a in self.arms if s in a.seeds]
+        shared = set(self.seeds)
+        by_seed: dict[int, list[str]] = {}  # linear in the runs: a sweep may hold thousands
+        for a in self.arms:
+            for s in a.seeds:
+                by_seed.setdefault(s, []).append(a.name)
+        order = sorted(by_seed, key=lambda s: (s not in shared, s))
+        return [Run(name, s) for s in order for name in by_seed[s]]
 
     def train_args(self, run: Run) -> list[str]:
         """``foldattn train`` arguments of ``run``, without output, threads and resume."""
@@ -133,20 +149,27 @@ def _args(value: Any, where: str) -> tuple[str, ...]:
 
 def _seeds(value: Any, where: str) -> tuple[int, ...]:
     if isinstance(value, str) or not isinstance(value, Sequence) or not value:
-        raise SweepError(f"{where}: expected a non-empty list of seeds such as [0, 1], got {value!r}")
-    out = []
+        raise SweepError(f"{where}: expected a non-empty list of seeds such as [0, 1], got {_short(value)}")
+    if len(value) > MAX_SEEDS:  # before looking at each: the count alone decides
+        raise SweepError(f"{where}: {len(value):,} seeds; at most {MAX_SEEDS:,} (each is a training run per arm)")
+    seen: set[int] = set()  # a set: the duplicate check is linear
     for s in value:
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**31:
-            raise SweepError(f"{where}: seeds are integers in [0, 2^31), got {s!r}")
-        if s in out:
+            raise SweepError(f"{where}: seeds are integers in [0, 2^31), got {_short(s)}")
+        if s in seen:
             raise SweepError(f"{where}: seed {s} is listed twice")
-        out.append(s)
-    return tuple(out)
+        seen.add(s)
+    return tuple(value)
 
 
-def _count(value: Any, where: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise SweepError(f"{where}: expected an integer >= {low}, got {value!r}")
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _count(value: Any, where: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SweepError(f"{where}: expected an integer in [{low}, {high}], got {_short(value)}")
     return value
 
 
@@ -187,6 +210,8 @@ def parse_sweep(data: Any, source: str = "sweep file") -> SweepSpec:
     if not isinstance(arms_in, Mapping) or not arms_in:
         raise SweepError(f"{source}: arms must map arm names to option lists, e.g. {{plain: [], asr-se: [--attention, "
                          "se, --asr]}}")
+    if len(arms_in) > MAX_ARMS:
+        raise SweepError(f"{source}: {len(arms_in):,} arms; at most {MAX_ARMS:,}")
     arms = []
     for name, value in arms_in.items():
         if not isinstance(name, str) or not _ARM_NAME.fullmatch(name):
@@ -201,12 +226,16 @@ def parse_sweep(data: Any, source: str = "sweep file") -> SweepSpec:
             arms.append(Arm(name, _args(value.get("args"), where), arm_seeds))
         else:
             arms.append(Arm(name, _args(value, where), seeds))
+    runs = sum(len(a.seeds) for a in arms)
+    if runs > MAX_RUNS:
+        raise SweepError(f"{source}: {len(arms)} arms x their seeds are {runs:,} runs; at most {MAX_RUNS:,} (each is a "
+                         "training process): split the sweep or use fewer seeds")
     baseline = data.get("baseline")
     if baseline is not None and baseline not in {a.name for a in arms}:
         raise SweepError(f"{source}: baseline {baseline!r} is not an arm; arms: {', '.join(a.name for a in arms)}")
     contrasts = _contrasts(data.get("contrasts"), [a.name for a in arms], f"{source}: contrasts")
-    jobs = _count(data.get("jobs", 1), f"{source}: jobs", 1)
-    threads = _count(data.get("threads", 0), f"{source}: threads", 0)
+    jobs = _count(data.get("jobs", 1), f"{source}: jobs", 1, MAX_JOBS)
+    threads = _count(data.get("threads", 0), f"{source}: threads", 0, MAX_CONFIG_THREADS)
     return SweepSpec(base, tuple(arms), seeds, baseline, jobs, threads, contrasts)
 
 

@@ -110,7 +110,7 @@ class TrainConfig:
                                "in memory (ImageNet-style trees: RandomResizedCrop --image-size [224] + flip)")
     # --- recipe and overrides ---------------------------------------------------------------------
     recipe: str = option("default", help="one of the registered recipes (foldattn.train.list_recipes()) [default]")
-    epochs: int = option(30, integer=True, low=1)
+    epochs: int = option(30, integer=True, low=1, high=_argtypes.MAX_EPOCHS)
     opt: str = option("sgd", help="optimizer: sgd (torch's, with --momentum/--nesterov) or a name of timm's factory "
                                   "(adamw, lamb, lion, ...) [sgd]")
     decay_all: bool = option(False, action="boolean",
@@ -125,7 +125,8 @@ class TrainConfig:
                             only_if=(lambda c: c.opt == "sgd", lambda c: "applies to --opt sgd (timm's Nesterov SGD "
                                                                          f"is --opt nesterov), not {c.opt}"))
     weight_decay: float = option(5e-4, low=0.0, flags=("--wd", "--weight-decay"))
-    batch_size: int = option(128, integer=True, low=1, help="global batch size (split across DDP ranks)")
+    batch_size: int = option(128, integer=True, low=1, high=_argtypes.MAX_TRAIN_BATCH,
+                             help="global batch size (split across DDP ranks)")
     schedule: str = option("cosine", choices=("cosine", "step", "constant"))
     sched: str | None = option(choices=SCHEDS,
                                help="instead of --schedule: timm's scheduler of this name (per update; step needs "
@@ -133,7 +134,7 @@ class TrainConfig:
                                     "torch's OneCycleLR")
     milestones: list[int] = option(factory=list, nargs="+", argtype=int, only_if=(_uses_milestones, _which_schedule),
                                    help="epochs where a step schedule multiplies lr by --gamma")
-    decay_epochs: float | None = option(argtype=_argtypes.positive_float, low=0.0,
+    decay_epochs: float | None = option(argtype=_argtypes.positive_float, low=0.0, high=_argtypes.MAX_EPOCHS,
                                         only_if=(lambda c: c.sched == "step", "only --sched step uses it"),
                                         help="--sched step: multiply lr by --gamma every N epochs")
     gamma: float = option(0.1, low=0.0, high=1.0)
@@ -141,10 +142,11 @@ class TrainConfig:
                            only_if=(lambda c: c.sched is not None,
                                     "only --sched schedules have a floor; add --sched cosine (or drop it)"),
                            help="--sched: the lowest learning rate [0]")
-    patience_epochs: int = option(10, argtype=_argtypes.nonnegative_int, integer=True, low=0,
+    patience_epochs: int = option(10, integer=True, low=0, high=_argtypes.MAX_EPOCHS,
                                   only_if=(lambda c: c.sched == "plateau", "only --sched plateau uses it"),
                                   help="--sched plateau: epochs without a better top-1 before lr x --gamma [10]")
-    warmup_epochs: float = option(0.0, low=0.0, help="linear warm-up length (fractions allowed)")
+    warmup_epochs: float = option(0.0, low=0.0, high=_argtypes.MAX_EPOCHS,
+                                  help="linear warm-up length (fractions allowed; at most --epochs)")
     label_smoothing: float = option(0.0, low=0.0, high=1.0, open_high=True)
     model_ema: bool = option(False, action="store_true",
                              help="keep an EMA of the weights (timm's ModelEmaV3); it is validated (folded) every "
@@ -170,19 +172,20 @@ class TrainConfig:
                                                  "v0 or original (AutoAugment), augmix-m5-w4-d2 (AugMix), or "
                                                  "trivialaugment (torchvision's)")
     reprob: float = option(0.0, low=0.0, high=1.0, help="random-erasing probability (timm's RandomErasing) [0]")
-    grad_accum_steps: int = option(1, argtype=_argtypes.positive_int, integer=True, low=1, metavar="K",
+    grad_accum_steps: int = option(1, integer=True, low=1, high=_argtypes.MAX_ACCUM_STEPS, metavar="K",
                                    help="one optimizer update every K batches of --batch-size [1]")
     drop_path: float | None = option(low=0.0, high=1.0, open_high=True, metavar="RATE",
                                      help="stochastic depth: timm drop_path_rate, torchvision stochastic_depth_prob, "
                                           "cifar_vit_tiny")
-    workers: int = option(0, integer=True, low=0, resume_may_change=True,
+    workers: int = option(0, integer=True, low=0, high=_argtypes.MAX_WORKERS, resume_may_change=True,
                           only_if=(lambda c: c.stream, "data-loading processes serve --stream only (in-memory data "
                                                        "needs none)"),
                           help="data-loading processes for --stream [0: in the main process]")
-    threads: int = option(0, integer=True, low=0, resume_may_change=True,
+    threads: int = option(0, integer=True, low=0, high=_argtypes.MAX_CONFIG_THREADS, resume_may_change=True,
                           help="torch CPU threads [0: PyTorch's default]")
     seed: int = option(0, integer=True, low=0, high=2**32 - 1)
-    steps_per_epoch: int | None = option(integer=True, low=1, help="cap the batches per epoch (smoke tests)")
+    steps_per_epoch: int | None = option(integer=True, low=1, high=_argtypes.MAX_STEPS,
+                                         help="cap the batches per epoch (smoke tests)")
     # --- runtime ----------------------------------------------------------------------------------
     amp: str = option("auto", group="runtime", choices=("auto", "bf16", "fp16", "none"),
                       help="autocast dtype [auto: bf16 on CPU]")
@@ -199,7 +202,7 @@ class TrainConfig:
                             help="progress bar [on when stderr is a terminal]")
     tensorboard: bool = option(False, group="runtime", action="store_true", resume_may_change=True,
                                help="also log to OUTPUT/tensorboard")
-    stripe_every: int = option(0, group="runtime", integer=True, low=0, metavar="N",
+    stripe_every: int = option(0, group="runtime", integer=True, low=0, high=_argtypes.MAX_EPOCHS, metavar="N",
                                help="before training and every N epochs record the attention statistics (Stripe "
                                     "Observation) of the classic attention modules on 512 validation images: "
                                     "OUTPUT/stripes/ (history JSON, curves, heat maps)")

@@ -100,7 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, extra: dict[str, C
         elif opt.action == "boolean":
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw["type"] = opt.argtype or (int if opt.integer else _scalar_type(f))
+            kw["type"] = opt.argtype or (_int_type(opt) if opt.integer else _scalar_type(f))
+            if opt.integer and opt.high is not None and "at most" not in (opt.help or ""):  # a count's bound
+                kw["help"] = f"{opt.help} (at most {int(opt.high)})" if opt.help else f"at most {int(opt.high)}"
             for key in ("nargs", "choices", "metavar"):
                 if getattr(opt, key) is not None:
                     kw[key] = getattr(opt, key)
@@ -108,6 +110,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, extra: dict[str, C
     for name, add in (extra or {}).items():
         add(groups[name])
     return groups
+
+
+def _int_type(opt: Option) -> Callable[[str], int]:
+    """A whole number in the declared range, refused by argparse at parse time (before anything runs);
+    :func:`check_declared` applies the same range to ``-c`` files and saved configs."""
+    from .._argtypes import bounded_int
+
+    return bounded_int(int(opt.low or 0), None if opt.high is None else int(opt.high))
 
 
 def _scalar_type(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
