@@ -31,15 +31,15 @@ TRAIN = ["train", "--dataset", "digits", "--steps-per-epoch", "1", "--batch-size
 
 # (id, argv after the command's base, text the one-line message must contain)
 TRAIN_CASES = [
-    ("epochs-0", ["--epochs", "0"], "--epochs 0"),
-    ("epochs-negative", ["--epochs", "-3"], "--epochs -3"),
-    ("steps-0", ["--epochs", "1", "--steps-per-epoch", "0"], "--steps-per-epoch 0"),
+    ("epochs-0", ["--epochs", "0"], "--epochs: 0 is too small"),
+    ("epochs-negative", ["--epochs", "-3"], "--epochs: -3 is too small"),
+    ("steps-0", ["--epochs", "1", "--steps-per-epoch", "0"], "--steps-per-epoch: 0 is too small"),
     ("gamma-negative", ["--epochs", "2", "--gamma", "-0.5", "--schedule", "step", "--milestones", "1"], "--gamma"),
-    ("threads-negative", ["--epochs", "1", "--threads", "-1"], "--threads -1"),
-    ("workers-negative", ["--epochs", "1", "--workers", "-2"], "--workers -2"),
+    ("threads-negative", ["--epochs", "1", "--threads", "-1"], "--threads: -1 is too small"),
+    ("workers-negative", ["--epochs", "1", "--workers", "-2"], "--workers: -2 is too small"),
     ("warmup-negative", ["--epochs", "1", "--warmup-epochs", "-1"], "--warmup-epochs"),
     ("warmup-too-long", ["--epochs", "1", "--warmup-epochs", "5"], "--warmup-epochs"),
-    ("batch-0", ["--epochs", "1", "--batch-size", "0"], "--batch-size 0"),
+    ("batch-0", ["--epochs", "1", "--batch-size", "0"], "--batch-size: 0 is too small"),
     ("smoothing-1.5", ["--epochs", "1", "--label-smoothing", "1.5"], "--label-smoothing"),
     ("smoothing-negative", ["--epochs", "1", "--label-smoothing", "-0.1"], "--label-smoothing"),
     ("lr-0", ["--epochs", "1", "--lr", "0"], "--lr 0"),
@@ -59,7 +59,7 @@ TRAIN_CASES = [
     ("preserve-without-asr", ["--epochs", "1", "--preserve-outputs"], "--preserve-outputs"),
     ("where-on-own-model", ["--epochs", "1", "--attention", "se", "--asr", "--where", "norms"], "--where"),
     ("pretrained-missing", ["--epochs", "1", "--pretrained", "/nonexistent/w.pt"], "no such file"),
-    ("every-0", ["--epochs", "1", "--attention", "se", "--every", "0"], "--every 0"),
+    ("every-0", ["--epochs", "1", "--attention", "se", "--every", "0"], "--every: 0 is too small"),
     ("sync-bn-one-process", ["--epochs", "1", "--sync-bn"], "--sync-bn"),
     # the modern-recipe options
     ("sched-unknown", ["--epochs", "1", "--sched", "linear"], "--sched"),
@@ -100,6 +100,20 @@ TRAIN_CASES = [
     ("nesterov-with-adamw", ["--epochs", "1", "--opt", "adamw", "--nesterov"], "--nesterov"),
     ("momentum-with-adamw", ["--epochs", "1", "--opt", "adamw", "--momentum", "0.5"], "--momentum"),
     ("val-split-fractional-count", ["--epochs", "1", "--val-split", "2.5"], "--val-split"),
+    # upper bounds (issue 32): counts that would run for days or allocate past any machine, refused at parse
+    ("epochs-huge", ["--epochs", "1000000000"], "--epochs: 1000000000 is too large; give a positive integer <= 10000"),
+    ("batch-huge", ["--epochs", "1", "--batch-size", "100000000"], "--batch-size: 100000000 is too large"),
+    ("steps-huge", ["--epochs", "1", "--steps-per-epoch", "100000000"], "--steps-per-epoch: 100000000 is too large"),
+    ("threads-huge", ["--epochs", "1", "--threads", "100000"], "--threads: 100000 is too large"),
+    ("workers-huge", ["--epochs", "1", "--stream", "--workers", "100000"], "--workers: 100000 is too large"),
+    ("accum-huge", ["--epochs", "1", "--grad-accum-steps", "100000"], "--grad-accum-steps: 100000 is too large"),
+    ("patience-huge", ["--epochs", "1", "--sched", "plateau", "--patience-epochs", "100000"],
+     "--patience-epochs: 100000 is too large"),
+    ("stripe-every-huge", ["--epochs", "1", "--stripe-every", "100000"], "--stripe-every: 100000 is too large"),
+    ("warmup-huge", ["--epochs", "1", "--warmup-epochs", "1e9"], "--warmup-epochs 1000000000.0: must be a number in"),
+    ("decay-epochs-huge", ["--epochs", "2", "--sched", "step", "--decay-epochs", "1e9"], "--decay-epochs"),
+    # a config file is bounded by the same declarations (validate, before anything runs)
+    ("config-file-epochs-huge", ["-c", "{tmp}/huge.yaml"], "--epochs 1000000000: must be at most 10000"),
 ]
 
 
@@ -118,6 +132,7 @@ def _check(capsys: pytest.CaptureFixture[str], argv: list[str], expected: str, o
 @pytest.mark.parametrize(("argv", "expected"), [c[1:] for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])
 def test_train_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], expected: str) -> None:
     out = tmp_path / "out"
+    (tmp_path / "huge.yaml").write_text("epochs: 1000000000\n")
     _check(capsys, [*TRAIN, *[a.format(tmp=tmp_path) for a in argv], "-o", str(out)], expected, out)
 
 
@@ -167,10 +182,16 @@ def test_other_commands_refuse(tmp_path: Path, run: Path, capsys: pytest.Capture
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing may be written"
 
 
-def test_out_of_memory_is_one_line_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # a real allocation failure: a batch of 10^8 CIFAR images is 1.1 TiB
-    argv = ["bench", "--models", "cifar_resnet20", "--attentions", "se", "--throughput-batch", "100000000",
-            "--no-train", "--no-memory", "--reps", "1", "--warmup", "0", "--out", str(tmp_path / "b")]
+def test_out_of_memory_is_one_line_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # a real allocation failure, now that no option reaches one (the batch a bench measures is bounded first):
+    # a batch of 10^8 CIFAR images is 1.1 TiB
+    def allocate(*args: object, **kwargs: object) -> None:
+        torch.empty(10**8, 3, 32, 32)
+
+    monkeypatch.setattr("foldattn.cli.bench.run_bench", allocate)
+    argv = ["bench", "--models", "cifar_resnet20", "--attentions", "se", "--no-train", "--no-memory", "--reps", "1",
+            "--warmup", "0", "--out", str(tmp_path / "b")]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -178,6 +199,119 @@ def test_out_of_memory_is_one_line_with_exit_1(tmp_path: Path, capsys: pytest.Ca
     assert line.startswith("foldattn bench: error: out of CPU memory (it asked for 1144.41 GiB); lower what sets")
     assert "the batch size" in line and "image size" in line
     assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+
+
+# --------------------------------------------------------------------------------------
+# Sizes and counts bounded before anything is allocated (issue 32): one line, exit 2, nothing written,
+# and no case allocates what it refuses (the process's peak memory grows by far less than the refused size)
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def big(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run's checkpoint, recording an image size of 8192x8192 (within the structure check's limit)."""
+    blob = torch.load(run / "last.pt", weights_only=True)
+    blob["run"]["image_size"] = [8192, 8192]
+    path = tmp_path_factory.mktemp("big") / "last.pt"
+    torch.save(blob, path)
+    return path
+
+
+BOUND_CASES = [
+    # a size from a file: the verify / check batch of a recorded 8192x8192 image (19 GB before)
+    ("fold-recorded-8192", ["fold", "{big}", "-o", "{tmp}/o"], "pass --image-size N"),
+    ("export-recorded-8192", ["export", "{big}", "--onnx", "{tmp}/o/m.onnx"], "pass --image-size N"),
+    ("fold-image-size-huge", ["fold", "{run}", "--image-size", "100000", "-o", "{tmp}/o"], "<= 8192"),
+    ("fold-image-size-largest", ["fold", "{run}", "--image-size", "8192", "-o", "{tmp}/o"], "the verify batch"),
+    # threads
+    ("quantize-threads", ["quantize", "{run}", "-o", "{tmp}/q", "--threads", "100000"],
+     "--threads: 100000 is too large"),
+    ("bench-threads", ["bench", "--quick", "--threads", "4096", "--out", "{tmp}/b"], "--threads: 4096 is too large"),
+    # batches and their memory
+    ("bench-throughput-batch", ["bench", "--quick", "--throughput-batch", "1000000", "--out", "{tmp}/b"],
+     "--throughput-batch: 1000000 is too large; give a positive integer <= 4096"),
+    ("bench-latency-batch", ["bench", "--quick", "--latency-batch", "1000000", "--out", "{tmp}/b"],
+     "--latency-batch: 1000000 is too large"),
+    ("bench-throughput-memory", ["bench", "--models", "resnet50", "--attentions", "se", "--throughput-batch", "4096",
+                                 "--out", "{tmp}/b"], "lower --throughput-batch"),
+    ("bench-train-memory", ["bench", "--models", "resnet50", "--attentions", "se", "--train-batch", "2048",
+                            "--out", "{tmp}/b"], "lower --train-batch"),
+    ("bench-reps", ["bench", "--quick", "--reps", "1000000", "--out", "{tmp}/b"], "--reps: 1000000 is too large"),
+    ("bench-warmup", ["bench", "--quick", "--warmup", "1000000", "--out", "{tmp}/b"], "--warmup: 1000000 is too large"),
+    ("quantize-batch", ["quantize", "{run}", "-o", "{tmp}/q", "--batch-size", "1000000"],
+     "--batch-size: 1000000 is too large"),
+    ("quantize-calib-images", ["quantize", "{run}", "-o", "{tmp}/q", "--calib-images", "1000000000"],
+     "--calib-images: 1000000000 is too large"),
+    ("quantize-val-images", ["quantize", "{run}", "-o", "{tmp}/q", "--val-images", "1000000000"],
+     "--val-images: 1000000000 is too large"),
+    ("quantize-max-drop", ["quantize", "{run}", "-o", "{tmp}/q", "--max-drop", "1000"], "--max-drop"),
+    ("stripe-samples", ["stripe", "cifar_resnet20", "--attention", "se", "--samples", "100000000", "--max-images", "64",
+                        "-o", "{tmp}/s"], "--samples: 100000000 is too large"),
+    ("stripe-batch", ["stripe", "cifar_resnet20", "--attention", "se", "--batch-size", "1000000", "-o", "{tmp}/s"],
+     "--batch-size: 1000000 is too large"),
+    ("stripe-max-images", ["stripe", "cifar_resnet20", "--attention", "se", "--max-images", "1000000000",
+                           "-o", "{tmp}/s"], "--max-images: 1000000000 is too large"),
+    ("stripe-num-classes", ["stripe", "cifar_resnet20", "--attention", "se", "--num-classes", "1000000000",
+                            "-o", "{tmp}/s"], "--num-classes: 1000000000 is too large"),
+    ("stripe-seed", ["stripe", "cifar_resnet20", "--attention", "se", "--seed", "99999999999999999999999",
+                     "-o", "{tmp}/s"], "--seed: 99999999999999999999999 is too large"),
+    ("bench-seed", ["bench", "--quick", "--seed", "-5", "--out", "{tmp}/b"], "--seed: -5 is too small"),
+    # epochs: a duration
+    ("calibrate-distill-epochs", ["calibrate", "{run}", "--distill-epochs", "1000000000", "-o", "{tmp}/c"],
+     "--distill-epochs: 1000000000 is too large; give an integer in [0, 1000]"),
+    ("calibrate-finetune-epochs", ["calibrate", "{run}", "--finetune-epochs", "1000000", "-o", "{tmp}/c"],
+     "--finetune-epochs: 1000000 is too large"),
+    ("calibrate-bench-batch", ["calibrate", "{run}", "--bench-batch", "1000000", "-o", "{tmp}/c"],
+     "--bench-batch: 1000000 is too large"),
+    ("calibrate-max-images", ["calibrate", "{run}", "--max-images", "1000000000", "-o", "{tmp}/c"],
+     "--max-images: 1000000000 is too large"),
+]
+
+
+def _peak_kib() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+@pytest.mark.parametrize(("argv", "expected"), [c[1:] for c in BOUND_CASES], ids=[c[0] for c in BOUND_CASES])
+def test_sizes_and_counts_are_bounded_before_allocation(tmp_path: Path, run: Path, big: Path, argv: list[str],
+                                                        expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [a.format(run=run, big=big, tmp=tmp_path) for a in argv]
+    peak = _peak_kib()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if "error" in line]
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "Traceback" not in err
+    assert not any(tmp_path.iterdir()), "nothing may be written"
+    assert _peak_kib() - peak < 1 << 20, "the refused size was allocated (the peak grew by over 1 GiB)"
+
+
+MEMORY_CASES = [
+    ("stripe", ["stripe", "cifar_resnet20", "--attention", "se", "--batch-size", "512", "-o", "{tmp}/s"],
+     "lower --batch-size"),
+    ("calibrate", ["calibrate", "{run}", "--batch-size", "256", "--distill-epochs", "1", "-o", "{tmp}/c"],
+     "lower --batch-size"),
+    ("quantize", ["quantize", "{run}", "-o", "{tmp}/q"], "lower --calib-images and --val-images"),
+    ("bench", ["bench", "--quick", "--out", "{tmp}/b"], "lower --throughput-batch"),
+    ("fold", ["fold", "{run}", "--image-size", "256", "-o", "{tmp}/o"], "pass --image-size N"),
+    ("train", ["train", "--epochs", "1", "--batch-size", "512", "-o", "{tmp}/t"], "lower --batch-size"),
+]
+
+
+@pytest.mark.parametrize(("argv", "expected"), [c[1:] for c in MEMORY_CASES], ids=[c[0] for c in MEMORY_CASES])
+def test_batches_are_estimated_against_the_memory_limit(tmp_path: Path, run: Path, argv: list[str], expected: str,
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The estimate is wired into every command that makes batches: with the limit lowered to 1 MiB, a
+    small real batch is refused in one line naming what to lower, and nothing is written."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr("foldattn._sizes.MAX_BATCH_BYTES", 1 << 20)
+    code = main([a.format(run=run, tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("error") == 1 and expected in err and "over the limit of 1 MiB" in err, err
+    assert not any(tmp_path.iterdir()), "nothing may be written"
 
 
 def test_out_of_memory_messages() -> None:

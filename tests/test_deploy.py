@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from foldattn import attach, load_deployed, save_deployed
 from foldattn.deploy import (
     ArchitectureMismatchError,
     DeployedFileError,
+    InvalidWeightsError,
     UntrustedBuilderError,
     file_sha256,
     metadata_path,
@@ -280,3 +282,139 @@ def test_weights_and_json_copy_are_one_unit(trained: nn.Module, tmp_path: Path) 
     metadata_path(a).write_text("[1, 2")  # a JSON copy that is not one
     with pytest.raises(DeployedFileError, match="not the JSON copy"):
         load_deployed(a)
+
+
+# --- weights and metadata that cannot be valid: refused on save and on load (unless allow_nonfinite) -------------
+
+def _small() -> nn.Module:
+    torch.manual_seed(0)
+    return foldattn.create_model("cifar_resnet20").eval()  # records its builder: loads without model=
+
+
+# (id, tensor, what to write into it, the text naming it)
+INVALID = [
+    ("nan-weight", "conv1.weight", float("nan"), "conv1.weight: 1 NaN"),
+    ("inf-bias", "fc.bias", float("inf"), "fc.bias: 1 +Inf"),
+    ("minus-inf-norm-weight", "layer2.1.bn1.weight", float("-inf"), "layer2.1.bn1.weight: 1 -Inf"),
+    ("nan-running-mean", "bn1.running_mean", float("nan"), "bn1.running_mean: 1 NaN"),
+    ("negative-running-var", "layer1.0.bn2.running_var", -0.5,
+     "layer1.0.bn2.running_var: 1 negative value(s), impossible for a variance"),
+    ("negative-batch-count", "bn1.num_batches_tracked", -3,
+     "bn1.num_batches_tracked: 1 negative value(s), impossible for a count of batches"),
+]
+
+
+def _spoil(model: nn.Module, name: str, value: float) -> nn.Module:
+    with torch.no_grad():
+        model.state_dict()[name].view(-1)[0] = value
+    return model
+
+
+@pytest.mark.parametrize(("name", "value", "text"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_weights_are_refused_on_save_and_load(tmp_path: Path, name: str, value: float, text: str) -> None:
+    model = _spoil(_small(), name, value)
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(InvalidWeightsError, match=rf"^save_deployed: 1 tensor\(s\) .*{re.escape(text)}.*nothing "
+                                                  r"was written.*allow_nonfinite=True"):
+        save_deployed(model, path)
+    assert list(tmp_path.iterdir()) == []
+    save_deployed(model, path, allow_nonfinite=True)  # written on request ...
+    with pytest.raises(InvalidWeightsError, match=rf"m.safetensors: 1 tensor\(s\) .*{re.escape(text)}"):
+        load_deployed(path)  # ... and refused on load all the same
+    fresh = _small()
+    reference = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(InvalidWeightsError, match=re.escape(text)):
+        load_deployed(path, model=fresh)
+    assert all(torch.equal(v, reference[k]) for k, v in fresh.state_dict().items())  # not filled in half
+    loaded = load_deployed(path, allow_nonfinite=True)
+    torch.testing.assert_close(loaded.state_dict()[name], model.state_dict()[name], rtol=0, atol=0, equal_nan=True)
+
+
+def test_several_invalid_tensors_are_listed_in_one_line(tmp_path: Path) -> None:
+    model = _small()
+    for name, value, _ in [c[1:] for c in INVALID]:
+        _spoil(model, name, value)
+    with pytest.raises(InvalidWeightsError) as info:
+        save_deployed(model, tmp_path / "m.safetensors")
+    message = str(info.value)
+    assert "\n" not in message and "6 tensor(s)" in message and "(and 2 more)" in message
+
+
+@pytest.mark.parametrize(("metadata", "kwargs", "where"), [
+    ({"acc": float("nan")}, None, "metadata['acc'] is nan"),
+    ({"history": [0.5, {"loss": float("inf")}]}, None, "metadata['history'][1]['loss'] is inf"),
+    ({"curve": (1.0, float("-inf"))}, None, "metadata['curve'][1] is -inf"),
+    (None, {"num_classes": 10, "width": float("nan")}, "kwargs['width'] is nan"),
+], ids=["top-level", "nested-in-a-list", "in-a-tuple", "builder-kwargs"])
+def test_non_finite_metadata_is_refused_before_writing(tmp_path: Path, metadata: dict | None, kwargs: dict | None,
+                                                       where: str) -> None:
+    builder = "foldattn.models:cifar_resnet20" if kwargs is not None else None
+    with pytest.raises(ValueError, match=rf"^save_deployed: {re.escape(where)}, which JSON cannot hold.*nothing was"):
+        save_deployed(_small(), tmp_path / "m.safetensors", builder, kwargs, metadata=metadata)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_allow_nonfinite_must_be_a_bool(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="allow_nonfinite must be True or False"):
+        save_deployed(_small(), tmp_path / "m.safetensors", allow_nonfinite="yes")  # type: ignore[arg-type]
+    path = save_deployed(_small(), tmp_path / "m.safetensors")
+    with pytest.raises(TypeError, match="allow_nonfinite must be True or False"):
+        load_deployed(path, allow_nonfinite=1)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- the commands on a deployed file
+@pytest.fixture(scope="module")
+def deployed_file(digits_asr_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from foldattn.cli import main
+
+    out = tmp_path_factory.mktemp("deployed") / "model.safetensors"
+    assert main(["fold", str(digits_asr_run), "-o", str(out)]) == 0
+    return out
+
+
+# (id, argv after the deployed file, what the output shows, the files written under {tmp})
+ON_DEPLOYED = [
+    ("fold-again", ["fold", "{dep}", "-o", "{tmp}/again"], "verify: OK", ["again/deployed.safetensors"]),
+    ("fold-fuse-bn", ["fold", "{dep}", "-o", "{tmp}/fused", "--fuse-bn"], "fused all", ["fused/deployed.safetensors"]),
+    ("export-onnx", ["export", "{dep}", "--onnx", "{tmp}/m.onnx"], "onnxruntime vs PyTorch", ["m.onnx"]),
+    ("eval", ["eval", "{dep}", "--dataset", "digits", "--amp", "none"], '"top1"', []),
+]
+
+
+@pytest.mark.parametrize("argv, shows, written", [c[1:] for c in ON_DEPLOYED], ids=[c[0] for c in ON_DEPLOYED])
+def test_fold_export_and_eval_take_a_deployed_file(deployed_file: Path, tmp_path: Path, argv: list[str],
+                                                   shows: str, written: list[str],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from foldattn.cli import main
+
+    if argv[0] == "export":
+        pytest.importorskip("onnxruntime")
+    code = main([a.format(dep=deployed_file, tmp=tmp_path) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert shows in out and "Traceback" not in err
+    for name in written:
+        assert (tmp_path / name).stat().st_size > 0
+    if argv[0] == "fold" and "--fuse-bn" not in argv:  # the same architecture and weights, rebuilt from the file
+        again = load_deployed(tmp_path / written[0])
+        ref = load_deployed(deployed_file)
+        for (k, a), (k2, b) in zip(ref.state_dict().items(), again.state_dict().items(), strict=True):
+            assert k == k2 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "{dep}"], "a deployed file records no data: pass --dataset"),
+    (["fold", "{dep}", "-o", "{dep}"], "that is the file being read"),
+    (["eval", "{dep}", "--ema", "--dataset", "digits"], "holds one set of weights"),
+    (["stripe", "{dep}", "-o", "{tmp}/s"], "records no data"),
+    (["calibrate", "{dep}", "-o", "{tmp}/c"], "records no data"),
+], ids=["eval-without-data", "fold-onto-itself", "eval-ema", "stripe-without-data", "calibrate-without-data"])
+def test_a_deployed_file_needs_what_it_does_not_record(deployed_file: Path, tmp_path: Path, argv: list[str],
+                                                       message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from foldattn.cli import main
+
+    before = deployed_file.read_bytes()
+    assert main([a.format(dep=deployed_file, tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+    assert deployed_file.read_bytes() == before and list(tmp_path.iterdir()) == []

@@ -8,6 +8,7 @@ number of bytes, JSON with a bound on nesting, YAML without anchors and aliases 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import stat
@@ -18,6 +19,7 @@ from typing import Any
 from ._utils import require
 
 __all__ = ["read_bounded", "load_json_text", "load_json_file", "load_yaml_file", "check_depth", "check_zip",
+           "torch_load", "UnreadableFile",
            "MAX_CONFIG_BYTES", "MAX_DEPTH"]
 
 #: the largest configuration file read (a real one is a few kB)
@@ -107,10 +109,18 @@ def load_json_file(path: str | os.PathLike[str], what: str, max_bytes: int = MAX
     return load_json_text(read_bounded(path, what, max_bytes), f"{what} {path}")
 
 
-def load_yaml_file(path: str | os.PathLike[str], what: str, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
-    """A bounded regular file parsed by ``yaml.safe_load`` with anchors/aliases refused and nesting bounded."""
+# YAML 1.1 (PyYAML) reads 1e-3 as a string: only a number with a dot (1.0e-3) is a float there. YAML 1.2,
+# and everyone who writes `lr: 1e-3`, means a number, so exponent forms without a dot are floats too.
+_FLOAT_1_2 = r"""^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"""
+
+
+@functools.lru_cache(maxsize=1)
+def _yaml_loader() -> Any:
+    """PyYAML's safe loader, refusing anchors/aliases, nesting past :data:`MAX_DEPTH` and duplicate keys,
+    and reading exponent numbers as floats (built once: PyYAML's resolvers are per class)."""
+    import re
+
     yaml = require("yaml", "train")
-    data = read_bounded(path, what, max_bytes)
 
     class _Loader(yaml.SafeLoader):  # aliases refused: an alias bomb cannot expand
         def compose_node(self, parent: Any, index: Any) -> Any:
@@ -127,13 +137,43 @@ def load_yaml_file(path: str | os.PathLike[str], what: str, max_bytes: int = MAX
             finally:
                 self._depth -= 1
 
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            # PyYAML keeps the last of two equal keys: a second `plain:` arm or `seeds:` would win silently
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: the base constructor reports it
+                    break
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark, f"the key {key!r} is given twice (the second "
+                        "would silently replace the first); keep one", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_FLOAT_1_2), list("-+0123456789."))
+    return _Loader
+
+
+def load_yaml_file(path: str | os.PathLike[str], what: str, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
+    """A bounded regular file parsed by ``yaml.safe_load`` with anchors/aliases and duplicate keys refused,
+    nesting bounded, and ``1e-3`` read as a number (as YAML 1.2 does)."""
+    loader = _yaml_loader()
+    import yaml
+
+    data = read_bounded(path, what, max_bytes)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{what} {path}: not UTF-8 text") from None
     try:
-        return yaml.load(text, Loader=_Loader)
+        return yaml.load(text, Loader=loader)
     except yaml.YAMLError as e:
+        problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+        if problem and mark is not None:  # line and column of the problem, without PyYAML's source excerpt
+            raise ValueError(f"{what} {path}: line {mark.line + 1}, column {mark.column + 1}: {problem}") from None
         first = str(e).strip().splitlines()
         raise ValueError(f"{what} {path}: not valid YAML ({' '.join(x.strip() for x in first[:3])})") from None
 
@@ -164,3 +204,39 @@ def check_zip(path: str | os.PathLike[str], what: str) -> None:
         raise ValueError(f"{what} {p}: its archive inflates to {inflated:,} bytes from a {size:,}-byte file "
                          f"({len(infos):,} entries); torch.save writes uncompressed archives, so this file was "
                          "crafted or corrupted and is not read")
+
+
+class UnreadableFile(ValueError):
+    """``torch.load`` refused the file; ``why`` is its reason in a few words, for the caller's message."""
+
+    def __init__(self, message: str, why: str) -> None:
+        super().__init__(message)
+        self.why = why
+
+
+def torch_load(path: str | os.PathLike[str], what: str, map_location: Any = "cpu") -> Any:
+    """The one way foldattn unpickles a file: a regular file, whose zip archive does not inflate past
+    its size (:func:`check_zip`), read with ``torch.load(weights_only=True)``.
+
+    Raises ``ValueError`` for a file that is not regular or is a zip bomb, and :class:`UnreadableFile`
+    (a ``ValueError``) when ``torch.load`` refuses it: truncated, corrupt, or holding Python objects.
+    """
+    import torch
+
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        raise ValueError(f"{what} {p}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{what} {p}: is not a regular file; name a file")
+    check_zip(p, what)
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # zip, pickle, EOF and weights-only errors all mean the same to the user
+        text = str(e).strip()
+        if "Weights only load failed" in text:
+            why = "it holds Python objects other than tensors and plain values, which safe loading refuses"
+        else:
+            why = (text.splitlines()[0] if text else type(e).__name__)[:200]
+        raise UnreadableFile(f"{what} {p}: cannot be read with torch.load(weights_only=True): {why}", why) from None

@@ -49,6 +49,10 @@ class RunLock:
             return False
         except PermissionError:  # exists, owned by someone else
             return True
+        # a killed process whose parent died too stays a zombie until init reaps it (in a container, maybe
+        # never): it holds nothing
+        with contextlib.suppress(OSError, IndexError), open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
         return True
 
     def acquire(self) -> RunLock:
@@ -116,6 +120,18 @@ class RunLock:
         if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 2**31 or not isinstance(host, str):
             return None
         return {"pid": pid, "host": host[:255], "since": str(holder.get("since", "?"))[:40]}
+
+    def busy(self) -> str:
+        """Who holds the folder now (``"PID n on host h since t"``), or "" when nobody live does."""
+        if self.held or not self.path.is_file():
+            return ""
+        holder = self._holder()
+        if holder is None:
+            return ""
+        pid, where = holder["pid"], holder["host"]
+        if where == socket.gethostname() and (pid == os.getpid() or not self._alive(pid)):
+            return ""
+        return f"PID {pid} on host {where} since {holder['since']}"
 
     def release(self) -> None:
         if self.held:

@@ -105,17 +105,25 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+# what writers say when a write fails: torch.save ("file write failed", "unexpected pos N vs M" when the
+# disk filled before its end-of-file record, libstdc++'s "iostream error"), safetensors ("IoError")
+_WRITE_MARKS = ("write", "unexpected pos", "iostream", "ioerror", "inline_container")
+
+
 def _write_failure(error: BaseException, dest: Path) -> OSError | None:
     """A one-line ``OSError`` naming ``dest`` for a failed write (a full disk above all), or None for
-    other errors. torch.save reports a full disk as ``RuntimeError: ... file write failed`` and
-    safetensors as an ``IoError`` text: neither says which file or that the disk is full."""
+    other errors. torch.save and safetensors report a full disk in their own words (a ``RuntimeError``
+    from C++, an ``IoError`` text): none says which file or that the disk is full, so the disk is asked."""
     text = str(error)
-    full = "No space left" in text or "code: 28" in text or "StorageFull" in text
     if isinstance(error, OSError):
         if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             return OSError(errno.ENOSPC, "No space left on device (free some space or write elsewhere)", str(dest))
         return None
-    if not full and not (isinstance(error, RuntimeError) and "write" in text.lower()):
+    if not isinstance(error, Exception):  # Ctrl-C, SystemExit: not a write failure
+        return None
+    full = "No space left" in text or "code: 28" in text or "StorageFull" in text
+    writer = isinstance(error, RuntimeError) or type(error) is Exception  # C++ and Rust writers' errors
+    if not full and not (writer and any(m in text.lower() for m in _WRITE_MARKS)):
         return None
     with contextlib.suppress(OSError):
         full = full or shutil.disk_usage(dest.parent).free < 64 * 2**20

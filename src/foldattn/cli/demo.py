@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .._argtypes import MAX_EPOCHS, MAX_SEED, MAX_THREADS, bounded_int
 from .._utils import atomic_path
 from ..fold import asr_layers, fold
 from ..summary import count_params, latency_ms
@@ -25,7 +26,6 @@ from ..train import TrainConfig, build_model, recipe_defaults, train, write_curv
 from ..train.checkpoint import load_checkpoint, load_model_state
 from ..train.data import load_dataset
 from ..verify import verify
-from . import nonnegative_int, positive_int
 
 __all__ = ["VARIANTS", "run_demo", "register"]
 
@@ -131,9 +131,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train plain, +SE and +ASR(SE) on digits, fold, verify, print a table",
                        description=__doc__.split("\n\n")[1] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="a few steps only (CI, < 1 minute)")
-    p.add_argument("--epochs", type=positive_int, help="epochs per model [15; --quick: 2 short ones]")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
-    p.add_argument("--threads", type=nonnegative_int, default=1,
-                   help="torch CPU threads; 1 is fastest for these tiny models on a busy machine, 0 = all cores")
+    p.add_argument("--epochs", type=bounded_int(1, MAX_EPOCHS),
+                   help=f"epochs per model (at most {MAX_EPOCHS}) [15; --quick: 2 short ones]")
+    p.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=0)
+    p.add_argument("--threads", type=bounded_int(0, MAX_THREADS), default=1,
+                   help=f"torch CPU threads (at most {MAX_THREADS}); 1 is fastest for these tiny models on a busy "
+                        "machine, 0 = all cores")
     p.add_argument("-o", "--output", default="runs/demo", help="report folder [runs/demo]")
     p.set_defaults(func=_main)

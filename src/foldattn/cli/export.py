@@ -9,9 +9,9 @@ from typing import Any
 
 from .._lock import RunLock
 from ..export import export_onnx, export_program
-from ..train import example_input
 from . import CLIError
 from ._source import add_source_options, load_source
+from .fold import example_batch, take_image_size
 
 __all__ = ["register"]
 
@@ -23,8 +23,12 @@ def _main(args: argparse.Namespace) -> int:
         raise CLIError(f"--onnx {args.onnx}: the file name must end in .onnx")
     if args.pt2 and Path(args.pt2).suffix != ".pt2":
         raise CLIError(f"--pt2 {args.pt2}: the file name must end in .pt2 (torch.export's archive format)")
+    take_image_size(args)
     model, cfg, blob = load_source(args)
-    example = example_input(blob, batch=1)
+    # the exports' checks run the example batch of 1 and (dynamic batch) one of 4, in PyTorch and in the
+    # exported runtime: bounded at the larger before the batch is made
+    example = example_batch(args, model, blob, 1, "the export's check batch", passes=2,
+                            largest=1 if args.static_batch else 4)
     folders = sorted({Path(p).parent for p in (args.onnx, args.pt2) if p})
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
@@ -38,14 +42,15 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _write(args: argparse.Namespace, model: Any, cfg: Any, example: Any) -> None:
+    name = cfg.model if cfg is not None else Path(args.checkpoint).name  # a deployed file records no run
     if args.onnx:
         report = export_onnx(model, example, args.onnx, opset_version=args.opset, fuse_bn=args.fuse_bn,
                              dynamic_batch=not args.static_batch)
-        print(f"{cfg.model}: {report}")
+        print(f"{name}: {report}")
         print(f"wrote {args.onnx}")
     if args.pt2:
         program = export_program(model, example, args.pt2, fuse_bn=args.fuse_bn, dynamic_batch=not args.static_batch)
-        print(f"{cfg.model}: {program}")
+        print(f"{name}: {program}")
         print(f"wrote {args.pt2} (load: torch.export.load(path).module())")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .._argtypes import MAX_BATCH, MAX_CLASSES, MAX_IMAGES, MAX_SAMPLES, MAX_SEED, bounded_int
+from .._sizes import check_forward
 from .._utils import check_output_folder, make_output_folder
-from . import positive_int, split_value
+from . import split_value
 
 __all__ = [
     "register", "run_stripe", "DataSource", "Loaded", "load_model_and_data", "load_data", "add_model_args",
@@ -41,6 +44,10 @@ class DataSource:
     train: Iterable[Any]       # training images, shuffled and augmented (fine-tuning)
     num_classes: int
     in_channels: int
+    #: one image's (C, H, W) and the (training, validation) image counts: what sizes a batch, known
+    #: before any batch is made (``()`` and ``(0, 0)`` where unknown)
+    image_shape: tuple[int, ...] = ()
+    counts: tuple[int, int] = (0, 0)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -51,8 +58,11 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-split", type=split_value, default=None,
                    help="hold out this fraction (< 1) or number (>= 1) of training images as the validation set "
                         "(default: a checkpoint's own split)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="seed of splits, shuffling and the picture sample")
+    p.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH), default=128,
+                   help=f"images per forward pass (at most {MAX_BATCH}; the batch's and its forward's memory is "
+                        "estimated first; default 128)")
+    p.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=0,
+                   help=f"seed of splits, shuffling and the picture sample (0 to {MAX_SEED})")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -60,16 +70,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a training checkpoint (file or run folder), a foldattn model name (e.g. cifar_resnet20), "
                         "torchvision:NAME or timm:NAME (names build randomly initialised models)")
     p.add_argument("--attention", default=None, help="with a model name: the attention module (e.g. se)")
-    p.add_argument("--num-classes", type=positive_int, default=None, help="with a model name: classifier outputs "
-                                                                   "(default: the dataset's)")
+    p.add_argument("--num-classes", type=bounded_int(1, MAX_CLASSES), default=None,
+                   help=f"with a model name: classifier outputs (at most {MAX_CLASSES}; default: the dataset's)")
 
 
 def load_data(args: argparse.Namespace, defaults: dict[str, Any] | None = None,
-              recorded: dict[str, Any] | None = None) -> DataSource:
+              recorded: dict[str, Any] | None = None, run: dict[str, Any] | None = None) -> DataSource:
     """The loaders named by ``--data`` (any :func:`foldattn.train.data.load_dataset` name).
 
     ``defaults`` (a training config) fills in ``--data``, ``--data-dir`` and ``--val-split``
-    when they are not given, so a checkpoint is measured on its own validation split.
+    when they are not given, so a checkpoint is measured on its own validation split; a dataset
+    path taken from it is read only once it holds the classes ``run`` (the checkpoint's run
+    record) names (:func:`foldattn.train.source.check_recorded_dataset`).
     """
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -81,6 +93,10 @@ def load_data(args: argparse.Namespace, defaults: dict[str, Any] | None = None,
         val_split = int(val_split)
     split_seed = int(cfg.get("split_seed", args.seed)) if args.data is None and cfg else args.seed
     from ..train import data as _data
+    from ..train.source import check_recorded_dataset
+
+    if args.data is None and cfg.get("dataset"):
+        check_recorded_dataset(spec, run, "the checkpoint")
 
     # no decode cache: a checkpoint's config does not choose where this command writes
     bundle = _data.load_dataset(spec, data_dir=data_dir, val_split=val_split, split_seed=split_seed,
@@ -91,8 +107,22 @@ def load_data(args: argparse.Namespace, defaults: dict[str, Any] | None = None,
         return _data.TensorLoader(split, args.batch_size, bundle.mean, bundle.std, train=train,
                                   pad=bundle.pad if train else 0, flip=bundle.flip and train, seed=args.seed)
 
+    images = getattr(bundle.train, "images", None)
+    shape = tuple(int(s) for s in images.shape[1:]) if isinstance(images, torch.Tensor) else ()
+    # a float batch of --batch-size images: bounded before the first is made (the images' size is the data's)
+    if shape:
+        check_forward(None, shape, args.batch_size, "a batch of --batch-size images", "lower --batch-size")
     return DataSource(bundle.name, loader(bundle.val, False), loader(bundle.train, False),
-                      loader(bundle.train, True), bundle.num_classes, bundle.in_channels)
+                      loader(bundle.train, True), bundle.num_classes, bundle.in_channels, shape,
+                      (len(bundle.train), len(bundle.val)))
+
+
+def check_batch_memory(model: nn.Module, data: DataSource, batch: int, option: str, training: bool = False) -> None:
+    """Refuse a forward pass of ``model`` on ``batch`` of the data's images whose memory (input and
+    activations, estimated on the meta device) passes the limit, before the first batch runs."""
+    if data.image_shape:
+        check_forward(model, data.image_shape, batch, f"a forward pass of {option} {batch} images",
+                      f"lower {option}", training=training)
 
 
 class Loaded(NamedTuple):
@@ -117,15 +147,21 @@ def load_model_and_data(args: argparse.Namespace) -> Loaded:
     if os.path.exists(spec):
         # the trained weights (not an EMA), rebuilt with the checks every checkpoint gets
         source = load_source(spec, ema=False)
-        assert source.config is not None
-        data = load_data(args, source.config.to_dict(), source.preprocessing)
+        if source.config is None and args.data is None:
+            raise ValueError(f"{spec} is a deployed file: it records no data; name the images with --data")
+        data = load_data(args, source.config.to_dict() if source.config else None, source.preprocessing,
+                         run=source.blob.get("run"))
+        check_batch_memory(source.model, data, args.batch_size, "--batch-size")
         kwargs = {"num_classes": source.classes or data.num_classes}
-        return Loaded(source.model, spec, data, None if ":" in source.config.model else source.config.model, kwargs)
+        name = source.config.model if source.config and ":" not in source.config.model else None
+        return Loaded(source.model, spec, data, name, kwargs)
     data = load_data(args)
     num_classes = args.num_classes or data.num_classes
     torch.manual_seed(args.seed)  # a model built by name is randomly initialised: make it reproducible
     if ":" in spec:
-        return Loaded(model_by_name(spec, num_classes), spec, data, None, {})
+        model = model_by_name(spec, num_classes)
+        check_batch_memory(model, data, args.batch_size, "--batch-size")
+        return Loaded(model, spec, data, None, {})
     from ..models import list_models
 
     if spec not in list_models():
@@ -135,6 +171,7 @@ def load_model_and_data(args: argparse.Namespace) -> Loaded:
     if data.in_channels != 3:
         kwargs["in_channels"] = data.in_channels
     model = model_by_name(spec, num_classes, kwargs={"attention": args.attention, **kwargs})
+    check_batch_memory(model, data, args.batch_size, "--batch-size")
     return Loaded(model, spec, data, spec, {"num_classes": num_classes, **kwargs})
 
 
@@ -158,15 +195,20 @@ def run_stripe(args: argparse.Namespace) -> dict[str, Any]:
     model, label, data, _, _ = load_model_and_data(args)
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
+    samples = args.samples
+    if args.max_images is not None and samples > args.max_images:  # no more images can be kept than are seen
+        print(f"note: --samples {samples} is more than --max-images {args.max_images}: keeping {args.max_images}",
+              file=sys.stderr)
+        samples = args.max_images
     split = {"val": data.val, "train": data.train_eval}[args.split]
     result = record_stripes(model, split, layers=args.layers or None, max_images=args.max_images,
-                            max_samples=args.samples, seed=args.seed)
+                            max_samples=samples, seed=args.seed)
     result.meta.update({"model": label, "data": data.name, "split": args.split})
     out = make_output_folder(args.output, "-o")
     result.save(out / "stripes.json")
     written.append(out / "stripes.json")
     written += plot_summary(result, out / "stripe_summary.png")
-    if args.samples > 0:
+    if samples > 0:
         written += plot_heatmaps(result, out / "stripe_heatmaps.png", layers=args.heatmap_layers or None,
                                  unit_scale=args.unit_scale)
     print(result.table())
@@ -194,8 +236,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="layers drawn as heat maps (default: first, middle and last)")
     p.add_argument("--unit-scale", action="store_true",
                    help="draw attention heat maps on a fixed [0, 1] colour scale (default: each panel's own range)")
-    p.add_argument("--max-images", type=int, default=1024, help="images to record (default 1024)")
-    p.add_argument("--samples", type=int, default=64, help="images kept for the heat maps (default 64)")
+    p.add_argument("--max-images", type=bounded_int(1, MAX_IMAGES), default=1024,
+                   help=f"images to record (at most {MAX_IMAGES}; default 1024)")
+    p.add_argument("--samples", type=bounded_int(0, MAX_SAMPLES), default=64,
+                   help=f"images whose vectors are kept for the heat maps (at most {MAX_SAMPLES}, and at most "
+                        "--max-images; default 64)")
     p.add_argument("--history", default=None, metavar="JSON",
                    help="also (or only, without a model) plot a stripe history written during training")
     p.add_argument("-o", "--output", required=True, help="output folder")

@@ -14,7 +14,9 @@ import os
 import shlex
 from pathlib import Path
 
-from . import CLIError, nonnegative_int, positive_int
+from .._argtypes import MAX_CONFIG_THREADS, bounded_int
+from ..sweep.spec import MAX_JOBS
+from . import CLIError
 
 __all__ = ["register"]
 
@@ -59,6 +61,11 @@ def _main(args: argparse.Namespace) -> int:
         failed = ", ".join(f"{k} ({v})" for k, v in result.failed.items())
         print(f"foldattn sweep: error: {len(result.failed)} run(s) failed: {failed}")
         return 1
+    if result.busy:
+        busy = ", ".join(f"{k} ({v})" for k, v in result.busy.items())
+        print(f"foldattn sweep: {len(result.busy)} run(s) not started, their folders in use by another process: "
+              f"{busy}; run the same command again once they end")
+        return 1
     return 0
 
 
@@ -72,9 +79,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("file", metavar="FILE.yaml", help="the sweep file (base, arms, seeds, baseline)")
     p.add_argument("-o", "--output", required=True, help="the sweep's folder (new, empty, or this sweep's)")
-    p.add_argument("--jobs", type=positive_int, help="runs at a time [the file's jobs, else 1]")
-    p.add_argument("--threads", type=nonnegative_int,
-                   help="torch threads per run [the file's threads, else CPU cores / jobs]")
+    p.add_argument("--jobs", type=bounded_int(1, MAX_JOBS),
+                   help=f"runs at a time (at most {MAX_JOBS}) [the file's jobs, else 1]")
+    p.add_argument("--threads", type=bounded_int(0, MAX_CONFIG_THREADS),
+                   help=f"torch threads per run (at most {MAX_CONFIG_THREADS}) [the file's threads, else CPU cores / "
+                        "jobs]")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--dry-run", action="store_true", help="check the file, list the runs and their commands, "
                                                           "write nothing")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from .._argtypes import key_values
@@ -13,8 +14,9 @@ from .._utils import strict_json
 from ..train import TrainConfig, recipe_defaults, train
 from ..train.checkpoint import load_checkpoint
 from ..train.options import add_arguments, option_names
+from ..train.source import check_recorded_dataset
 
-__all__ = ["register", "config_from_args"]
+__all__ = ["register", "config_from_args", "resumed_config"]
 
 # the options the command line (and a -c file) may set: every declared TrainConfig field
 _FIELDS = tuple(option_names(TrainConfig))
@@ -36,6 +38,18 @@ def _from_file(path: str) -> dict[str, Any]:
         if name not in known:
             raise ValueError(f"--config {path}: unknown option {key!r}")
         out[name] = key_values(value) if name == "model_kwargs" and isinstance(value, str) else value
+    return out
+
+
+def resumed_config(saved: dict[str, Any], resume: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint's config to resume from, less the places it would write: a path read from a file is a
+    record, never a destination. The run continues in the folder of the checkpoint named (``-o`` on the
+    command line may name another), and caches or downloads only where this command line says."""
+    path = Path(resume)
+    out = dict(saved)
+    out["output"] = str(path if path.is_dir() else path.parent)
+    out["cache_dir"] = None
+    out["download"] = False
     return out
 
 
@@ -76,7 +90,10 @@ def _main(args: argparse.Namespace) -> int:
 
     saved = None
     if args.resume is not None:
-        saved = load_checkpoint(args.resume)["config"]
+        blob = load_checkpoint(args.resume)
+        saved = resumed_config(blob["config"], args.resume)
+        if args.dataset is None:  # the recorded data is read only once it is known to be the run's
+            check_recorded_dataset(str(saved.get("dataset", "")), blob.get("run"), f"--resume {args.resume}")
     cfg = config_from_args(args, saved)
     try:
         summary = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)

@@ -90,11 +90,24 @@ class SweepResult:
 
     finished: list[str] = field(default_factory=list)  # run keys finished (now or before)
     failed: dict[str, str] = field(default_factory=dict)  # run key -> its log file
+    busy: dict[str, str] = field(default_factory=dict)  # run key -> the live process holding its folder
     interrupted: int = 0  # the signal that stopped the sweep (0: none)
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGTERM when the sweep dies, even by SIGKILL, so no run outlives its sweep
+    (SIGTERM makes ``foldattn train`` write a resumable checkpoint and stop)."""
+    import ctypes
+
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the sweep died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class _Stop:
-    """SIGINT/SIGTERM: stop starting runs, pass the signal on to the running ones, wait for them."""
+    """SIGINT/SIGTERM/SIGHUP: stop starting runs, pass the signal on to the running ones, wait for them."""
 
     def __init__(self) -> None:
         self.signum = 0
@@ -102,7 +115,7 @@ class _Stop:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Stop:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])):
             with contextlib.suppress(ValueError):  # not the main thread: no handler
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -114,7 +127,7 @@ class _Stop:
             print(f"\nsweep: stopping ({signal.Signals(signum).name}); the running runs write a resumable "
                   "checkpoint", file=sys.stderr)
         for p in self.children:  # a terminal's Ctrl-C reached them already; SIGTERM from kill did not
-            if p.poll() is None and signum == signal.SIGTERM:
+            if p.poll() is None and signum != signal.SIGINT:  # a closed terminal's SIGHUP too
                 p.send_signal(signal.SIGTERM)
 
     def __exit__(self, *exc: object) -> None:
@@ -151,13 +164,19 @@ def run_sweep(spec: SweepSpec, out: Path, *, jobs: int, threads: int, source: st
             while (pending and not stop.signum) or running:
                 while pending and len(running) < jobs and not stop.signum:
                     run = pending.pop(0)
+                    holder = RunLock(run.folder(out)).busy()
+                    if holder:  # another process trains it (an earlier sweep's run?): neither failed nor done
+                        result.busy[run.key] = holder
+                        log(f"sweep: busy   {run.key}: its folder is in use by {holder}; rerun once that ends")
+                        continue
                     resume = run_state(run.folder(out)) == "partial"
                     cmd = command_for(spec, run, out, threads, resume)
                     logf = open(run.log(out), "ab")  # noqa: SIM115 - closed when the run ends
                     logf.write(f"\n$ {shlex.join(cmd)}  # {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
                     logf.flush()
                     proc = subprocess.Popen([sys.executable, "-m", "foldattn.cli", *cmd[1:]], stdout=logf,
-                                            stderr=subprocess.STDOUT, env=env)
+                                            stderr=subprocess.STDOUT, env=env,
+                                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
                     stop.children.append(proc)
                     running[run.key] = (run, proc, logf, time.time())
                     log(f"sweep: {'resume' if resume else 'start '} {run.key}  (log: {run.log(out)})")
@@ -169,9 +188,9 @@ def run_sweep(spec: SweepSpec, out: Path, *, jobs: int, threads: int, source: st
                     del running[key]
                     stop.children.remove(proc)
                     minutes = (time.time() - t0) / 60
-                    if rc == 0 and run_state(run.folder(out)) == "finished":
+                    if run_state(run.folder(out)) == "finished":  # its summary says so: never also "failed"
                         result.finished.append(key)
-                        log(f"sweep: done   {key} in {minutes:.1f} min")
+                        log(f"sweep: done   {key} in {minutes:.1f} min" + (f" (exit {rc})" if rc else ""))
                     elif stop.signum:
                         log(f"sweep: stopped {key} (resumable)")
                     else:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .._budget import state_mismatch
-from .._files import check_zip
+from .._files import UnreadableFile, torch_load
 from .._utils import atomic_path, unwrap_model
 
 __all__ = [
@@ -108,19 +108,12 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        check_zip(path, "checkpoint")
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # zip, pickle, EOF and weights-only errors all mean the same to the user
-        text = str(e).strip()
-        if "Weights only load failed" in text:
-            why = "it holds Python objects other than tensors and plain values, which safe loading refuses"
-        else:
-            why = (text.splitlines()[0] if text else type(e).__name__)[:200]
+        blob = torch_load(path, "checkpoint", map_location)
+    except UnreadableFile as e:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupt or not foldattn's): "
-                              f"{why}") from None
+                              f"{e.why}") from None
+    except ValueError as e:  # not a regular file, or an archive that inflates far past its size
+        raise CheckpointError(str(e)) from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a foldattn training checkpoint (no 'format': {FORMAT!r} entry); "
                               "for a published ASR checkpoint use `foldattn import-reference`")
@@ -131,6 +124,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
 #: the largest class count and image side a checkpoint may record
 MAX_CLASSES = 1 << 20
 MAX_IMAGE_SIDE = 8192
+#: the longest class (folder) name a checkpoint may record
+MAX_NAME = 255
 
 
 def _is_int(v: Any, low: int = 0, high: int = 1 << 62) -> bool:
@@ -173,6 +168,11 @@ def check_structure(blob: Mapping[str, Any], path: str | os.PathLike[str]) -> No
     classes = run.get("classes")
     if classes is not None and not _is_int(classes, 1, MAX_CLASSES):
         raise bad("run 'classes'", f"is {classes!r}, not a class count in [1, {MAX_CLASSES}]")
+    names = run.get("class_names")
+    if names is not None and not (isinstance(names, list) and len(names) == classes
+                                  and all(isinstance(n, str) and 0 < len(n) <= MAX_NAME for n in names)):
+        raise bad("run 'class_names'", f"is not a list of {classes} class folder names of at most {MAX_NAME} "
+                  "characters")
     size = run.get("image_size")
     if size is not None and not (isinstance(size, (list, tuple)) and len(size) == 2
                                  and all(_is_int(s, 1, MAX_IMAGE_SIDE) for s in size)):

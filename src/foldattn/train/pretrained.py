@@ -18,8 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._files import check_zip
-from .._utils import first_line
+from .._files import torch_load
 from ..asr import ASR
 from ..attention import ChannelAttention
 
@@ -43,11 +42,6 @@ def read_state_dict(path: str | os.PathLike[str], key: str | None = None,
         what: how messages name the file (the option or role it came from).
     """
     path = Path(path)
-    try:
-        if path.is_file():
-            check_zip(path, what)
-    except ValueError as e:
-        raise PretrainedError(str(e)) from None
     if not path.is_file():
         raise PretrainedError(f"{what} {path}: no such file")
     if path.suffix == ".safetensors":
@@ -59,11 +53,9 @@ def read_state_dict(path: str | os.PathLike[str], key: str | None = None,
         except (SafetensorError, OSError, ValueError) as e:
             raise PretrainedError(f"{what} {path}: not a readable safetensors file ({e})") from None
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickles with code, truncated files, ...
-        first = first_line(e)
-        raise PretrainedError(f"{what} {path}: cannot be read with torch.load(weights_only=True): "
-                              f"{first[:200]}") from None
+        blob = torch_load(path, what)
+    except ValueError as e:  # a zip bomb, pickles with code, truncated files, ...
+        raise PretrainedError(str(e)) from None
     if isinstance(blob, dict) and blob and all(isinstance(v, Tensor) for v in blob.values()):
         if key is not None:
             raise PretrainedError(f"{what} {path}: a plain state dict has no entry {key!r}")

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._files import UnreadableFile, torch_load
 from ..models import CifarResNet
 from .checkpoint import CheckpointError, load_model_state
 
@@ -103,11 +104,12 @@ def load_reference(path: str | os.PathLike[str], dtype: torch.dtype = torch.floa
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"reference checkpoint {path} does not exist")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {first}") from None
+    try:  # the zip-inflation check first: a small crafted file must not inflate to gigabytes
+        blob = torch_load(path, "reference checkpoint")
+    except UnreadableFile as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e.why}") from None
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a dict with a 'state_dict' of tensors (the ASR reference layout)")

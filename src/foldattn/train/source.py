@@ -12,6 +12,7 @@ and :mod:`foldattn.deploy` apply.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,10 @@ from torch import nn
 from .._utils import check_external_name, require
 from .config import TrainConfig
 
-__all__ = ["Source", "model_by_name", "load_source"]
+__all__ = ["Source", "model_by_name", "load_source", "check_recorded_dataset", "MAX_LISTED"]
+
+#: entries read from a recorded dataset folder before it is refused (a class tree has at most 2^20 classes)
+MAX_LISTED = (1 << 20) + 16
 
 
 def model_by_name(name: str, num_classes: int, *, kwargs: dict[str, Any] | None = None) -> nn.Module:
@@ -96,7 +100,11 @@ def load_source(path: str | os.PathLike[str], *, which: str = "last", ema: bool 
 
         meta = read_metadata(p)
         user = meta.get("user") if isinstance(meta.get("user"), dict) else {}
-        run = {"preprocessing": user.get("preprocessing")} if isinstance(user.get("preprocessing"), dict) else {}
+        pre = user.get("preprocessing") if isinstance(user.get("preprocessing"), dict) else None
+        run: dict[str, Any] = {"preprocessing": pre} if pre else {}
+        size = pre.get("size") if pre else None
+        if isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and 1 <= s <= 8192 for s in size):
+            run["image_size"] = size  # the example batch's size (bounded again before it is made)
         return Source(load_deployed(p), "deployed", p, None, {"run": run, "weights": "deployed"})
     if foreign is not None:
         if p.is_dir():
@@ -109,3 +117,53 @@ def load_source(path: str | os.PathLike[str], *, which: str = "last", ema: bool 
         raise
     model, cfg, blob = load_trained(file, ema)
     return Source(model, "checkpoint", file, cfg, blob)
+
+
+def _folders(path: Path) -> set[str]:
+    """The visible sub-folder names of ``path``: one listing, at most :data:`MAX_LISTED` entries read."""
+    names: set[str] = set()
+    with os.scandir(path) as it:
+        for i, entry in enumerate(it):
+            if i >= MAX_LISTED:
+                raise ValueError(f"{path} holds more than {MAX_LISTED:,} entries: not an image-class tree")
+            if not entry.name.startswith(".") and entry.is_dir():
+                names.add(entry.name)
+    return names
+
+
+def check_recorded_dataset(spec: str, run: Mapping[str, Any] | None, where: str) -> None:
+    """Refuse a dataset path a file recorded (a checkpoint's ``imagefolder:PATH``) unless that folder holds
+    the run's classes, checked from one listing of it (two for a ``train/`` + ``val/`` layout) before
+    any image is opened: a path read from a file is a record, not something to walk on its word.
+
+    Registered names (``digits``, ``cifar10``, ...) read fixed file names under ``--data-dir`` and pass.
+    Raises ``ValueError`` naming the path and telling the user to pass ``--dataset``.
+    """
+    name, _, arg = spec.partition(":")
+    if name != "imagefolder" or not arg:
+        return
+    hint = "pass --dataset imagefolder:PATH (or another dataset) to name the data yourself"
+    path = Path(arg)
+    try:
+        if not path.is_dir():
+            raise ValueError(f"{where} records the dataset {spec}, which is not a folder on this machine; {hint}")
+        top = _folders(path)
+        split = "train" in top and top <= {"train", "val", "test"}
+        classes = sorted(_folders(path / "train") if split else top)
+    except OSError as e:
+        raise ValueError(f"{where} records the dataset {spec}, which cannot be listed ({e.strerror or e}); "
+                         f"{hint}") from None
+    run = run or {}
+    names, count = run.get("class_names"), run.get("classes")
+    if isinstance(names, list):
+        if classes != sorted(names):
+            shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+            raise ValueError(f"{where} records the dataset {spec}, whose {len(classes):,} sub-folders ({shown}) are "
+                             f"not the run's {len(names)} classes; {hint}")
+    elif isinstance(count, int):
+        if len(classes) != count:
+            raise ValueError(f"{where} records the dataset {spec}, which has {len(classes):,} class folders, not "
+                             f"the run's {count}; {hint}")
+    else:
+        raise ValueError(f"{where} records the dataset {spec} but not its classes, so the folder cannot be checked; "
+                         f"{hint}")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._sizes import check_forward
 from .._utils import check_output_folder, make_output_folder, require
 from ..fold import asr_layers
 from ..summary import count_params
@@ -48,6 +49,9 @@ from .pretrained import load_pretrained
 from .runtime import Distributed, RunLock, TrainingInterrupted, amp_dtype, resolve_device, versions
 
 __all__ = ["Trainer", "train"]
+
+#: training steps timed before the run's expected duration is estimated
+_TIMED_STEPS = 5
 
 
 def label(cfg: TrainConfig) -> str:
@@ -97,6 +101,7 @@ class Trainer:
         self.best: dict[str, float] = {"top1": -1.0, "top5": 0.0, "epoch": 0}
         self.start_epoch = self.start_step = 0
         self.partial: list[float] | None = None
+        self._estimated = False  # the time the run will take, said once (see _estimate)
 
     # --- setup ------------------------------------------------------------------------
     def _start_from_pretrained(self, model: nn.Module) -> None:
@@ -166,6 +171,12 @@ class Trainer:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
+        # the batch and the activations a training step keeps, estimated on the meta device before the first
+        # step allocates them: an absurd --batch-size or image size is one line, not minutes of swapping
+        h, w = bundle.image_size
+        check_forward(model, (bundle.in_channels, h, w), max(1, cfg.batch_size // dist.world), "a training batch",
+                      "lower --batch-size (or use --grad-accum-steps), the image size or the model",
+                      device=self.device, training=True)
         self.optimizer = create_optimizer(cfg, model)
         self.scheduler = create_scheduler(cfg, self.optimizer, self.updates_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
@@ -207,7 +218,8 @@ class Trainer:
         params_train, params_deployed = count_params(model), count_params(deployed_copy(model))
         self.run_info = {
             "dataset": bundle.name, "train_images": len(bundle.train), "val_images": len(bundle.val),
-            "classes": bundle.num_classes, "image_size": list(bundle.image_size), "notes": bundle.notes,
+            "classes": bundle.num_classes, "class_names": list(bundle.classes),
+            "image_size": list(bundle.image_size), "notes": bundle.notes,
             "params_train": params_train, "params_deployed": params_deployed, "world_size": dist.world,
             "device": str(self.device), "amp": str(self.amp).replace("torch.", "") if self.amp else "none",
             "steps_per_epoch": self.steps, "preprocessing": preprocessing(bundle),
@@ -219,6 +231,9 @@ class Trainer:
         self.log(f"{label(cfg)} on {bundle.name}: {len(bundle.train)} train / {len(bundle.val)} val images, "
                  f"{params_train:,} params ({params_deployed:,} deployed), {self.steps} steps/epoch, "
                  f"amp={self.run_info['amp']}, world={dist.world}")
+        for key in ("image size", "mixed sizes", "aspect ratios"):  # what the data loader decided for the user
+            if key in bundle.notes:
+                self.log(f"  {key}: {bundle.notes[key]}")
 
     def _data_on_device(self, bundle: DataBundle) -> bool:
         """Whether the in-memory images go to the GPU (``--data-on-device``; by default on CUDA where they fit in
@@ -355,12 +370,24 @@ class Trainer:
             sums[1] += (logits.argmax(1) == y).sum().item()  # against the unmixed labels
             sums[2] += y.numel()
             self._call("on_step_end", {"epoch": epoch, "step": i, "loss": loss.item()})
+            if not self._estimated and i + 1 - first >= _TIMED_STEPS:
+                self._estimate(epoch, i + 1, (time.perf_counter() - t0) / (i + 1 - first))
             if update and dist.any(self.stop_requested) and i + 1 < self.steps:
                 self._interrupt(epoch, i + 1, sums)
         elapsed = time.perf_counter() - t0
         tot = dist.sum(sums)
         return {"train_loss": tot[0] / max(tot[2], 1), "train_top1": 100 * tot[1] / max(tot[2], 1),
                 "images_per_s": (self.steps - first) * cfg.batch_size / max(elapsed, 1e-9)}
+
+    def _estimate(self, epoch: int, step: int, per_step: float) -> None:
+        """Once, after the first timed steps: a run expected to last over an hour says how long (validation
+        counted at a tenth of the training time), so nobody waits blind on a typo in --epochs."""
+        self._estimated = True
+        left = per_step * ((self.steps - step) + self.steps * (self.cfg.epochs - epoch - 1)) * 1.1
+        if left > 3600:
+            self.log(f"this run is expected to take about {left / 3600:.1f} h more ({self.cfg.epochs - epoch} "
+                     f"epoch(s) of {self.steps} steps at {per_step:.2f} s each, measured); Ctrl-C stops it with a "
+                     "resumable checkpoint")
 
     def validate(self) -> dict[str, float]:
         """Loss, top-1 and top-5 of the deployed (folded) copy on the validation split."""
@@ -378,9 +405,10 @@ class Trainer:
             self.setup()
         cfg = self.cfg
         self._call("on_fit_start")  # may still refuse the run (--stripe-every without attention): nothing written
-        if self.dist.main and self.start_epoch == 0 and self.first_step(0) == 0:
-            self.checkpoint("last.pt", 0, 0)  # the starting point: a run that diverges early still resumes
+        failed = True
         try:
+            if self.dist.main and self.start_epoch == 0 and self.first_step(0) == 0:
+                self.checkpoint("last.pt", 0, 0)  # the starting point: a run that diverges early still resumes
             for epoch in range(self.start_epoch, cfg.epochs):
                 self._call("on_epoch_start", epoch)
                 t0 = time.perf_counter()
@@ -413,9 +441,16 @@ class Trainer:
                 self._call("on_epoch_end", row)
                 if self.dist.any(self.stop_requested) and epoch + 1 < cfg.epochs:
                     raise TrainingInterrupted(self.out / "last.pt", self.stop_signal)
+            failed = False
         finally:
-            self._call("on_fit_end")
-            self.lock.release()
+            try:
+                self._call("on_fit_end")
+            except Exception:
+                if not failed:
+                    raise
+                # the first failure (a full disk at last.pt, say) is the one to report, not its echo here
+            finally:
+                self.lock.release()
         self.dist.barrier()
         return self.summary()
 
