@@ -395,3 +395,18 @@ def test_cli_calibrate_bounds(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["calibrate", "cifar_resnet20", "--attention", "se", option, value, "-o", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and not (tmp_path / "c").exists()
+
+
+def test_a_diverging_distillation_is_one_line_and_writes_nothing(tmp_path, capsys) -> None:
+    from foldattn.cli import main
+    from foldattn.train import TrainConfig, train
+
+    run = tmp_path / "se"
+    train(TrainConfig(dataset="digits", epochs=1, steps_per_epoch=2, batch_size=16, attention="se", output=str(run)),
+          log=None)
+    out = tmp_path / "out" / "c"
+    code = main(["calibrate", str(run), "--distill-epochs", "1", "--distill-lr", "900", "--max-images", "32",
+                 "--batch-size", "32", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "the distillation loss is" in err and "lower the learning rate" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

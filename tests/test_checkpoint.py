@@ -99,3 +99,39 @@ def test_rng_roundtrip() -> None:
     a, b = torch.rand(3), random.random()
     restore_rng(state)
     assert torch.equal(torch.rand(3), a) and random.random() == b
+
+
+def _momentum(value: object) -> object:
+    def change(opt: dict) -> None:
+        for s in opt["state"].values():
+            s["momentum_buffer"] = value(s["momentum_buffer"]) if callable(value) else value
+    return change
+
+
+# (id, change to the saved optimizer state, the one-line error)
+OPTIMIZER_STATES = [
+    ("momentum-of-another-shape", _momentum(torch.zeros(3)), "has shape (3,) for a parameter of shape"),
+    ("momentum-nan", _momentum(lambda t: torch.full_like(t, float("nan"))), "holds NaN or Inf"),
+    ("momentum-inf", _momentum(lambda t: torch.full_like(t, float("inf"))), "holds NaN or Inf"),
+    ("one-group-too-many", lambda opt: opt["param_groups"].append(dict(opt["param_groups"][0])),
+     "does not fit this run's optimizer"),
+    ("no-param-groups", lambda opt: opt.pop("param_groups"), "not what an optimizer saves"),
+]
+
+
+@pytest.mark.parametrize("change, message", [c[1:] for c in OPTIMIZER_STATES], ids=[c[0] for c in OPTIMIZER_STATES])
+def test_resume_refuses_an_optimizer_state_that_does_not_fit(digits_asr_run: Path, tmp_path: Path, change: object,
+                                                             message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from foldattn.cli import main
+
+    run = Path(shutil.copytree(digits_asr_run, tmp_path / "run"))
+    blob = torch.load(run / "last.pt", weights_only=True)
+    change(blob["optimizer"])  # type: ignore[operator]
+    torch.save(blob, run / "last.pt")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--allow-config-change", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before, "a refused resume wrote"

@@ -257,6 +257,12 @@ BOUND_CASES = [
     # epochs: a duration
     ("calibrate-distill-epochs", ["calibrate", "{run}", "--distill-epochs", "1000000000", "-o", "{tmp}/c"],
      "--distill-epochs: 1000000000 is too large; give an integer in [0, 1000]"),
+    ("calibrate-bench-batch-above-batch", ["calibrate", "{run}", "--bench-batch", "200", "--batch-size", "128",
+                                           "-o", "{tmp}/c"], "--bench-batch 200: at most --batch-size (128)"),
+    ("calibrate-distill-lr", ["calibrate", "{run}", "--distill-epochs", "1", "--distill-lr", "1e9", "-o", "{tmp}/c"],
+     "--distill-lr: 1e9 is too large; give a learning rate in (0, 1000]"),
+    ("calibrate-lr-nan", ["calibrate", "{run}", "--finetune-epochs", "1", "--lr", "nan", "-o", "{tmp}/c"],
+     "--lr: must be a finite number > 0"),
     ("calibrate-finetune-epochs", ["calibrate", "{run}", "--finetune-epochs", "1000000", "-o", "{tmp}/c"],
      "--finetune-epochs: 1000000 is too large"),
     ("calibrate-bench-batch", ["calibrate", "{run}", "--bench-batch", "1000000", "-o", "{tmp}/c"],

@@ -6,6 +6,7 @@ import copy
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -418,3 +419,33 @@ def test_a_deployed_file_needs_what_it_does_not_record(deployed_file: Path, tmp_
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
     assert deployed_file.read_bytes() == before and list(tmp_path.iterdir()) == []
+
+
+def _deep(levels: int) -> dict[str, Any]:
+    root = node = {}
+    for _ in range(levels):
+        node["a"] = {}
+        node = node["a"]
+    return root
+
+
+def _cycle() -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    d["self"] = d
+    return d
+
+
+@pytest.mark.parametrize("metadata", [_deep(1000), _deep(31), _cycle(), {"list": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[
+    []]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}], ids=["1000-deep", "31-deep", "holds-itself", "lists-32-deep"])
+def test_save_deployed_refuses_metadata_load_deployed_could_not_read(tmp_path: Path, metadata: Any) -> None:
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(ValueError, match="nested more than 30 levels deep") as info:
+        save_deployed(nn.Linear(2, 2), path, metadata=metadata)
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_deployed_refuses_metadata_larger_than_load_deployed_reads(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="more than the 1,048,576 load_deployed reads"):
+        save_deployed(nn.Linear(2, 2), tmp_path / "m.safetensors", metadata={"log": "x" * (2 << 20)})
+    assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -194,3 +195,41 @@ def test_timm_families_reach_at_most_timms_own_form(name: str, asr: bool) -> Non
     assert params <= timm_params and norms <= timm_norms and norms == 0
     x = torch.randn(2, 3, 64, 64)
     assert foldattn.verify(model, deployed, x).max_rel <= 1e-5
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bn(self.conv(x))
+
+
+class _CalledTwice(nn.Module):
+    """One body run on two inputs: merging its identity into the conv would happen once per call site."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _ResidualBlock(), _ResidualBlock())
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"a": self.body(x), "b": self.body(x.flip(-1)) * 2}
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["called-once", "called-twice"])
+def test_a_sum_is_merged_only_where_its_modules_are_called_once(shared: bool) -> None:
+    from foldattn import fold
+
+    model = randomize_norms(_CalledTwice() if shared else nn.Sequential(nn.Conv2d(3, 4, 3, padding=1),
+                                                                         _ResidualBlock())).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model = model.double()
+    with pytest.warns(UserWarning) if shared else contextlib.nullcontext():
+        folded, report = fold(model, fuse_bn=True, return_report=True)
+    ref, out = model(x), folded(x)
+    for key in (("a", "b") if shared else (None,)):
+        r, o = (ref[key], out[key]) if key else (ref, out)
+        assert (r - o).abs().max() <= 1e-10 * r.abs().max()  # float64: exact up to round-off
+    if shared:
+        assert not report.merged and any("called 2 times" in why for _, why in report.merge_left)

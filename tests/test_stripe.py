@@ -536,3 +536,12 @@ def test_cli_samples_above_max_images_are_clamped_with_a_note(tmp_path, capsys) 
     assert "note: --samples 1000 is more than --max-images 8: keeping 8" in err
     saved = json.loads((tmp_path / "s" / "stripes.json").read_text())
     assert all(len(x["gate_sample"]) == 8 for x in saved["layers"])
+
+
+def test_cli_stripe_unknown_heatmap_layer_is_one_line_and_writes_nothing(tmp_path, capsys) -> None:
+    out = tmp_path / "o"
+    rc = main(["stripe", "cifar_resnet20", "--attention", "se", "--max-images", "8", "--samples", "4",
+               "--batch-size", "8", "--heatmap-layers", "nope", "layer1.0.attention", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--heatmap-layers nope: not a recorded layer; recorded: layer1.0.attention" in err
+    assert "Traceback" not in err and not out.exists()

@@ -81,9 +81,9 @@ def test_a_run_held_by_another_process_is_busy_not_failed(tmp_path: Path,
         (held / ".lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "since": "now"}))
         capsys.readouterr()
         assert main(["sweep", str(spec), "-o", str(out), "--jobs", "1", "--threads", "1"]) == 1
-        printed = capsys.readouterr().out
+        printed, err = capsys.readouterr()
         assert f"busy   plain-s0: its folder is in use by PID {holder.pid}" in printed
-        assert "FAILED" not in printed and "1 run(s) not started" in printed
+        assert "FAILED" not in printed and "1 run(s) not started" in err
         assert not (held / "last.pt").exists(), "the held folder was written to"
         summary = json.loads((out / "summary.json").read_text())
         assert summary["runs_finished"] == 1 and summary["runs_planned"] == 2
@@ -93,3 +93,26 @@ def test_a_run_held_by_another_process_is_busy_not_failed(tmp_path: Path,
     # once the holder is gone, the same command finishes the sweep (its run takes the stale lock over)
     assert main(["sweep", str(spec), "-o", str(out), "--jobs", "1", "--threads", "1"]) == 0
     assert json.loads((out / "summary.json").read_text())["runs_finished"] == 2
+
+
+@pytest.mark.parametrize("planted", ["log-file", "logs-folder", "runs-folder"])
+def test_a_link_planted_in_the_sweep_folder_is_not_followed(tmp_path: Path, planted: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from foldattn.sweep import load_sweep, prepare_folder
+
+    spec, out = _sweep_file(tmp_path), tmp_path / "out"
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("somebody's file")
+    prepare_folder(load_sweep(spec), out, str(spec))
+    if planted == "log-file":
+        (out / "logs").mkdir()
+        for key in ("plain-s0", "asr-se-s0"):
+            (out / "logs" / f"{key}.log").symlink_to(victim / "notes.txt")
+    else:
+        (out / planted.split("-")[0]).symlink_to(victim, target_is_directory=True)
+    code = main(["sweep", str(spec), "-o", str(out), "--jobs", "1", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code in (1, 2) and "symbolic link" in err and "Traceback" not in err
+    assert [p.name for p in victim.iterdir()] == ["notes.txt"]
+    assert (victim / "notes.txt").read_text() == "somebody's file"

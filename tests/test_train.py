@@ -160,10 +160,14 @@ def test_cli_train_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     (["--asr"], "need --attention"),
     (["--dataset", "imagefolder:/nonexistent/x"], "does not exist"),
     (["--resume", "/nonexistent/last.pt"], "does not exist"),
+    # a model that cannot take the data's images (a ViT built for 32x32 on the 16x16 digits): refused before
+    # the starting checkpoint is written
+    (["--model", "cifar_vit_tiny"], "the model does not run on this data's images (3x16x16)"),
 ])
 def test_cli_train_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
     assert main(["train", "-o", str(tmp_path / "o"), "--epochs", "1", *argv]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.fixture(scope="module")

@@ -145,7 +145,7 @@ def test_cli_train_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "No space left on device" in err and str(out / "last.pt") in err
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not out.exists(), "no temporary file, and no folder of the failed command's making, is left"
 
 
 def test_check_output_folder_refuses_a_file_in_the_way_and_creates_nothing(tmp_path: Path) -> None:

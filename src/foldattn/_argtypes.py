@@ -15,7 +15,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["positive_int", "nonnegative_int", "positive_float", "nonnegative_float", "split_value", "psi_init",
+__all__ = ["learning_rate", "MAX_LR", "positive_int", "nonnegative_int", "positive_float", "nonnegative_float",
+           "split_value", "psi_init",
            "key_values", "bounded_int", "MAX_THREADS", "MAX_WORKERS", "MAX_EPOCHS", "MAX_TUNE_EPOCHS", "MAX_BATCH",
            "MAX_TRAIN_BATCH", "MAX_IMAGES", "MAX_SAMPLES", "MAX_REPS", "MAX_STEPS", "MAX_ACCUM_STEPS",
            "MAX_CONFIG_THREADS", "MAX_CLASSES", "MAX_SEED"]
@@ -86,6 +87,19 @@ def bounded_int(low: int, high: int | None) -> Callable[[str], int]:
 #: whole numbers >= 1 and >= 0, refused by argparse itself (exit 2, one line)
 positive_int = _integer(1)
 nonnegative_int = _integer(0)
+
+
+#: learning rates (``calibrate --lr/--distill-lr``; ``train --lr`` has the same bound): past float32's range
+#: the update itself overflows
+MAX_LR = 1e3
+
+
+def learning_rate(text: str) -> float:
+    """A learning rate: a finite number in (0, :data:`MAX_LR`]."""
+    value = positive_float(text)
+    if value > MAX_LR:
+        raise argparse.ArgumentTypeError(f"{text} is too large; give a learning rate in (0, {MAX_LR:g}]")
+    return value
 
 
 def positive_float(text: str) -> float:

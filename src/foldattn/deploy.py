@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ._budget import BudgetExceeded, DoesNotFit, build_for, match_float_dtype, state_mismatch
-from ._files import load_json_file, load_json_text
+from ._files import MAX_DEPTH, check_depth, load_json_file, load_json_text
 from ._utils import atomic_path, unwrap_model, write_json
 from .builders import (
     UntrustedBuilderError,
@@ -222,6 +222,12 @@ def save_deployed(
     if not isinstance(allow_nonfinite, bool):
         raise TypeError(f"save_deployed: allow_nonfinite must be True or False, got {allow_nonfinite!r}")
     for value, label in ((kwargs, "kwargs"), (metadata, "metadata")):
+        # nesting first (iteratively): load_deployed reads at most MAX_DEPTH levels, and the walk below recurses
+        try:
+            check_depth(value, label, MAX_DEPTH - 2)
+        except ValueError:
+            raise ValueError(f"save_deployed: {label} is nested more than {MAX_DEPTH - 2} levels deep (or holds "
+                             f"itself), past what load_deployed reads; flatten it (nothing was written)") from None
         bad = _nonfinite_in(value, label) if value is not None else None
         if bad:  # JSON has no NaN/Inf: a header holding one is a file load_deployed calls corrupted
             raise ValueError(f"save_deployed: {bad}, which JSON cannot hold; store null or a string there "
@@ -273,6 +279,10 @@ def save_deployed(
     except ValueError as e:  # a cycle (NaN/Inf were refused above)
         raise ValueError(f"save_deployed: kwargs and metadata cannot be written as JSON ({e}); nothing was "
                          "written") from None
+    if len(header) > _MAX_META_BYTES:  # load_deployed reads at most that much metadata
+        raise ValueError(f"save_deployed: the metadata takes {len(header):,} bytes as JSON, more than the "
+                         f"{_MAX_META_BYTES:,} load_deployed reads; store large records beside the file (nothing was "
+                         "written)")
     if builder is not None:  # a file that load_deployed would refuse is never written
         check_kwargs(resolve_builder(meta["builder"]), meta["kwargs"])
     if builder is not None and check_builder:

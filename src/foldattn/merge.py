@@ -204,6 +204,10 @@ def merge_branches(model: nn.Module) -> tuple[nn.Module, MergeReport]:
                                        "branches are not merged"))
         return model, report
     gm = fx.GraphModule(model, graph)
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
     for root in list(gm.graph.nodes):
         if not _is_add(root) or root.graph is not gm.graph or any(
                 _is_add(u) and len(root.users) == 1 for u in root.users):
@@ -218,8 +222,13 @@ def merge_branches(model: nn.Module) -> tuple[nn.Module, MergeReport]:
             continue  # not a sum of parallel branches of one tensor (e.g. a residual x + f(x))
         branches = [b for b, _ in found]
         convs = [b.conv for b in branches if b.conv is not None]
-        checked = _check(branches, convs[0].out_channels)
         where = " + ".join(b.label for b in branches)
+        shared = sorted({str(n.target) for b in branches for n in b.nodes if calls.get(str(n.target), 0) > 1})
+        if shared:  # merging rewrites the module for every place that calls it, each with its own sum
+            report.left.append((where, f"{', '.join(shared)} is called {calls[shared[0]]} times (a module shared "
+                                       "by several places)"))
+            continue
+        checked = _check(branches, convs[0].out_channels)
         if isinstance(checked, str):
             report.left.append((where, checked))
             continue

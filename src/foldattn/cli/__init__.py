@@ -4,9 +4,13 @@ each adding its sub-parser through ``register(subparsers)`` (the modules listed 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main", "build_parser", "CLIError", "positive_int", "nonnegative_int", "positive_float",
            "nonnegative_float", "split_value"]
@@ -49,6 +53,68 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    made = _missing_folders(args)
+    previous = None
+    if args.command not in _OWN_SIGTERM and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        code = _dispatch(args)
+    except Terminated:
+        _remove_empty(made)
+        print(f"foldattn {args.command}: stopped by SIGTERM; nothing half-written was kept", file=sys.stderr)
+        code = 143
+    except BaseException:
+        _remove_empty(made)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if code not in (0, 130, 143):  # refused or failed: no empty folder of the command's own making is left
+        _remove_empty(made)
+    return code
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is, so that its cleanup runs (temporary files and staged folders
+    are removed by the blocks that made them); not an Exception, so nothing swallows it."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+#: commands that turn SIGTERM into a resumable stop themselves (the training loop, the sweep's runs)
+_OWN_SIGTERM = ("train", "demo", "sweep")
+
+#: the arguments that name where a command writes (a folder, or a file whose folder is made)
+_DESTINATIONS = ("output", "out", "onnx", "pt2")
+
+
+def _missing_folders(args: argparse.Namespace) -> list[Path]:
+    """The folders a command may create for its outputs that do not exist yet, innermost first."""
+    missing: list[Path] = []
+    for name in _DESTINATIONS:
+        value = getattr(args, name, None)
+        if not isinstance(value, str) or not value:
+            continue
+        p = Path(value)
+        try:
+            while not p.exists() and p != p.parent and p not in missing:
+                missing.append(p)
+                p = p.parent
+        except OSError:  # a name the file system refuses (too long): the command itself says so in one line
+            continue
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for p in folders:  # innermost first: a folder is removed only once what it held is gone
+        with contextlib.suppress(OSError):
+            if p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
+                p.rmdir()
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     from ..train import TrainingInterrupted
     from ..verify import EquivalenceError
 
@@ -62,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + e.signum  # 130 after Ctrl-C, 143 after SIGTERM
     # OSError: unwritable or clashing output paths (a file where a folder should be, ...);
     # EquivalenceError: a fold that does not reproduce its model, reported as such
-    except (CLIError, ValueError, OSError, TypeError, EquivalenceError) as e:
+    # FloatingPointError: a loss that diverged (calibrate's fine-tuning and distillation), with what to lower
+    except (CLIError, ValueError, OSError, TypeError, EquivalenceError, FloatingPointError) as e:
         print(f"foldattn {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._argtypes import MAX_BATCH, MAX_IMAGES, MAX_TUNE_EPOCHS, bounded_int
+from .._argtypes import MAX_BATCH, MAX_IMAGES, MAX_TUNE_EPOCHS, bounded_int, learning_rate
 from .._utils import check_output_folder, make_output_folder, write_json
 from ..summary import latency_ms
 from . import nonnegative_float, positive_float
@@ -109,6 +109,9 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     if args.finetune_epochs and args.distill_epochs:
         raise ValueError("--finetune-epochs and --distill-epochs are two ways to recover the accuracy: choose one")
+    if args.bench_batch > args.batch_size:
+        raise ValueError(f"--bench-batch {args.bench_batch}: at most --batch-size ({args.batch_size}), whose first "
+                         "validation batch is timed; lower --bench-batch or raise --batch-size")
     check_output_folder(args.output, "--output")  # created only when the results are written
     model, label, data, name, kwargs = load_model_and_data(args)
     model.eval()
@@ -179,14 +182,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-epochs", type=bounded_int(0, MAX_TUNE_EPOCHS), default=0,
                    help=f"fine-tune the folded model this many epochs (at most {MAX_TUNE_EPOCHS}; a run expected to "
                         "take over an hour says so after its first batch)")
-    p.add_argument("--lr", type=positive_float, default=0.01,
+    p.add_argument("--lr", type=learning_rate, default=0.01,
                    help="fine-tuning learning rate (SGD, cosine; default 0.01)")
     g = p.add_argument_group("distillation: the calibrated model learns to reproduce the attention model")
     g.add_argument("--distill-epochs", type=bounded_int(0, MAX_TUNE_EPOCHS), default=0,
                    help="distil the calibrated model from the original for this many epochs; the best epoch's folded "
                         f"model is kept (at most {MAX_TUNE_EPOCHS}; a run expected to take over an hour says so after "
                         "its first batch; default 0: calibration alone)")
-    g.add_argument("--distill-lr", type=positive_float, default=0.01,
+    g.add_argument("--distill-lr", type=learning_rate, default=0.01,
                    help="distillation learning rate (SGD momentum 0.9 Nesterov, cosine; default 0.01)")
     g.add_argument("--temperature", type=positive_float, default=4.0, help="softening of the logits (default 4)")
     g.add_argument("--label-weight", type=nonnegative_float, default=0.0,

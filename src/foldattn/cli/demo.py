@@ -53,7 +53,7 @@ def run_demo(output: str | Path = "runs/demo", epochs: int | None = None, quick:
         slug = label.strip("+").replace("(", "-").replace(")", "").lower()
         cfg = TrainConfig.from_dict({**TrainConfig().to_dict(), **base, **options, "output": str(out / slug)})
         t0 = time.perf_counter()
-        summary = train(cfg, bundle=bundle, log=None)
+        summary = train(cfg, bundle=bundle, log=None, overwrite=True)  # the demo's own folder: a rerun replaces it
         seconds = time.perf_counter() - t0
         trained = build_model(cfg, bundle.num_classes)
         load_model_state(trained, load_checkpoint(out / slug / "last.pt")["model"])

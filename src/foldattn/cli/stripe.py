@@ -204,6 +204,10 @@ def run_stripe(args: argparse.Namespace) -> dict[str, Any]:
     result = record_stripes(model, split, layers=args.layers or None, max_images=args.max_images,
                             max_samples=samples, seed=args.seed)
     result.meta.update({"model": label, "data": data.name, "split": args.split})
+    recorded = [layer.name for layer in result.layers]
+    unknown = [n for n in args.heatmap_layers or [] if n not in recorded]
+    if unknown:  # before anything is written
+        raise ValueError(f"--heatmap-layers {' '.join(unknown)}: not a recorded layer; recorded: {', '.join(recorded)}")
     out = make_output_folder(args.output, "-o")
     result.save(out / "stripes.json")
     written.append(out / "stripes.json")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
 from pathlib import Path
 
 from .._argtypes import MAX_CONFIG_THREADS, bounded_int
@@ -55,16 +56,16 @@ def _main(args: argparse.Namespace) -> int:
     print(markdown(summary))
     print(f"wrote {out / 'summary.json'}, {out / 'summary.md'}" + (", summary.png" if summary["runs_finished"] else ""))
     if result.interrupted:
-        print("foldattn sweep: stopped; run the same command again to resume", flush=True)
+        print("foldattn sweep: stopped; run the same command again to resume", file=sys.stderr, flush=True)
         return 128 + result.interrupted
     if result.failed:
         failed = ", ".join(f"{k} ({v})" for k, v in result.failed.items())
-        print(f"foldattn sweep: error: {len(result.failed)} run(s) failed: {failed}")
+        print(f"foldattn sweep: error: {len(result.failed)} run(s) failed: {failed}", file=sys.stderr)
         return 1
     if result.busy:
         busy = ", ".join(f"{k} ({v})" for k, v in result.busy.items())
         print(f"foldattn sweep: {len(result.busy)} run(s) not started, their folders in use by another process: "
-              f"{busy}; run the same command again once they end")
+              f"{busy}; run the same command again once they end", file=sys.stderr)
         return 1
     return 0
 

@@ -26,6 +26,10 @@ _FIELDS = tuple(option_names(TrainConfig))
 _NO_MOMENTUM = ("adam", "lamb", "lion", "adafactor", "adabelief", "novograd", "adopt", "laprop", "adan")
 
 
+#: options that name where a run writes: never read from a file (a -c file is shared, copied, downloaded)
+_DESTINATIONS = {"output": "-o/--output", "cache_dir": "--cache-dir", "download": "--download (with --data-dir)"}
+
+
 def _from_file(path: str) -> dict[str, Any]:
     """The options of a ``-c`` YAML file, by field name; unknown keys are refused."""
     data = load_yaml_file(path, "--config") or {}
@@ -37,6 +41,9 @@ def _from_file(path: str) -> dict[str, Any]:
         name = str(key).lstrip("-").replace("-", "_")
         if name not in known:
             raise ValueError(f"--config {path}: unknown option {key!r}")
+        if name in _DESTINATIONS:
+            raise ValueError(f"--config {path}: {key!r} says where the run writes, which only the command line may "
+                             f"say: pass {_DESTINATIONS[name]} instead")
         out[name] = key_values(value) if name == "model_kwargs" and isinstance(value, str) else value
     return out
 
@@ -96,7 +103,8 @@ def _main(args: argparse.Namespace) -> int:
             check_recorded_dataset(str(saved.get("dataset", "")), blob.get("run"), f"--resume {args.resume}")
     cfg = config_from_args(args, saved)
     try:
-        summary = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+        summary = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change,
+                        overwrite=args.overwrite)
     except FloatingPointError as e:
         raise CLIError(str(e)) from None
     if int(os.environ.get("RANK", "0")) != 0:
@@ -123,6 +131,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         g.add_argument("--resume", help="checkpoint (or output folder) to continue exactly from")
         g.add_argument("--allow-config-change", action="store_true",
                        help="on --resume, warn about changed options instead of refusing")
+        g.add_argument("--overwrite", action="store_true",
+                       help="a new run replaces another run's files in -o (refused by default: --resume continues "
+                            "that run)")
 
     # every training option comes from its TrainConfig declaration (foldattn.train.options)
     add_arguments(p, TrainConfig, {"recipe and overrides": recipe_group, "runtime": runtime_group})

@@ -106,6 +106,17 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _open_log(path: Path) -> Any:
+    """The run's log, opened to append, never through a symbolic link (one planted in ``logs/`` would make the
+    sweep append to a file elsewhere). Closed when the run ends."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        why = "is a symbolic link" if path.is_symlink() else (e.strerror or str(e))
+        raise SweepError(f"log {path}: {why}; remove it (the sweep writes only into its own folder)") from None
+    return os.fdopen(fd, "ab")
+
+
 class _Stop:
     """SIGINT/SIGTERM/SIGHUP: stop starting runs, pass the signal on to the running ones, wait for them."""
 
@@ -155,6 +166,10 @@ def run_sweep(spec: SweepSpec, out: Path, *, jobs: int, threads: int, source: st
                 pending.append(run)
         log(f"sweep: {len(spec.runs())} runs, {len(result.finished)} finished, {len(pending)} to run "
             f"({jobs} at a time, {threads or 'default'} thread(s) each)")
+        for sub in ("logs", "runs"):  # a link planted there would send the runs' files into another folder
+            if (out / sub).is_symlink():
+                raise SweepError(f"-o {out}: {out / sub} is a symbolic link; the sweep writes only into its own "
+                                 "folder: remove the link")
         (out / "logs").mkdir(exist_ok=True)
         running: dict[str, tuple[Run, subprocess.Popen[bytes], Any, float]] = {}
         env = dict(os.environ)
@@ -171,7 +186,12 @@ def run_sweep(spec: SweepSpec, out: Path, *, jobs: int, threads: int, source: st
                         continue
                     resume = run_state(run.folder(out)) == "partial"
                     cmd = command_for(spec, run, out, threads, resume)
-                    logf = open(run.log(out), "ab")  # noqa: SIM115 - closed when the run ends
+                    try:
+                        logf = _open_log(run.log(out))
+                    except SweepError as e:  # the runs already started go on; this one is not started
+                        result.failed[run.key] = str(e)
+                        log(f"sweep: FAILED {run.key}: {e}")
+                        continue
                     logf.write(f"\n$ {shlex.join(cmd)}  # {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
                     logf.flush()
                     proc = subprocess.Popen([sys.executable, "-m", "foldattn.cli", *cmd[1:]], stdout=logf,

@@ -50,7 +50,8 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _KEYS = {"base", "arms", "seeds", "baseline", "contrasts", "jobs", "threads"}
 #: options the sweep sets for every run itself (TrainConfig/argparse dest -> the option)
 OWNED_OPTIONS = {"output": "-o/--output", "seed": "--seed", "resume": "--resume", "threads": "--threads",
-                 "config": "-c/--config", "allow_config_change": "--allow-config-change", "progress": "--progress"}
+                 "config": "-c/--config", "allow_config_change": "--allow-config-change", "progress": "--progress",
+                 "overwrite": "--overwrite"}
 #: configuration fields that do not change what a run computes (two arms differing only here repeat each other)
 _RUNTIME = {"output", "seed", "threads", "progress", "tensorboard", "data_dir", "cache_dir", "download", "workers",
             "compile", "device"}

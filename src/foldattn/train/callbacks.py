@@ -141,7 +141,9 @@ class RunFiles(Callback):
         trainer.write_summary()
 
     def on_fit_end(self, trainer: Trainer) -> None:
-        trainer.write_summary()
+        # a run that failed before its first checkpoint has nothing to summarise or resume: no summary either
+        if (trainer.out / "last.pt").is_file():
+            trainer.write_summary()
 
 
 class TensorBoard(Callback):

@@ -28,7 +28,7 @@ from .._utils import atomic_path, unwrap_model
 
 __all__ = [
     "CheckpointError", "FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load_model_state",
-    "config_diff", "capture_rng", "restore_rng", "checkpoint_in", "check_structure"]
+    "config_diff", "capture_rng", "restore_rng", "checkpoint_in", "check_structure", "load_optimizer_state"]
 
 FORMAT = "foldattn-checkpoint"
 VERSION = 1
@@ -195,6 +195,32 @@ def load_model_state(model: nn.Module, state: Mapping[str, Any], source: str = "
         raise CheckpointError(f"{source} does not fit this model (another architecture, attention or class count?): "
                               + problem)
     target.load_state_dict(state, strict=True)
+
+
+#: optimizer state entries that hold one value per parameter element (SGD's momentum, Adam's moments)
+_PER_ELEMENT = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, source: str = "checkpoint") -> None:
+    """``optimizer.load_state_dict(state)``, refused in one line when the state does not fit the parameters
+    (another model or optimizer, or a tampered file): torch would accept it and fail at the first step."""
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) \
+            or not isinstance(state.get("param_groups"), list):
+        raise CheckpointError(f"{source}: its optimizer state is not what an optimizer saves (state, param_groups)")
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{source}: its optimizer state does not fit this run's optimizer: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if key in _PER_ELEMENT and isinstance(value, torch.Tensor) and value.shape != p.shape:
+                    raise CheckpointError(f"{source}: its optimizer state {key!r} has shape {tuple(value.shape)} for "
+                                          f"a parameter of shape {tuple(p.shape)}; the file is corrupted or of "
+                                          "another model")
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                    raise CheckpointError(f"{source}: its optimizer state {key!r} holds NaN or Inf")
 
 
 def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .._sizes import check_forward
-from .._utils import check_output_folder, make_output_folder, require
+from .._utils import check_output_folder, eval_mode, first_line, make_output_folder, require
 from ..fold import asr_layers
 from ..summary import count_params
 from .augment import create_mixup, seeded
@@ -38,7 +38,14 @@ from .callbacks import (
     write_csv,
     write_json,
 )
-from .checkpoint import config_diff, load_checkpoint, load_model_state, restore_rng, save_checkpoint
+from .checkpoint import (
+    config_diff,
+    load_checkpoint,
+    load_model_state,
+    load_optimizer_state,
+    restore_rng,
+    save_checkpoint,
+)
 from .config import RESUME_IGNORED, TrainConfig
 from .data import DataBundle, load_dataset, make_loader, preprocessing
 from .engine import backward, evaluate, forward_loss, optimizer_step
@@ -46,10 +53,12 @@ from .model import build_model, deployed_copy
 from .optim import create_optimizer, create_scheduler
 from .plots import write_curves
 from .pretrained import load_pretrained
-from .runtime import Distributed, RunLock, TrainingInterrupted, amp_dtype, resolve_device, versions
+from .runtime import Distributed, RunLock, RunLockedError, TrainingInterrupted, amp_dtype, resolve_device, versions
 
 __all__ = ["Trainer", "train"]
 
+#: the files a run writes in its output folder: a new run refuses a folder that holds one of them
+RUN_FILES = ("last.pt", "best.pt", "summary.json", "metrics.csv")
 #: training steps timed before the run's expected duration is estimated
 _TIMED_STEPS = 5
 
@@ -79,16 +88,18 @@ class Trainer:
         bundle: already-loaded data (else ``cfg.dataset`` is loaded).
         callbacks: extra :class:`~foldattn.train.callbacks.Callback` objects (after the defaults).
         log: where one line per epoch goes (rank 0 only); None for silence.
+        overwrite: a new run may replace another run's files in its output folder (refused by default).
     """
 
     def __init__(self, cfg: TrainConfig, dist: Distributed, *, resume: str | os.PathLike[str] | None = None,
                  allow_config_change: bool = False, bundle: DataBundle | None = None,
-                 callbacks: Sequence[Callback] = (), log: Callable[[str], None] | None = print) -> None:
+                 callbacks: Sequence[Callback] = (), log: Callable[[str], None] | None = print,
+                 overwrite: bool = False) -> None:
         self.cfg, self.dist = cfg, dist
         self.device = dist.device
         self.amp = amp_dtype(cfg, self.device)
         self.out = Path(cfg.output)
-        self.resume, self.allow_config_change = resume, allow_config_change
+        self.resume, self.allow_config_change, self.overwrite = resume, allow_config_change, overwrite
         self.bundle = bundle
         self.log = log if (log is not None and dist.main) else (lambda _s: None)
         self.extra_callbacks = list(callbacks)
@@ -129,6 +140,8 @@ class Trainer:
                 warnings.warn("resuming with a changed configuration: " + "; ".join(diff), stacklevel=2)
         if dist.main:  # refused now, before the data is loaded; created only once every check has passed
             check_output_folder(self.out, "--output")
+            if not self.overwrite and not self._continues_in_place():
+                self._check_not_a_run()
         torch.manual_seed(cfg.seed)
         if self.bundle is None:
             self.bundle = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, cfg.split_seed, cfg.cache_dir,
@@ -193,7 +206,7 @@ class Trainer:
                     raise ValueError(f"--resume {self.resume}: the checkpoint has no EMA weights (trained without "
                                      "--model-ema)")
                 load_model_state(self.ema.module, state["model_ema"], f"checkpoint {self.resume} (EMA)")
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.optimizer, state["optimizer"], f"checkpoint {self.resume}")
             self.scheduler.load_state_dict(state["scheduler"])
             if state.get("scaler") is not None:
                 self.scaler.load_state_dict(state["scaler"])
@@ -225,6 +238,7 @@ class Trainer:
             "steps_per_epoch": self.steps, "preprocessing": preprocessing(bundle),
         }
         self.callbacks = self._default_callbacks() + self.extra_callbacks
+        self._dry_run(bundle)
         if dist.main:  # last: every refusal above leaves the folder as it was (or absent)
             make_output_folder(self.out, "--output")
             self.lock.acquire()
@@ -234,6 +248,41 @@ class Trainer:
         for key in ("image size", "mixed sizes", "aspect ratios"):  # what the data loader decided for the user
             if key in bundle.notes:
                 self.log(f"  {key}: {bundle.notes[key]}")
+
+    def _dry_run(self, bundle: DataBundle) -> None:
+        """One forward pass of two random images of the data's shape, before anything is written: a model that
+        cannot take this data (a ViT built for another image size) is refused with nothing on disk, rather than
+        at its first step after the starting checkpoint. A private generator: the run's random streams are
+        untouched, so a resumed run stays exact."""
+        h, w = bundle.image_size
+        x = torch.randn(2, bundle.in_channels, h, w, generator=torch.Generator().manual_seed(0)).to(self.device)
+        try:
+            with torch.no_grad(), eval_mode(self.model):
+                self.model(x)
+        except (ValueError, RuntimeError, TypeError, IndexError) as e:
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
+            raise ValueError(f"the model does not run on this data's images ({bundle.in_channels}x{h}x{w}): "
+                             f"{first_line(e)}") from None
+
+    def _continues_in_place(self) -> bool:
+        """Whether this run resumes the checkpoint of its own output folder (a fork to another folder does not)."""
+        if self.resume is None:
+            return False
+        source = Path(self.resume)
+        folder = source if source.is_dir() else source.parent
+        return folder.resolve() == self.out.resolve()
+
+    def _check_not_a_run(self) -> None:
+        """A new run does not write over another run's files: a typo in ``-o`` would lose finished work."""
+        holder = self.lock.busy()
+        if holder:  # a run still writing there: say who, as the lock itself would
+            raise RunLockedError(f"folder {self.out} is in use by {holder}; choose another output, or wait for that "
+                                 "command to end")
+        there = [n for n in RUN_FILES if (self.out / n).exists()]
+        if there:
+            raise ValueError(f"--output {self.out} holds another run's files ({', '.join(there)}); continue that run "
+                             f"with --resume {self.out}, choose another folder, or pass --overwrite to replace them")
 
     def _data_on_device(self, bundle: DataBundle) -> bool:
         """Whether the in-memory images go to the GPU (``--data-on-device``; by default on CUDA where they fit in
@@ -457,7 +506,8 @@ class Trainer:
 
 def train(cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, allow_config_change: bool = False,
           hook: Callable[[str, dict[str, Any]], None] | None = None, bundle: DataBundle | None = None,
-          log: Callable[[str], None] | None = print, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+          log: Callable[[str], None] | None = print, callbacks: Sequence[Callback] = (),
+          overwrite: bool = False) -> dict[str, Any]:
     """Train, validate the folded model each epoch, checkpoint; return the summary dict.
 
     Args:
@@ -471,6 +521,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, allow_
         bundle: already-loaded data (else ``cfg.dataset`` is loaded).
         log: where one line per epoch goes (rank 0 only); None for silence.
         callbacks: extra :class:`~foldattn.train.callbacks.Callback` objects.
+        overwrite: a new run may replace another run's files in ``cfg.output`` (refused by default,
+            naming them: continue that run with ``resume`` instead).
 
     Raises:
         TrainingInterrupted: after Ctrl-C, once a resumable checkpoint is written.
@@ -490,7 +542,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike[str] | None = None, allow_
             torch.use_deterministic_algorithms(True)
         with Distributed(device) as dist:
             trainer = Trainer(cfg, dist, resume=resume, allow_config_change=allow_config_change, bundle=bundle,
-                              callbacks=extra, log=log)
+                              callbacks=extra, log=log, overwrite=overwrite)
             return trainer.fit()
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
