@@ -2048,7 +2048,8 @@ def _drive_two_quantizes(cx: Ctx) -> tuple[Result, Problems]:
 
 
 def _drive_kill_train(cx: Ctx, sig: int) -> tuple[Result, Problems]:
-    args = ["train", "--recipe", "digits", "--epochs", "2", "--steps-per-epoch", "30", "--batch-size", "16",
+    # long enough (about 20 s on an idle machine) that the signal lands mid-run however fast the machine is
+    args = ["train", "--recipe", "digits", "--epochs", "30", "--steps-per-epoch", "30", "--batch-size", "16",
             "--threads", "1", "--no-progress", "-o", f"{cx.c}/o"]
     a = cx.spawn(args, "first")
     problems: Problems = []

@@ -81,3 +81,14 @@ def digits_asr_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train(TrainConfig(dataset="digits", epochs=1, steps_per_epoch=2, batch_size=16, attention="se", asr=True,
                       output=str(out)), bundle=load_dataset("digits"), log=None)
     return out
+
+
+@pytest.fixture(scope="module")
+def recorded_8192(digits_asr_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the digits run's checkpoint recording 8192x8192 images (within the structure check's limit):
+    an example batch made at that size would take tens of GB, so commands must bound it first."""
+    blob = torch.load(digits_asr_run / "last.pt", weights_only=True)
+    blob["run"]["image_size"] = [8192, 8192]
+    path = tmp_path_factory.mktemp("r8192") / "last.pt"
+    torch.save(blob, path)
+    return path

@@ -205,16 +205,6 @@ def test_out_of_memory_is_one_line_with_exit_1(tmp_path: Path, capsys: pytest.Ca
 # Sizes and counts bounded before anything is allocated (issue 32): one line, exit 2, nothing written,
 # and no case allocates what it refuses (the process's peak memory grows by far less than the refused size)
 # --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def big(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The run's checkpoint, recording an image size of 8192x8192 (within the structure check's limit)."""
-    blob = torch.load(run / "last.pt", weights_only=True)
-    blob["run"]["image_size"] = [8192, 8192]
-    path = tmp_path_factory.mktemp("big") / "last.pt"
-    torch.save(blob, path)
-    return path
-
-
 BOUND_CASES = [
     # a size from a file: the verify / check batch of a recorded 8192x8192 image (19 GB before)
     ("fold-recorded-8192", ["fold", "{big}", "-o", "{tmp}/o"], "pass --image-size N"),
@@ -279,9 +269,10 @@ def _peak_kib() -> int:
 
 
 @pytest.mark.parametrize(("argv", "expected"), [c[1:] for c in BOUND_CASES], ids=[c[0] for c in BOUND_CASES])
-def test_sizes_and_counts_are_bounded_before_allocation(tmp_path: Path, run: Path, big: Path, argv: list[str],
+def test_sizes_and_counts_are_bounded_before_allocation(tmp_path: Path, run: Path, recorded_8192: Path,
+                                                        argv: list[str],
                                                         expected: str, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = [a.format(run=run, big=big, tmp=tmp_path) for a in argv]
+    argv = [a.format(run=run, big=recorded_8192, tmp=tmp_path) for a in argv]
     peak = _peak_kib()
     code = main(argv)
     err = capsys.readouterr().err

@@ -237,16 +237,6 @@ def test_torch_export_program_refuses_non_finite_outputs(tmp_path: Path) -> None
     assert not list(tmp_path.iterdir())
 
 
-@pytest.fixture(scope="module")
-def recorded_8192(digits_asr_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A foldattn checkpoint recording 8192x8192 images: its example batch would take tens of GB."""
-    blob = torch.load(digits_asr_run / "last.pt", weights_only=True)
-    blob["run"]["image_size"] = [8192, 8192]
-    path = tmp_path_factory.mktemp("r8192") / "last.pt"
-    torch.save(blob, path)
-    return path
-
-
 @pytest.mark.parametrize("command", ["fold", "export"])
 def test_image_size_is_the_way_out_of_a_recorded_size_too_large(recorded_8192: Path, tmp_path: Path, command: str,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
