@@ -87,13 +87,13 @@ def _terminate(signum: int, frame: object) -> None:
 _OWN_SIGTERM = ("train", "demo", "sweep")
 
 #: the arguments that name where a command writes (a folder, or a file whose folder is made)
-_DESTINATIONS = ("output", "out", "onnx", "pt2")
+_OUTPUT_ARGS = ("output", "out", "onnx", "pt2")
 
 
 def _missing_folders(args: argparse.Namespace) -> list[Path]:
     """The folders a command may create for its outputs that do not exist yet, innermost first."""
     missing: list[Path] = []
-    for name in _DESTINATIONS:
+    for name in _OUTPUT_ARGS:
         value = getattr(args, name, None)
         if not isinstance(value, str) or not value:
             continue
