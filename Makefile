@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint typecheck docs wheel-check ci
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -22,4 +22,20 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs
+
+# mypy on src/foldattn, settings in pyproject.toml [tool.mypy] (docs/decisions.md, "Type checking")
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# the API reference site (mkdocs.yml: docs/*.md and the docstrings) into site/; a warning fails it
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# build the sdist and wheel, install the wheel into a fresh venv outside the tree, run the demo there (.ci/wheel)
+wheel-check: $(STAMP)
+	.ci/wheel $(BIN)/python
+
+# everything CI runs, each step timed (.ci/run)
+ci:
+	.ci/run

@@ -30,7 +30,7 @@ def test_every_field_is_declared_and_is_an_argument() -> None:
 
 def test_every_option_is_a_config_file_key(tmp_path: Path) -> None:
     """Every option but those that say where the run writes (only the command line says that)."""
-    from foldattn.cli.train import _DESTINATIONS, _from_file
+    from foldattn.train.arguments import _DESTINATIONS, _from_file
 
     path = tmp_path / "c.yaml"
     readable = [name for name in option_names(TrainConfig) if name not in _DESTINATIONS]

@@ -61,3 +61,17 @@ def test_one_version_source() -> None:
     from importlib.metadata import version
 
     assert version("foldattn") == foldattn.__version__
+
+
+def test_changelog_names_the_current_version() -> None:
+    """CHANGELOG.md's newest section is the version the package reports, marked current."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "CHANGELOG.md").read_text()
+    sections = re.findall(r"^## (\d+\.\d+\.\d+)(.*)$", text, flags=re.M)
+    assert sections, "CHANGELOG.md has no '## X.Y.Z' section"
+    newest, note = sections[0]
+    assert newest == foldattn.__version__, f"CHANGELOG's newest is {newest}, the package {foldattn.__version__}"
+    assert "current" in note
+    assert len({v for v, _ in sections}) == len(sections), "a version has two sections"

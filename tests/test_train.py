@@ -404,9 +404,11 @@ def test_cli_trains_a_torchvision_model_through_attach(tmp_path: Path, capsys: p
 
     out = tmp_path / "tv"
     # lr 0.02: the default 0.1 on an 11M-parameter ResNet-18 with batches of 16 diverged once (NaN at step 2) in a
-    # full parallel run; this test is about attach and fold, not that step size
+    # full parallel run; fp32: under bf16 autocast one full parallel run ended with 512 NaN weights in one conv
+    # (not reproduced alone). This test is about attach and fold, not that step size or bf16's range
     assert main(["train", "--model", "torchvision:resnet18", "--attention", "se", "--asr", "--epochs", "1",
-                 "--steps-per-epoch", "2", "--batch-size", "16", "--lr", "0.02", "-o", str(out), "--no-progress"]) == 0
+                 "--steps-per-epoch", "2", "--batch-size", "16", "--lr", "0.02", "--amp", "none", "-o", str(out),
+                 "--no-progress"]) == 0
     capsys.readouterr()
     model, _, _ = load_trained(out)
     assert sum(type(m).__name__ == "ASR" for m in model.modules()) == 8  # one per BasicBlock

@@ -10,6 +10,7 @@ backbone's own weights, so the deployed network costs exactly the plain backbone
 """
 
 from . import attention, models, transforms
+from ._version import __version__
 from .asr import ASR
 from .attach import AttachReport, attach, find_sites, register_attention_type, register_transparent_type
 from .deploy import load_deployed, save_deployed
@@ -18,8 +19,6 @@ from .fold import fold
 from .models import create_model, list_models
 from .summary import Summary, summary
 from .verify import TOLERANCES, EquivalenceError, VerifyReport, verify
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ASR", "attach", "find_sites", "AttachReport", "register_attention_type", "register_transparent_type",

@@ -121,8 +121,9 @@ def _yaml_loader() -> Any:
     import re
 
     yaml = require("yaml", "train")
+    safe_loader: Any = yaml.SafeLoader  # imported at run time: a base class mypy takes as Any
 
-    class _Loader(yaml.SafeLoader):  # aliases refused: an alias bomb cannot expand
+    class _Loader(safe_loader):  # aliases refused: an alias bomb cannot expand
         def compose_node(self, parent: Any, index: Any) -> Any:
             if self.check_event(yaml.AliasEvent):
                 event = self.peek_event()

@@ -7,7 +7,7 @@ ECCV 2024 as "Stripe Observation Guided Inference Cost-free Attention Mechanism"
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -149,8 +149,9 @@ class ASR(nn.Module):
             owner, _, leaf = name.rpartition(".")
             module = self.host.get_submodule(owner) if owner else self.host
             if parametrize.is_parametrized(module, leaf):
+                first = cast(nn.ModuleList, cast(nn.ModuleDict, module.parametrizations)[leaf])[0]
                 raise ValueError(f"preserve_outputs: the host's {name!r} is parametrized "
-                                 f"({type(module.parametrizations[leaf][0]).__name__}); it cannot be divided in place")
+                                 f"({type(first).__name__}); it cannot be divided in place")
             p = self.host.get_parameter(name)
             p.copy_(scale_out_channels(p, 1.0 / v.double()))  # dim 0, as in fuse()
         return v
@@ -228,9 +229,10 @@ def _plain_copy(host: nn.Module) -> nn.Module:
     copy_ = copy.deepcopy(host)
     for m in list(copy_.modules()):
         if parametrize.is_parametrized(m):
+            plist = cast(nn.ModuleDict, m.parametrizations)  # added by register_parametrization
             with eval_mode(m), torch.no_grad():
-                values = {name: getattr(m, name).detach().clone() for name in m.parametrizations}
-            grads = {name: any(p.requires_grad for p in m.parametrizations[name].parameters()) for name in values}
+                values = {name: getattr(m, name).detach().clone() for name in plist}
+            grads = {name: any(p.requires_grad for p in plist[name].parameters()) for name in values}
             m.__class__ = next(c for c in type(m).__mro__ if not getattr(c, "__module__", "").startswith(
                 "torch.nn.utils.parametrize"))
             del m._modules["parametrizations"]

@@ -33,7 +33,7 @@ import fnmatch
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast, overload
 
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -341,10 +341,10 @@ class _BlockFinder:
                 continue
             grouped |= adds
             names = [h for h, _ in found]
-            for site, note in found:
-                if site not in (s for s, _, _ in sites):
-                    others = ", ".join(n for n in names if n != site)
-                    sites.append((site, ", ".join(filter(None, [note, f"branch sum, v shared with {others}"])),
+            for host, note in found:
+                if host not in (s for s, _, _ in sites):
+                    others = ", ".join(n for n in names if n != host)
+                    sites.append((host, ", ".join(filter(None, [note, f"branch sum, v shared with {others}"])),
                                   groups))
             groups += 1
         for idx, node in enumerate(nodes):
@@ -550,6 +550,30 @@ def _find_sites(model: nn.Module, where: Where, every: int, includes: list[str],
     return AttachReport(where=str(where) if where else "include", method=method, sites=sites, skipped=found.skipped)
 
 
+@overload
+def attach(
+    model: nn.Module, attention: str | Callable[[int], _attention.ChannelAttention] = ..., *, where: Where = ...,
+    every: int = ..., include: str | Sequence[str] | None = ..., exclude: str | Sequence[str] | None = ...,
+    both: bool = ..., psi_init: _attention.PsiInit = ..., inplace: bool = ...,
+    example_inputs: Tensor | Sequence[Tensor] | None = ..., return_report: Literal[False] = ...,
+    preserve_outputs: bool = ..., **attention_kwargs: Any,
+) -> nn.Module: ...
+@overload
+def attach(
+    model: nn.Module, attention: str | Callable[[int], _attention.ChannelAttention] = ..., *, where: Where = ...,
+    every: int = ..., include: str | Sequence[str] | None = ..., exclude: str | Sequence[str] | None = ...,
+    both: bool = ..., psi_init: _attention.PsiInit = ..., inplace: bool = ...,
+    example_inputs: Tensor | Sequence[Tensor] | None = ..., return_report: Literal[True],
+    preserve_outputs: bool = ..., **attention_kwargs: Any,
+) -> tuple[nn.Module, AttachReport]: ...
+@overload
+def attach(
+    model: nn.Module, attention: str | Callable[[int], _attention.ChannelAttention] = ..., *, where: Where = ...,
+    every: int = ..., include: str | Sequence[str] | None = ..., exclude: str | Sequence[str] | None = ...,
+    both: bool = ..., psi_init: _attention.PsiInit = ..., inplace: bool = ...,
+    example_inputs: Tensor | Sequence[Tensor] | None = ..., return_report: bool,
+    preserve_outputs: bool = ..., **attention_kwargs: Any,
+) -> nn.Module | tuple[nn.Module, AttachReport]: ...
 def attach(
     model: nn.Module,
     attention: str | Callable[[int], _attention.ChannelAttention] = "se",
@@ -624,7 +648,7 @@ def attach(
         model = copy.deepcopy(model)
     # one factory per role: DIA modules share a cell along consecutive sites of equal width
     asr_f = _attention.Factory(attention, **attention_kwargs) if isinstance(attention, str) else None
-    classic_f = _attention.Factory(attention, **attention_kwargs) if both else None
+    classic_f = _attention.Factory(attention, **attention_kwargs) if both and isinstance(attention, str) else None
     shared: dict[int, tuple[_attention.ChannelAttention, Any]] = {}
     for site in report.sites:
         host = model.get_submodule(site.name)
@@ -633,9 +657,11 @@ def attach(
             layer = ASR(host, module, psi_init=psi_init, classic=classic)
             set_submodule(model, site.name, layer)
             continue
-        module = asr_f(site.channels) if asr_f is not None else attention(site.channels)  # type: ignore[operator]
-        if not isinstance(module, _attention.ChannelAttention):
-            raise TypeError(f"the attention factory returned {type(module).__name__}, not a ChannelAttention")
+        # asr_f is None exactly when attention is a callable
+        built = asr_f(site.channels) if asr_f is not None else cast(Callable[[int], object], attention)(site.channels)
+        if not isinstance(built, _attention.ChannelAttention):
+            raise TypeError(f"the attention factory returned {type(built).__name__}, not a ChannelAttention")
+        module = built
         classic = classic_f(site.channels) if classic_f is not None else None
         if site.group is not None:
             shared[site.group] = (module, classic)
@@ -643,6 +669,6 @@ def attach(
         set_submodule(model, site.name, layer)
     if preserve_outputs:  # after all sites exist: a DIA block's v0 depends on the blocks before it
         for site in report.sites:
-            model.get_submodule(site.name).preserve_host_outputs()
+            cast(ASR, model.get_submodule(site.name)).preserve_host_outputs()
     log.info("%s", report)
     return (model, report) if return_report else model

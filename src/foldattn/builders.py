@@ -24,15 +24,15 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
 from ._registry import Registry
-from ._utils import require
+from ._utils import check_external_name, require
 
 __all__ = ["register_builder", "unregister_builder", "list_builders", "resolve_builder", "builder_spec",
-           "check_kwargs", "UntrustedBuilderError"]
+           "check_kwargs", "UntrustedBuilderError", "model_by_name"]
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 #: strings a file may pass: identifier-like words (an activation, a pooling type, an attention
@@ -111,7 +111,7 @@ def _init_params(obj: Any) -> tuple[set[str], bool]:
     return named, any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
 
 
-def _returned_class(fn: Callable[..., Any]) -> type | None:
+def _returned_class(fn: Callable[..., Any]) -> type[Any] | None:
     try:
         ann = inspect.signature(fn, eval_str=True).return_annotation
     except Exception:  # an annotation that does not evaluate: no class to check against
@@ -178,7 +178,7 @@ def resolve_builder(spec: Any) -> Builder:
                                     f"allowed: {_allowed_specs()}")
     if spec in _REGISTERED:
         fn = _REGISTERED.get(spec)
-        return Builder(spec, fn, _keywords(fn if not isinstance(fn, type) else fn.__init__))
+        return Builder(spec, fn, _keywords(fn if not isinstance(fn, type) else cast("type[Any]", fn).__init__))
     family, name = spec.split(":")
     refusal = UntrustedBuilderError(f"builder {spec!r} is not allowed: a deployed file may only name "
                                     f"{_allowed_specs()}")
@@ -287,3 +287,28 @@ def check_kwargs(builder: Builder, kwargs: Any) -> dict[str, Any]:
                                         f"({why}); allowed: {shown}")
         out[key] = _check_value(key, value, builder.spec)
     return out
+
+
+def model_by_name(name: str, num_classes: int, *, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """A randomly initialised model: a foldattn model name, ``torchvision:NAME`` or ``timm:NAME`` (built
+    with ``weights=None`` / ``pretrained=False``; ``kwargs`` are the constructor's options)."""
+    kwargs = dict(kwargs or {})
+    source, sep, arch = name.partition(":")
+    if not sep:
+        from .models import create_model, get_builder
+
+        get_builder(name)  # an unknown name fails here, listing the valid ones
+        return create_model(name, num_classes=num_classes, **kwargs)
+    check_external_name(source, arch)
+    if source == "torchvision":
+        import torchvision
+
+        try:
+            return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"torchvision:{arch} refused its arguments {sorted(kwargs)}: {e}") from None
+    timm = require("timm", "timm")
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"timm:{arch} refused its arguments {sorted(kwargs)}: {e}") from None

@@ -34,7 +34,7 @@ import copy
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -198,7 +198,8 @@ _FOLDS = {"into-norm": _fold_out, "into-conv-out": _fold_out, "into-asr-host": _
 
 @torch.no_grad()
 def _fold_in(m: nn.Module, v: Tensor) -> None:
-    m.weight.copy_(scale_in_channels(m.weight, v, m.groups))  # type: ignore[union-attr, operator]
+    weight = cast(Tensor, m.weight)  # a conv's (the plan folds into the input side of convs only)
+    weight.copy_(scale_in_channels(weight, v, cast(int, m.groups)))
 
 
 def _plan(model: nn.Module, names: Sequence[str], example_inputs: Any = None) -> dict[str, tuple[str, str]]:

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from ._budget import BudgetExceeded, DoesNotFit, build_for, match_float_dtype, state_mismatch
 from ._files import MAX_DEPTH, check_depth, load_json_file, load_json_text
 from ._utils import atomic_path, unwrap_model, write_json
+from ._version import __version__
 from .builders import (
     UntrustedBuilderError,
     builder_spec,
@@ -215,7 +216,8 @@ def save_deployed(
     Raises:
         ValueError: NaN/Inf in ``kwargs`` or ``metadata`` (the place is named).
         InvalidWeightsError: NaN/Inf or impossible statistics in the weights (the tensors are named).
-        Nothing is written when it raises.
+
+    Nothing is written when it raises.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_deployed expects an nn.Module, got {type(model).__name__}")
@@ -318,8 +320,6 @@ def metadata_path(path: str | os.PathLike[str]) -> Path:
 
 
 def _version() -> str:
-    from . import __version__
-
     return __version__
 
 

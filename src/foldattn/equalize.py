@@ -16,7 +16,7 @@ magnitude, and per-tensor INT8 rounds the small ones to nothing.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from .transforms import (
 __all__ = ["equalize", "equalization_pairs"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_Layer = nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear
 #: activations with f(x / s) == f(x) / s for every s > 0 (module types, and function or method names)
 _HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.Identity)
 _HOMOGENEOUS_FUNCTIONS = {"relu", "leaky_relu"}
@@ -99,7 +100,8 @@ def equalize(model: nn.Module, example_inputs: Any = None, *, iterations: int = 
     for _ in range(iterations):
         moved = 0.0
         for a, b in pairs:
-            first, second = model.get_submodule(a), model.get_submodule(b)
+            # equalization_pairs: convs and linears
+            first, second = cast(_Layer, model.get_submodule(a)), cast(_Layer, model.get_submodule(b))
             groups = getattr(second, "groups", 1)
             s = equalization_scales(out_channel_ranges(first.weight), in_channel_ranges(second.weight, groups))
             moved = max(moved, float((s.log().abs()).max()) if s.numel() else 0.0)

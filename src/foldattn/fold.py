@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
+from typing import Any, Literal, cast, overload
 
 import torch
 from torch import nn
@@ -129,6 +129,15 @@ def _asr_layers(model: nn.Module) -> list[tuple[str, ASR]]:
 
 
 @torch.no_grad()
+@overload
+def fold(model: nn.Module, *, inplace: bool = ..., fuse_bn: bool = ..., reparam: bool = ...,
+         return_report: Literal[False] = ..., example_inputs: Any = ...) -> nn.Module: ...
+@overload
+def fold(model: nn.Module, *, inplace: bool = ..., fuse_bn: bool = ..., reparam: bool = ...,
+         return_report: Literal[True], example_inputs: Any = ...) -> tuple[nn.Module, FuseReport | None]: ...
+@overload
+def fold(model: nn.Module, *, inplace: bool = ..., fuse_bn: bool = ..., reparam: bool = ...,
+         return_report: bool, example_inputs: Any = ...) -> nn.Module | tuple[nn.Module, FuseReport | None]: ...
 def fold(model: nn.Module, *, inplace: bool = False, fuse_bn: bool = False, reparam: bool = True,
          return_report: bool = False, example_inputs: Any = None) -> nn.Module | tuple[nn.Module, FuseReport | None]:
     """The deployed form of ``model``: each ASR layer replaced by its folded host.
@@ -218,7 +227,7 @@ def fold(model: nn.Module, *, inplace: bool = False, fuse_bn: bool = False, repa
         except ValueError as e:
             raise ValueError(f"cannot fold ASR layer {name!r}: {e}") from None
         if hooks.hooked:
-            host = replacement if layer.classic is None else replacement[0]
+            host = replacement if layer.classic is None else cast(nn.Sequential, replacement)[0]
             hooks.carried.update(id(m) for m in rebind_hooks(layer.host, host))  # fuse() deep-copied them
             hooks.carry(name, layer, replacement, "replaces the ASR layer by its host")
         if name:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -62,17 +62,21 @@ def is_batch_norm(m: nn.Module) -> bool:
     return isinstance(m, _BatchNorm) or _qualname(m) in _FROZEN or _qualname(m) in _WITH_ACT
 
 
-def _statistics(norm: nn.Module) -> tuple[Tensor, Tensor, float, Tensor | None, Tensor | None] | str:
+#: ``(running_mean, running_var, eps, weight, bias)`` of a norm layer
+_Statistics = tuple[Tensor, Tensor, float, Tensor | None, Tensor | None]
+
+
+def _statistics(norm: nn.Module) -> _Statistics | str:
     """``(running_mean, running_var, eps, weight, bias)``, or why the norm has no fixed affine form."""
     mean, var = getattr(norm, "running_mean", None), getattr(norm, "running_var", None)
     if (isinstance(norm, _BatchNorm) and not norm.track_running_stats) or mean is None or var is None:
         return "it has no running statistics (track_running_stats=False): it uses batch statistics at inference"
-    return mean, var, float(norm.eps), getattr(norm, "weight", None), getattr(norm, "bias", None)
+    return mean, var, float(cast(float, norm.eps)), getattr(norm, "weight", None), getattr(norm, "bias", None)
 
 
 def _replacement(norm: nn.Module) -> nn.Module:
     if _qualname(norm) in _WITH_ACT:  # keep what timm applies after the affine map, under the same names
-        return nn.Sequential(OrderedDict(drop=norm.drop, act=norm.act))
+        return nn.Sequential(OrderedDict(drop=cast(nn.Module, norm.drop), act=cast(nn.Module, norm.act)))
     return nn.Identity()
 
 
@@ -166,7 +170,7 @@ def _why_not(graph: Graph, i: int, calls: dict[str, int]) -> str | None:
     # hooks see what the module computes: fusing would drop the norm's and change what the producer's see
     if hook_kinds(norm):
         return f"it has {_hooks_named(norm)} hook(s), which the fusion would remove"
-    if hook_kinds(producer):  # type: ignore[arg-type]
+    if hook_kinds(producer):
         return f"its producer {src.target} has {_hooks_named(producer)} hook(s), which would see the fused output"
     return None
 
@@ -174,7 +178,7 @@ def _why_not(graph: Graph, i: int, calls: dict[str, int]) -> str | None:
 def _channels(norm: nn.Module) -> int | None:
     channels = getattr(norm, "num_features", None)
     if channels is None and getattr(norm, "running_mean", None) is not None:
-        channels = norm.running_mean.numel()
+        channels = cast(Tensor, norm.running_mean).numel()
     return channels
 
 
@@ -378,8 +382,9 @@ def fuse_norms(model: nn.Module, example_inputs: Any = None) -> FuseReport:
     """
     pairs, report = norm_pairs(model, example_inputs)
     for producer_name, norm_name in pairs:
-        layer, norm = model.get_submodule(producer_name), model.get_submodule(norm_name)
-        mean, var, eps, weight, bias = _statistics(norm)  # type: ignore[misc]
+        # norm_pairs keeps conv/linear producers, and norms with running statistics
+        layer, norm = cast("_ConvNd | nn.Linear", model.get_submodule(producer_name)), model.get_submodule(norm_name)
+        mean, var, eps, weight, bias = cast(_Statistics, _statistics(norm))
         w, b = fuse_conv_bn(layer.weight, layer.bias, mean, var, eps, weight, bias)
         layer.weight = nn.Parameter(w, requires_grad=layer.weight.requires_grad)
         layer.bias = nn.Parameter(b.to(device=w.device))

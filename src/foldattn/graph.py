@@ -379,7 +379,7 @@ def _edge_ends(m: nn.Module, path: str, last: bool) -> tuple[str, nn.Module]:
     """The first (or last) layer inside nested ``nn.Sequential`` containers."""
     while isinstance(m, nn.Sequential) and len(m):
         key = list(m._modules)[-1 if last else 0]
-        path, m = f"{path}.{key}", m._modules[key]  # type: ignore[assignment]
+        path, m = f"{path}.{key}", m._modules[key]
     return path, m
 
 

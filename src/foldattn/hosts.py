@@ -166,7 +166,7 @@ def _bn_act(host: nn.Module, w: Tensor, b: Tensor | None, x: Tensor) -> Tensor:
 
 
 def _conv(host: _ConvNd, w: Tensor, b: Tensor | None, x: Tensor) -> Tensor:
-    return host._conv_forward(x, w, b)  # type: ignore[operator]  # padding modes, groups, dilation
+    return host._conv_forward(x, w, b)  # padding modes, groups, dilation
 
 
 def _linear(host: nn.Linear, w: Tensor, b: Tensor | None, x: Tensor) -> Tensor:

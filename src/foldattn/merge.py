@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, fx, nn
@@ -68,7 +68,7 @@ class _Branch:
 
 def _is_add(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target in _ADDS:
-        return len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1
+        return len(node.args) == 2 and bool(node.kwargs.get("alpha", 1) == 1)
     return node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2 and not node.kwargs
 
 
@@ -109,7 +109,7 @@ def _branch(gm: fx.GraphModule, term: Any) -> tuple[_Branch, Any]:
     if not isinstance(term, fx.Node):
         return _Branch("constant", []), None
     bn = _module(gm, term, nn.BatchNorm2d)
-    inner = term.args[0] if bn is not None else term
+    inner = cast(fx.Node, term.args[0]) if bn is not None else term  # the norm module's input
     # a conv or pool whose output only the norm reads is the branch's; otherwise the norm is on the shared input
     owned = bn is None or _single(inner, term)
     conv = _module(gm, inner, nn.Conv2d) if owned else None
@@ -173,7 +173,9 @@ def _kernel(b: _Branch, size: tuple[int, int], channels: int, groups: int) -> tu
     if b.conv is not None:
         w, bias = b.conv.weight.detach().double(), b.conv.bias
         if b.bn is not None:
-            w, bias = fuse_conv_bn(w, bias, b.bn.running_mean, b.bn.running_var, b.bn.eps, b.bn.weight, b.bn.bias)
+            # _check refused norms without running statistics
+            mean, var = cast(Tensor, b.bn.running_mean), cast(Tensor, b.bn.running_var)
+            w, bias = fuse_conv_bn(w, bias, mean, var, b.bn.eps, b.bn.weight, b.bn.bias)
         return pad_kernel(w, size), (bias.detach().double() if bias is not None
                                      else torch.zeros(w.shape[0], dtype=torch.float64))
     if b.pool is not None:
@@ -182,7 +184,8 @@ def _kernel(b: _Branch, size: tuple[int, int], channels: int, groups: int) -> tu
         w = identity_as_conv(channels, size, groups)
     bias = torch.zeros(channels, dtype=torch.float64)
     if b.bn is not None:
-        s, t = fuse_bn(b.bn.running_mean, b.bn.running_var, b.bn.eps, b.bn.weight, b.bn.bias)
+        s, t = fuse_bn(cast(Tensor, b.bn.running_mean), cast(Tensor, b.bn.running_var), b.bn.eps, b.bn.weight,
+                       b.bn.bias)
         w, bias = w * s.reshape(-1, 1, 1, 1), t
     return w, bias
 

@@ -114,8 +114,8 @@ def fold_scales(model: nn.Module, *, third_party: bool = False, graph: Graph | N
         ValueError: a layer that must fold away cannot (its input does not come straight from a
             host layer), naming it and why.
     """
-    wanted = {n: scale_spec(m) for n, m in model.named_modules()}
-    wanted = {n: s for n, s in wanted.items()
+    specs = {n: scale_spec(m) for n, m in model.named_modules()}
+    wanted = {n: s for n, s in specs.items()
               if s is not None and (third_party or getattr(type(model.get_submodule(n)), "folds_away", False))}
     report = ScaleReport()
     if not wanted:

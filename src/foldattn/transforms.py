@@ -108,7 +108,7 @@ def _pair(k: int | tuple[int, int], what: str) -> tuple[int, int]:
     pair = (k, k) if isinstance(k, int) else tuple(k)
     if len(pair) != 2 or any(not isinstance(i, int) or isinstance(i, bool) or i < 1 for i in pair):
         raise ValueError(f"{what} must be a positive int or a pair of them, got {k!r}")
-    return pair  # type: ignore[return-value]
+    return pair
 
 
 def pad_kernel(weight: Tensor, kernel_size: int | tuple[int, int]) -> Tensor:

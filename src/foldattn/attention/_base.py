@@ -10,7 +10,7 @@ into that form.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ PsiInit = float | str | None
 def check_psi_init(psi_init: object) -> PsiInit:
     """``psi_init`` if it is a finite number, ``"random"`` or None; ``ValueError`` otherwise."""
     if psi_init is None or psi_init == "random":
-        return psi_init  # type: ignore[return-value]
+        return None if psi_init is None else "random"
     if isinstance(psi_init, bool) or not isinstance(psi_init, (int, float)) or not math.isfinite(psi_init):
         raise ValueError(f"psi_init must be a finite number, 'random' or None (the module's default), got {psi_init!r}")
     return float(psi_init)
@@ -102,7 +102,7 @@ class ChannelAttention(nn.Module):
             raise RuntimeError(f"{type(self).__name__} is already in ASR (static) form")
         psi_init = check_psi_init(psi_init)
         ref = next(self.parameters(), None)
-        kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+        kw: dict[str, Any] = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
         shape = (1, *self.descriptor_shape())
         if psi_init == "random":
             psi = torch.randn(shape).to(**kw)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._base import ChannelAttention
+from ._base import ChannelAttention, PsiInit
 from ._registry import register
 
 __all__ = ["DIA", "DIACell"]
@@ -157,7 +157,7 @@ class DIA(ChannelAttention):
     def static_gate(self) -> Tensor:
         return self.static_state()[0][0]
 
-    def make_static(self, psi_init: float = 0.1) -> DIA:
+    def make_static(self, psi_init: PsiInit = 0.1) -> DIA:
         prev = self.previous
         if prev is not None and not prev.is_static:
             raise RuntimeError("make the previous DIA block of the chain static first (chain order)")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -114,13 +114,13 @@ def _external_family(name: str) -> Family:
     """A family for an untrained timm / torchvision model (1000 classes, its default input size)."""
     source, _, arch = name.partition(":")
     check_external_name(source, arch)
-    size: tuple[int, ...] = (3, 224, 224)
+    size: tuple[int, int, int] = (3, 224, 224)
     if source == "timm":
         cfg = require("timm", "timm").get_pretrained_cfg(arch)
-        size = tuple(cfg.input_size) if cfg is not None and cfg.input_size else size
+        size = cast("tuple[int, int, int]", tuple(cfg.input_size)) if cfg is not None and cfg.input_size else size
 
     def factory() -> nn.Module:
-        from ..train.source import model_by_name
+        from ..builders import model_by_name
 
         return model_by_name(name, 1000)
 

@@ -9,6 +9,7 @@ the same measurement, :func:`_measure_variants`.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -18,6 +19,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, TypedDict
 
 import torch
 
@@ -29,8 +31,15 @@ __all__ = ["MIB", "cpu_peak_supported", "peak_memory"]
 
 MIB = 1024 * 1024
 
-#: peak bytes of each variant key: ``{"inference": bytes, "train": bytes or None}``
-Peaks = dict[str, dict[str, int | None]]
+class Peak(TypedDict):
+    """Peak bytes of one variant: inference, and a training step (None: the variant is not trained)."""
+
+    inference: int
+    train: int | None
+
+
+#: peak bytes of each variant key
+Peaks = dict[str, Peak]
 
 _PEAK_RESET = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
@@ -96,7 +105,7 @@ def _measure_variants(family: Family, attention: str, cfg: BenchConfig, device: 
             model = _prepare(variant.build(family, attention), cfg, device)
         xb = _inputs(family, cfg.throughput_batch, cfg, device)
         with torch.inference_mode():
-            infer = _peak_bytes(lambda m=model, x=xb: m(x), device)
+            infer = _peak_bytes(functools.partial(model, xb), device)
         train = None
         if variant.trains and cfg.train:
             train = _peak_bytes(_train_step(model, family, train_batch, cfg, device)[0], device)
@@ -116,7 +125,8 @@ def _memory_worker() -> None:
     """Entry point of the memory subprocess: JSON spec on stdin, JSON result on stdout."""
     spec = json.loads(sys.stdin.read())
     torch.set_num_threads(spec["threads"])
-    cfg = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()}
+    cfg = BenchConfig(**fields)
     family, attention = get_family(spec["family"]), spec["attention"]
     warnings.filterwarnings("ignore")
     out = _measure_variants(family, attention, cfg, torch.device(cfg.device), spec["train_batch"], spec["variants"])

@@ -19,9 +19,16 @@ order, so any geometry foldattn builds has its reference.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ..models import CifarViT
+    from ..models.vit import ViTBlock
+    from ..srp import RepBlock
 
 __all__ = ["reference_cifar_resnet", "reference_vit", "reference_srp", "reference_srp_deployed"]
 
@@ -114,14 +121,15 @@ def reference_vit(plain: nn.Module) -> nn.Module:
     from .._utils import require
 
     timm_vit = require("timm.models.vision_transformer", "timm")
-    block = plain.blocks[0]
-    c, h, _ = plain.default_input_size
-    patch = plain.patch_embed.kernel_size[0]
-    dim = plain.patch_embed.out_channels
+    vit = cast("CifarViT", plain)
+    block = cast("ViTBlock", vit.blocks[0])
+    c, h, _ = vit.default_input_size
+    patch = vit.patch_embed.kernel_size[0]
+    dim = vit.patch_embed.out_channels
     ref = timm_vit.VisionTransformer(
-        img_size=h, patch_size=patch, in_chans=c, embed_dim=dim, depth=len(plain.blocks),
+        img_size=h, patch_size=patch, in_chans=c, embed_dim=dim, depth=len(vit.blocks),
         num_heads=block.attn.num_heads, mlp_ratio=block.mlp.fc1.out_features / dim,
-        num_classes=plain.head.out_features, class_token=False, global_pool="avg", fc_norm=False)
+        num_classes=vit.head.out_features, class_token=False, global_pool="avg", fc_norm=False)
     state = {("patch_embed.proj" + k[len("patch_embed"):] if k.startswith("patch_embed.") else k): v
              for k, v in plain.state_dict().items()}
     ref.load_state_dict(state)
@@ -175,7 +183,8 @@ class _BNAndPad(nn.Module):
         p = self.pad
         if p:
             bn = self.bn
-            value = (bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).view(1, -1, 1, 1)
+            mean, var = cast(Tensor, bn.running_mean), cast(Tensor, bn.running_var)  # tracked: the defaults
+            value = (bn.bias - mean * bn.weight / torch.sqrt(var + bn.eps)).view(1, -1, 1, 1)
             y = F.pad(y, [p] * 4)
             y[:, :, :p, :] = value
             y[:, :, -p:, :] = value
@@ -200,9 +209,9 @@ class _DBBlock(nn.Module):
         return self.dbb_origin(x) + self.dbb_1x1(x) + self.dbb_avg(x) + self.dbb_1x1_kxk(x)
 
 
-def _reference_block(block: nn.Module) -> nn.Module:
+def _reference_block(block: RepBlock) -> nn.Module:
     """The paper-layout module of one foldattn RepBlock (same geometry, parameters in the same order)."""
-    from ..srp import ACBlock, ConvBNBlock, DBBlock, RepVGGBlock
+    from ..srp import ACBlock, ConvBNBlock, DBBlock, OneByOneThen, RepVGGBlock
 
     cin, cout, stride = block.in_channels, block.out_channels, block.stride
     if block.groups != 1 or (block.kernel_size != 3 and not isinstance(block, ConvBNBlock)):
@@ -214,7 +223,7 @@ def _reference_block(block: nn.Module) -> nn.Module:
     if isinstance(block, ACBlock):
         return _ACBlock(cin, cout, stride)
     if isinstance(block, DBBlock):
-        return _DBBlock(cin, cout, stride, block.branches["one_by_one_kxk"].conv1.out_channels)
+        return _DBBlock(cin, cout, stride, cast(OneByOneThen, block.branches["one_by_one_kxk"]).conv1.out_channels)
     raise ValueError(f"no reference layout for block type {type(block).__name__}")
 
 
@@ -225,6 +234,11 @@ def _deployed_conv(conv: nn.Conv2d) -> nn.Conv2d:
 
 class _RepVGG(nn.Module):
     """A stem and four stages of ``ReLU(block(x))``; global pooling and a linear classifier."""
+
+    stage1: nn.Sequential  # set by setattr in __init__
+    stage2: nn.Sequential
+    stage3: nn.Sequential
+    stage4: nn.Sequential
 
     def __init__(self, stem: nn.Module, stages: list[list[nn.Module]], fc: nn.Linear) -> None:
         super().__init__()
@@ -271,7 +285,7 @@ def _layer(module: nn.Module, deployed: bool) -> nn.Module:
         if not isinstance(module, nn.Conv2d):
             raise ValueError(f"the deployed network should hold only convs here, found {type(module).__name__}")
         return _deployed_conv(module)
-    return _reference_block(module)
+    return _reference_block(cast("RepBlock", module))  # the training form's units are RepBlocks
 
 
 def _build_like(model: nn.Module, deployed: bool) -> nn.Module:

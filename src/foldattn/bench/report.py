@@ -32,10 +32,11 @@ _RATIO_FIELDS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "train_memory": lambda r: r.get("train_memory_mib"),
 }
 #: the keys of a row and their JSON types
-_ROW_KEYS = {"variant": str, "label": str, "params": (int, type(None)), "flops": (int, type(None)),
-             "latency_ms": dict, "throughput_ms": dict, "throughput_ips": (int, float),
-             "train_ms": (dict, type(None)), "memory_mib": (int, float, type(None)),
-             "train_memory_mib": (int, float, type(None)), "ratio": dict}
+_ROW_KEYS: dict[str, type | tuple[type, ...]] = {
+    "variant": str, "label": str, "params": (int, type(None)), "flops": (int, type(None)),
+    "latency_ms": dict, "throughput_ms": dict, "throughput_ips": (int, float),
+    "train_ms": (dict, type(None)), "memory_mib": (int, float, type(None)),
+    "train_memory_mib": (int, float, type(None)), "ratio": dict}
 #: the keys of a timing statistic (``latency_ms``, ``throughput_ms``, ``train_ms``), in milliseconds
 _STAT_KEYS = ("median", "q1", "q3", "n")
 
@@ -43,6 +44,7 @@ _STAT_KEYS = ("median", "q1", "q3", "n")
 def validate_result(result: object) -> None:
     """Check that ``result`` follows the ``foldattn.bench/1`` JSON schema; ``ValueError`` lists every problem."""
     problems: list[str] = []
+    types: type | tuple[type, ...]  # what a key's value must be an instance of
 
     def need(obj: object, key: str, types: Any, where: str) -> Any:
         if not isinstance(obj, dict) or key not in obj:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import gc
 import os
 import platform
@@ -22,7 +23,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -108,7 +109,7 @@ def _runtime_runners(models: dict[str, nn.Module], family: Family, attention: st
                                                  torch.device("cpu")) for i in range(4)]
                                 quantize_onnx(path, file, calib)
                         sess = ort.InferenceSession(str(file), opts, providers=providers)
-                        runners[(row, batch)] = lambda s=sess, f=feed: s.run(None, f)
+                        runners[(row, batch)] = functools.partial(sess.run, None, feed)
                 models[key].to(cfg.device)
                 if cfg.channels_last:
                     models[key].to(memory_format=torch.channels_last)
@@ -123,7 +124,7 @@ def _runtime_runners(models: dict[str, nn.Module], family: Family, attention: st
                             x = _inputs(family, batch, cfg, torch.device(cfg.device))
                             with torch.inference_mode():
                                 compiled(x)  # compile (and warm up) outside the timing
-                            runners[(row, batch)] = lambda m=compiled, x=x: m(x)
+                            runners[(row, batch)] = functools.partial(compiled, x)
                 except Exception as e:  # no C++ compiler, an unsupported op, ...
                     notes.append(f"torch.compile: {type(e).__name__}: {str(e).strip().splitlines()[0][:120]}"
                                  if str(e).strip() else f"torch.compile: {type(e).__name__}")
@@ -175,10 +176,11 @@ def bench_group(family: Family, attention: str, cfg: BenchConfig, threads: int,
                                  "flops": None, "runtime": runtime}
         for what, batch, x in (("latency", cfg.latency_batch, x1), ("throughput", cfg.throughput_batch, xb)):
             log(f"  {what} (batch {batch})")
-            runners: dict[str, Callable[[], object]] = {k: (lambda m=m, x=x: m(x)) for k, m in models.items()}
+            runners: dict[str, Callable[[], object]] = {k: functools.partial(m, x) for k, m in models.items()}
             runners.update({row: run for (row, b), run in ort_runners.items() if b == batch})
             with torch.inference_mode():
-                samples = interleaved(runners, cfg.reps, cfg.warmup, sync, cfg.min_sample_s, _CLOCKS[cfg.clock])
+                samples = interleaved(runners, cfg.reps, cfg.warmup, sync, cfg.min_sample_s,
+                                      _CLOCKS[cast(str, cfg.clock)])  # validated() set the clock
             for key, s in samples.items():
                 st = _stats(s)
                 rows[key][f"{what}_ms"] = st
@@ -192,7 +194,7 @@ def bench_group(family: Family, attention: str, cfg: BenchConfig, threads: int,
         log(f"  training step (batch {train_batch})")
         trains = [v.key for v in VARIANTS if v.trains] + (["reference"] if "reference" in models else [])
         steps = {key: _train_step(models[key], family, train_batch, cfg, device)[0] for key in trains}
-        for key, s in interleaved(steps, cfg.reps, cfg.warmup, sync, clock=_CLOCKS[cfg.clock]).items():
+        for key, s in interleaved(steps, cfg.reps, cfg.warmup, sync, clock=_CLOCKS[cast(str, cfg.clock)]).items():
             rows[key]["train_ms"] = _stats(s)
     del models
     gc.collect()
@@ -201,9 +203,9 @@ def bench_group(family: Family, attention: str, cfg: BenchConfig, threads: int,
     if cfg.memory:
         log("  peak memory")
         mem, note = peak_memory(family, attention, cfg, train_batch, threads)
-        for key, m in (mem or {}).items():
-            rows[key]["memory_mib"] = m["inference"] / MIB
-            rows[key]["train_memory_mib"] = None if m["train"] is None else m["train"] / MIB
+        for key, peaks in (mem or {}).items():
+            rows[key]["memory_mib"] = peaks["inference"] / MIB
+            rows[key]["train_memory_mib"] = None if peaks["train"] is None else peaks["train"] / MIB
     _add_ratios(rows)
     _add_runtime_ratios(rows)
     _flag_unreliable(rows)
@@ -309,8 +311,10 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None,
     t_start = time.perf_counter()
     user_log = log
 
-    def log(message: str) -> None:
+    def stamped(message: str) -> None:
         user_log(f"[{time.perf_counter() - t_start:6.0f} s] {message}")
+
+    log = stamped
 
     old_threads = torch.get_num_threads()
     threads = cfg.threads or old_threads

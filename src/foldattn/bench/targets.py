@@ -14,10 +14,11 @@ ASR's claim is "the attention's accuracy at the backbone's cost". In speed terms
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -125,8 +126,8 @@ def profile_variant(family: Family, attention: str, variant: str, what: str, cfg
             fn: Callable[[], object] = _train_step(model, family, cfg.train_batch or family.train_batch, cfg, device)[0]
             mode: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         else:
-            x = _inputs(family, getattr(cfg, _TARGET_WORK[what]), cfg, device)
-            fn, mode = (lambda m=model, x=x: m(x)), torch.inference_mode()
+            x = _inputs(family, getattr(cfg, cast(str, _TARGET_WORK[what])), cfg, device)  # None: "train" only
+            fn, mode = functools.partial(model, x), torch.inference_mode()
         with mode:
             for _ in range(_PROFILE_WARMUP):
                 fn()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -74,7 +74,7 @@ def _stats(samples: Sequence[float]) -> dict[str, float | int]:
 
 
 def interleaved(
-    runners: dict[str, Callable[[], object]],
+    runners: Mapping[str, Callable[[], object]],
     reps: int,
     warmup: int,
     sync: Callable[[], None] = lambda: None,

@@ -8,6 +8,7 @@ run exactly the same work.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +20,7 @@ from .family import Family
 __all__: list[str] = []
 
 #: the optimizer of the measured training step (its cost, not its result, matters)
-_SGD = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4}
+_SGD: dict[str, Any] = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4}
 
 
 def _prepare(model: nn.Module, cfg: BenchConfig, device: torch.device) -> nn.Module:

@@ -12,6 +12,10 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+# the argparse value types, shared with the training options' declarations (foldattn._argtypes)
+from .._argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int, split_value
+from ._errors import CLIError
+
 __all__ = ["main", "build_parser", "CLIError", "positive_int", "nonnegative_int", "positive_float",
            "nonnegative_float", "split_value"]
 
@@ -22,16 +26,8 @@ _COMMANDS: tuple[str, ...] = (
 )
 
 
-class CLIError(Exception):
-    """An error the CLI reports as one line, without a traceback."""
-
-
-# the argparse value types, shared with the training options' declarations (foldattn._argtypes)
-from .._argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int, split_value  # noqa: E402
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from .._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="foldattn",

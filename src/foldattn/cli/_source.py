@@ -11,10 +11,9 @@ from typing import Any, TextIO
 
 from torch import nn
 
-from .._argtypes import MAX_CLASSES, bounded_int
+from .._argtypes import MAX_CLASSES, bounded_int, positive_int
 from ..train import TrainConfig
 from ..train.checkpoint import MAX_IMAGE_SIDE
-from . import positive_int
 
 __all__ = ["add_source_options", "load_source"]
 

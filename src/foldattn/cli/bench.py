@@ -71,7 +71,7 @@ def _main(args: argparse.Namespace) -> int:
     return 1 if failed and args.strict else 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``bench`` sub-command."""
     p = sub.add_parser(
         "bench",

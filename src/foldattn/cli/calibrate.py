@@ -17,10 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._argtypes import MAX_BATCH, MAX_IMAGES, MAX_TUNE_EPOCHS, bounded_int, learning_rate
+from .._argtypes import (
+    MAX_BATCH,
+    MAX_IMAGES,
+    MAX_TUNE_EPOCHS,
+    bounded_int,
+    learning_rate,
+    nonnegative_float,
+    positive_float,
+)
 from .._utils import check_output_folder, make_output_folder, write_json
 from ..summary import latency_ms
-from . import nonnegative_float, positive_float
 from .stripe import add_data_args, add_model_args, check_batch_memory, load_model_and_data
 
 __all__ = ["register", "run_calibrate", "compare_latency"]
@@ -166,7 +173,7 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "calibrate", help="replace input-dependent channel attention by its expected gate and fold it away",
         description="Replace each channel-attention module by its mean attention vector over calibration images, "

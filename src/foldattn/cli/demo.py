@@ -14,7 +14,7 @@ import copy
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -24,7 +24,7 @@ from ..fold import asr_layers, fold
 from ..summary import count_params, latency_ms
 from ..train import TrainConfig, build_model, recipe_defaults, train, write_curves
 from ..train.checkpoint import load_checkpoint, load_model_state
-from ..train.data import load_dataset
+from ..train.data import ImageData, load_dataset
 from ..verify import verify
 
 __all__ = ["VARIANTS", "run_demo", "register"]
@@ -47,7 +47,7 @@ def run_demo(output: str | Path = "runs/demo", epochs: int | None = None, quick:
     if epochs is not None:
         base["epochs"] = epochs
     rows, curves = [], {}
-    example = bundle.val.images[:4].float().div(255)
+    example = cast(ImageData, bundle.val).images[:4].float().div(255)  # digits: held in memory
     example = (example - torch.tensor(bundle.mean).view(1, -1, 1, 1)) / torch.tensor(bundle.std).view(1, -1, 1, 1)
     for label, options in VARIANTS.items():
         slug = label.strip("+").replace("(", "-").replace(")", "").lower()
@@ -127,7 +127,7 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="train plain, +SE and +ASR(SE) on digits, fold, verify, print a table",
                        description=__doc__.split("\n\n")[1] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="a few steps only (CI, < 1 minute)")

@@ -75,7 +75,7 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint's folded model (top-1/top-5)",
                        description="Rebuild the model from the checkpoint's config, fold it, check the fold, and "
                                    "report top-1/top-5 on the run's validation split (or --dataset).")

@@ -9,7 +9,7 @@ from typing import Any
 
 from .._lock import RunLock
 from ..export import export_onnx, export_program
-from . import CLIError
+from ._errors import CLIError
 from ._source import add_source_options, load_source
 from .fold import example_batch, take_image_size
 
@@ -54,7 +54,7 @@ def _write(args: argparse.Namespace, model: Any, cfg: Any, example: Any) -> None
         print(f"wrote {args.pt2} (load: torch.export.load(path).module())")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("export", help="deploy a checkpoint and export it to ONNX (checked with onnxruntime) "
                                       "and/or a torch.export program")
     add_source_options(p)

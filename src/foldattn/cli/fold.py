@@ -18,7 +18,7 @@ from ..fold import fold
 from ..summary import count_params
 from ..train import TrainConfig, example_input
 from ..verify import verify
-from . import CLIError
+from ._errors import CLIError
 from ._source import add_source_options, load_source
 
 __all__ = ["register", "builder_for", "take_image_size", "example_batch"]
@@ -121,7 +121,7 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("fold", help="fold a checkpoint's ASR layers; write safetensors + JSON with the verify report "
                                     "(a deployed file: again, e.g. with --fuse-bn)")
     add_source_options(p)

@@ -52,7 +52,7 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("import-reference", help="convert a checkpoint of the ASR authors' code to foldattn's format",
                        description="Convert a CIFAR ResNet checkpoint of the ASR reference code (DataParallel "
                                    "'module.' keys, bn3.bn/bn3.vector/bn3.attention_module ASR layers, "

@@ -25,7 +25,7 @@ import torch
 from .._argtypes import MAX_IMAGES, MAX_THREADS, bounded_int
 from .._sizes import check_bytes, check_forward
 from .._utils import TMP_MARK, _umask, check_output_folder, first_line, strict_json, write_json
-from . import CLIError
+from ._errors import CLIError
 from .stripe import add_data_args, load_data
 
 __all__ = ["register"]
@@ -131,7 +131,7 @@ def _main(args: argparse.Namespace) -> int:
                               per_channel=not args.per_tensor, method=args.method, threads=args.threads,
                               max_drop=args.max_drop, equalize=args.equalize, latency_batches=_LATENCY_BATCHES,
                               log=lambda s: print(s, file=sys.stderr, flush=True))
-        except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:  # type: ignore[attr-defined]
+        except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:
             if isinstance(e, torch.OutOfMemoryError):
                 raise
             raise CLIError(f"the model cannot be exported or quantized: {first_line(e)}") from None
@@ -179,7 +179,7 @@ def require_onnx() -> None:
         raise CLIError(str(e)) from None
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "quantize", help="INT8 (ONNX Runtime, QDQ, per-channel) of a deployed model, its accuracy measured",
         description="Fold the model (ASR layers, norms), export it to ONNX, quantize it statically with ONNX "

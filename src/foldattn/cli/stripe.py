@@ -20,10 +20,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .._argtypes import MAX_BATCH, MAX_CLASSES, MAX_IMAGES, MAX_SAMPLES, MAX_SEED, bounded_int
+from .._argtypes import MAX_BATCH, MAX_CLASSES, MAX_IMAGES, MAX_SAMPLES, MAX_SEED, bounded_int, split_value
 from .._sizes import check_forward
 from .._utils import check_output_folder, make_output_folder
-from . import split_value
 
 __all__ = [
     "register", "run_stripe", "DataSource", "Loaded", "load_model_and_data", "load_data", "add_model_args",
@@ -142,7 +141,8 @@ def load_model_and_data(args: argparse.Namespace) -> Loaded:
     spec = args.model
     if not spec:
         raise ValueError("give a model: a checkpoint path, a foldattn model name, torchvision:NAME or timm:NAME")
-    from ..train.source import load_source, model_by_name
+    from ..builders import model_by_name
+    from ..train.source import load_source
 
     if os.path.exists(spec):
         # the trained weights (not an EMA), rebuilt with the checks every checkpoint gets
@@ -152,7 +152,7 @@ def load_model_and_data(args: argparse.Namespace) -> Loaded:
         data = load_data(args, source.config.to_dict() if source.config else None, source.preprocessing,
                          run=source.blob.get("run"))
         check_batch_memory(source.model, data, args.batch_size, "--batch-size")
-        kwargs = {"num_classes": source.classes or data.num_classes}
+        kwargs: dict[str, Any] = {"num_classes": source.classes or data.num_classes}
         name = source.config.model if source.config and ":" not in source.config.model else None
         return Loaded(source.model, spec, data, name, kwargs)
     data = load_data(args)
@@ -167,7 +167,7 @@ def load_model_and_data(args: argparse.Namespace) -> Loaded:
     if spec not in list_models():
         raise ValueError(f"{spec!r} is neither a file nor a model name; models: {', '.join(list_models())}, "
                          "or torchvision:NAME / timm:NAME")
-    kwargs: dict[str, Any] = {}
+    kwargs = {}
     if data.in_channels != 3:
         kwargs["in_channels"] = data.in_channels
     model = model_by_name(spec, num_classes, kwargs={"attention": args.attention, **kwargs})
@@ -225,7 +225,7 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "stripe", help="measure how constant a model's channel-attention vectors are (the Stripe Observation)",
         description="Record each channel-attention module's attention vector a(x) and input descriptor over a "

@@ -87,6 +87,7 @@ class BasicBlock(_Block):
     """3x3 conv -> BN -> ReLU -> 3x3 conv -> BN (``bn2``: the ASR host) -> [attention] -> + x."""
 
     expansion = 1
+    bn2: nn.Module  # set by _finish: the BatchNorm, or ASR around it
 
     def __init__(self, inplanes: int, planes: int, stride: int, asr: _attention.Factory,
                  classic: _attention.Factory, psi_init: _attention.PsiInit) -> None:
@@ -105,6 +106,7 @@ class Bottleneck(_Block):
     """1x1 -> 3x3 -> 1x1 (x4) convs with BN; ``bn3`` is the ASR host."""
 
     expansion = 4
+    bn3: nn.Module  # set by _finish: the BatchNorm, or ASR around it
 
     def __init__(self, inplanes: int, planes: int, stride: int, asr: _attention.Factory,
                  classic: _attention.Factory, psi_init: _attention.PsiInit) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -211,13 +211,14 @@ class CifarViT(nn.Module):
         for site in asr_sites:  # one attention chain per site (DIA shares its cell along the depth)
             path = ASR_SITES[site]
             if asr:  # the placement is an attach policy: these named hosts, every k-th block
-                attach(self, attention, where=None, include=f"blocks.*.{path}", every=every, psi_init=psi_init,
-                       inplace=True, **attention_kwargs)
+                # attention is not None: check_attention_args refused asr=True without one
+                attach(self, cast(str, attention), where=None, include=f"blocks.*.{path}", every=every,
+                       psi_init=psi_init, inplace=True, **attention_kwargs)
             classic_f = Factory(attention if (both or not asr) else None, every=every, **attention_kwargs)
             for block in self.blocks:
                 classic = classic_f(embed_dim)
                 if classic is not None:
-                    block.gates[site] = TokenAttention(classic, grid)
+                    cast(ViTBlock, block).gates[site] = TokenAttention(classic, grid)
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -278,5 +279,4 @@ def attach_vit_asr(model: nn.Module, attention: str = "se", *, psi_init: PsiInit
     Example:
         >>> model = attach_vit_asr(timm.create_model("vit_tiny_patch16_224"), "se")
     """
-    return attach(model, attention, where="transformer", psi_init=psi_init, inplace=inplace,  # type: ignore[return-value]
-                  **attention_kwargs)
+    return attach(model, attention, where="transformer", psi_init=psi_init, inplace=inplace, **attention_kwargs)

@@ -10,8 +10,8 @@ it after the block (and after an ASR scale on the block's output).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -76,7 +76,8 @@ class Branch(nn.Module):
         from ..transforms import fuse_bn
 
         bn = self.bn if bn is None else bn
-        return fuse_bn(bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        # a branch's BatchNorm tracks running statistics (the default)
+        return fuse_bn(cast(Tensor, bn.running_mean), cast(Tensor, bn.running_var), bn.eps, bn.weight, bn.bias)
 
 
 class RepBlock(nn.Module):
@@ -127,7 +128,7 @@ class RepBlock(nn.Module):
     def forward_scaled(self, v: Tensor, x: Tensor) -> Tensor:
         """The block with every branch's last BatchNorm scaled by ``v``: ``block(x) * v``, functionally."""
         out: Tensor | None = None
-        for branch in self.branches.values():
+        for branch in cast("Mapping[str, Branch]", self.branches).values():
             out = branch.forward_scaled(v, x) if out is None else out + branch.forward_scaled(v, x)
         if out is None:
             raise RuntimeError(f"{type(self).__name__} has no branches; subclasses add them in __init__")
@@ -143,7 +144,7 @@ class RepBlock(nn.Module):
         """``(weight, bias)`` in float64 of the single conv equal to the eval-mode block."""
         k = (self.kernel_size, self.kernel_size)
         parts = []
-        for name, branch in self.branches.items():
+        for name, branch in cast("Mapping[str, Branch]", self.branches).items():  # a ModuleDict of Branches
             w, b = branch.kernel(k)
             if w.shape[-2:] != k:
                 w = pad_kernel(w, k)

@@ -7,6 +7,8 @@ transforms of :mod:`foldattn.transforms`.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -79,7 +81,8 @@ class BNAndPad(nn.Module):
 
     def zero_response(self) -> Tensor:
         bn = self.bn
-        return bn_zero_response(bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        return bn_zero_response(cast(Tensor, bn.running_mean), cast(Tensor, bn.running_var), bn.eps, bn.weight,
+                                bn.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.bn(x)
@@ -143,7 +146,7 @@ class OneByOneThen(Branch):
             k = self.op.kernel_size
             w2 = avgpool_as_conv(self.bn.num_features, k, self.groups).to(w1.device)
         else:
-            w2 = self.op.weight
+            w2 = cast(nn.Conv2d, self.op).weight
         s2, t2 = self._bn_affine()
         w, b = merge_1x1_kxk(w1, t1, _scale(w2, s2), t2, self.groups)
         return pad_kernel(w, kernel_size), b

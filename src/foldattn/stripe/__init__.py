@@ -12,7 +12,7 @@ descriptor, with streaming float64 statistics and a reservoir sample of vectors 
 - :mod:`~foldattn.stripe.statistics`: per-channel statistics, :func:`stripe_score`, :func:`constancy`;
 - :mod:`~foldattn.stripe.results`: :class:`LayerStripes` and :class:`StripeResult` (JSON in and out);
 - :mod:`~foldattn.stripe.recorder`: :func:`record_stripes` over a loader;
-- :mod:`~foldattn.stripe.history`: statistics over epochs and the training monitor;
+- :mod:`~foldattn.stripe.history`: statistics over epochs; :mod:`~foldattn.stripe.monitor`: the training monitor;
 - :mod:`~foldattn.stripe.plots`: heat maps and curves (matplotlib, the ``train`` extra).
 
 Command line: ``foldattn stripe CKPT_OR_MODEL --data digits -o out/stripes``. See ``docs/stripe.md``.
@@ -37,7 +37,8 @@ from .adapters import (
     unregister_attention_kind,
     unregister_kind,
 )
-from .history import StripeHistory, StripeMonitor
+from .history import StripeHistory
+from .monitor import StripeMonitor
 from .recorder import StripeRecorder, record_stripes
 
 # Private and not in __all__: the recorder's batch handling, which foldattn.calibrate shares.

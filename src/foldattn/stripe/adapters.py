@@ -7,7 +7,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -141,7 +141,7 @@ def _is_foldattn(m: nn.Module) -> bool:
 
 
 def _attach_foldattn(m: nn.Module, tap: Tap) -> list[Any]:
-    original = type(m).gate.__get__(m)  # the class's gate, bound to this instance
+    original = type(cast(ChannelAttention, m)).gate.__get__(m)  # the class's gate, bound to this instance
 
     def gate(d: Tensor) -> Tensor:
         a = original(d)
@@ -152,7 +152,8 @@ def _attach_foldattn(m: nn.Module, tap: Tap) -> list[Any]:
     return [_Handle(m, "gate"), m.register_forward_pre_hook(_descriptor_pre_hook(tap))]
 
 
-register_kind(AttentionKind("foldattn", _is_foldattn, _attach_foldattn, lambda m: int(m.channels)))
+register_kind(AttentionKind("foldattn", _is_foldattn, _attach_foldattn,
+                            lambda m: int(cast(ChannelAttention, m).channels)))
 
 
 # --- torchvision SqueezeExcitation (MobileNetV3, EfficientNet, RegNet) -------------------
@@ -163,13 +164,14 @@ def _is_torchvision_se(m: nn.Module) -> bool:
 
 def _attach_torchvision_se(m: nn.Module, tap: Tap) -> list[Any]:
     return [
-        m.avgpool.register_forward_hook(_output_hook(tap.add_descriptor)),
-        m.scale_activation.register_forward_hook(_output_hook(tap.add_gate)),
+        cast(nn.Module, m.avgpool).register_forward_hook(_output_hook(tap.add_descriptor)),
+        cast(nn.Module, m.scale_activation).register_forward_hook(_output_hook(tap.add_gate)),
     ]
 
 
 register_kind(AttentionKind(
-    "torchvision.SqueezeExcitation", _is_torchvision_se, _attach_torchvision_se, lambda m: int(m.fc2.out_channels)
+    "torchvision.SqueezeExcitation", _is_torchvision_se, _attach_torchvision_se,
+    lambda m: int(cast(nn.Conv2d, m.fc2).out_channels)
 ))
 
 
@@ -183,7 +185,7 @@ def _is_timm_gate(m: nn.Module) -> bool:
 def _attach_timm_gate(m: nn.Module, tap: Tap) -> list[Any]:
     return [
         m.register_forward_pre_hook(_descriptor_pre_hook(tap)),
-        m.gate.register_forward_hook(_output_hook(tap.add_gate)),
+        cast(nn.Module, m.gate).register_forward_hook(_output_hook(tap.add_gate)),  # _is_timm_gate checked it
     ]
 
 

@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,8 @@ def distillation_student(constant: nn.Module, example_inputs: Any = None) -> nn.
         if action in ("into-norm", "into-conv-out") and target not in used and not isinstance(host, ASR):
             layer = ASR(host, "scale")  # type: ignore[arg-type]
             with torch.no_grad():
-                layer.attention.psi.copy_(scale.detach().reshape(1, -1).to(layer.attention.psi))
+                psi = cast(nn.Parameter, layer.attention.psi)  # ASR made its attention static
+                psi.copy_(scale.detach().reshape(1, -1).to(psi))
             set_submodule(student, target, layer)  # type: ignore[arg-type]
             set_submodule(student, name, nn.Identity())
             used.add(target)  # type: ignore[arg-type]

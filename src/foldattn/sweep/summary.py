@@ -76,7 +76,7 @@ def _paired(per_run: dict[tuple[str, int], dict[str, Any]], first: str, second: 
     for metric in _METRICS:
         pairs = [(per_run[(first, s)].get(metric), per_run[(second, s)].get(metric)) for s in paired]
         if pairs and all(a is not None and b is not None for a, b in pairs):
-            diff[metric] = stats([a - b for a, b in pairs])
+            diff[metric] = stats([a - b for a, b in pairs if a is not None and b is not None])  # all: checked above
     return diff
 
 

@@ -17,30 +17,53 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+from torch import nn
 
 from .._utils import atomic_path
 from .._utils import write_json as _write_json
+from .config import TrainConfig
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
+__all__ = ["TrainerState", "Callback", "StopOnSignal", "ProgressBar", "RunFiles", "TensorBoard", "StripeMonitoring",
+           "Hook", "write_json", "write_csv"]
 
-__all__ = ["Callback", "StopOnSignal", "ProgressBar", "RunFiles", "TensorBoard", "StripeMonitoring", "Hook",
-           "write_json", "write_csv"]
+
+class TrainerState(Protocol):
+    """What a callback sees of the :class:`~foldattn.train.Trainer` running it (declared here, not imported
+    from the trainer, which imports this module: the callbacks stay a floor below the loop)."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    val_loader: Any
+    out: Path
+    steps: int
+    start_epoch: int
+    start_step: int
+    stop_requested: bool
+    stop_signal: int
+
+    def first_step(self, epoch: int) -> int:
+        """The optimizer step ``epoch`` starts at (non-zero when a run resumes mid-epoch)."""
+        ...
+
+    def write_summary(self) -> None:
+        """Write the run's summary.json (and curves) from the metrics so far."""
+        ...
 
 
 class Callback:
     """Base class: every hook does nothing; override the ones you need."""
 
-    def on_fit_start(self, trainer: Trainer) -> None: ...
+    def on_fit_start(self, trainer: TrainerState) -> None: ...
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
+    def on_epoch_start(self, trainer: TrainerState, epoch: int) -> None: ...
 
-    def on_step_end(self, trainer: Trainer, info: dict[str, Any]) -> None: ...
+    def on_step_end(self, trainer: TrainerState, info: dict[str, Any]) -> None: ...
 
-    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None: ...
+    def on_epoch_end(self, trainer: TrainerState, row: dict[str, Any]) -> None: ...
 
-    def on_fit_end(self, trainer: Trainer) -> None: ...
+    def on_fit_end(self, trainer: TrainerState) -> None: ...
 
 
 class StopOnSignal(Callback):
@@ -56,11 +79,11 @@ class StopOnSignal(Callback):
     grace_s = 2.0
 
     def __init__(self) -> None:
-        self._trainer: Trainer | None = None
+        self._trainer: TrainerState | None = None
         self._first = 0.0
         self._previous: dict[int, Any] = {}
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: TrainerState) -> None:
         self._trainer = trainer
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -79,7 +102,7 @@ class StopOnSignal(Callback):
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         print(f"\n{name}: stopping after this step (again to abort without a checkpoint)", file=sys.stderr)
 
-    def on_fit_end(self, trainer: Trainer) -> None:
+    def on_fit_end(self, trainer: TrainerState) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
@@ -92,7 +115,7 @@ class ProgressBar(Callback):
         self.bar: Any = None
         self.t0 = 0.0
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_start(self, trainer: TrainerState, epoch: int) -> None:
         from .._utils import require
 
         tqdm = require("tqdm", "train").tqdm
@@ -100,7 +123,7 @@ class ProgressBar(Callback):
         self.bar = tqdm(total=trainer.steps - trainer.first_step(epoch), desc=f"epoch {epoch + 1}/{trainer.cfg.epochs}",
                         leave=False, dynamic_ncols=True, mininterval=1.0)
 
-    def on_step_end(self, trainer: Trainer, info: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: TrainerState, info: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.update(1)
             rate = self.bar.n * trainer.cfg.batch_size / max(time.perf_counter() - self.t0, 1e-9)
@@ -111,10 +134,10 @@ class ProgressBar(Callback):
             self.bar.close()
             self.bar = None
 
-    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerState, row: dict[str, Any]) -> None:
         self._close()
 
-    def on_fit_end(self, trainer: Trainer) -> None:
+    def on_fit_end(self, trainer: TrainerState) -> None:
         self._close()
 
 
@@ -137,10 +160,10 @@ class RunFiles(Callback):
     """``summary.json``, ``metrics.csv`` and ``curves.png`` in the output folder, after every epoch
     and at the end (rank 0)."""
 
-    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerState, row: dict[str, Any]) -> None:
         trainer.write_summary()
 
-    def on_fit_end(self, trainer: Trainer) -> None:
+    def on_fit_end(self, trainer: TrainerState) -> None:
         # a run that failed before its first checkpoint has nothing to summarise or resume: no summary either
         if (trainer.out / "last.pt").is_file():
             trainer.write_summary()
@@ -153,7 +176,7 @@ class TensorBoard(Callback):
         self.out = out
         self.writer: Any = None
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: TrainerState) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -161,13 +184,13 @@ class TensorBoard(Callback):
             return
         self.writer = SummaryWriter(str(self.out / "tensorboard"))
 
-    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerState, row: dict[str, Any]) -> None:
         if self.writer is not None:
             for k, v in row.items():
                 if k != "epoch":
                     self.writer.add_scalar(k, v, int(row["epoch"]))
 
-    def on_fit_end(self, trainer: Trainer) -> None:
+    def on_fit_end(self, trainer: TrainerState) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -182,12 +205,12 @@ class StripeMonitoring(Callback):
 
         self.monitor = StripeMonitor(every, out)
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: TrainerState) -> None:
         self.monitor.check(trainer.model)  # a model without attention to record fails now, not after an epoch
         if trainer.start_epoch == 0 and trainer.start_step == 0:
             self.monitor(0, trainer.model, trainer.val_loader)  # the initialised model: where the curves start
 
-    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerState, row: dict[str, Any]) -> None:
         self.monitor(int(row["epoch"]), trainer.model, trainer.val_loader)
 
 
@@ -198,8 +221,8 @@ class Hook(Callback):
     def __init__(self, fn: Callable[[str, dict[str, Any]], None]) -> None:
         self.fn = fn
 
-    def on_step_end(self, trainer: Trainer, info: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: TrainerState, info: dict[str, Any]) -> None:
         self.fn("step", {**info, "model": trainer.model})
 
-    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerState, row: dict[str, Any]) -> None:
         self.fn("epoch", {"epoch": int(row["epoch"]) - 1, "metrics": row, "model": trainer.model})

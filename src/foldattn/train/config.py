@@ -12,7 +12,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import _argtypes
 from .._registry import Registry
@@ -228,7 +228,7 @@ class TrainConfig:
         self.check_types()
         check_declared(self)
 
-        def bad(option: str, value: Any, allowed: str) -> None:
+        def bad(option: str, value: Any, allowed: str) -> NoReturn:
             raise ValueError(f"--{option} {_short(value)}: {allowed}")
 
         if self.lr == 0:

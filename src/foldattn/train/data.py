@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -338,7 +338,8 @@ def _torchvision(name: str, data_dir: Path, download: bool) -> tuple[ImageData, 
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, _TV_FILES[name][0])
-    splits = []
+    splits: list[ImageData] = []
+    classes: list[str] = []
     for train in (True, False):
         kw = {"split": "train" if train else "test"} if name == "stl10" else {"train": train}
         try:
@@ -358,7 +359,8 @@ def _torchvision(name: str, data_dir: Path, download: bool) -> tuple[ImageData, 
             images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
             labels = torch.tensor(ds.targets)
         splits.append(ImageData(images, labels))
-    return splits[0], splits[1], list(ds.classes)
+        classes = list(ds.classes)
+    return splits[0], splits[1], classes
 
 
 def _tv_loader(name: str) -> Loader:
@@ -542,7 +544,9 @@ def _read_cache(cache: Path, count: int, classes: list[str],
           and (table.numel() == 0 or int(table.min()) >= 1) and int(table[:, 2].sum()) == count)
     if not ok:
         return None
-    return ImageData(images, labels), Counter({(w, h): n for w, h, n in table.tolist()})
+    # ok: all three are tensors
+    return (ImageData(cast(Tensor, images), cast(Tensor, labels)),
+            Counter({(w, h): n for w, h, n in cast(Tensor, table).tolist()}))
 
 
 def _kept(image: tuple[int, int], target: tuple[int, int]) -> float:
@@ -762,7 +766,7 @@ def _read_rgb(path: Path) -> Any:
         raise DatasetError(str(e)) from None
 
 
-class _FileDataset(torch.utils.data.Dataset):
+class _FileDataset(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
     """Decodes and transforms one file; the randomness of sample ``i`` in epoch ``e`` is seeded by
     ``(seed, e, i)``, so batches do not depend on worker count or on the batches before them."""
 

@@ -118,7 +118,7 @@ def fit(image: Any, size: tuple[int, int]) -> Any:
         return image
     w, h = size
     nw, nh = _cover(image.size, size)
-    image = image.resize((nw, nh), Image.BILINEAR)
+    image = image.resize((nw, nh), Image.Resampling.BILINEAR)
     left, top = (nw - w) // 2, (nh - h) // 2
     return image.crop((left, top, left + w, top + h))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -11,11 +11,10 @@ from torch import nn
 from .. import attention as _attention
 from .._budget import BudgetExceeded, DoesNotFit, build_for
 from .._utils import check_external_name, unwrap_model
-from ..builders import UntrustedBuilderError, check_kwargs, resolve_builder
+from ..builders import UntrustedBuilderError, check_kwargs, model_by_name, resolve_builder
 from ..fold import fold, has_foldable
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .config import TrainConfig
-from .source import model_by_name
 
 __all__ = ["build_model", "load_trained", "load_foreign", "example_input", "deployed_copy", "config_of"]
 
@@ -99,7 +98,7 @@ def _check_model_kwargs(model: str, kwargs: dict[str, Any]) -> None:
 
 
 def _external_model(source: str, name: str, cfg: TrainConfig, num_classes: int) -> nn.Module:
-    from ..attach import attach
+    from ..attach import Where, attach
 
     if source not in ("torchvision", "timm"):
         raise ValueError(f"unknown model source {source!r}; use torchvision:NAME, timm:NAME or a foldattn model name")
@@ -117,7 +116,8 @@ def _external_model(source: str, name: str, cfg: TrainConfig, num_classes: int) 
     if not cfg.asr:
         raise ValueError(f"{cfg.model}: attach inserts attention in ASR form only; add --asr (or --asr --both for "
                          "ASR(X) + X), or use a foldattn.models name for classic attention")
-    where = cfg.where if cfg.where is not None else ("block" if not cfg.include else None)
+    # --where's choices are Where's values
+    where = cast(Where, cfg.where) if cfg.where is not None else ("block" if not cfg.include else None)
     return attach(model, cfg.attention, where=where, both=cfg.both, psi_init=cfg.psi_init, every=cfg.every,
                   include=cfg.include or None, exclude=cfg.exclude or None)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -158,7 +158,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str], *, strict: b
             what.append(f"{len(unexpected)} weight(s) of the file unused, e.g. {unexpected[:3]}")
         raise PretrainedError(f"--pretrained {path}: " + "; ".join(what) + " (strict loading)")
     if reinit:
-        head_mod = model.get_submodule(head)  # type: ignore[arg-type]
+        head_mod = cast(nn.Linear, model.get_submodule(cast(str, head)))  # reinit: keys of the Linear head
         head_mod.reset_parameters()
         if log is not None:
             log(f"--pretrained: the classifier {head} has another size here; re-initialised it")

@@ -150,7 +150,7 @@ def versions() -> dict[str, str]:
     import numpy
     import torchvision
 
-    from .. import __version__
+    from .._version import __version__
 
     return {"foldattn": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": numpy.__version__, "python": platform.python_version()}

@@ -1,7 +1,7 @@
 """Where a model comes from: a name, a run folder, a checkpoint (foldattn's, timm ``train.py``'s,
 Lightning's, a state dict) or a deployed file, with its preprocessing and the choice of EMA weights.
 
-Every command that takes a model gets it here: ``train`` builds by name (:func:`model_by_name`),
+Every command that takes a model gets it here: ``train`` builds by name (:func:`foldattn.builders.model_by_name`),
 ``fold``/``export``/``eval``/``quantize``/``stripe``/``calibrate`` read what they are given
 (:func:`load_source`), ``bench`` builds timm and torchvision models by name. A name is checked against
 its library's list (foldattn's registry, ``torchvision.models.list_models()``, ``timm.list_models()``)
@@ -19,38 +19,12 @@ from typing import Any
 
 from torch import nn
 
-from .._utils import check_external_name, require
 from .config import TrainConfig
 
-__all__ = ["Source", "model_by_name", "load_source", "check_recorded_dataset", "MAX_LISTED"]
+__all__ = ["Source", "load_source", "check_recorded_dataset", "MAX_LISTED"]
 
 #: entries read from a recorded dataset folder before it is refused (a class tree has at most 2^20 classes)
 MAX_LISTED = (1 << 20) + 16
-
-
-def model_by_name(name: str, num_classes: int, *, kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """A randomly initialised model: a foldattn model name, ``torchvision:NAME`` or ``timm:NAME`` (built
-    with ``weights=None`` / ``pretrained=False``; ``kwargs`` are the constructor's options)."""
-    kwargs = dict(kwargs or {})
-    source, sep, arch = name.partition(":")
-    if not sep:
-        from ..models import create_model, get_builder
-
-        get_builder(name)  # an unknown name fails here, listing the valid ones
-        return create_model(name, num_classes=num_classes, **kwargs)
-    check_external_name(source, arch)
-    if source == "torchvision":
-        import torchvision
-
-        try:
-            return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"torchvision:{arch} refused its arguments {sorted(kwargs)}: {e}") from None
-    timm = require("timm", "timm")
-    try:
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
-    except (TypeError, RuntimeError) as e:
-        raise ValueError(f"timm:{arch} refused its arguments {sorted(kwargs)}: {e}") from None
 
 
 @dataclass
@@ -99,7 +73,8 @@ def load_source(path: str | os.PathLike[str], *, which: str = "last", ema: bool 
         from ..deploy import load_deployed, read_metadata
 
         meta = read_metadata(p)
-        user = meta.get("user") if isinstance(meta.get("user"), dict) else {}
+        found = meta.get("user")
+        user = found if isinstance(found, dict) else {}
         pre = user.get("preprocessing") if isinstance(user.get("preprocessing"), dict) else None
         run: dict[str, Any] = {"preprocessing": pre} if pre else {}
         size = pre.get("size") if pre else None

@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -223,7 +223,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+            self.train_model = cast(nn.Module, torch.compile(self.train_model))  # an OptimizedModule
         if self.mixup is not None:  # soft targets; Mixup applies the label smoothing itself
             self.criterion: Callable[..., torch.Tensor] = require("timm.loss", "train").SoftTargetCrossEntropy()
         else:
@@ -292,7 +292,8 @@ class Trainer:
             return False
         if self.device.type != "cuda":
             raise ValueError(f"--data-on-device keeps the images on a GPU, and this run is on {self.device}")
-        images = [d.images for d in (bundle.train, bundle.val) if isinstance(getattr(d, "images", None), torch.Tensor)]
+        held = (getattr(d, "images", None) for d in (bundle.train, bundle.val))
+        images = [t for t in held if isinstance(t, torch.Tensor)]
         if len(images) != 2:
             if asked:
                 raise ValueError("--data-on-device serves in-memory data; this dataset is streamed from files")
@@ -392,7 +393,8 @@ class Trainer:
         first = self.first_step(epoch)
         # the saved partial sums are over all ranks: rank 0 carries them, the others start at 0
         resumed = self.partial is not None and epoch == self.start_epoch and first and dist.main
-        sums = list(self.partial) if resumed else [0.0, 0.0, 0.0]  # loss sum, correct, images
+        # loss sum, correct, images
+        sums = list(self.partial) if resumed and self.partial is not None else [0.0, 0.0, 0.0]
         t0 = time.perf_counter()
         batches = itertools.islice(self.train_loader.batches(first), max(self.steps - first, 0))
         accum = cfg.grad_accum_steps
