@@ -6,6 +6,9 @@
 3. CIFAR-10 ResNet-56 plain / +SE / +ASR(SE), the paper's recipe (SGD 0.1, step decay at 49 % and 74 %
    of the epochs) compressed to the epochs that fit in ``--train-budget-s`` (about five minutes for
    the three), images on the GPU: top-1 on 5,000 held-out training images, and images per second.
+4. ``foldattn sweep --gpus 0``: a two-run sweep (one epoch of 4 steps on the embedded digits each) on the GPU
+   pool of the sweep runner; every run's ``summary.json`` must say it trained on CUDA and its log that the
+   sweep gave it GPU 0 (seconds).
 
 Everything goes to ``OUT/gpu_check.json`` and ``OUT/gpu_check.md`` (and each part's own files beside them).
 ``--dry-run`` runs the same steps at CPU size (the tier skips, a tiny bench, one short training on the
@@ -23,6 +26,7 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -166,6 +170,38 @@ def _train(out: Path, root: Path | None, dry: bool, budget_s: float, timeout: fl
     return results
 
 
+SWEEP = """\
+base: [--recipe, digits, --epochs, "1", --steps-per-epoch, "4", --batch-size, "32"]
+arms:
+  plain: []
+  asr-se: [--attention, se, --asr]
+seeds: [0]
+baseline: plain
+"""
+
+
+def _sweep(out: Path, dry: bool, timeout: float) -> dict[str, Any]:
+    """A two-run sweep on GPU 0 (``--gpus none`` in the dry run): did every run train on CUDA, on the GPU given?"""
+    folder = out / "sweep"
+    shutil.rmtree(folder, ignore_errors=True)  # a sweep folder keeps finished runs: this check starts afresh
+    spec = out / "sweep.yaml"
+    spec.write_text(SWEEP)
+    gpus = "none" if dry else "0"
+    args = ["sweep", str(spec), "-o", str(folder), "--gpus", gpus, "--threads", "1"]
+    rc, secs = _run(_foldattn(*args), out / "sweep.log", timeout)
+    want = "cpu" if dry else "cuda"
+    runs: dict[str, Any] = {}
+    for arm in ("plain", "asr-se"):
+        summary, log = folder / "runs" / arm / "s0" / "summary.json", folder / "logs" / f"{arm}-s0.log"
+        s = json.loads(summary.read_text()) if summary.is_file() else {}
+        device = s.get("run", {}).get("device")
+        given = dry or (log.is_file() and " on cuda 0\n" in log.read_text())  # the log header of each attempt
+        runs[arm] = {"finished": s.get("finished") is True, "device": device, "given_gpu_0": given,
+                     "ok": s.get("finished") is True and str(device).startswith(want) and given}
+    return {"exit": rc, "seconds": round(secs), "command": shlex.join(["foldattn", *args]), "runs": runs,
+            "ok": rc == 0 and all(r["ok"] for r in runs.values())}
+
+
 def _markdown(report: dict[str, Any]) -> str:
     gpu = report["gpu"]
     lines = [f"# GPU check{' (dry run, CPU)' if report['dry_run'] else ''}", "",
@@ -194,6 +230,11 @@ def _markdown(report: dict[str, Any]) -> str:
                              f"{v['params_deployed']:,} | `{v['command']}` |")
             else:
                 lines.append(f"| {label} | failed (exit {v['exit']}) | | | | `{v['command']}` |")
+    sw = report["sweep"]
+    runs = "; ".join(f"{arm} {'finished' if r['finished'] else 'not finished'} on {r['device']}"
+                     + ("" if r["given_gpu_0"] else " (its log does not show GPU 0)") for arm, r in sw["runs"].items())
+    lines += ["", "## 4. `foldattn sweep --gpus`", "",
+              f"`{sw['command']}`: exit {sw['exit']} in {sw['seconds']} s; {runs}: {'ok' if sw['ok'] else 'FAILED'}."]
     return "\n".join(lines) + "\n"
 
 
@@ -212,14 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     command = "bash benchmarks/gpu_check.sh " + shlex.join(argv if argv is not None else sys.argv[1:])
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    print("1/3 CUDA tier", flush=True)
+    print("1/4 CUDA tier", flush=True)
     tier = _tier(args.out, 300)
-    print("2/3 cost (Table 1 style)", flush=True)
+    print("2/4 cost (Table 1 style)", flush=True)
     cost = _cost(args.out, args.dry_run, 240)
-    print("3/3 CIFAR-10 training", flush=True)
+    print("3/4 CIFAR-10 training", flush=True)
     train = _train(args.out, _data_root(args.data, args.out), args.dry_run, args.train_budget_s, 400)
+    print("4/4 foldattn sweep --gpus", flush=True)
+    sweep = _sweep(args.out, args.dry_run, 180)
     report = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
               "dry_run": args.dry_run, "gpu": _gpu(), "tier": tier, "cost": cost, "train": train,
+              "sweep": sweep,
               "skipped": [s for s in ([f"CUDA tier: {tier['skipped']} skipped"] if tier["skipped"] else [])
                           + ([train["skipped"]] if "skipped" in train else [])]}
     for name, text in (("gpu_check.json", json.dumps(report, indent=1) + "\n"), ("gpu_check.md", _markdown(report))):
@@ -230,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in report["skipped"]:
         print(f"skipped: {s}")
     failed = tier["failures"] + tier["errors"] or cost["exit"] or any(
-        v.get("exit") for v in train.get("variants", {}).values())
+        v.get("exit") for v in train.get("variants", {}).values()) or not sweep["ok"]
     return 1 if failed else 0
 
 

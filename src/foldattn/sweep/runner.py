@@ -4,15 +4,16 @@ A run is a child process, so runs side by side share nothing (threads, allocator
 failure stays in its own log, and Ctrl-C / SIGTERM reach each run's own handler, which writes
 a resumable checkpoint. Running the same sweep again skips finished runs and resumes the others
 exactly from their ``last.pt``.
+
+Where a run executes is its launcher's business (:mod:`foldattn.sweep.launchers`: this machine's CPU or
+GPUs, a Ray cluster, SLURM); the loop here, the folders, resume and the summary are the same for all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -23,23 +24,13 @@ from typing import Any
 from .._files import load_json_file
 from .._utils import write_json
 from ..train.runtime import RunLock
+from .launchers import Launcher, LocalLauncher
 from .spec import Run, SweepError, SweepSpec
+from .task import RunTask, run_state
 
-__all__ = ["prepare_folder", "run_sweep", "run_state", "SweepResult", "command_for", "FORMAT"]
+__all__ = ["prepare_folder", "run_sweep", "run_state", "SweepResult", "command_for", "make_task", "FORMAT"]
 
 FORMAT = "foldattn-sweep"
-
-
-def run_state(folder: Path) -> str:
-    """``"finished"``, ``"partial"`` (a ``last.pt`` to resume from) or ``"new"``."""
-    summary = folder / "summary.json"
-    if summary.is_file():
-        try:
-            if load_json_file(summary, "run summary").get("finished") is True:
-                return "finished"
-        except (ValueError, AttributeError):
-            pass
-    return "partial" if (folder / "last.pt").is_file() else "new"
 
 
 def command_for(spec: SweepSpec, run: Run, out: Path, threads: int, resume: bool = False) -> list[str]:
@@ -50,6 +41,15 @@ def command_for(spec: SweepSpec, run: Run, out: Path, threads: int, resume: bool
     if resume:
         cmd += ["--resume", str(run.folder(out))]
     return cmd
+
+
+def make_task(spec: SweepSpec, run: Run, out: Path, threads: int, ranks: int = 1, absolute: bool = False) -> RunTask:
+    """``run`` as a task a launcher executes (``absolute``: its paths made absolute, for a remote worker)."""
+    if absolute:
+        out = out.absolute()
+    env = (("OMP_NUM_THREADS", str(threads)),) if threads > 0 else ()
+    return RunTask(run.key, tuple(command_for(spec, run, out, threads)[1:]), str(run.folder(out)), str(run.log(out)),
+                   ranks=ranks, env=env, cwd=os.getcwd() if absolute else "")
 
 
 def prepare_folder(spec: SweepSpec, out: Path, source: str, *, create: bool = True) -> None:
@@ -94,35 +94,12 @@ class SweepResult:
     interrupted: int = 0  # the signal that stopped the sweep (0: none)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the child gets SIGTERM when the sweep dies, even by SIGKILL, so no run outlives its sweep
-    (SIGTERM makes ``foldattn train`` write a resumable checkpoint and stop)."""
-    import ctypes
-
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the sweep died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _open_log(path: Path) -> Any:
-    """The run's log, opened to append, never through a symbolic link (one planted in ``logs/`` would make the
-    sweep append to a file elsewhere). Closed when the run ends."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    except OSError as e:
-        why = "is a symbolic link" if path.is_symlink() else (e.strerror or str(e))
-        raise SweepError(f"log {path}: {why}; remove it (the sweep writes only into its own folder)") from None
-    return os.fdopen(fd, "ab")
-
-
 class _Stop:
     """SIGINT/SIGTERM/SIGHUP: stop starting runs, pass the signal on to the running ones, wait for them."""
 
     def __init__(self) -> None:
         self.signum = 0
-        self.children: list[subprocess.Popen[bytes]] = []
+        self.signals: list[int] = []  # every one received, passed on to the launcher by the loop
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Stop:
@@ -137,9 +114,7 @@ class _Stop:
         if first:
             print(f"\nsweep: stopping ({signal.Signals(signum).name}); the running runs write a resumable "
                   "checkpoint", file=sys.stderr)
-        for p in self.children:  # a terminal's Ctrl-C reached them already; SIGTERM from kill did not
-            if p.poll() is None and signum != signal.SIGINT:  # a closed terminal's SIGHUP too
-                p.send_signal(signal.SIGTERM)
+        self.signals.append(signum)
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
@@ -147,80 +122,99 @@ class _Stop:
 
 
 def run_sweep(spec: SweepSpec, out: Path, *, jobs: int, threads: int, source: str,
-              log: Callable[[str], None] = print, on_change: Callable[[], None] | None = None) -> SweepResult:
+              log: Callable[[str], None] = print, on_change: Callable[[], object] | None = None,
+              launcher: Launcher | None = None) -> SweepResult:
     """Run every unfinished (arm, seed) of ``spec`` into ``out``, ``jobs`` at a time, ``threads`` each.
 
-    ``on_change`` is called after every run that ends (the summary is rewritten there).
+    ``on_change`` is called after every run that ends (the summary is rewritten there). ``launcher`` says where
+    the runs execute (:mod:`foldattn.sweep.launchers`; by default child processes of this one, on the CPU).
     """
+    launcher = launcher if launcher is not None else LocalLauncher()
+    launcher.log = log
     result = SweepResult()
     lock = RunLock(out)
-    prepare_folder(spec, out, source, create=True)
-    lock.acquire()
+    prepare_folder(spec, out, source, create=False)  # a folder of another sweep is refused before any connection
+    launcher.connect(out)  # a launcher that cannot run (no extra, no cluster, no shared folder) leaves nothing
     try:
-        pending: list[Run] = []
-        for run in spec.runs():
-            state = run_state(run.folder(out))
-            if state == "finished":
-                result.finished.append(run.key)
-            else:
-                pending.append(run)
-        log(f"sweep: {len(spec.runs())} runs, {len(result.finished)} finished, {len(pending)} to run "
-            f"({jobs} at a time, {threads or 'default'} thread(s) each)")
-        for sub in ("logs", "runs"):  # a link planted there would send the runs' files into another folder
-            if (out / sub).is_symlink():
-                raise SweepError(f"-o {out}: {out / sub} is a symbolic link; the sweep writes only into its own "
-                                 "folder: remove the link")
-        (out / "logs").mkdir(exist_ok=True)
-        running: dict[str, tuple[Run, subprocess.Popen[bytes], Any, float]] = {}
-        env = dict(os.environ)
-        if threads > 0:
-            env["OMP_NUM_THREADS"] = str(threads)
-        with _Stop() as stop:
-            while (pending and not stop.signum) or running:
-                while pending and len(running) < jobs and not stop.signum:
-                    run = pending.pop(0)
-                    holder = RunLock(run.folder(out)).busy()
-                    if holder:  # another process trains it (an earlier sweep's run?): neither failed nor done
-                        result.busy[run.key] = holder
-                        log(f"sweep: busy   {run.key}: its folder is in use by {holder}; rerun once that ends")
-                        continue
-                    resume = run_state(run.folder(out)) == "partial"
-                    cmd = command_for(spec, run, out, threads, resume)
-                    try:
-                        logf = _open_log(run.log(out))
-                    except SweepError as e:  # the runs already started go on; this one is not started
-                        result.failed[run.key] = str(e)
-                        log(f"sweep: FAILED {run.key}: {e}")
-                        continue
-                    logf.write(f"\n$ {shlex.join(cmd)}  # {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-                    logf.flush()
-                    proc = subprocess.Popen([sys.executable, "-m", "foldattn.cli", *cmd[1:]], stdout=logf,
-                                            stderr=subprocess.STDOUT, env=env,
-                                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-                    stop.children.append(proc)
-                    running[run.key] = (run, proc, logf, time.time())
-                    log(f"sweep: {'resume' if resume else 'start '} {run.key}  (log: {run.log(out)})")
-                for key, (run, proc, logf, t0) in list(running.items()):
-                    rc = proc.poll()
-                    if rc is None:
-                        continue
-                    logf.close()
-                    del running[key]
-                    stop.children.remove(proc)
-                    minutes = (time.time() - t0) / 60
-                    if run_state(run.folder(out)) == "finished":  # its summary says so: never also "failed"
-                        result.finished.append(key)
-                        log(f"sweep: done   {key} in {minutes:.1f} min" + (f" (exit {rc})" if rc else ""))
-                    elif stop.signum:
-                        log(f"sweep: stopped {key} (resumable)")
-                    else:
-                        result.failed[key] = str(run.log(out))
-                        log(f"sweep: FAILED {key} (exit {rc}); see {run.log(out)}")
-                    if on_change is not None:
-                        on_change()
-                if running:
-                    time.sleep(0.5)
-            result.interrupted = stop.signum
+        prepare_folder(spec, out, source, create=True)
+        lock.acquire()
+        try:
+            _run_all(spec, out, jobs, threads, launcher, result, log, on_change)
+        finally:
+            lock.release()
     finally:
-        lock.release()
+        launcher.close()
     return result
+
+
+def _run_all(spec: SweepSpec, out: Path, jobs: int, threads: int, launcher: Launcher, result: SweepResult,
+             log: Callable[[str], None], on_change: Callable[[], object] | None) -> None:
+    """The loop: start runs where a slot is free, poll the running ones, rewrite the summary when one ends."""
+    pending: list[Run] = []
+    for run in spec.runs():
+        state = run_state(run.folder(out))
+        if state == "finished":
+            result.finished.append(run.key)
+        else:
+            pending.append(run)
+    slots = launcher.capacity(jobs)
+    log(f"sweep: {len(spec.runs())} runs, {len(result.finished)} finished, {len(pending)} to run "
+        f"({slots} at a time, {threads or 'default'} thread(s) each{launcher.describe()})")
+    for sub in ("logs", "runs"):  # a link planted there would send the runs' files into another folder
+        if (out / sub).is_symlink():
+            raise SweepError(f"-o {out}: {out / sub} is a symbolic link; the sweep writes only into its own "
+                             "folder: remove the link")
+    (out / "logs").mkdir(exist_ok=True)
+    launcher.open(out)
+
+    def task_of(run: Run) -> RunTask:
+        return make_task(spec, run, out, threads, launcher.ranks, absolute=launcher.remote)
+
+    running: dict[str, tuple[Run, float]] = {}
+    for run in list(pending):  # jobs an earlier start submitted that are still queued or running (SLURM's)
+        if launcher.attach(task_of(run)):
+            pending.remove(run)
+            running[run.key] = (run, time.time())
+            log(f"sweep: follow {run.key}: its job from an earlier start is still queued or running")
+    with _Stop() as stop:
+        forwarded = 0
+        while (pending and not stop.signum) or running:
+            while pending and len(running) < slots and not stop.signum:
+                run = pending.pop(0)
+                holder = RunLock(run.folder(out)).busy()
+                if holder:  # another process trains it (an earlier sweep's run?): neither failed nor done
+                    result.busy[run.key] = holder
+                    log(f"sweep: busy   {run.key}: its folder is in use by {holder}; rerun once that ends")
+                    continue
+                resume = run_state(run.folder(out)) == "partial"
+                try:
+                    launcher.start(task_of(run), resume)
+                except SweepError as e:  # the runs already started go on; this one is not started
+                    result.failed[run.key] = str(e)
+                    log(f"sweep: FAILED {run.key}: {e}")
+                    continue
+                running[run.key] = (run, time.time())
+                log(f"sweep: {'resume' if resume else 'start '} {run.key}  (log: {run.log(out)})")
+            if len(stop.signals) > forwarded:  # outside the handler: a launcher may talk to its engine
+                for signum in stop.signals[forwarded:]:
+                    launcher.interrupt(signum)
+                forwarded = len(stop.signals)
+            for key, (run, t0) in list(running.items()):
+                rc = launcher.poll(key)
+                if rc is None:
+                    continue
+                del running[key]
+                minutes = (time.time() - t0) / 60
+                if run_state(run.folder(out)) == "finished":  # its summary says so: never also "failed"
+                    result.finished.append(key)
+                    log(f"sweep: done   {key} in {minutes:.1f} min" + (f" (exit {rc})" if rc else ""))
+                elif stop.signum:
+                    log(f"sweep: stopped {key} (resumable)")
+                else:
+                    result.failed[key] = str(run.log(out))
+                    log(f"sweep: FAILED {key} (exit {rc}); see {run.log(out)}")
+                if on_change is not None:
+                    on_change()
+            if running:
+                time.sleep(0.5)
+        result.interrupted = stop.signum

@@ -12,6 +12,7 @@
     contrasts: [[asr-se, psi-1]]                # more paired differences, first arm minus second (optional)
     jobs: 2                                     # runs at a time (optional; --jobs overrides)
     threads: 1                                  # torch threads per run (optional; --threads overrides)
+    slurm: {partition: gpu, time: 240}          # --launcher slurm's job options (optional; --slurm overrides)
 
 ``${NAME}`` in a value is replaced by the environment variable ``NAME`` (a data path that
 differs per machine); an unset variable is an error. Every arm's command line is parsed by
@@ -33,7 +34,8 @@ from typing import Any
 from .._argtypes import MAX_CONFIG_THREADS
 from .._files import load_yaml_file
 
-__all__ = ["Arm", "Run", "SweepSpec", "SweepError", "load_sweep", "parse_sweep", "OWNED_OPTIONS", "MAX_SEEDS",
+__all__ = ["Arm", "Run", "SweepSpec", "SweepError", "load_sweep", "parse_sweep", "parse_slurm", "SLURM_KEYS",
+           "MAX_GPU_IDS", "MAX_GPUS_PER_RUN", "OWNED_OPTIONS", "MAX_SEEDS",
            "MAX_ARMS", "MAX_RUNS", "MAX_JOBS"]
 
 #: seeds of the file (and of one arm): a paired comparison needs tens, not thousands
@@ -44,10 +46,29 @@ MAX_ARMS = 1_000
 MAX_RUNS = 10_000
 #: training processes at a time (``jobs``): each holds a model, its data and its threads
 MAX_JOBS = 64
+#: GPU ids ``sweep --gpus`` may name (each id below this too)
+MAX_GPU_IDS = 1_024
+#: GPUs of one run (``--gpus-per-run``, a ``slurm:`` block's ``gpus_per_node``): the ranks of one DDP run on a node
+MAX_GPUS_PER_RUN = 64
 
 _ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+\-]{0,63}")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_KEYS = {"base", "arms", "seeds", "baseline", "contrasts", "jobs", "threads"}
+_KEYS = {"base", "arms", "seeds", "baseline", "contrasts", "jobs", "threads", "slurm"}
+#: the keys of a ``slurm:`` block (and of ``sweep --slurm KEY=VALUE``): an integer's (low, high), or the pattern
+#: a text value must match (each becomes an ``#SBATCH`` line: no spaces, quotes or line breaks get through)
+_SLURM_NAME = re.compile(r"[A-Za-z0-9_.,+\-]{1,128}")
+SLURM_KEYS: dict[str, tuple[int, int] | re.Pattern[str]] = {
+    "partition": _SLURM_NAME,
+    "time": (1, 30 * 24 * 60),  # minutes: 30 days
+    "gpus_per_node": (0, MAX_GPUS_PER_RUN),
+    "cpus_per_task": (1, 1_024),
+    "mem_gb": (1, 4_096),
+    "constraint": re.compile(r"[A-Za-z0-9_.,+\-&|\[\]*():!]{1,256}"),
+    "account": _SLURM_NAME,
+    "qos": _SLURM_NAME,
+    "max_timeouts": (0, 100),  # time limits a run may reach (each requeues it) before it counts as failed
+    "executor": re.compile(r"slurm|local"),  # local: submitit's LocalExecutor (the SLURM path on one machine)
+}
 #: options the sweep sets for every run itself (TrainConfig/argparse dest -> the option)
 OWNED_OPTIONS = {"output": "-o/--output", "seed": "--seed", "resume": "--resume", "threads": "--threads",
                  "config": "-c/--config", "allow_config_change": "--allow-config-change", "progress": "--progress",
@@ -100,6 +121,8 @@ class SweepSpec:
     threads: int = 0
     #: (first, second) arm pairs whose paired difference (first minus second, seed by seed) is summarised
     contrasts: tuple[tuple[str, str], ...] = ()
+    #: the ``slurm:`` block, checked (:func:`parse_slurm`): how ``--launcher slurm`` submits each run
+    slurm: tuple[tuple[str, Any], ...] = ()
 
     def arm(self, name: str) -> Arm:
         for a in self.arms:
@@ -237,7 +260,32 @@ def parse_sweep(data: Any, source: str = "sweep file") -> SweepSpec:
     contrasts = _contrasts(data.get("contrasts"), [a.name for a in arms], f"{source}: contrasts")
     jobs = _count(data.get("jobs", 1), f"{source}: jobs", 1, MAX_JOBS)
     threads = _count(data.get("threads", 0), f"{source}: threads", 0, MAX_CONFIG_THREADS)
-    return SweepSpec(base, tuple(arms), seeds, baseline, jobs, threads, contrasts)
+    slurm = parse_slurm(data.get("slurm") or {}, f"{source}: slurm")
+    return SweepSpec(base, tuple(arms), seeds, baseline, jobs, threads, contrasts, slurm)
+
+
+def parse_slurm(value: Any, where: str) -> tuple[tuple[str, Any], ...]:
+    """Check a ``slurm:`` block (or ``--slurm KEY=VALUE`` pairs): known keys, integers in their bounds (a text
+    of digits counts, as the command line gives it), names made of the characters SLURM's options use."""
+    if not isinstance(value, Mapping):
+        raise SweepError(f"{where}: expected a mapping such as {{partition: gpu, time: 240}}, got {_short(value)}")
+    out: list[tuple[str, Any]] = []
+    for key, item in value.items():
+        rule = SLURM_KEYS.get(key) if isinstance(key, str) else None
+        if rule is None:
+            raise SweepError(f"{where}: unknown key {_short(key)}; the keys are {', '.join(SLURM_KEYS)}")
+        if isinstance(rule, tuple):
+            if isinstance(item, str) and item.isascii() and item.isdigit() and len(item) <= 12:
+                item = int(item)
+            out.append((key, _count(item, f"{where}: {key}{' (minutes)' if key == 'time' else ''}", *rule)))
+        elif isinstance(item, str) and rule.fullmatch(item):
+            out.append((key, item))
+        else:
+            what = {"executor": "slurm or local",
+                    "constraint": "a feature expression (letters, digits, _ . , + - & | [ ] * ( ) : !)"}.get(
+                key, "a name (letters, digits, _ . , + -)")
+            raise SweepError(f"{where}: {key}: expected {what}, got {_short(item)}")
+    return tuple(out)
 
 
 def load_sweep(path: str | os.PathLike[str]) -> SweepSpec:
@@ -248,13 +296,16 @@ def load_sweep(path: str | os.PathLike[str]) -> SweepSpec:
 
 
 def _parse_train(args: Sequence[str], where: str) -> Any:
-    from ..cli import build_parser
+    import argparse
 
-    parser = build_parser()
+    from ..train.arguments import add_train_arguments
+
+    parser = argparse.ArgumentParser(prog="foldattn train")
+    add_train_arguments(parser)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:
-            return parser.parse_args(["train", *args])
+            return parser.parse_args(list(args))
         except SystemExit:
             pass
     lines = [x for x in err.getvalue().strip().splitlines() if x and not x.startswith("usage:")
@@ -266,7 +317,7 @@ def _parse_train(args: Sequence[str], where: str) -> Any:
 def check_options(spec: SweepSpec) -> None:
     """Parse every arm with ``foldattn train``'s parser and validate its configuration: unknown
     options, bad values, options the sweep sets itself, arms that repeat another, missing data."""
-    from ..cli.train import config_from_args
+    from ..train.arguments import config_from_args
 
     seen: dict[tuple[tuple[str, Any], ...], str] = {}
     for arm in spec.arms:
