@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck docs wheel-check ci
+.PHONY: setup demo test test-slow lint typecheck docs wheel-check ci
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -18,8 +18,13 @@ demo: $(STAMP)
 
 # -n auto: one pytest worker per CPU core (pytest-xdist), each with one torch thread; expensive
 # read-only fixtures are built once for all workers (tests/conftest.py: shared_folder)
+# `make test` skips the tests marked slow (multi-process end-to-end: launchers, kill-and-resume, DDP variants,
+# runtime timing); `make test-slow` runs only those; CI runs both (docs/decisions.md, "What CI runs")
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto $(ARGS)
+	$(BIN)/python -m pytest -q -n auto -m "not slow" $(ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -n auto -m slow $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks docs

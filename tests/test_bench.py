@@ -527,6 +527,7 @@ def test_onnx_rows_and_channels_last() -> None:
                                                       "fused_faster_latency"}
 
 
+@pytest.mark.slow
 def test_every_runtime_times_the_deployed_forms() -> None:
     """--runtime eager,ort,ort-int8,compile: plain, +X and ASR-folded in each runtime, with ratios to the same
     runtime's plain; a runtime that cannot run here is a note, not a failure."""

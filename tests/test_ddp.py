@@ -59,6 +59,7 @@ def test_two_process_ddp_ranks_agree(full_run: Path) -> None:
     assert load_checkpoint(full_run)["run"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_two_process_ddp_with_the_modern_recipe_options(tmp_path: Path) -> None:
     _torchrun(tmp_path, "modern")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -69,6 +70,7 @@ def test_two_process_ddp_with_the_modern_recipe_options(tmp_path: Path) -> None:
     assert blob["run"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_one_rank_stops_all_ranks_at_the_same_step_and_resumes_exactly(full_run: Path,
                                                                                    tmp_path: Path) -> None:
     cut = tmp_path / "cut"
@@ -220,12 +222,14 @@ def two_node_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
                          lambda out: _two_nodes("-m", "foldattn.cli", "train", *CLI_OPTIONS, "-o", out))
 
 
+@pytest.mark.slow
 def test_two_nodes_train_exactly_like_one_node_with_two_processes(full_run: Path, two_node_run: Path) -> None:
     # the same global ranks see the same data, and the all-reduce of two ranks is a + b either way
     _assert_same_run(two_node_run, full_run)
     assert (two_node_run / "metrics.csv").is_file() and not list(two_node_run.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_an_interrupted_two_node_run_resumes_exactly(full_run: Path, two_node_run: Path, tmp_path: Path) -> None:
     cut = tmp_path / "cut"
     _two_nodes(WORKER, cut, "cut")  # Ctrl-C reaches rank 1 only (the other node's), after its first step

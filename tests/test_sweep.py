@@ -47,6 +47,7 @@ def _cli(args: list[str], timeout: float = 300, **kw: object) -> subprocess.Comp
                           timeout=timeout, **kw)  # type: ignore[call-overload]
 
 
+@pytest.mark.slow
 def test_two_arm_two_seed_sweep_resumes_after_a_kill(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec_file = _sweep_file(tmp_path)
     out = tmp_path / "out"

@@ -42,6 +42,7 @@ def _alive(pid: int) -> bool:
 
 
 @LINUX
+@pytest.mark.slow
 def test_a_sweep_killed_hard_takes_its_runs_with_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec, out = _sweep_file(tmp_path), tmp_path / "out"
     driver = subprocess.Popen([sys.executable, "-m", "foldattn.cli", "sweep", str(spec), "-o", str(out), "--jobs",
@@ -68,6 +69,7 @@ def test_a_sweep_killed_hard_takes_its_runs_with_it(tmp_path: Path, capsys: pyte
     assert summary["runs_finished"] == summary["runs_planned"] == 2
 
 
+@pytest.mark.slow
 def test_a_run_held_by_another_process_is_busy_not_failed(tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     spec, out = _sweep_file(tmp_path), tmp_path / "out"
