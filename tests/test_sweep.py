@@ -171,6 +171,29 @@ def test_contrasts_are_paired_by_seed_in_json_markdown_and_plot(tmp_path: Path) 
     assert (tmp_path / "summary.png").stat().st_size > 1000
 
 
+def test_learning_curves_are_the_mean_and_range_over_seeds_per_epoch(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    spec = parse_sweep({"arms": {"a": [], "b": ["--attention", "se"], "c": ["--attention", "eca"]},
+                        "seeds": [0, 1, 2], "baseline": "a"})
+    # b-s2 unfinished: b's curve is over seeds 0 and 1; c's runs differ in length: no curve for c
+    _finished_runs(tmp_path, {("a", 0): [10.0, 20.0, 30.0], ("a", 1): [12.0, 18.0, 33.0], ("a", 2): [14.0, 22.0, 30.0],
+                              ("b", 0): [11.0, 25.0, 35.0], ("b", 1): [13.0, 21.0, 31.0],
+                              ("c", 0): [10.0, 20.0], ("c", 1): [10.0, 20.0, 30.0]})
+    summary = write_summary(spec, tmp_path)
+    a, b, c = (summary["arms"][n] for n in "abc")
+    assert a["curve"] == {"epochs": 3, "mean": pytest.approx([12.0, 20.0, 31.0]), "min": [10.0, 18.0, 30.0],
+                          "max": [14.0, 22.0, 33.0]}
+    assert b["curve"]["mean"] == pytest.approx([12.0, 23.0, 33.0]) and b["curve"]["min"] == [11.0, 21.0, 31.0]
+    assert "curve" not in c and "ema_curve" not in a  # no EMA column in these runs
+    assert a["curve"]["mean"][-1] == pytest.approx(a["final_top1"]["mean"])  # the curve ends where the table does
+    png = tmp_path / "curves.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary["arms"] = {n: {k: v for k, v in x.items() if k != "curve"} for n, x in summary["arms"].items()}
+    from foldattn.sweep import plot_curves
+
+    assert plot_curves(summary, tmp_path / "none.png") is False and not (tmp_path / "none.png").exists()
+
+
 def test_with_an_ema_the_paired_differences_are_the_emas(tmp_path: Path) -> None:
     spec = parse_sweep({"arms": {"plain": [], "asr": ["--attention", "scale", "--asr"]}, "seeds": [0, 1],
                         "baseline": "plain", "contrasts": [["asr", "plain"]]})
@@ -191,6 +214,8 @@ def test_with_an_ema_the_paired_differences_are_the_emas(tmp_path: Path) -> None
     md = (tmp_path / "summary.md").read_text()
     assert "| final EMA vs plain (per seed) | best EMA vs plain |" in md
     assert "| +1.25 ± 1.06 (+2.00, +0.50) |" in md and "final EMA top-1 difference" in md
+    assert asr["ema_curve"]["mean"] == pytest.approx([42.5, 56.75])
+    assert asr["curve"]["mean"] == pytest.approx([49.5, 59.5])
 
 
 # (id, sweep file text after `base`, the one line's text)

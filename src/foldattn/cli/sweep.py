@@ -143,7 +143,8 @@ def _main(args: argparse.Namespace) -> int:
     from ..sweep.summary import markdown
 
     print(markdown(summary))
-    print(f"wrote {out / 'summary.json'}, {out / 'summary.md'}" + (", summary.png" if summary["runs_finished"] else ""))
+    print(f"wrote {out / 'summary.json'}, {out / 'summary.md'}"
+          + (", summary.png, curves.png" if summary["runs_finished"] else ""))
     if result.interrupted:
         print("foldattn sweep: stopped; run the same command again to resume", file=sys.stderr, flush=True)
         return 128 + result.interrupted
@@ -164,8 +165,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "sweep", help="run arms x seeds of `foldattn train` (resumable) and summarise them against a baseline",
         description="Run every (arm, seed) of a sweep file as a `foldattn train` process, a few at a time, into "
                     "OUTPUT/runs/ARM/sSEED; finished runs are kept and interrupted ones resumed when the command "
-                    "is repeated. Writes OUTPUT/summary.json, summary.md and summary.png (mean ± std per arm, "
-                    "paired differences to the baseline arm per seed).",
+                    "is repeated. Writes OUTPUT/summary.json, summary.md, summary.png (mean ± std per arm, "
+                    "paired differences to the baseline arm per seed) and curves.png (validation top-1 per "
+                    "epoch, mean over seeds per arm).",
     )
     p.add_argument("file", metavar="FILE.yaml", help="the sweep file (base, arms, seeds, baseline)")
     p.add_argument("-o", "--output", required=True, help="the sweep's folder (new, empty, or this sweep's)")

@@ -1,4 +1,5 @@
-"""The summary of a sweep: per arm mean +- std over seeds, paired differences to the baseline, a plot.
+"""The summary of a sweep: per arm mean +- std over seeds, paired differences to the baseline, a plot,
+and the learning curves (validation top-1 per epoch, mean and range over seeds, per arm).
 
 Only finished runs count. ``final`` is the last epoch's validation top-1 of the folded model,
 ``best`` the highest over the epochs (picked on the validation split: report both); with
@@ -22,7 +23,7 @@ from .._utils import atomic_path, write_json
 from .runner import command_for, run_state
 from .spec import Run, SweepSpec
 
-__all__ = ["summarize", "write_summary", "stats", "markdown", "plot_summary"]
+__all__ = ["summarize", "write_summary", "stats", "markdown", "plot_summary", "plot_curves"]
 
 _METRICS = ("final_top1", "best_top1", "final_ema_top1", "best_ema_top1")
 
@@ -61,7 +62,10 @@ def _run_metrics(folder: Path) -> dict[str, Any] | None:
         "params_trained": (summary.get("run") or {}).get("params_train"),
         "params_deployed": (summary.get("run") or {}).get("params_deployed"),
         "epochs": len(hist),
+        "curve": [h.get("val_top1") for h in hist],
     }
+    if all("ema_val_top1" in h for h in hist):
+        out["ema_curve"] = [h["ema_val_top1"] for h in hist]
     if "ema_val_top1" in hist[-1]:
         out["final_ema_top1"] = hist[-1]["ema_val_top1"]
         out["best_ema_top1"] = max(h.get("ema_val_top1", -math.inf) for h in hist)
@@ -78,6 +82,17 @@ def _paired(per_run: dict[tuple[str, int], dict[str, Any]], first: str, second: 
         if pairs and all(a is not None and b is not None for a, b in pairs):
             diff[metric] = stats([a - b for a, b in pairs if a is not None and b is not None])  # all: checked above
     return diff
+
+
+def _curve(rows: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """Per epoch the mean, min and max over the runs of one arm; only where every run has every epoch's value
+    (runs of one arm share their schedule; a run of another length leaves the arm without a curve)."""
+    curves: list[list[float]] = [r[key] for r in rows if r.get(key) is not None]
+    if not curves or len(curves) != len(rows) or any(len(c) != len(curves[0]) or None in c for c in curves):
+        return None
+    per_epoch = list(zip(*curves, strict=True))
+    return {"epochs": len(per_epoch), "mean": [statistics.fmean(v) for v in per_epoch],
+            "min": [min(v) for v in per_epoch], "max": [max(v) for v in per_epoch]}
 
 
 def summarize(spec: SweepSpec, out: Path, threads: int = 0, source: str = "SWEEP.yaml") -> dict[str, Any]:
@@ -101,6 +116,10 @@ def summarize(spec: SweepSpec, out: Path, threads: int = 0, source: str = "SWEEP
         if rows:
             entry["params_trained"], entry["params_deployed"] = rows[0]["params_trained"], rows[0]["params_deployed"]
             entry["epochs"] = rows[0]["epochs"]
+        for key in ("curve", "ema_curve"):
+            curve = _curve(rows, key)
+            if curve is not None:
+                entry[key] = curve
         entry["commands"] = {str(s): shlex.join(command_for(spec, Run(arm.name, s), out, threads)) for s in seeds}
         if spec.baseline is not None and arm.name != spec.baseline:
             entry["paired_diff"] = _paired(per_run, arm.name, spec.baseline, arm.seeds)
@@ -219,12 +238,47 @@ def plot_summary(summary: dict[str, Any], path: Path, title: str | None = None) 
     save_png(fig, path)
 
 
+def plot_curves(summary: dict[str, Any], path: Path, title: str | None = None) -> bool:
+    """Draw each arm's validation top-1 per epoch (the mean over its finished seeds, the band their range) into
+    the PNG ``path``: the folded model's, and beside it the EMA's where the runs kept one. Returns False (and
+    draws nothing) when no arm has a curve."""
+    from ..train.plots import require_matplotlib, save_png
+
+    arms = {name: a for name, a in summary["arms"].items() if a.get("curve")}
+    if not arms:
+        return False
+    plt = require_matplotlib()
+    keys = ["curve"] + (["ema_curve"] if any(a.get("ema_curve") for a in arms.values()) else [])
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for i, (name, a) in enumerate(arms.items()):
+            c = a.get(key)
+            if not c:
+                continue
+            epochs = list(range(1, c["epochs"] + 1))
+            color = f"C{i % 10}"
+            ax.plot(epochs, c["mean"], color=color, lw=1.4, label=f"{name} ({len(a['seeds'])} seed(s))")
+            ax.fill_between(epochs, c["min"], c["max"], color=color, alpha=0.15, lw=0)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"validation top-1 (%){', EMA' if key == 'ema_curve' else ''}")
+        ax.set_title(("EMA" if key == "ema_curve" else "folded model") + ": mean over seeds, band: min-max",
+                     fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{title + ': ' if title else ''}learning curves, {summary['runs_finished']} of "
+                 f"{summary['runs_planned']} runs finished", fontsize=10)
+    save_png(fig, path)
+    return True
+
+
 def write_summary(spec: SweepSpec, out: Path, threads: int = 0, source: str = "SWEEP.yaml") -> dict[str, Any]:
-    """Write ``summary.json``, ``summary.md`` and ``summary.png`` into ``out``; returns the summary."""
+    """Write ``summary.json``, ``summary.md``, ``summary.png`` and ``curves.png`` (:func:`plot_curves`) into
+    ``out``; returns the summary."""
     summary = summarize(spec, out, threads, source)
     write_json(out / "summary.json", summary, indent=2)
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(markdown(summary))
     if summary["runs_finished"]:
         plot_summary(summary, out / "summary.png")
+        plot_curves(summary, out / "curves.png")
     return summary
