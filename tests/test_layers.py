@@ -22,6 +22,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
                    "foldattn.verify")),
     ("models, fold, deploy", ("foldattn.fold", "foldattn.summary", "foldattn.attach", "foldattn.models",
                               "foldattn.models.*", "foldattn.builders", "foldattn.deploy", "foldattn.export",
+                              "foldattn.runtimes",
                               "foldattn.quantize")),
     ("public API", ("foldattn",)),
     ("training parts", ("foldattn.train.engine", "foldattn.train.config", "foldattn.train.options",

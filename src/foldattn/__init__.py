@@ -17,13 +17,14 @@ from .deploy import load_deployed, save_deployed
 from .export import export_onnx
 from .fold import fold
 from .models import create_model, list_models
+from .runtimes import RuntimeReport, export_executorch, export_openvino
 from .summary import Summary, summary
 from .verify import TOLERANCES, EquivalenceError, VerifyReport, verify
 
 __all__ = [
     "ASR", "attach", "find_sites", "AttachReport", "register_attention_type", "register_transparent_type",
     "save_deployed", "load_deployed",
-    "export_onnx",
+    "export_onnx", "export_openvino", "export_executorch", "RuntimeReport",
     "fold", "verify", "summary", "Summary", "EquivalenceError", "VerifyReport", "TOLERANCES",
     "attention", "models", "transforms", "create_model", "list_models", "__version__",
 ]

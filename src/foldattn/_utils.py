@@ -166,7 +166,7 @@ def require(module: str, extra: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        package = _PIP_NAMES.get(module, module)
+        package = _PIP_NAMES.get(module, module.split(".")[0])  # executorch.exir: pip install executorch
         raise ImportError(
             f"this needs {package}, which foldattn's library does not install: pip install 'foldattn[{extra}]' "
             f"(or pip install {package})"

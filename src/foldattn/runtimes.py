@@ -1,0 +1,212 @@
+"""The deployed model in the runtimes deployers ship beside ONNX Runtime: OpenVINO (Intel CPUs) and ExecuTorch
+with the XNNPACK delegate (phones), each file checked against PyTorch before it is kept.
+
+After :func:`foldattn.fold` an ASR model (Zhong et al., arXiv 2304.06345) is the plain backbone, so whatever a
+runtime runs for the plain network it runs for the folded one. :func:`export_openvino` writes an OpenVINO IR
+folder (``model.xml`` and ``model.bin``, float32 weights) and :func:`export_executorch` an ExecuTorch program
+(``.pte``); both read their own file back, run it on the example inputs and compare with PyTorch in float32
+(``max |runtime - torch| / max |torch|``), and write nothing when that fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._utils import atomic_path, eval_mode, first_line, require
+from .export import _deployed, _other_batch
+from .verify import EquivalenceError, _as_args, _flatten, check_finite
+
+__all__ = ["export_openvino", "export_executorch", "RuntimeReport"]
+
+#: the files of an OpenVINO IR folder written by :func:`export_openvino`
+OPENVINO_FILES = ("model.xml", "model.bin")
+
+
+@dataclass(frozen=True)
+class RuntimeReport:
+    """What :func:`export_openvino` or :func:`export_executorch` wrote and checked."""
+
+    runtime: str
+    path: Path
+    folded_layers: int
+    batches: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    tolerance: float
+    #: the precision the check ran in (OpenVINO's CPU plugin would pick bfloat16 on CPUs that have it)
+    precision: str = "f32"
+
+    def __str__(self) -> str:
+        return (f"{self.path}: {self.runtime}, {self.folded_layers} ASR layer(s) folded before export; read back and "
+                f"run in {self.precision} at batch {', '.join(map(str, self.batches))}: max abs {self.max_abs:.3e}, "
+                f"max rel {self.max_rel:.3e} (tolerance {self.tolerance:.0e})")
+
+
+def _error(ref: Sequence[Tensor], got: Sequence[Tensor], runtime: str) -> tuple[float, float]:
+    """``(max abs, max abs / max |ref|)`` over the outputs, after both are checked finite and alike in shape."""
+    check_finite(list(ref), "PyTorch")
+    check_finite(list(got), runtime)
+    if len(ref) != len(got):
+        raise EquivalenceError(f"{runtime} returned {len(got)} output(s), PyTorch {len(ref)}")
+    max_abs = scale = 0.0
+    for r, g in zip(ref, got, strict=True):
+        r64, g64 = r.detach().cpu().double(), g.detach().cpu().double()
+        if r64.shape != g64.shape:
+            raise EquivalenceError(f"output shape differs: {runtime} {tuple(g64.shape)}, PyTorch {tuple(r64.shape)}")
+        if r64.numel():
+            max_abs = max(max_abs, (r64 - g64).abs().max().item())
+            scale = max(scale, r64.abs().max().item())
+    return max_abs, (max_abs / scale if scale > 0 else max_abs)
+
+
+def _prepare(model: nn.Module, example_inputs: Tensor | Sequence[Tensor], fold_asr: bool, fuse_bn: bool,
+             what: str) -> tuple[nn.Module, int, tuple[Any, ...]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} expects an nn.Module, got {type(model).__name__}")
+    args = _as_args(example_inputs)
+    if not all(isinstance(a, Tensor) for a in args):
+        raise TypeError(f"{what}: the example inputs must be tensors (a tensor or a tuple of tensors)")
+    if any(a.is_floating_point() and a.dtype != torch.float32 for a in args):
+        raise ValueError(f"{what}: the check runs in float32: pass float32 example inputs")
+    model, folded = _deployed(model, fold_asr, False, fuse_bn)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(*args)
+    except Exception as e:
+        raise RuntimeError(f"{what}: the model does not run on the example inputs "
+                           f"({type(e).__name__}: {first_line(e)[:300]})") from None
+    return model, folded, args
+
+
+def export_openvino(
+    model: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor],
+    folder: str | os.PathLike[str],
+    *,
+    fold_asr: bool = True,
+    fuse_bn: bool = False,
+    dynamic_batch: bool = True,
+    tolerance: float = 1e-5,
+) -> RuntimeReport:
+    """Deploy ``model`` as :func:`foldattn.fold` would and write it as an OpenVINO IR into ``folder``.
+
+    ``folder/model.xml`` and ``folder/model.bin`` (float32 weights: OpenVINO's ``save_model`` would halve them to
+    float16 by default) are converted with ``openvino.convert_model``, read back with ``openvino.Core`` and run
+    on the CPU plugin in float32 (``INFERENCE_PRECISION_HINT=f32``; left to itself the plugin runs in bfloat16
+    on CPUs that have it, about 1 % of the output scale away) against the deployed PyTorch model, at the
+    example batch and, with ``dynamic_batch``, at another one. Nothing is left in ``folder`` when a check fails;
+    other files there are not touched, ``model.xml``/``model.bin`` of an earlier export are replaced.
+
+    Args:
+        model: a model with or without ASR layers (wrappers are removed; not modified).
+        example_inputs: a float32 tensor or a tuple of tensors (batch first).
+        folder: the IR folder (created if missing).
+        fold_asr: export the deployed form (ASR folded, re-parameterization blocks fused) on a copy.
+        fuse_bn: also fuse the norm layers into the convs.
+        dynamic_batch: a dynamic batch dimension on every input (``False``: the example's batch).
+        tolerance: largest accepted ``max |openvino - torch| / max |torch|``.
+
+    Raises:
+        ImportError: the ``openvino`` extra is missing (``pip install 'foldattn[openvino]'``).
+        EquivalenceError: OpenVINO's outputs differ from PyTorch's beyond ``tolerance``, or are not finite.
+    """
+    model, folded, args = _prepare(model, example_inputs, fold_asr, fuse_bn, "export_openvino")
+    ov = require("openvino", "openvino")
+    dest = Path(folder)
+    dest.mkdir(parents=True, exist_ok=True)
+    stage = dest / f".openvino-{secrets.token_hex(4)}"
+    try:
+        with torch.no_grad(), eval_mode(model), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings of the conversion
+            shapes = [ov.PartialShape([-1 if dynamic_batch else a.shape[0], *a.shape[1:]]) for a in args]
+            try:
+                converted = ov.convert_model(model, example_input=args if len(args) > 1 else args[0], input=shapes)
+            except Exception as e:
+                raise RuntimeError(f"OpenVINO conversion failed: {type(e).__name__}: {first_line(e)[:300]}") from None
+            stage.mkdir()
+            ov.save_model(converted, str(stage / "model.xml"), compress_to_fp16=False)
+            compiled = ov.Core().compile_model(str(stage / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an openvino Type: what the plugin runs in
+            precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+            max_abs = max_rel = 0.0
+            batches = []
+            for batch_args in (args, _other_batch(args)) if dynamic_batch else (args,):
+                result = compiled([a.numpy() for a in batch_args])
+                got = [torch.from_numpy(result[out].copy()) for out in compiled.outputs]
+                a_err, r_err = _error(_flatten(model(*batch_args)), got, "OpenVINO")
+                max_abs, max_rel = max(max_abs, a_err), max(max_rel, r_err)
+                batches.append(batch_args[0].shape[0])
+            del compiled
+        if not max_rel <= tolerance:
+            raise EquivalenceError(f"OpenVINO differs from PyTorch: max abs {max_abs:.3e}, max rel {max_rel:.3e} "
+                                   f"(tolerance {tolerance:.0e}); nothing was written")
+        # the weights first: a model.xml is only ever beside the model.bin it was checked with
+        os.replace(stage / "model.bin", dest / "model.bin")
+        os.replace(stage / "model.xml", dest / "model.xml")
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(stage)
+    return RuntimeReport("OpenVINO IR", dest / "model.xml", folded, tuple(batches), max_abs, max_rel, tolerance,
+                         precision)
+
+
+def export_executorch(
+    model: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor],
+    path: str | os.PathLike[str],
+    *,
+    fold_asr: bool = True,
+    fuse_bn: bool = False,
+    tolerance: float = 1e-5,
+) -> RuntimeReport:
+    """Deploy ``model`` as :func:`foldattn.fold` would and write it as an ExecuTorch program (``.pte``) whose
+    operators the XNNPACK delegate runs.
+
+    ``torch.export`` at the example inputs' shapes (the program's batch is the example's: a phone runs batch 1),
+    lowered with ExecuTorch's ``XnnpackPartitioner``; the file is read back into ExecuTorch's Python runtime
+    and run against the deployed PyTorch model in float32. Written atomically; nothing when a check fails.
+
+    Raises:
+        ImportError: the ``executorch`` extra is missing (``pip install 'foldattn[executorch]'``).
+        EquivalenceError: ExecuTorch's outputs differ from PyTorch's beyond ``tolerance``, or are not finite.
+    """
+    model, folded, args = _prepare(model, example_inputs, fold_asr, fuse_bn, "export_executorch")
+    exir = require("executorch.exir", "executorch")
+    xnnpack = require("executorch.backends.xnnpack.partition.xnnpack_partitioner", "executorch")
+    runtime = require("executorch.runtime", "executorch")
+    dest = Path(path)
+    with torch.no_grad(), eval_mode(model), atomic_path(dest) as tmp:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.export.export(model, args)
+                lowered = exir.to_edge_transform_and_lower(program, partitioner=[xnnpack.XnnpackPartitioner()])
+                buffer = lowered.to_executorch().buffer
+        except Exception as e:
+            raise RuntimeError(f"ExecuTorch lowering failed: {type(e).__name__}: {first_line(e)[:300]}") from None
+        tmp.write_bytes(buffer)
+        # the bytes and the program stay referenced while the method runs: ExecuTorch's Python runtime reads
+        # them in place and does not keep them alive (a chained call segfaults)
+        data = tmp.read_bytes()
+        loaded = runtime.Runtime.get().load_program(data)
+        method = loaded.load_method("forward")
+        got = [t for t in method.execute(list(args)) if isinstance(t, Tensor)]
+        del method, loaded, data
+        max_abs, max_rel = _error(_flatten(model(*args)), got, "ExecuTorch")
+        if not max_rel <= tolerance:
+            raise EquivalenceError(f"ExecuTorch differs from PyTorch: max abs {max_abs:.3e}, max rel {max_rel:.3e} "
+                                   f"(tolerance {tolerance:.0e}); the file was not written")
+    return RuntimeReport("ExecuTorch program (XNNPACK)", dest, folded, (args[0].shape[0],), max_abs, max_rel,
+                         tolerance)
+
