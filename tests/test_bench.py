@@ -598,3 +598,32 @@ def test_cli_refuses_counts_past_their_bound(option: str, value: str, capsys, tm
     assert main(["bench", option, value, "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert f"argument {option}: {value} is too large" in err and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_openvino_and_executorch_rows_time_the_deployed_forms() -> None:
+    """--runtime openvino,executorch: plain, +X and ASR-folded read back in each runtime (each file checked against
+    PyTorch when written), timed, with ratios to the same runtime's plain."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("executorch")
+    from foldattn.models.cifar_resnet import CifarResNet
+
+    fam = bench.Family("test_resnet8_rt", (3, 16, 16), lambda attention, asr, both: CifarResNet(
+        8, attention=attention, asr=asr, both=both), train_batch=2)
+    bench.register_family(fam)
+    try:
+        cfg = bench.BenchConfig(models=("test_resnet8_rt",), attentions=("se",), reps=1, warmup=1, min_sample_s=0.0,
+                                throughput_batch=2, memory=False, train=False, threads=1,
+                                runtimes=("eager", "openvino", "executorch"))
+        result = bench.run_bench(cfg)
+    finally:
+        bench.unregister_family("test_resnet8_rt")
+    bench.validate_result(result)
+    rows = {r["variant"]: r for r in result["groups"][0]["rows"]}
+    for prefix in ("ov", "et"):
+        for v in ("plain", "x", "asr_folded"):
+            row = rows[f"{prefix}_{v}"]
+            assert row["latency_ms"]["median"] > 0 and row["throughput_ips"] > 0
+        assert rows[f"{prefix}_plain"]["runtime_ratio"]["latency"] == pytest.approx(1.0)
+    md = bench.render_markdown(result)
+    assert "+ASR(SE) folded (OpenVINO f32)" in md and "+SE (ExecuTorch XNNPACK)" in md

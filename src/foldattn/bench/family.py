@@ -267,6 +267,8 @@ RUNTIMES: dict[str, tuple[str, str]] = {
     "ort": ("ort", "ONNX Runtime"),
     "ort-int8": ("ortq", "ONNX Runtime INT8"),
     "compile": ("compile", "torch.compile"),
+    "openvino": ("ov", "OpenVINO f32"),
+    "executorch": ("et", "ExecuTorch XNNPACK"),
 }
 
 

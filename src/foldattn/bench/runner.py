@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .._sizes import check_bytes, combine, leaf_output_bytes
+from .._utils import require
 from ..export import export_onnx
 from ..fold import fold
 from ..summary import count_flops, count_params
@@ -113,6 +114,8 @@ def _runtime_runners(models: dict[str, nn.Module], family: Family, attention: st
                 models[key].to(cfg.device)
                 if cfg.channels_last:
                     models[key].to(memory_format=torch.channels_last)
+        if "openvino" in cfg.runtimes or "executorch" in cfg.runtimes:
+            _other_runtime_runners(models, family, cfg, threads, batches, Path(tmp), runners, notes, log)
         if "compile" in cfg.runtimes:
             for row, _, src in runtime_rows("compile"):
                 try:
@@ -133,6 +136,53 @@ def _runtime_runners(models: dict[str, nn.Module], family: Family, attention: st
                         runners.pop((row, b), None)
                     break
         yield runners, notes
+
+
+def _other_runtime_runners(models: dict[str, nn.Module], family: Family, cfg: BenchConfig, threads: int,
+                           batches: Sequence[int], tmp: Path, runners: dict[tuple[str, int], Callable[[], object]],
+                           notes: list[str], log: Callable[[str], None]) -> None:
+    """OpenVINO (the IR of :func:`foldattn.export_openvino`, norms fused, compiled for the CPU plugin in f32 with
+    ``threads`` threads) and ExecuTorch (a ``.pte`` per batch size from :func:`foldattn.export_executorch`, XNNPACK
+    with a ``threads``-thread pool); each file is checked against PyTorch when it is written."""
+    from ..runtimes import export_executorch, export_openvino
+
+    if cfg.device != "cpu":
+        raise ValueError("--runtime openvino/executorch time the CPU: use --device cpu")
+    cpu = replace(cfg, device="cpu", channels_last=False)
+    ov_rows = {src: row for row, _, src in runtime_rows("openvino")}
+    et_rows = {src: row for row, _, src in runtime_rows("executorch")}
+    for src in sorted(ov_rows):
+        # the smallest form (ASR folded, norms fused), as the ONNX rows; the exports work on a copy
+        model = models[src].cpu().float().eval()
+        if "openvino" in cfg.runtimes:
+            ov = require("openvino", "openvino")
+            folder = tmp / f"ov-{src}"
+            export_openvino(model, _inputs(family, 1, cpu, torch.device("cpu")), folder, fuse_bn=True)
+            compiled = ov.Core().compile_model(str(folder / "model.xml"), "CPU", {
+                "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+            for batch in batches:
+                request = compiled.create_infer_request()
+                feed = _inputs(family, batch, cpu, torch.device("cpu")).numpy()
+                runners[(ov_rows[src], batch)] = functools.partial(request.infer, [feed])
+        if "executorch" in cfg.runtimes:
+            runtime = require("executorch.runtime", "executorch")
+            portable = require("executorch.extension.pybindings.portable_lib", "executorch")
+            portable._unsafe_reset_threadpool(threads)  # XNNPACK's pool, else one thread per core
+            for batch in batches:
+                x = _inputs(family, batch, cpu, torch.device("cpu"))
+                path = tmp / f"et-{src}-{batch}.pte"
+                export_executorch(model, x, path, fuse_bn=True)
+                data = path.read_bytes()
+                program = runtime.Runtime.get().load_program(data)
+                method = program.load_method("forward")
+                # the partial holds the bytes and the program: ExecuTorch reads them in place while the method runs
+                runners[(et_rows[src], batch)] = functools.partial(_execute, method, [x], program, data)
+        models[src].to(cfg.device)
+    log(f"  OpenVINO/ExecuTorch: {threads} thread(s), f32")
+
+
+def _execute(method: Any, inputs: list[Tensor], *keep: object) -> object:
+    return method.execute(inputs)
 
 
 def bench_group(family: Family, attention: str, cfg: BenchConfig, threads: int,
