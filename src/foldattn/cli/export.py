@@ -21,7 +21,7 @@ __all__ = ["register"]
 
 def _main(args: argparse.Namespace) -> int:
     if not (args.onnx or args.pt2 or args.openvino or args.pte):
-        raise CLIError("export: give at least one of --onnx FILE.onnx, --pt2 FILE.pt2, --openvino DIR, --pte FILE.pte")
+        raise CLIError("export: give --onnx FILE.onnx, --pt2 FILE.pt2, --openvino DIR, --pte FILE.pte (one or more)")
     if args.onnx and Path(args.onnx).suffix != ".onnx":
         raise CLIError(f"--onnx {args.onnx}: the file name must end in .onnx")
     if args.pt2 and Path(args.pt2).suffix != ".pt2":
