@@ -93,6 +93,16 @@ def test_cli_exports_a_digits_run_to_both_runtimes(digits_asr_run: Path, tmp_pat
     assert (out / "ir" / "model.xml").is_file() and (out / "ir" / "model.bin").is_file() and (out / "m.pte").is_file()
 
 
+def test_a_killed_exports_staged_folder_is_removed_by_the_next(digits_asr_run: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("openvino")
+    stale = tmp_path / "ir" / ".openvino.foldattn-dead.tmp"
+    stale.mkdir(parents=True)
+    (stale / "model.xml").write_text("half")
+    assert main(["export", str(digits_asr_run), "--openvino", str(tmp_path / "ir")]) == 0
+    assert sorted(p.name for p in (tmp_path / "ir").iterdir()) == ["model.bin", "model.xml"]
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--pte", "m.onnx"], "must end in .pte"),
     (["--openvino", "model.xml"], "name a folder"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -82,7 +83,10 @@ class RunLock:
             self.held = True
             for tmp in self.path.parent.glob(f".*{TMP_MARK}*.tmp"):  # a killed write's: never renamed into place
                 with contextlib.suppress(OSError):
-                    tmp.unlink()
+                    if tmp.is_dir() and not tmp.is_symlink():  # a staged folder (export_openvino's)
+                        shutil.rmtree(tmp)
+                    else:
+                        tmp.unlink()
             return self
         raise RunLockedError(f"could not lock {self.path.parent}")
 

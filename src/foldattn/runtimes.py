@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._utils import atomic_path, eval_mode, first_line, require
+from ._utils import TMP_MARK, atomic_path, eval_mode, first_line, require
 from .export import _deployed, _other_batch
 from .verify import EquivalenceError, _as_args, _flatten, check_finite
 
@@ -125,7 +125,8 @@ def export_openvino(
     ov = require("openvino", "openvino")
     dest = Path(folder)
     dest.mkdir(parents=True, exist_ok=True)
-    stage = dest / f".openvino-{secrets.token_hex(4)}"
+    # named like atomic_path's temporaries: the folder's lock (RunLock) removes what a killed export left
+    stage = dest / f".openvino{TMP_MARK}{secrets.token_hex(4)}.tmp"
     try:
         with torch.no_grad(), eval_mode(model), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings of the conversion
