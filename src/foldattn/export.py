@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ._utils import atomic_path, eval_mode, first_line, require, unwrap_model
 from .fold import asr_layers, fold, has_foldable
-from .verify import TOLERANCES, EquivalenceError, _as_args, _flatten, check_finite
+from .verify import TOLERANCES, EquivalenceError, _as_args, _flatten, _output_error
 
 __all__ = ["export_onnx", "export_program", "onnx_op_counts", "ExportReport", "ProgramReport"]
 
@@ -310,13 +310,8 @@ def export_program(
         max_abs = max_rel = 0.0
         batches = []
         for batch_args in (args, _other_batch(args)) if dynamic_batch else (args,):
-            ref, got = _flatten(model(*batch_args)), _flatten(loaded(*batch_args))
-            check_finite(ref, "PyTorch")
-            check_finite(got, "exported program")
-            scale = max((r.detach().abs().max().item() for r in ref if r.numel()), default=0.0)
-            err = max(((r.double() - g.double()).abs().max().item() for r, g in zip(ref, got, strict=True)
-                       if r.numel()), default=0.0)
-            max_abs, max_rel = max(max_abs, err), max(max_rel, err / scale if scale > 0 else err)
+            err, rel = _output_error(_flatten(model(*batch_args)), _flatten(loaded(*batch_args)), "exported program")
+            max_abs, max_rel = max(max_abs, err), max(max_rel, rel)
             batches.append(next(t.shape[0] for t in batch_args if isinstance(t, Tensor)))
         if not max_rel <= tol:
             raise EquivalenceError(f"the exported program differs from PyTorch: max abs {max_abs:.3e}, max rel "
@@ -332,19 +327,5 @@ def _compare_with_ort(model: nn.Module, args: tuple[Any, ...], path: Path) -> tu
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     tensors = [a for a in args if isinstance(a, Tensor)]
     feeds = {inp.name: t.detach().cpu().numpy() for inp, t in zip(session.get_inputs(), tensors, strict=False)}
-    got = session.run(None, feeds)
-    ref = _flatten(model(*args))
-    check_finite(ref, "PyTorch")
-    check_finite([torch.from_numpy(g) for g in got], "onnxruntime")
-    if len(ref) != len(got):
-        raise ValueError(f"onnxruntime returned {len(got)} output(s), PyTorch {len(ref)}")
-    max_abs, scale = 0.0, 0.0
-    for r, g in zip(ref, got, strict=True):
-        r64 = r.detach().cpu().double()
-        g64 = torch.from_numpy(g).double()
-        if r64.shape != g64.shape:
-            raise ValueError(f"output shape differs: onnxruntime {tuple(g64.shape)}, PyTorch {tuple(r64.shape)}")
-        if r64.numel():
-            max_abs = max(max_abs, (r64 - g64).abs().max().item())
-            scale = max(scale, r64.abs().max().item())
-    return max_abs, (max_abs / scale if scale > 0 else max_abs)
+    got = [torch.from_numpy(g) for g in session.run(None, feeds)]
+    return _output_error(_flatten(model(*args)), got, "onnxruntime")

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ._utils import TMP_MARK, atomic_path, eval_mode, first_line, require
 from .export import _deployed, _other_batch
-from .verify import EquivalenceError, _as_args, _flatten, check_finite
+from .verify import EquivalenceError, _as_args, _flatten, _output_error
 
 __all__ = ["export_openvino", "export_executorch", "RuntimeReport"]
 
@@ -51,23 +51,6 @@ class RuntimeReport:
         return (f"{self.path}: {self.runtime}, {self.folded_layers} ASR layer(s) folded before export; read back and "
                 f"run in {self.precision} at batch {', '.join(map(str, self.batches))}: max abs {self.max_abs:.3e}, "
                 f"max rel {self.max_rel:.3e} (tolerance {self.tolerance:.0e})")
-
-
-def _error(ref: Sequence[Tensor], got: Sequence[Tensor], runtime: str) -> tuple[float, float]:
-    """``(max abs, max abs / max |ref|)`` over the outputs, after both are checked finite and alike in shape."""
-    check_finite(list(ref), "PyTorch")
-    check_finite(list(got), runtime)
-    if len(ref) != len(got):
-        raise EquivalenceError(f"{runtime} returned {len(got)} output(s), PyTorch {len(ref)}")
-    max_abs = scale = 0.0
-    for r, g in zip(ref, got, strict=True):
-        r64, g64 = r.detach().cpu().double(), g.detach().cpu().double()
-        if r64.shape != g64.shape:
-            raise EquivalenceError(f"output shape differs: {runtime} {tuple(g64.shape)}, PyTorch {tuple(r64.shape)}")
-        if r64.numel():
-            max_abs = max(max_abs, (r64 - g64).abs().max().item())
-            scale = max(scale, r64.abs().max().item())
-    return max_abs, (max_abs / scale if scale > 0 else max_abs)
 
 
 def _prepare(model: nn.Module, example_inputs: Tensor | Sequence[Tensor], fold_asr: bool, fuse_bn: bool,
@@ -145,7 +128,7 @@ def export_openvino(
             for batch_args in (args, _other_batch(args)) if dynamic_batch else (args,):
                 result = compiled([a.numpy() for a in batch_args])
                 got = [torch.from_numpy(result[out].copy()) for out in compiled.outputs]
-                a_err, r_err = _error(_flatten(model(*batch_args)), got, "OpenVINO")
+                a_err, r_err = _output_error(_flatten(model(*batch_args)), got, "OpenVINO")
                 max_abs, max_rel = max(max_abs, a_err), max(max_rel, r_err)
                 batches.append(batch_args[0].shape[0])
             del compiled
@@ -204,7 +187,7 @@ def export_executorch(
         method = loaded.load_method("forward")
         got = [t for t in method.execute(list(args)) if isinstance(t, Tensor)]
         del method, loaded, data
-        max_abs, max_rel = _error(_flatten(model(*args)), got, "ExecuTorch")
+        max_abs, max_rel = _output_error(_flatten(model(*args)), got, "ExecuTorch")
         if not max_rel <= tolerance:
             raise EquivalenceError(f"ExecuTorch differs from PyTorch: max abs {max_abs:.3e}, max rel {max_rel:.3e} "
                                    f"(tolerance {tolerance:.0e}); the file was not written")

@@ -191,6 +191,24 @@ def verify(
     return report
 
 
+def _output_error(ref: Sequence[Tensor], got: Sequence[Tensor], runtime: str) -> tuple[float, float]:
+    """``(max abs, max abs / max |ref|)`` of another runtime's outputs ``got`` against PyTorch's ``ref``, in
+    float64, after both are checked finite and alike in count and shape (the exports' checks)."""
+    check_finite(list(ref), "PyTorch")
+    check_finite(list(got), runtime)
+    if len(ref) != len(got):
+        raise EquivalenceError(f"{runtime} returned {len(got)} output(s), PyTorch {len(ref)}")
+    max_abs = scale = 0.0
+    for r, g in zip(ref, got, strict=True):
+        r64, g64 = r.detach().cpu().double(), g.detach().cpu().double()
+        if r64.shape != g64.shape:
+            raise EquivalenceError(f"output shape differs: {runtime} {tuple(g64.shape)}, PyTorch {tuple(r64.shape)}")
+        if r64.numel():
+            max_abs = max(max_abs, (r64 - g64).abs().max().item())
+            scale = max(scale, r64.abs().max().item())
+    return max_abs, (max_abs / scale if scale > 0 else max_abs)
+
+
 def check_finite(outputs: Sequence[Tensor], label: str) -> None:
     """Raise :class:`EquivalenceError` if any output holds NaN or Inf (how many, in which output).
 
