@@ -527,25 +527,31 @@ def test_onnx_rows_and_channels_last() -> None:
                                                       "fused_faster_latency"}
 
 
+def _resnet8_runtime_bench(name: str, runtimes: tuple[str, ...], throughput_batch: int) -> dict:
+    """``run_bench`` of a ResNet-8 family at 16x16 (registered for the call) with ``runtimes``, no memory or
+    training measurement, one rep: what the runtime-row tests time."""
+    from foldattn.models.cifar_resnet import CifarResNet
+
+    fam = bench.Family(name, (3, 16, 16), lambda attention, asr, both: CifarResNet(
+        8, attention=attention, asr=asr, both=both), train_batch=2)
+    bench.register_family(fam)
+    try:
+        cfg = bench.BenchConfig(models=(name,), attentions=("se",), reps=1, warmup=1, min_sample_s=0.0,
+                                throughput_batch=throughput_batch, memory=False, train=False, threads=1,
+                                runtimes=runtimes)
+        return bench.run_bench(cfg)
+    finally:
+        bench.unregister_family(name)
+
+
 @pytest.mark.slow
 def test_every_runtime_times_the_deployed_forms() -> None:
     """--runtime eager,ort,ort-int8,compile: plain, +X and ASR-folded in each runtime, with ratios to the same
     runtime's plain; a runtime that cannot run here is a note, not a failure."""
     pytest.importorskip("onnxruntime")
-    from foldattn.models.cifar_resnet import CifarResNet
-
-    # a ResNet-8 family at 16x16: torch.compile with a cold cache (as on CI) compiles each form and batch size
-    fam = bench.Family("test_resnet8", (3, 16, 16), lambda attention, asr, both: CifarResNet(
-        8, attention=attention, asr=asr, both=both), train_batch=2)
-    bench.register_family(fam)
-    try:
-        # throughput at batch 1 too: one compile per form instead of two (each costs seconds)
-        cfg = bench.BenchConfig(models=("test_resnet8",), attentions=("se",), reps=1, warmup=1, min_sample_s=0.0,
-                                throughput_batch=1, memory=False, train=False, threads=1,
-                                runtimes=("eager", "ort", "ort-int8", "compile"))
-        result = bench.run_bench(cfg)
-    finally:
-        bench.unregister_family("test_resnet8")
+    # a ResNet-8 at 16x16: torch.compile with a cold cache (as on CI) compiles each form and batch size; throughput
+    # at batch 1 too: one compile per form instead of two (each costs seconds)
+    result = _resnet8_runtime_bench("test_resnet8", ("eager", "ort", "ort-int8", "compile"), throughput_batch=1)
     bench.validate_result(result)
     group = result["groups"][0]
     rows = {r["variant"]: r for r in group["rows"]}
@@ -606,18 +612,7 @@ def test_openvino_and_executorch_rows_time_the_deployed_forms() -> None:
     PyTorch when written), timed, with ratios to the same runtime's plain."""
     pytest.importorskip("openvino")
     pytest.importorskip("executorch")
-    from foldattn.models.cifar_resnet import CifarResNet
-
-    fam = bench.Family("test_resnet8_rt", (3, 16, 16), lambda attention, asr, both: CifarResNet(
-        8, attention=attention, asr=asr, both=both), train_batch=2)
-    bench.register_family(fam)
-    try:
-        cfg = bench.BenchConfig(models=("test_resnet8_rt",), attentions=("se",), reps=1, warmup=1, min_sample_s=0.0,
-                                throughput_batch=2, memory=False, train=False, threads=1,
-                                runtimes=("eager", "openvino", "executorch"))
-        result = bench.run_bench(cfg)
-    finally:
-        bench.unregister_family("test_resnet8_rt")
+    result = _resnet8_runtime_bench("test_resnet8_rt", ("eager", "openvino", "executorch"), throughput_batch=2)
     bench.validate_result(result)
     rows = {r["variant"]: r for r in result["groups"][0]["rows"]}
     for prefix in ("ov", "et"):

@@ -177,7 +177,6 @@ def _other_runtime_runners(models: dict[str, nn.Module], family: Family, cfg: Be
                 method = program.load_method("forward")
                 # the partial holds the bytes and the program: ExecuTorch reads them in place while the method runs
                 runners[(et_rows[src], batch)] = functools.partial(_execute, method, [x], program, data)
-        models[src].to(cfg.device)
     log(f"  OpenVINO/ExecuTorch: {threads} thread(s), f32")
 
 
