@@ -608,17 +608,21 @@ def test_cli_refuses_counts_past_their_bound(option: str, value: str, capsys, tm
 
 @pytest.mark.slow
 def test_openvino_and_executorch_rows_time_the_deployed_forms() -> None:
-    """--runtime openvino,executorch: plain, +X and ASR-folded read back in each runtime (each file checked against
-    PyTorch when written), timed, with ratios to the same runtime's plain."""
+    """--runtime openvino,openvino-int8,executorch,executorch-int8: plain, +X and ASR-folded read back in each
+    runtime (each float file checked against PyTorch when written) and quantized by its own tools, timed, with
+    ratios to the same runtime's plain."""
     pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
     pytest.importorskip("executorch")
-    result = _resnet8_runtime_bench("test_resnet8_rt", ("eager", "openvino", "executorch"), throughput_batch=2)
+    result = _resnet8_runtime_bench("test_resnet8_rt", ("eager", "openvino", "openvino-int8", "executorch",
+                                                        "executorch-int8"), throughput_batch=2)
     bench.validate_result(result)
     rows = {r["variant"]: r for r in result["groups"][0]["rows"]}
-    for prefix in ("ov", "et"):
+    for prefix in ("ov", "ovq", "et", "etq"):
         for v in ("plain", "x", "asr_folded"):
             row = rows[f"{prefix}_{v}"]
             assert row["latency_ms"]["median"] > 0 and row["throughput_ips"] > 0
         assert rows[f"{prefix}_plain"]["runtime_ratio"]["latency"] == pytest.approx(1.0)
     md = bench.render_markdown(result)
     assert "+ASR(SE) folded (OpenVINO f32)" in md and "+SE (ExecuTorch XNNPACK)" in md
+    assert "+ASR(SE) folded (OpenVINO INT8)" in md and "plain (ExecuTorch XNNPACK INT8)" in md

@@ -1,4 +1,4 @@
-"""INT8 through ONNX Runtime (foldattn.quantize, `foldattn quantize`): the folded scale's effect, measured."""
+"""INT8 (`foldattn quantize`) through ONNX Runtime, OpenVINO and ExecuTorch: the folded scale's effect, measured."""
 
 from __future__ import annotations
 
@@ -230,3 +230,54 @@ def test_the_library_bounds_its_counts_before_any_work(tmp_path: Path, kwargs: d
     with pytest.raises(ValueError, match=message):
         quantize(model, [], [], tmp_path / "q", example=torch.zeros(1, 3, 8, 8), **kwargs)
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.slow
+def test_cli_quantizes_with_every_runtime(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--runtime ort,openvino,executorch: each runtime's float file (checked against PyTorch) and its own INT8
+    file, both scored on the same images and timed there; quantize.json keeps ort's figures at the top."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    pytest.importorskip("executorch")
+    out = tmp_path / "int8"
+    assert main(["quantize", str(run), "-o", str(out), "--calib-images", "64", "--val-images", "96",
+                 "--runtime", "ort,openvino,executorch"]) == 0
+    printed = json.loads(capsys.readouterr().out.split("\nwrote ")[0])
+    report = json.loads((out / "quantize.json").read_text())
+    assert list(report["runtimes"]) == ["ort", "openvino", "executorch"] == list(printed)
+    assert report["runtime"] == "ort" and report["top1_int8"] == report["runtimes"]["ort"]["top1_int8"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "model.int8.onnx", "model.int8.pte", "model.onnx", "model.pte", "openvino", "openvino/model.bin",
+        "openvino/model.int8.bin", "openvino/model.int8.xml", "openvino/model.xml", "quantize.json"]
+    fp32 = {rt: r["top1_fp32"] for rt, r in report["runtimes"].items()}
+    assert max(fp32.values()) - min(fp32.values()) < 1.1  # the same float model: at most one image of 96 apart
+    for rt, r in report["runtimes"].items():
+        assert r["per_channel"] is True and r["method"] == "minmax" and r["calib_images"] == 64
+        assert r["val_images"] == 96 and r["top1_fp32"] > 30 and r["nonfinite_int8"] == 0
+        assert abs(r["drop"] - (r["top1_fp32"] - r["top1_int8"])) < 1e-9 and r["drop"] < 10, rt
+        assert r["file_bytes"]["int8"] < r["file_bytes"]["fp32"] / 2, rt
+        assert set(r["latency_ms"]) == {"fp32", "int8"} and r["latency_ms"]["int8"]["batch_64"] > 0
+        assert all((out / f).is_file() for f in r["files"].values()) and "weight_ranges" not in r
+    assert report["runtimes"]["openvino"]["files"] == {"fp32": "openvino/model.xml", "int8": "openvino/model.int8.xml"}
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--runtime", "tensorrt"], "unknown runtime(s) tensorrt; valid: ort, openvino, executorch"),
+    (["--runtime", "executorch", "--method", "percentile"], "ExecuTorch calibrates with minmax"),
+    (["--runtime", "ort,openvino", "--method", "entropy"], "OpenVINO calibrates with minmax or percentile"),
+])
+def test_cli_refuses_a_runtime_or_method_it_cannot_do(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      argv: list[str], message: str) -> None:
+    assert main(["quantize", str(run), "-o", str(tmp_path / "q"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err) and not (tmp_path / "q").exists()
+
+
+def test_cli_names_the_missing_extra(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nncf", None)  # an import of it fails as if it were not installed
+    assert main(["quantize", str(run), "-o", str(tmp_path / "q"), "--runtime", "openvino"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'foldattn[openvino]'" in err and err.count("\n") == 1 and not (tmp_path / "q").exists()

@@ -122,3 +122,78 @@ def test_cli_names_the_missing_extra(digits_asr_run: Path, tmp_path: Path, capsy
     assert main(["export", str(digits_asr_run), "--openvino", str(tmp_path / "ir")]) == 2
     err = capsys.readouterr().err
     assert "pip install 'foldattn[openvino]'" in err and err.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+# --- INT8 through each runtime's own quantizer ------------------------------------------------------------------
+
+def _calibration(n: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(16, 3, 32, 32, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_openvino_int8_quantizes_every_conv_with_the_asked_weight_scales(tmp_path: Path, per_channel: bool) -> None:
+    ov = pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from foldattn.runtimes import OpenVINORunner, quantize_openvino
+
+    deployed = foldattn.fold(_asr_model(), fuse_bn=True)
+    export_openvino(deployed, torch.randn(1, 3, 32, 32), tmp_path / "ir", fold_asr=False)
+    quantize_openvino(tmp_path / "ir" / "model.xml", tmp_path / "ir" / "model.int8.xml", _calibration(),
+                      per_channel=per_channel)
+    assert sorted(p.name for p in (tmp_path / "ir").iterdir()) == ["model.bin", "model.int8.bin", "model.int8.xml",
+                                                                   "model.xml"]
+    ir = ov.Core().read_model(str(tmp_path / "ir" / "model.int8.xml"))
+    convs = [op for op in ir.get_ops() if op.get_type_name() == "Convolution"]
+    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in deployed.modules()) == 21  # none left out
+    # a weight's FakeQuantize (or its compressed int8 constant's scale) holds one range per output channel or one
+    weight_scales = []
+    for conv in convs:
+        node = conv.input_value(1).get_node()
+        while node.get_type_name() not in ("FakeQuantize", "Multiply", "Constant"):
+            node = node.input_value(0).get_node()
+        assert node.get_type_name() != "Constant", "a conv's weights are not quantized"
+        weight_scales.append(int(torch.Size(list(node.input_value(1).get_shape())).numel()))
+    channels = [c.get_output_partial_shape(0)[1].get_length() for c in convs]
+    assert weight_scales == (channels if per_channel else [1] * len(convs))
+    # the INT8 model computes nearly what the float one does (random weights and data: a loose bound)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        ref = deployed(x)
+    got = OpenVINORunner(tmp_path / "ir" / "model.int8.xml")(x)
+    assert (got - ref).abs().max() / ref.abs().max() < 0.1
+
+
+def test_executorch_int8_program_runs_the_quantized_graph(tmp_path: Path) -> None:
+    pytest.importorskip("executorch")
+    from foldattn.runtimes import ExecuTorchRunner, lower_executorch, quantize_executorch
+
+    deployed = foldattn.fold(_asr_model(), fuse_bn=True)
+    calib = _calibration()
+    quantized = quantize_executorch(deployed, calib[0], calib)
+    ops = {str(n.target) for n in quantized.graph.nodes if n.op == "call_function"}
+    assert any("quantize_per_channel" in o for o in ops) and any("quantize_per_tensor" in o for o in ops)
+    program = lower_executorch(quantized, torch.randn(1, 3, 32, 32))
+    float_bytes = sum(4 * p.numel() for p in deployed.parameters())
+    assert len(program) < float_bytes / 2  # int8 weights
+    runner = ExecuTorchRunner(program, quantized)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        simulated, ref = quantized(x), deployed(x)
+    got = runner(x)  # one image at a time through the batch-1 program
+    scale = ref.abs().max()
+    # XNNPACK's int8 kernels compute the simulated graph: most logits the same, the rest a rounding step or two away
+    assert (got == simulated).float().mean() > 0.5 and (got - simulated).abs().max() / scale < 0.05
+    assert (got - ref).abs().max() / scale < 0.1  # (timing at another batch size: the slow CLI test)
+
+
+@pytest.mark.parametrize(("runtime", "method"), [("openvino", "entropy"), ("executorch", "percentile")])
+def test_a_method_the_runtime_lacks_is_refused_before_any_work(tmp_path: Path, runtime: str, method: str) -> None:
+    from foldattn.quantize import quantize
+
+    with pytest.raises(ValueError, match=f"{runtime} calibrates activations with"):
+        quantize(_asr_model(), [], [], tmp_path / "q", example=torch.zeros(1, 3, 32, 32), runtime=runtime,
+                 method=method)
+    with pytest.raises(ValueError, match="runtime must be one of ort, openvino, executorch"):
+        quantize(_asr_model(), [], [], tmp_path / "q", example=torch.zeros(1, 3, 32, 32), runtime="tensorrt")
+    assert not (tmp_path / "q").exists()

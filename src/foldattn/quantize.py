@@ -1,12 +1,14 @@
-"""Post-training INT8 quantization of a deployed model, through ONNX Runtime, with its accuracy measured.
+"""Post-training INT8 quantization of a deployed model, through a runtime's own tools, with its accuracy measured.
 
 The deployed model (ASR folded, norms fused: :func:`foldattn.fold` with ``fuse_bn=True``) is
 exported to ONNX (:func:`foldattn.export_onnx`, dynamic batch, checked) and quantized
 statically by ONNX Runtime's tools (``quantize_static``, QDQ format, int8 weights and uint8
 activations): per-channel weights by default, per-tensor on request; activation ranges
-calibrated on real images with MinMax, Entropy or Percentile. The INT8 model is then run,
-never assumed: :func:`quantize` measures the top-1 of both files on the validation images,
-their latency in ONNX Runtime (one thread) and their sizes.
+calibrated on real images with MinMax, Entropy or Percentile. ``runtime="openvino"`` writes an
+OpenVINO IR quantized by NNCF instead, ``runtime="executorch"`` an XNNPACK program quantized by the
+PT2E flow (:mod:`foldattn.runtimes`). The INT8 model is then run, never assumed: :func:`quantize`
+measures the top-1 of both files on the validation images, their latency in that runtime (one
+thread) and their sizes.
 
 Why folding an attention vector is INT8-neutral with per-channel weights: a positive scale
 ``v_c`` folded into output channel ``c`` multiplies that channel's weights, their range and
@@ -22,15 +24,13 @@ import contextlib
 import copy
 import math
 import os
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -38,10 +38,22 @@ from torch import Tensor, nn
 from ._utils import atomic_path, require, unwrap_model
 from .asr import ASR
 from .fold import fold
+from .runtimes import (
+    ExecuTorchRunner,
+    OpenVINORunner,
+    _check_method,
+    export_executorch,
+    export_openvino,
+    lower_executorch,
+    median_ms,
+    quantize_executorch,
+    quantize_openvino,
+)
 from .verify import EquivalenceError, verify
 
-__all__ = ["METHODS", "QuantizeReport", "quantize", "quantize_onnx", "weight_ranges", "fake_quantize_per_channel",
-           "fake_quantize_per_tensor", "OrtRunner", "EqualizationError", "NonFiniteWeights"]
+__all__ = ["METHODS", "RUNTIMES", "QuantizeReport", "quantize", "quantize_onnx", "weight_ranges",
+           "fake_quantize_per_channel", "fake_quantize_per_tensor", "OrtRunner", "EqualizationError",
+           "NonFiniteWeights"]
 
 
 class EqualizationError(EquivalenceError):
@@ -181,17 +193,7 @@ class OrtRunner:
     def latency_ms(self, x: Tensor, reps: int = 20, min_s: float = 0.05) -> float:
         """Median milliseconds per call over ``reps`` samples (each repeated to last at least ``min_s``)."""
         feed = {self.input: x.detach().float().contiguous().numpy()}
-        self.session.run(None, feed)
-        samples = []
-        for _ in range(reps):
-            n, t0 = 0, time.perf_counter()
-            while True:
-                self.session.run(None, feed)
-                n += 1
-                if time.perf_counter() - t0 >= min_s:
-                    break
-            samples.append((time.perf_counter() - t0) / n * 1e3)
-        return statistics.median(samples)
+        return median_ms(lambda: self.session.run(None, feed), reps, min_s)
 
 
 def _top1(run: Callable[[Tensor], Tensor], batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[float, int, int]:
@@ -202,6 +204,89 @@ def _top1(run: Callable[[Tensor], Tensor], batches: Iterable[tuple[Tensor, Tenso
         correct += int((logits.argmax(1) == y).sum())
         total += y.numel()
     return 100.0 * correct / max(total, 1), total, nonfinite
+
+
+class _Runner(Protocol):
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+    def latency_ms(self, x: Tensor, reps: int = 20, min_s: float = 0.05) -> float: ...
+
+
+@dataclass
+class _Files:
+    """The float and INT8 files one runtime wrote, and a runner of each."""
+
+    paths: dict[str, Path]
+    runners: dict[str, _Runner]
+    precision: str = "f32"
+
+    def file_bytes(self) -> dict[str, int]:
+        # an OpenVINO IR is an .xml beside its .bin: both count
+        return {k: p.stat().st_size + (p.with_suffix(".bin").stat().st_size if p.suffix == ".xml" else 0)
+                for k, p in self.paths.items()}
+
+
+def _ort_files(deployed: nn.Module, example: Tensor, calib: list[Tensor], out: Path, per_channel: bool, method: str,
+               threads: int, say: Callable[[str], None]) -> _Files:
+    """``model.onnx`` (checked against PyTorch) and ``model.int8.onnx`` (ONNX Runtime's ``quantize_static``)."""
+    from .export import export_onnx
+
+    fp32, int8 = out / "model.onnx", out / "model.int8.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore")
+        try:
+            export_onnx(deployed, example, fp32, fold_asr=False, input_names=["input"], output_names=["logits"])
+        except EquivalenceError as e:
+            raise EquivalenceError(f"the exported ONNX model does not reproduce the deployed model: {e}") from None
+    say(f"exported {fp32}")
+    quantize_onnx(fp32, int8, calib, per_channel=per_channel, method=method)
+    say(f"quantized {int8} (ONNX Runtime, {'per-channel' if per_channel else 'per-tensor'}, {method}, "
+        f"{sum(x.shape[0] for x in calib)} calibration images)")
+    return _Files({"fp32": fp32, "int8": int8}, {"fp32": OrtRunner(fp32, threads), "int8": OrtRunner(int8, threads)})
+
+
+def _openvino_files(deployed: nn.Module, example: Tensor, calib: list[Tensor], out: Path, per_channel: bool,
+                    method: str, threads: int, say: Callable[[str], None]) -> _Files:
+    """``openvino/model.xml`` (checked against PyTorch in f32) and ``openvino/model.int8.xml`` (NNCF)."""
+    folder = out / "openvino"
+    try:
+        export_openvino(deployed, example, folder, fold_asr=False)
+    except EquivalenceError as e:
+        raise EquivalenceError(f"the OpenVINO IR does not reproduce the deployed model: {e}") from None
+    fp32, int8 = folder / "model.xml", folder / "model.int8.xml"
+    say(f"exported {fp32}")
+    quantize_openvino(fp32, int8, calib, per_channel=per_channel, method=method)
+    say(f"quantized {int8} (NNCF, {'per-channel' if per_channel else 'per-tensor'}, {method}, "
+        f"{sum(x.shape[0] for x in calib)} calibration images)")
+    return _Files({"fp32": fp32, "int8": int8},
+                  {"fp32": OpenVINORunner(fp32, threads), "int8": OpenVINORunner(int8, threads)})
+
+
+def _executorch_files(deployed: nn.Module, example: Tensor, calib: list[Tensor], out: Path, per_channel: bool,
+                      method: str, threads: int, say: Callable[[str], None]) -> _Files:
+    """``model.pte`` (checked against PyTorch) and ``model.int8.pte`` (the PT2E flow with the XNNPACK quantizer),
+    both XNNPACK programs at batch 1."""
+    fp32, int8 = out / "model.pte", out / "model.int8.pte"
+    one = example[:1].contiguous()
+    try:
+        export_executorch(deployed, one, fp32, fold_asr=False)
+    except EquivalenceError as e:
+        raise EquivalenceError(f"the ExecuTorch program does not reproduce the deployed model: {e}") from None
+    say(f"exported {fp32}")
+    quantized = quantize_executorch(deployed, calib[0], calib, per_channel=per_channel, method=method)
+    program = lower_executorch(quantized, one)
+    with atomic_path(int8) as tmp:
+        tmp.write_bytes(program)
+    say(f"quantized {int8} (PT2E, XNNPACKQuantizer, {'per-channel' if per_channel else 'per-tensor'}, {method}, "
+        f"{sum(x.shape[0] for x in calib)} calibration images)")
+    return _Files({"fp32": fp32, "int8": int8},
+                  {"fp32": ExecuTorchRunner(fp32.read_bytes(), deployed, threads),
+                   "int8": ExecuTorchRunner(program, quantized, threads)})
+
+
+#: where :func:`quantize` quantizes and measures: runtime name -> the writer of its two files
+RUNTIMES: dict[str, Callable[..., _Files]] = {"ort": _ort_files, "openvino": _openvino_files,
+                                              "executorch": _executorch_files}
 
 
 @dataclass
@@ -222,6 +307,12 @@ class QuantizeReport:
     warnings: list[str] = field(default_factory=list)
     #: layer pairs whose ranges :func:`foldattn.equalize.equalize` evened out before export (``equalize=True``)
     equalized_pairs: int = 0
+    #: where both files ran: ``ort`` (ONNX Runtime), ``openvino`` or ``executorch`` (:data:`RUNTIMES`)
+    runtime: str = "ort"
+    #: the two files, relative to the output folder
+    files: dict[str, str] = field(default_factory=dict)
+    #: the precision the runtime ran the float parts in (OpenVINO's CPU plugin is asked for f32)
+    precision: str = "f32"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -230,9 +321,15 @@ class QuantizeReport:
 def quantize(model: nn.Module, calibration: Iterable[Tensor], validation: Iterable[tuple[Tensor, Tensor]],
              out_dir: str | os.PathLike[str], *, example: Tensor, per_channel: bool = True, method: str = "minmax",
              threads: int = 1, latency_batches: tuple[int, ...] = (1, 64), max_drop: float = 1.0,
-             equalize: bool = False, log: Callable[[str], None] | None = None) -> QuantizeReport:
-    """Deploy, export and quantize ``model``; measure both files. Writes ``out_dir/model.onnx`` (fp32) and
-    ``out_dir/model.int8.onnx``; returns the report (the caller writes ``quantize.json``).
+             equalize: bool = False, runtime: str = "ort", log: Callable[[str], None] | None = None
+             ) -> QuantizeReport:
+    """Deploy, export and quantize ``model`` with ``runtime``'s own tools; measure both files there.
+
+    ``runtime="ort"``: ``out_dir/model.onnx`` and ``out_dir/model.int8.onnx`` (ONNX Runtime's ``quantize_static``,
+    QDQ); ``"openvino"``: ``out_dir/openvino/model.xml`` and ``model.int8.xml`` (NNCF); ``"executorch"``:
+    ``out_dir/model.pte`` and ``model.int8.pte`` (the PT2E flow with the XNNPACK quantizer, batch 1; other batch
+    sizes are lowered in memory for timing). Each float file is checked against PyTorch as it is written.
+    Returns the report (the caller writes ``quantize.json``).
 
     Args:
         model: the trained model (ASR layers and norms are folded on a copy).
@@ -242,11 +339,12 @@ def quantize(model: nn.Module, calibration: Iterable[Tensor], validation: Iterab
         per_channel: per-output-channel weight scales (else one per tensor).
         equalize: cross-layer equalization of the deployed model before export (:mod:`foldattn.equalize`),
             checked with :func:`foldattn.verify`: the cure for per-tensor scales on merged branches.
-        method: ``minmax``, ``entropy`` or ``percentile`` activation calibration.
+        method: activation calibration: ``minmax``, ``entropy`` or ``percentile`` for ONNX Runtime,
+            ``minmax`` or ``percentile`` for OpenVINO, ``minmax`` for ExecuTorch.
+        runtime: ``ort``, ``openvino`` (extra ``foldattn[openvino]``) or ``executorch`` (``foldattn[executorch]``).
         max_drop: an INT8 top-1 drop above this many points is recorded in ``warnings`` (and logged).
     """
     from ._argtypes import MAX_BATCH, MAX_THREADS
-    from .export import export_onnx
 
     if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
         raise ValueError(f"threads must be an integer in [1, {MAX_THREADS}] (4 per CPU core, 256 at most), got "
@@ -259,9 +357,14 @@ def quantize(model: nn.Module, calibration: Iterable[Tensor], validation: Iterab
         more = f", ... ({len(bad) - 4} more)" if len(bad) > 4 else ""
         raise NonFiniteWeights(f"the model's weights hold NaN or Inf ({', '.join(bad[:4])}{more}); it cannot be "
                                "quantized: use a checkpoint from before the training diverged")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "ort" and method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if runtime != "ort":
+        _check_method(runtime, method)
     out = Path(out_dir)
     say = log or (lambda s: None)
-    fp32, int8 = out / "model.onnx", out / "model.int8.onnx"
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
         deployed = fold(model, fuse_bn=True)
@@ -276,18 +379,11 @@ def quantize(model: nn.Module, calibration: Iterable[Tensor], validation: Iterab
                 raise EqualizationError(f"cross-layer equalization changed the model's outputs ({e}); quantize "
                                         "without equalize") from None
             deployed = equalized
-        try:
-            export_onnx(deployed, example, fp32, fold_asr=False, input_names=["input"], output_names=["logits"])
-        except EquivalenceError as e:
-            raise EquivalenceError(f"the exported ONNX model does not reproduce the deployed model: {e}") from None
     if equalize:
         say(f"equalized the weight ranges of {len(pairs)} layer pair(s) (outputs verified unchanged)")
-    say(f"exported {fp32}")
     calib = list(calibration)
-    quantize_onnx(fp32, int8, calib, per_channel=per_channel, method=method)
-    say(f"quantized {int8} ({'per-channel' if per_channel else 'per-tensor'}, {method}, "
-        f"{sum(x.shape[0] for x in calib)} calibration images)")
-    runners = {"fp32": OrtRunner(fp32, threads), "int8": OrtRunner(int8, threads)}
+    files = RUNTIMES[runtime](deployed, example, calib, out, per_channel, method, threads, say)
+    runners = files.runners
     val = list(validation)
     scores = {k: _top1(r, val) for k, r in runners.items()}
     report_warnings = []
@@ -310,5 +406,6 @@ def quantize(model: nn.Module, calibration: Iterable[Tensor], validation: Iterab
     return QuantizeReport(
         top1_fp32=scores["fp32"][0], top1_int8=scores["int8"][0], drop=drop, per_channel=per_channel, method=method,
         calib_images=sum(x.shape[0] for x in calib), val_images=scores["fp32"][1], latency_ms=latency,
-        file_bytes={"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}, nonfinite_int8=scores["int8"][2],
-        weight_ranges=ranges, warnings=report_warnings, equalized_pairs=len(pairs))
+        file_bytes=files.file_bytes(), nonfinite_int8=scores["int8"][2],
+        weight_ranges=ranges, warnings=report_warnings, equalized_pairs=len(pairs), runtime=runtime,
+        files={k: str(v.relative_to(out)) for k, v in files.paths.items()}, precision=files.precision)

@@ -6,6 +6,11 @@ runtime runs for the plain network it runs for the folded one. :func:`export_ope
 folder (``model.xml`` and ``model.bin``, float32 weights) and :func:`export_executorch` an ExecuTorch program
 (``.pte``); both read their own file back, run it on the example inputs and compare with PyTorch in float32
 (``max |runtime - torch| / max |torch|``), and write nothing when that fails.
+
+INT8 with each runtime's own post-training tools: :func:`quantize_openvino` (NNCF on the IR) and
+:func:`quantize_executorch` (the PT2E flow with ExecuTorch's XNNPACK quantizer, then :func:`lower_executorch`);
+:class:`OpenVINORunner` and :class:`ExecuTorchRunner` score and time either form. ``foldattn quantize --runtime``
+(:func:`foldattn.quantize.quantize`) puts them together with the accuracy measured.
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ import contextlib
 import os
 import secrets
 import shutil
+import statistics
+import sys
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +35,8 @@ from ._utils import TMP_MARK, atomic_path, eval_mode, first_line, require
 from .export import _deployed, _other_batch
 from .verify import EquivalenceError, _as_args, _flatten, _output_error
 
-__all__ = ["export_openvino", "export_executorch", "RuntimeReport"]
+__all__ = ["export_openvino", "export_executorch", "RuntimeReport", "quantize_openvino", "quantize_executorch",
+           "lower_executorch", "OpenVINORunner", "ExecuTorchRunner", "INT8_METHODS"]
 
 #: the files of an OpenVINO IR folder written by :func:`export_openvino`
 OPENVINO_FILES = ("model.xml", "model.bin")
@@ -194,3 +203,185 @@ def export_executorch(
     return RuntimeReport("ExecuTorch program (XNNPACK)", dest, folded, (args[0].shape[0],), max_abs, max_rel,
                          tolerance)
 
+
+
+# --- INT8 through each runtime's own post-training quantizer --------------------------------------------------
+
+#: activation calibration each runtime's quantizer offers (ONNX Runtime's are in foldattn.quantize.METHODS)
+INT8_METHODS: dict[str, tuple[str, ...]] = {"openvino": ("minmax", "percentile"), "executorch": ("minmax",)}
+
+
+def _check_method(runtime: str, method: str) -> None:
+    if method not in INT8_METHODS[runtime]:
+        raise ValueError(f"{runtime} calibrates activations with {' or '.join(INT8_METHODS[runtime])}, not "
+                         f"{method!r}: choose one of those (entropy is ONNX Runtime's only)")
+
+
+def quantize_openvino(fp32: str | os.PathLike[str], int8: str | os.PathLike[str], calibration: Sequence[Tensor], *,
+                      per_channel: bool = True, method: str = "minmax") -> None:
+    """INT8 of the OpenVINO IR ``fp32`` (``model.xml``) by NNCF's post-training quantization, written as the IR
+    ``int8`` (its ``.bin`` beside it, the weights first, then the ``.xml``).
+
+    NNCF's defaults otherwise (its CPU preset: symmetric int8 weights and activations, fast bias correction);
+    ``per_channel`` picks the weights' scales, ``method`` the activations' range estimator (``minmax``: the
+    extremes seen; ``percentile``: NNCF's quantile estimator).
+    """
+    _check_method("openvino", method)
+    ov = require("openvino", "openvino")
+    nncf = require("nncf", "openvino")
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    batches = [x.detach().float().contiguous().numpy() for x in calibration]
+    if not batches:
+        raise ValueError("quantize_openvino needs at least one calibration batch")
+    estimator = RangeEstimatorParametersSet.MINMAX if method == "minmax" else RangeEstimatorParametersSet.QUANTILE
+    params = AdvancedQuantizationParameters(
+        weights_quantization_params=QuantizationParameters(per_channel=per_channel),
+        activations_range_estimator_params=estimator)
+    dest = Path(int8)
+    stage = dest.parent / f".{dest.stem}{TMP_MARK}{secrets.token_hex(4)}.tmp"  # removed by the folder's lock if killed
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars
+            warnings.simplefilter("ignore")
+            model = ov.Core().read_model(str(fp32))
+            quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),  # items, not images
+                                      preset=nncf.QuantizationPreset.PERFORMANCE, advanced_parameters=params)
+            stage.mkdir()
+            ov.save_model(quantized, str(stage / "model.xml"), compress_to_fp16=False)
+        os.replace(stage / "model.bin", dest.with_suffix(".bin"))
+        os.replace(stage / "model.xml", dest)
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(stage)
+
+
+def quantize_executorch(model: nn.Module, example: Tensor, calibration: Sequence[Tensor], *,
+                        per_channel: bool = True, method: str = "minmax") -> nn.Module:
+    """The deployed ``model`` quantized for ExecuTorch's XNNPACK delegate by the PT2E flow (torchao's
+    ``prepare_pt2e``/``convert_pt2e`` with ExecuTorch's ``XNNPACKQuantizer``): int8 weights (per output channel
+    or per tensor, symmetric), int8 activations whose ranges are the extremes seen on ``calibration``.
+
+    Returns the converted module (quantize/dequantize pairs around each op, any batch size), which
+    :func:`lower_executorch` turns into a program.
+    """
+    _check_method("executorch", method)
+    require("executorch.exir", "executorch")
+    import dataclasses
+
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e import MinMaxObserver
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from ._argtypes import MAX_BATCH
+
+    config = get_symmetric_quantization_config(is_per_channel=per_channel)
+    # the quantizer's default activation observer is a histogram search; minmax is what was asked for
+    act = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
+    config = dataclasses.replace(config, input_activation=act, output_activation=act)
+    with torch.no_grad(), eval_mode(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        graph = torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
+        prepared = prepare_pt2e(graph, XNNPACKQuantizer().set_global(config))
+        for x in calibration:
+            prepared(x)
+        return convert_pt2e(prepared)
+
+
+def lower_executorch(model: nn.Module, example: Tensor) -> bytes:
+    """An ExecuTorch program (XNNPACK delegate) of ``model`` at the shape of ``example``."""
+    exir = require("executorch.exir", "executorch")
+    xnnpack = require("executorch.backends.xnnpack.partition.xnnpack_partitioner", "executorch")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.export.export(model, (example,))
+            lowered = exir.to_edge_transform_and_lower(program, partitioner=[xnnpack.XnnpackPartitioner()])
+            return bytes(lowered.to_executorch().buffer)
+        except Exception as e:
+            raise RuntimeError(f"ExecuTorch lowering failed: {type(e).__name__}: {first_line(e)[:300]}") from None
+
+
+def median_ms(call: Callable[[], object], reps: int = 20, min_s: float = 0.05) -> float:
+    """Median milliseconds per ``call()`` over ``reps`` samples, each repeated to last at least ``min_s``
+    (one warm-up call first)."""
+    call()
+    samples = []
+    for _ in range(reps):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            call()
+            n += 1
+            if time.perf_counter() - t0 >= min_s:
+                break
+        samples.append((time.perf_counter() - t0) / n * 1e3)
+    return statistics.median(samples)
+
+
+class OpenVINORunner:
+    """An OpenVINO IR compiled for the CPU plugin with a fixed thread count: ``runner(x) -> logits``.
+
+    ``precision`` is the plugin's inference precision hint: ``f32`` (the float model checked against PyTorch;
+    the INT8 model's int8 parts run in int8 whatever the hint), or ``bf16``, the plugin's own choice on CPUs
+    that have it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], threads: int = 1, precision: str = "f32") -> None:
+        ov = require("openvino", "openvino")
+        self.compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                                   "INFERENCE_NUM_THREADS": threads})
+        self.request = self.compiled.create_infer_request()
+        self.precision = precision
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self.request.infer([x.detach().float().contiguous().numpy()])
+        return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
+
+    def latency_ms(self, x: Tensor, reps: int = 20, min_s: float = 0.05) -> float:
+        """Median milliseconds per inference of ``x`` (see :func:`median_ms`)."""
+        feed = [x.detach().float().contiguous().numpy()]
+        return median_ms(lambda: self.request.infer(feed), reps, min_s)
+
+
+class ExecuTorchRunner:
+    """ExecuTorch programs of one model (XNNPACK, ``threads`` threads): ``runner(x) -> logits``.
+
+    ``program`` (the bytes of a batch-1 ``.pte``) scores images one at a time, as a phone runs them; timing
+    another batch size lowers ``model`` at that size first (an ExecuTorch program has fixed shapes).
+    """
+
+    def __init__(self, program: bytes, model: nn.Module, threads: int = 1) -> None:
+        self._runtime = require("executorch.runtime", "executorch")
+        portable = require("executorch.extension.pybindings.portable_lib", "executorch")
+        portable._unsafe_reset_threadpool(threads)  # XNNPACK's pool, else one thread per core
+        self.model = model
+        # each entry keeps its bytes and program referenced: ExecuTorch reads them in place while a method runs
+        self._methods: dict[int, tuple[Any, Any, bytes]] = {}
+        self._load(1, program)
+
+    def _load(self, batch: int, data: bytes) -> Any:
+        program = self._runtime.Runtime.get().load_program(data)
+        method = program.load_method("forward")
+        self._methods[batch] = (method, program, data)
+        return method
+
+    def _method(self, example: Tensor) -> Any:
+        batch = example.shape[0]
+        if batch not in self._methods:
+            self._load(batch, lower_executorch(self.model, example))
+        return self._methods[batch][0]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        method = self._method(x[:1])
+        x = x.detach().float().contiguous()
+        return torch.cat([method.execute([x[i:i + 1]])[0] for i in range(x.shape[0])])
+
+    def latency_ms(self, x: Tensor, reps: int = 20, min_s: float = 0.05) -> float:
+        """Median milliseconds per inference of ``x`` (see :func:`median_ms`)."""
+        x = x.detach().float().contiguous()
+        method = self._method(x)
+        return median_ms(lambda: method.execute([x]), reps, min_s)

@@ -35,7 +35,10 @@ class BenchConfig:
         runtimes: where the deployed models are timed besides eager PyTorch: ``"ort"`` (ONNX Runtime,
             exported with :func:`foldattn.export_onnx`), ``"ort-int8"`` (quantized by
             :func:`foldattn.quantize.quantize_onnx`, per-channel, calibrated on the benchmark's random
-            inputs: a cost figure, not an accuracy one), ``"compile"`` (``torch.compile``, where it works).
+            inputs: a cost figure, not an accuracy one), ``"compile"`` (``torch.compile``, where it works),
+            ``"openvino"`` / ``"openvino-int8"`` (OpenVINO's CPU plugin, f32 / quantized by NNCF) and
+            ``"executorch"`` / ``"executorch-int8"`` (XNNPACK, f32 / quantized by the PT2E flow); the INT8 rows
+            are calibrated like ``"ort-int8"``.
         clock: ``"wall"`` (elapsed time), ``"cpu"`` (CPU time of this process, all
             threads: steadier on a shared machine, meaningful with ``threads=1``; CPU only) or
             ``"cuda"`` (CUDA events: the GPU's time; CUDA only); None = ``"cuda"`` on a GPU,

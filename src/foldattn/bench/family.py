@@ -268,7 +268,9 @@ RUNTIMES: dict[str, tuple[str, str]] = {
     "ort-int8": ("ortq", "ONNX Runtime INT8"),
     "compile": ("compile", "torch.compile"),
     "openvino": ("ov", "OpenVINO f32"),
+    "openvino-int8": ("ovq", "OpenVINO INT8"),
     "executorch": ("et", "ExecuTorch XNNPACK"),
+    "executorch-int8": ("etq", "ExecuTorch XNNPACK INT8"),
 }
 
 

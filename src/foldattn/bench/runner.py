@@ -114,7 +114,7 @@ def _runtime_runners(models: dict[str, nn.Module], family: Family, attention: st
                 models[key].to(cfg.device)
                 if cfg.channels_last:
                     models[key].to(memory_format=torch.channels_last)
-        if "openvino" in cfg.runtimes or "executorch" in cfg.runtimes:
+        if any(r.startswith(("openvino", "executorch")) for r in cfg.runtimes):
             _other_runtime_runners(models, family, cfg, threads, batches, Path(tmp), runners, notes, log)
         if "compile" in cfg.runtimes:
             for row, _, src in runtime_rows("compile"):
@@ -143,41 +143,67 @@ def _other_runtime_runners(models: dict[str, nn.Module], family: Family, cfg: Be
                            notes: list[str], log: Callable[[str], None]) -> None:
     """OpenVINO (the IR of :func:`foldattn.export_openvino`, norms fused, compiled for the CPU plugin in f32 with
     ``threads`` threads) and ExecuTorch (a ``.pte`` per batch size from :func:`foldattn.export_executorch`, XNNPACK
-    with a ``threads``-thread pool); each file is checked against PyTorch when it is written."""
-    from ..runtimes import export_executorch, export_openvino
+    with a ``threads``-thread pool); each float file is checked against PyTorch when it is written. The INT8 rows
+    quantize that model with the runtime's own tools (NNCF; the PT2E flow with the XNNPACK quantizer),
+    per-channel, calibrated on a few random batches as the ONNX Runtime INT8 rows are."""
+    from ..runtimes import (
+        export_executorch,
+        export_openvino,
+        lower_executorch,
+        quantize_executorch,
+        quantize_openvino,
+    )
 
     if cfg.device != "cpu":
         raise ValueError("--runtime openvino/executorch time the CPU: use --device cpu")
     cpu = replace(cfg, device="cpu", channels_last=False)
-    ov_rows = {src: row for row, _, src in runtime_rows("openvino")}
-    et_rows = {src: row for row, _, src in runtime_rows("executorch")}
-    for src in sorted(ov_rows):
+    calib = [_inputs(family, 8, replace(cpu, seed=cpu.seed + 100 + i), torch.device("cpu")) for i in range(4)]
+    rows = {rt: {src: row for row, _, src in runtime_rows(rt)} for rt in
+            ("openvino", "openvino-int8", "executorch", "executorch-int8")}
+    for src in sorted(rows["openvino"]):
         # the smallest form (ASR folded, norms fused), as the ONNX rows; the exports work on a copy
         model = models[src].cpu().float().eval()
-        if "openvino" in cfg.runtimes:
+        if "openvino" in cfg.runtimes or "openvino-int8" in cfg.runtimes:
             ov = require("openvino", "openvino")
             folder = tmp / f"ov-{src}"
             export_openvino(model, _inputs(family, 1, cpu, torch.device("cpu")), folder, fuse_bn=True)
-            compiled = ov.Core().compile_model(str(folder / "model.xml"), "CPU", {
-                "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
-            for batch in batches:
-                request = compiled.create_infer_request()
-                feed = _inputs(family, batch, cpu, torch.device("cpu")).numpy()
-                runners[(ov_rows[src], batch)] = functools.partial(request.infer, [feed])
-        if "executorch" in cfg.runtimes:
+            files = {"openvino": folder / "model.xml"}
+            if "openvino-int8" in cfg.runtimes:
+                quantize_openvino(folder / "model.xml", folder / "model.int8.xml", calib)
+                files["openvino-int8"] = folder / "model.int8.xml"
+            for rt, file in files.items():
+                if rt not in cfg.runtimes:
+                    continue
+                compiled = ov.Core().compile_model(str(file), "CPU", {
+                    "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+                for batch in batches:
+                    request = compiled.create_infer_request()
+                    feed = _inputs(family, batch, cpu, torch.device("cpu")).numpy()
+                    runners[(rows[rt][src], batch)] = functools.partial(request.infer, [feed])
+        if "executorch" in cfg.runtimes or "executorch-int8" in cfg.runtimes:
             runtime = require("executorch.runtime", "executorch")
             portable = require("executorch.extension.pybindings.portable_lib", "executorch")
             portable._unsafe_reset_threadpool(threads)  # XNNPACK's pool, else one thread per core
+            quantized = None
+            if "executorch-int8" in cfg.runtimes:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    quantized = quantize_executorch(fold(model, fuse_bn=True), calib[0], calib)
             for batch in batches:
                 x = _inputs(family, batch, cpu, torch.device("cpu"))
-                path = tmp / f"et-{src}-{batch}.pte"
-                export_executorch(model, x, path, fuse_bn=True)
-                data = path.read_bytes()
-                program = runtime.Runtime.get().load_program(data)
-                method = program.load_method("forward")
-                # the partial holds the bytes and the program: ExecuTorch reads them in place while the method runs
-                runners[(et_rows[src], batch)] = functools.partial(_execute, method, [x], program, data)
-    log(f"  OpenVINO/ExecuTorch: {threads} thread(s), f32")
+                programs = {}
+                if "executorch" in cfg.runtimes:
+                    path = tmp / f"et-{src}-{batch}.pte"
+                    export_executorch(model, x, path, fuse_bn=True)
+                    programs["executorch"] = path.read_bytes()
+                if quantized is not None:
+                    programs["executorch-int8"] = lower_executorch(quantized, x)
+                for rt, data in programs.items():
+                    program = runtime.Runtime.get().load_program(data)
+                    method = program.load_method("forward")
+                    # the partial holds the bytes and the program: ExecuTorch reads them in place while it runs
+                    runners[(rows[rt][src], batch)] = functools.partial(_execute, method, [x], program, data)
+    log(f"  OpenVINO/ExecuTorch: {threads} thread(s), f32 (INT8 rows: int8 where quantized, f32 elsewhere)")
 
 
 def _execute(method: Any, inputs: list[Tensor], *keep: object) -> object:

@@ -110,8 +110,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--runtime", type=_runtimes, metavar="R[,R...]",
                    help="time the deployed plain, +X and ASR-folded models in these runtimes too: eager (always), "
                         "ort (ONNX Runtime), ort-int8 (its INT8 model, per-channel), compile (torch.compile), openvino "
-                        "(OpenVINO's CPU plugin in f32; extra foldattn[openvino]), executorch (ExecuTorch with "
-                        "XNNPACK; extra foldattn[executorch])")
+                        "(OpenVINO's CPU plugin in f32; extra foldattn[openvino]), openvino-int8 (quantized by NNCF), "
+                        "executorch (ExecuTorch with XNNPACK; extra foldattn[executorch]), executorch-int8 "
+                        "(quantized by the PT2E flow with the XNNPACK quantizer); INT8 rows are per-channel, "
+                        "calibrated on random inputs: a cost figure, not an accuracy one")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     p.add_argument("--seed", type=bounded_int(0, MAX_SEED), help=f"seed of weights and inputs (0 to {MAX_SEED}; "

@@ -1,10 +1,11 @@
-"""``foldattn quantize SRC -o OUT``: INT8 through ONNX Runtime, with the accuracy of both files measured.
+"""``foldattn quantize SRC -o OUT``: INT8 through a runtime's own tools, with the accuracy of both files measured.
 
 Examples::
 
     foldattn quantize runs/asr-se -o out/int8                       # a run folder (its data, its split)
     foldattn quantize runs/asr-se/best.pt -o out/int8 --per-tensor --method entropy
     foldattn quantize deployed.safetensors --data cifar10 --data-dir data -o out/int8
+    foldattn quantize runs/asr-se -o out/int8 --runtime ort,openvino,executorch
 """
 
 from __future__ import annotations
@@ -92,8 +93,34 @@ def _check_memory(args: argparse.Namespace, model: torch.nn.Module, data: Any) -
     check_bytes(held * per_image + need, "the images held and a forward pass", hint)
 
 
+#: ``--runtime`` names, as the messages say them
+_NAMES = {"ort": "ONNX Runtime", "openvino": "OpenVINO", "executorch": "ExecuTorch"}
+#: what each runtime needs installed: (module, foldattn extra)
+_NEEDS = {"ort": (("onnxruntime", "onnx"), ("onnx", "onnx")),
+          "openvino": (("openvino", "openvino"), ("nncf", "openvino")),
+          "executorch": (("executorch.exir", "executorch"), ("torchao", "executorch"))}
+
+
+def _runtimes(text: str) -> list[str]:
+    """``--runtime``: a comma-separated list of ort, openvino, executorch."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in _NAMES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown runtime(s) {', '.join(bad) or repr(text)}; valid: "
+                                         f"{', '.join(_NAMES)} (comma-separated)")
+    return list(dict.fromkeys(names))
+
+
 def _main(args: argparse.Namespace) -> int:
-    require_onnx()
+    for runtime in args.runtime:
+        require_runtime(runtime)
+    from ..runtimes import INT8_METHODS
+
+    for runtime in args.runtime:
+        if runtime != "ort" and args.method not in INT8_METHODS[runtime]:
+            # said before any work
+            raise CLIError(f"--method {args.method}: {_NAMES[runtime]} calibrates with "
+                           f"{' or '.join(INT8_METHODS[runtime])}: choose one, or drop {runtime} from --runtime")
     out = check_output_folder(args.output, "-o")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CLIError(f"-o {out}: the folder is not empty; choose a new folder or pass --overwrite")
@@ -126,25 +153,37 @@ def _main(args: argparse.Namespace) -> int:
     # written into a staged folder, moved into OUT only once everything succeeded; an OUT that exists
     # (empty, or --overwrite) is held under its lock meanwhile
     with RunLock(out) if out.exists() else contextlib.nullcontext(), staged_folder(out) as stage:
-        try:
-            report = quantize(model, calib, val, stage, example=calib[0][:1].contiguous(),
-                              per_channel=not args.per_tensor, method=args.method, threads=args.threads,
-                              max_drop=args.max_drop, equalize=args.equalize, latency_batches=_LATENCY_BATCHES,
-                              log=lambda s: print(s, file=sys.stderr, flush=True))
-        except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:
-            if isinstance(e, torch.OutOfMemoryError):
-                raise
-            raise CLIError(f"the model cannot be exported or quantized: {first_line(e)}") from None
-        except EquivalenceError as e:  # the message names the stage that failed (equalization, the export)
-            raise CLIError(first_line(e)) from None
-        result = {"source": str(args.source), "dataset": data.name, **report.to_dict()}
+        reports = {}
+        for runtime in args.runtime:
+            try:
+                reports[runtime] = quantize(
+                    model, calib, val, stage, example=calib[0][:1].contiguous(), per_channel=not args.per_tensor,
+                    method=args.method, threads=args.threads, max_drop=args.max_drop, equalize=args.equalize,
+                    latency_batches=_LATENCY_BATCHES, runtime=runtime,
+                    log=lambda s: print(s, file=sys.stderr, flush=True))
+            except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:
+                if isinstance(e, torch.OutOfMemoryError):
+                    raise
+                raise CLIError(f"the model cannot be exported or quantized for {_NAMES[runtime]}: "
+                               f"{first_line(e)}") from None
+            except EquivalenceError as e:  # the message names the stage that failed (equalization, the export)
+                raise CLIError(first_line(e)) from None
+        first = next(iter(reports.values()))
+        # the first runtime's figures at the top (the file's layout before --runtime), every runtime's below
+        result = {"source": str(args.source), "dataset": data.name, **first.to_dict(),
+                  "runtimes": {k: {f: v for f, v in r.to_dict().items() if f != "weight_ranges"}
+                               for k, r in reports.items()}}
         write_json(stage / "quantize.json", result, indent=2)
-    lat = report.latency_ms
-    print(strict_json({"top1_fp32": report.top1_fp32, "top1_int8": report.top1_int8, "drop": report.drop,
-                       "per_channel": report.per_channel, "method": report.method,
-                       "latency_ms_batch_1": {k: v.get("batch_1") for k, v in lat.items()},
-                       "file_bytes": report.file_bytes, "warnings": report.warnings}, indent=2))
-    print(f"wrote {out / 'model.onnx'}, {out / 'model.int8.onnx'} and {out / 'quantize.json'}")
+    summary = {}
+    for runtime, report in reports.items():
+        lat = report.latency_ms
+        summary[runtime] = {"top1_fp32": report.top1_fp32, "top1_int8": report.top1_int8, "drop": report.drop,
+                            "per_channel": report.per_channel, "method": report.method,
+                            "latency_ms_batch_1": {k: v.get("batch_1") for k, v in lat.items()},
+                            "file_bytes": report.file_bytes, "warnings": report.warnings}
+    print(strict_json(summary[args.runtime[0]] if len(summary) == 1 else summary, indent=2))
+    files = [out / f for r in reports.values() for f in r.files.values()]
+    print(f"wrote {', '.join(map(str, files))} and {out / 'quantize.json'}")
     return 0
 
 
@@ -169,23 +208,31 @@ def _points(text: str) -> float:
     return value
 
 
-def require_onnx() -> None:
+def require_runtime(runtime: str) -> None:
+    """A one-line CLIError naming the extra when ``runtime``'s packages are missing."""
     from .._utils import require
 
     try:
-        require("onnxruntime", "onnx")
-        require("onnx", "onnx")
+        for module, extra in _NEEDS[runtime]:
+            require(module, extra)
     except ImportError as e:
         raise CLIError(str(e)) from None
 
 
+def require_onnx() -> None:
+    require_runtime("ort")
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "quantize", help="INT8 (ONNX Runtime, QDQ, per-channel) of a deployed model, its accuracy measured",
-        description="Fold the model (ASR layers, norms), export it to ONNX, quantize it statically with ONNX "
-                    "Runtime (int8 weights, per-channel by default; uint8 activations calibrated on the run's own "
-                    "training images), then score both files on the validation split and time them (one thread). "
-                    "Writes OUT/model.onnx, OUT/model.int8.onnx and OUT/quantize.json.",
+        "quantize", help="INT8 (ONNX Runtime, OpenVINO or ExecuTorch, per-channel) of a deployed model, its accuracy "
+                         "measured",
+        description="Fold the model (ASR layers, norms), export it for each --runtime (ONNX by default), quantize it "
+                    "statically with that runtime's own tools (int8 weights, per-channel by default; activations "
+                    "calibrated on the run's own training images), then score both files on the validation split "
+                    "and time them there (one thread). Writes OUT/model.onnx and OUT/model.int8.onnx (ort), "
+                    "OUT/openvino/ (openvino), OUT/model.pte and OUT/model.int8.pte (executorch) and "
+                    "OUT/quantize.json.",
     )
     p.add_argument("source", metavar="RUN_OR_CHECKPOINT_OR_DEPLOYED",
                    help="a run folder, a training checkpoint (.pt) or a deployed .safetensors file (with --data)")
@@ -193,12 +240,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--which", choices=("last", "best"), default="last", help="for a run folder: last.pt or best.pt")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="the EMA weights of a --model-ema run [used when present]")
+    p.add_argument("--runtime", type=_runtimes, default=["ort"], metavar="R[,R...]",
+                   help="quantize and measure with each runtime's own tools: ort (ONNX Runtime, quantize_static: "
+                        "OUT/model.int8.onnx), openvino (NNCF: OUT/openvino/model.int8.xml; extra "
+                        "foldattn[openvino]), executorch (PT2E with the XNNPACK quantizer, batch 1: "
+                        "OUT/model.int8.pte; extra foldattn[executorch]) [ort]")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     p.add_argument("--equalize", action="store_true",
                    help="cross-layer equalization before quantizing (evens out per-channel weight ranges between "
                         "consecutive layers; outputs verified unchanged): for --per-tensor and merged branches")
     p.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax",
-                   help="activation calibration [minmax]")
+                   help="activation calibration: minmax, entropy or percentile (ort), minmax or percentile "
+                        "(openvino), minmax (executorch) [minmax]")
     p.add_argument("--calib-images", type=bounded_int(1, MAX_IMAGES), default=512,
                    help=f"training images for calibration, held in memory (at most {MAX_IMAGES}; their bytes are "
                         "estimated first) [512]")
