@@ -251,3 +251,18 @@ def test_image_size_is_the_way_out_of_a_recorded_size_too_large(recorded_8192: P
     assert main([command, str(recorded_8192), "--image-size", "16", *out]) == 0, capsys.readouterr().err
     assert (tmp_path / "o" / ("deployed.safetensors" if command == "fold" else "m.onnx")).is_file()
 
+
+
+def test_fuse_bn_export_proves_shape_dependent_pairs_with_its_own_example(tmp_path: Path) -> None:
+    """Linear -> BatchNorm1d is exact to fuse only for 2-D inputs: the export's example inputs prove it, so the
+    file has no norm left (the model declares no default_input_size that fold could use instead)."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    foldattn.export_onnx(model, torch.randn(4, 6), tmp_path / "m.onnx", fuse_bn=True)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert "BatchNormalization" not in ops and ops >= {"Gemm"}

@@ -139,8 +139,10 @@ def _export(model: nn.Module, args: tuple[Any, ...], path: Path, opset: int | No
             ) from None
 
 
-def _deployed(model: nn.Module, fold_asr: bool, allow_unfolded: bool, fuse_bn: bool) -> tuple[nn.Module, int]:
-    """The model ``fold`` would deploy (ASR folded, re-parameterization blocks fused), and its ASR count."""
+def _deployed(model: nn.Module, fold_asr: bool, allow_unfolded: bool, fuse_bn: bool,
+              example_inputs: tuple[Any, ...] | None = None) -> tuple[nn.Module, int]:
+    """The model ``fold`` would deploy (ASR folded, re-parameterization blocks fused), and its ASR count.
+    ``example_inputs`` (the export's own) prove the shape-dependent norm pairs of ``fuse_bn``."""
     model = unwrap_model(model)
     layers = asr_layers(model)
     if layers and not fold_asr and not allow_unfolded:
@@ -152,7 +154,7 @@ def _deployed(model: nn.Module, fold_asr: bool, allow_unfolded: bool, fuse_bn: b
     if fold_asr and (has_foldable(model) or fuse_bn):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "no ASR layer" for a plain re-parameterizable model
-            model = fold(model, fuse_bn=fuse_bn)
+            model = fold(model, fuse_bn=fuse_bn, example_inputs=example_inputs if fuse_bn else None)
         return model, len(layers)
     return model, 0
 
@@ -207,7 +209,7 @@ def export_onnx(
         raise TypeError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
     _check_opset(opset_version, dynamo)
     args = _as_args(example_inputs)
-    model, folded = _deployed(model, fold_asr, allow_unfolded, fuse_bn)
+    model, folded = _deployed(model, fold_asr, allow_unfolded, fuse_bn, args)
     if any(isinstance(a, Tensor) and a.is_floating_point() and a.dtype != torch.float32 for a in args) and check:
         raise ValueError("the onnxruntime check runs in float32: pass float32 example inputs (or check=False)")
     try:
@@ -284,7 +286,7 @@ def export_program(
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_program expects an nn.Module, got {type(model).__name__}")
     args = _as_args(example_inputs)
-    model, folded = _deployed(model, fold_asr, False, fuse_bn)
+    model, folded = _deployed(model, fold_asr, False, fuse_bn, args)
     tensors = [a for a in args if isinstance(a, Tensor)]
     dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
     tol = tolerance if tolerance is not None else TOLERANCES.get(dtype, 1e-5)

@@ -367,7 +367,7 @@ def quantize(model: nn.Module, calibration: Iterable[Tensor], validation: Iterab
     say = log or (lambda s: None)
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
-        deployed = fold(model, fuse_bn=True)
+        deployed = fold(model, fuse_bn=True, example_inputs=example)  # proves the shape-dependent norm pairs
         pairs: list[tuple[str, str]] = []
         if equalize:
             from .equalize import equalize as equalize_ranges

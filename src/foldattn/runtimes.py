@@ -71,7 +71,7 @@ def _prepare(model: nn.Module, example_inputs: Tensor | Sequence[Tensor], fold_a
         raise TypeError(f"{what}: the example inputs must be tensors (a tensor or a tuple of tensors)")
     if any(a.is_floating_point() and a.dtype != torch.float32 for a in args):
         raise ValueError(f"{what}: the check runs in float32: pass float32 example inputs")
-    model, folded = _deployed(model, fold_asr, False, fuse_bn)
+    model, folded = _deployed(model, fold_asr, False, fuse_bn, args)
     try:
         with torch.no_grad(), eval_mode(model):
             model(*args)
