@@ -122,6 +122,17 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def top1_points(text: str) -> float:
+    """A number of top-1 points, in [0, 100] (``--max-drop``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of points in [0, 100], got {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a number of points in [0, 100], got {text}")
+    return value
+
+
 def split_value(text: str) -> float | int:
     """``--val-split``: a fraction in (0, 1) or a whole number of images >= 1."""
     try:

@@ -3,6 +3,7 @@
 Example::
 
     foldattn calibrate runs/se/best.pt --data digits --max-images 2048 --finetune-epochs 2 -o out/calibrated
+    foldattn calibrate runs/se --distill-epochs 1 --max-drop 0.3 -o out/budget   # the cheapest model within 0.3
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .._argtypes import (
     learning_rate,
     nonnegative_float,
     positive_float,
+    top1_points,
 )
 from .._utils import check_output_folder, make_output_folder, write_json
 from ..summary import latency_ms
@@ -105,6 +107,56 @@ def _distill(args: argparse.Namespace, model: nn.Module, stripes: Any, data: Any
     return best
 
 
+def _budget(args: argparse.Namespace, model: nn.Module, data: Any, stripes: Any, before: dict[str, float],
+            example: torch.Tensor, result: dict[str, Any]) -> nn.Module:
+    """``--max-drop``: the fewest attention sites kept (the rest converted and distilled) within the budget;
+    fills ``result["budget"]`` and returns the chosen deployed model."""
+    from ..calibrate import constant_model
+    from ..stripe.budget import BudgetPoint, keep_order, search_budget, site_costs
+    from ..stripe.calibration import calibrate, evaluate
+    from ..stripe.distillation import distill, distillation_student, site_gaps
+    from ..summary import count_params
+
+    sites = [x.name for x in stripes.layers]
+    gaps = site_gaps(model, constant_model(model, stripes), sites, data.val)
+    scores = {n: v["gate_stripe_score"] for n, v in stripes.summary().items()}
+    costs = site_costs(model, sites, example[:1], gaps, scores)
+    order = keep_order(costs)
+    wide = next(iter(data.val))[0][: min(64, args.batch_size)]
+    batches = {"batch_1": example[:1], f"batch_{wide.shape[0]}": wide}
+    models: dict[int, nn.Module] = {len(order): model}
+    amp = torch.bfloat16 if args.amp == "bf16" else None
+
+    def figures(m: nn.Module) -> dict[str, float]:  # eager PyTorch, a quick figure (bench is the careful one)
+        return {k: latency_ms(m, x, repeats=20) for k, x in batches.items()}
+
+    def point(kept: list[str]) -> BudgetPoint:
+        converted = [n for n in sites if n not in kept]  # never empty: keeping every site is the teacher
+        deployed, report = calibrate(model, data.train_eval, layers=converted, max_images=args.max_images)
+        if args.distill_epochs and report.stripes is not None:
+            student = distillation_student(constant_model(model, report.stripes), example[:2])
+            deployed, _, _ = distill(model, student, data.train, data.val, epochs=args.distill_epochs,
+                                     lr=args.distill_lr, temperature=args.temperature,
+                                     label_weight=args.label_weight, feature_weight=args.feature_weight,
+                                     sites=converted, amp_dtype=amp, log=None)
+        models[len(kept)] = deployed
+        return BudgetPoint(list(kept), evaluate(deployed, data.val)["top1"], count_params(deployed),
+                           figures(deployed))
+
+    teacher = BudgetPoint(list(order), before["top1"], count_params(model), figures(model), note="teacher")
+    found = search_budget(order, point, teacher, args.max_drop, log=lambda s: print(s, flush=True))
+    found.costs = costs
+    result["budget"] = {**found.to_dict(), "latency": "eager PyTorch on this machine, median of 20 forwards, "
+                                                      f"{torch.get_num_threads()} thread(s)"}
+    chosen = found.chosen
+    print(f"budget {args.max_drop:g} point(s): {chosen.num_kept} of {len(order)} site(s) kept, top-1 "
+          f"{chosen.top1:.2f} (change {chosen.top1 - before['top1']:+.2f}); {len(found.points) - 1} point(s) "
+          "evaluated")
+    for row in found.plan():
+        print(f"  {row['site']:<28} {row['action']:<9} {row['why']}")
+    return models[chosen.num_kept]
+
+
 def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``foldattn calibrate``; returns the report written to ``OUT/calibration.json``."""
     from ..calibrate import constant_model
@@ -116,6 +168,9 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     if args.finetune_epochs and args.distill_epochs:
         raise ValueError("--finetune-epochs and --distill-epochs are two ways to recover the accuracy: choose one")
+    if args.max_drop is not None and (args.finetune_epochs or args.layers):
+        raise ValueError("--max-drop chooses the sites itself and recovers with --distill-epochs: drop "
+                         f"{'--finetune-epochs' if args.finetune_epochs else '--layers'}")
     if args.bench_batch > args.batch_size:
         raise ValueError(f"--bench-batch {args.bench_batch}: at most --batch-size ({args.batch_size}), whose first "
                          "validation batch is timed; lower --bench-batch or raise --batch-size")
@@ -144,7 +199,10 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         "fold_check": str(check), **report.to_dict(),
         "params_before": count_params(model), "params_after": count_params(deployed),
     }
-    if args.distill_epochs:
+    if args.max_drop is not None:
+        deployed = _budget(args, model, data, stripes, before, example, result)
+        result["params_after"] = count_params(deployed)
+    elif args.distill_epochs:
         deployed = _distill(args, model, stripes, data, example, result)
     if args.finetune_epochs:
         losses = finetune(deployed, data.train, args.finetune_epochs, lr=args.lr,
@@ -160,7 +218,14 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     print(f"latency, batch {bench.shape[0]}: {result['latency_ms_before']:.2f} ms -> "
           f"{result['latency_ms_after']:.2f} ms; parameters {result['params_before']:,} -> {result['params_after']:,}")
     out = make_output_folder(args.output, "--output")
-    weights = _save(deployed, out / "calibrated.safetensors", name, kwargs, report.folded == len(report.layers),
+    all_folded = report.folded == len(report.layers)
+    if "budget" in result:
+        all_folded = all_folded and not result["budget"]["chosen"]["kept"]
+        from ..stripe.plots import plot_budget
+
+        png, _ = plot_budget(result["budget"], out / "budget.png")
+        print(f"wrote {png}")
+    weights = _save(deployed, out / "calibrated.safetensors", name, kwargs, all_folded,
                     {"source": label, "data": data.name, "calibrated_layers": len(report.layers)})
     result["weights"] = str(weights)
     write_json(out / "calibration.json", result)
@@ -205,6 +270,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="weight of matching the outputs at each attention site (default 1; 0: logits only)")
     g.add_argument("--amp", choices=("bf16", "none"), default="bf16",
                    help="autocast of the distillation's forward passes (default bf16)")
+    g.add_argument("--max-drop", type=top1_points, default=None, metavar="POINTS",
+                   help="convert only as many sites as stay within this many top-1 points of the model (after "
+                        "--distill-epochs): sites are ranked by accuracy cost per millisecond saved and the fewest "
+                        "kept is found by bisection (each point tried is a calibration and a distillation); "
+                        "calibration.json gets the plan and the curve, OUT/budget.png the figure")
     p.add_argument("--bench-batch", type=bounded_int(1, MAX_BATCH), default=1,
                    help=f"batch size of the latency comparison (at most {MAX_BATCH}, and at most --batch-size: its "
                         "images are one validation batch; default 1)")

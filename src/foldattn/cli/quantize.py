@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .._argtypes import MAX_IMAGES, MAX_THREADS, bounded_int
+from .._argtypes import MAX_IMAGES, MAX_THREADS, bounded_int, top1_points
 from .._sizes import check_bytes, check_forward
 from .._utils import TMP_MARK, _umask, check_output_folder, first_line, strict_json, write_json
 from ._errors import CLIError
@@ -197,17 +197,6 @@ def _first(batches: Any, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def _points(text: str) -> float:
-    """``--max-drop``: top-1 points, in [0, 100]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of points in [0, 100], got {text!r}") from None
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"must be a number of points in [0, 100], got {text}")
-    return value
-
-
 def require_runtime(runtime: str) -> None:
     """A one-line CLIError naming the extra when ``runtime``'s packages are missing."""
     from .._utils import require
@@ -260,7 +249,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--threads", type=bounded_int(1, MAX_THREADS), default=1,
                    help=f"ONNX Runtime threads for scoring and timing (at most {MAX_THREADS}: 4 per CPU core, "
                         "256 at most) [1]")
-    p.add_argument("--max-drop", type=_points, default=1.0,
+    p.add_argument("--max-drop", type=top1_points, default=1.0,
                    help="report a top-1 drop above this many points (0 to 100) loudly [1.0]")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
     add_data_args(p)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # annotations only: drawing needs no recording machinery
     from .history import StripeHistory
     from .results import LayerStripes, StripeResult
 
-__all__ = ["plot_heatmaps", "plot_history", "plot_summary", "default_heatmap_layers"]
+__all__ = ["plot_heatmaps", "plot_history", "plot_summary", "plot_budget", "default_heatmap_layers"]
 
 
 def _plt() -> Any:
@@ -179,3 +179,33 @@ def plot_summary(result: StripeResult, path: str | os.PathLike[str]) -> tuple[Pa
     ax2.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
     data = {"num_images": result.num_images, "layers": dict(zip(names, summ, strict=True))}
     return _save(fig, path, data)
+
+
+def plot_budget(budget: dict[str, Any], path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """The trade-off a budget search saw (``BudgetResult.to_dict()``): top-1 against the sites kept, and
+    latency at batch 1 against the sites kept, the budget line and the chosen point marked."""
+    plt = _plt()
+    curve = budget["curve"]
+    kept = [p["num_kept"] for p in curve]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(kept, [p["top1"] for p in curve], "o-", color="tab:blue", label="converted + distilled")
+    ax1.axhline(budget["teacher_top1"], color="gray", lw=1, label="teacher")
+    ax1.axhline(budget["teacher_top1"] - budget["max_drop"], color="tab:red", ls="--", lw=1,
+                label=f"budget: -{budget['max_drop']:g} point(s)")
+    chosen = budget["chosen"]
+    ax1.plot([len(chosen["kept"])], [chosen["top1"]], "*", ms=14, color="tab:orange", label="chosen")
+    ax1.set_xlabel("attention sites kept")
+    ax1.set_ylabel("validation top-1 (%)")
+    ax1.legend(fontsize=8)
+    for key, style in (("batch_1", "o-"), *((k, "s--") for k in sorted({k for p in curve for k in p["latency_ms"]})
+                                             if k != "batch_1")):
+        ax2.plot(kept, [p["latency_ms"].get(key, float("nan")) for p in curve], style,
+                 label=key.replace("_", " "))
+    ax2.set_xlabel("attention sites kept")
+    ax2.set_ylabel("latency (ms, eager PyTorch)")
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"{len(chosen['kept'])} of {len(budget['order'])} site(s) kept within {budget['max_drop']:g} "
+                 "point(s) of the teacher")
+    fig.tight_layout()
+    return _save(fig, path, {"curve": curve, "teacher_top1": budget["teacher_top1"],
+                             "max_drop": budget["max_drop"]})

@@ -1,0 +1,209 @@
+"""The cheapest converted network within an accuracy budget: which attention sites to keep.
+
+:func:`foldattn.stripe.calibrate` replaces every attention module of a trained model by its mean gate
+(the Stripe Observation of Zhong et al., arXiv 2304.06345, applied after training), and
+:func:`foldattn.stripe.distill` recovers most of what that costs. Where some sites are not stripes (a
+gate that really depends on the input), converting them costs accuracy that distillation does not win
+back. This module decides which sites to keep as classic attention:
+
+- :func:`site_costs` measures what each site costs at inference (the time of its module's forward,
+  read by hooks registered around one timed pass, never while the model runs elsewhere) and takes
+  what it costs to convert from the calibration report (how far the calibrated model's output at the
+  site is from the teacher's);
+- :func:`keep_order` ranks the sites by accuracy cost per millisecond saved: the first ones are kept first;
+- :func:`search_budget` finds the smallest number ``k`` of sites kept, in that order, whose converted
+  and distilled model is within ``max_drop`` points of the teacher, by bisection over ``k`` (the
+  teacher itself, every site kept, meets any budget and is never trained). Each point it evaluates is
+  recorded, so a user can pick another point of the trade-off without running it again.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._utils import eval_mode
+
+__all__ = ["SiteCost", "BudgetPoint", "BudgetResult", "site_costs", "keep_order", "search_budget"]
+
+
+@dataclass
+class SiteCost:
+    """One attention site: what keeping it costs at inference and what converting it costs in accuracy."""
+
+    name: str
+    #: median milliseconds of the module's forward at batch 1 (its share of the teacher's latency)
+    ms: float
+    #: how far the calibrated model's output at the site is from the teacher's (relative squared error)
+    gap: float
+    #: the gate's stripe score (1: the same vector for every input)
+    stripe_score: float = math.nan
+
+    @property
+    def priority(self) -> float:
+        """Accuracy cost of converting per millisecond saved: the higher, the sooner the site is kept."""
+        gap = self.gap if math.isfinite(self.gap) else math.inf
+        return gap / max(self.ms, 1e-6)
+
+
+@torch.no_grad()
+def site_costs(model: nn.Module, names: Sequence[str], example: Tensor, gaps: dict[str, float],
+               stripe_scores: dict[str, float] | None = None, repeats: int = 20) -> list[SiteCost]:
+    """The cost of each attention site of ``model`` named in ``names``: its module's forward time on
+    ``example`` (median of ``repeats`` timed passes; forward pre/post hooks are registered before the
+    passes and removed after them) and its conversion gap from ``gaps``."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"no module named {', '.join(missing)} in the model")
+    started: dict[str, float] = {}
+    spent: dict[str, list[float]] = {n: [] for n in names}
+    handles = []
+
+    def pre(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            started[name] = time.perf_counter()
+        return hook
+
+    def post(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            spent[name].append(time.perf_counter() - started.pop(name))
+        return hook
+
+    for n in names:
+        handles.append(modules[n].register_forward_pre_hook(pre(n)))
+        handles.append(modules[n].register_forward_hook(post(n)))
+    try:
+        with eval_mode(model):
+            model(example)  # warm-up, not counted
+            for n in names:
+                spent[n].clear()
+            for _ in range(repeats):
+                model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    scores = stripe_scores or {}
+    return [SiteCost(n, 1000 * statistics.median(spent[n]) if spent[n] else 0.0, float(gaps.get(n, math.nan)),
+                     float(scores.get(n, math.nan))) for n in names]
+
+
+def keep_order(costs: Sequence[SiteCost]) -> list[str]:
+    """Site names, the first to keep first: highest accuracy cost per millisecond saved (ties: model order)."""
+    index = {c.name: i for i, c in enumerate(costs)}
+    return [c.name for c in sorted(costs, key=lambda c: (-c.priority, index[c.name]))]
+
+
+@dataclass
+class BudgetPoint:
+    """One point of the trade-off: the sites kept, and the converted model's figures."""
+
+    kept: list[str]
+    top1: float
+    params: int
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    #: a note on how the point was made (``teacher``: nothing converted, nothing trained)
+    note: str = ""
+    seconds: float = 0.0
+
+    @property
+    def num_kept(self) -> int:
+        return len(self.kept)
+
+
+@dataclass
+class BudgetResult:
+    """What :func:`search_budget` found: the chosen point, every point it evaluated, the plan per site."""
+
+    max_drop: float
+    teacher_top1: float
+    order: list[str]
+    points: list[BudgetPoint]
+    chosen: BudgetPoint
+    costs: list[SiteCost] = field(default_factory=list)
+
+    @property
+    def met(self) -> bool:
+        return self.teacher_top1 - self.chosen.top1 <= self.max_drop + 1e-9
+
+    def plan(self) -> list[dict[str, Any]]:
+        """Per site (model order): converted or kept, and why."""
+        kept = set(self.chosen.kept)
+        k = len(kept)
+        rank = {n: i for i, n in enumerate(self.order)}
+        fewer = next((p for p in self.points if p.num_kept == k - 1), None)
+        missed = (f"; keeping {k - 1} reached top-1 {fewer.top1:.2f}, more than {self.max_drop:g} point(s) below the "
+                  f"teacher's {self.teacher_top1:.2f}") if fewer is not None else ""
+        out = []
+        for c in self.costs or [SiteCost(n, math.nan, math.nan) for n in self.order]:
+            why = (f"rank {rank[c.name] + 1} of {len(self.order)} by accuracy cost per ms saved (gap {c.gap:.3g}, "
+                   f"{c.ms:.3f} ms)")
+            action = "kept" if c.name in kept else "converted"
+            why = f"{why}: among the first {k} kept{missed}" if action == "kept" else f"{why}: past the first {k}"
+            out.append({"site": c.name, "action": action, "why": why})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_drop": self.max_drop, "teacher_top1": self.teacher_top1, "met": self.met,
+                "order": self.order, "chosen": {**asdict(self.chosen), "drop": self.teacher_top1 - self.chosen.top1},
+                "plan": self.plan(), "costs": [{**asdict(c), "priority": c.priority} for c in self.costs],
+                "curve": [{**asdict(p), "num_kept": p.num_kept, "drop": self.teacher_top1 - p.top1}
+                          for p in sorted(self.points, key=lambda p: p.num_kept)]}
+
+
+def search_budget(order: Sequence[str], evaluate: Callable[[list[str]], BudgetPoint], teacher: BudgetPoint,
+                  max_drop: float, log: Callable[[str], None] | None = None) -> BudgetResult:
+    """The fewest sites kept (the first ``k`` of ``order``) whose converted model is within ``max_drop`` top-1
+    points of ``teacher``.
+
+    ``evaluate(kept)`` converts every other site, distils and scores the result. Keeping more sites is
+    assumed to cost less accuracy (the order puts the costliest conversions first), so ``k`` is found by
+    bisection: ``evaluate`` runs about ``log2(len(order)) + 1`` times. ``k = 0`` (every site converted) is tried
+    first; ``k = len(order)`` is ``teacher`` itself (drop 0), never evaluated. Where accuracy does not grow
+    with ``k`` the bisection still returns a point within the budget (the teacher at worst).
+
+    Args:
+        order: site names, the first to keep first (:func:`keep_order`).
+        evaluate: makes and scores the model keeping the given sites.
+        teacher: the unconverted model's point (every site kept).
+        max_drop: the budget, in top-1 points (>= 0).
+    """
+    if not math.isfinite(max_drop) or max_drop < 0:
+        raise ValueError(f"max_drop must be a number of points >= 0, got {max_drop!r}")
+    order = list(order)
+    if len(set(order)) != len(order):
+        raise ValueError("order names a site twice")
+    say = log or (lambda s: None)
+    seen: dict[int, BudgetPoint] = {len(order): teacher}
+
+    def within(k: int) -> bool:
+        if k not in seen:
+            t0 = time.time()
+            point = evaluate(order[:k])
+            point.seconds = point.seconds or time.time() - t0
+            seen[k] = point
+            say(f"budget: {k} of {len(order)} site(s) kept -> top-1 {point.top1:.2f} "
+                f"(drop {teacher.top1 - point.top1:+.2f}, budget {max_drop:g})")
+        return teacher.top1 - seen[k].top1 <= max_drop + 1e-9
+
+    lo, hi = 0, len(order)  # invariant: hi meets the budget
+    if not within(0):
+        lo = 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if within(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+    else:
+        hi = 0
+    return BudgetResult(max_drop, teacher.top1, order, list(seen.values()), seen[hi])

@@ -1,0 +1,164 @@
+"""The accuracy-budget search over attention sites (foldattn.stripe.budget): the order, the bisection, the costs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import foldattn
+from foldattn.cli import main
+from foldattn.stripe.budget import BudgetPoint, SiteCost, keep_order, search_budget, site_costs
+from foldattn.train import TrainConfig, train
+from foldattn.train.data import load_dataset
+
+TEACHER = 90.0
+
+
+def _search(accuracy: list[float], max_drop: float) -> tuple[int, list[int]]:
+    """Run the search on sites s0..s{n-1} whose model keeping the first k scores ``accuracy[k]``; returns the
+    chosen k and the ks evaluated."""
+    order = [f"s{i}" for i in range(len(accuracy))]
+    calls: list[int] = []
+
+    def evaluate(kept: list[str]) -> BudgetPoint:
+        assert kept == order[: len(kept)]
+        calls.append(len(kept))
+        return BudgetPoint(kept, accuracy[len(kept)], 100 - len(kept))
+
+    result = search_budget(order, evaluate, BudgetPoint(order, TEACHER, 100), max_drop)
+    assert {p.num_kept for p in result.points} == {*calls, len(order)}
+    return result.chosen.num_kept, calls
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.floats(0, 3), min_size=1, max_size=24), budget=st.floats(0, 10))
+def test_bisection_finds_the_fewest_sites_kept_within_the_budget(steps: list[float], budget: float) -> None:
+    # accuracy grows with the sites kept and reaches the teacher's with all of them
+    n = len(steps)
+    accuracy = [TEACHER - sum(steps[k:]) for k in range(n)] + [TEACHER]
+    chosen, calls = _search(accuracy[:n], budget) if n else (0, [])
+    fewest = min(k for k in range(n + 1) if TEACHER - accuracy[k] <= budget + 1e-9)
+    assert chosen == fewest
+    assert n not in calls  # the teacher is never trained
+    assert len(calls) <= math.ceil(math.log2(n + 1)) + 1 and len(set(calls)) == len(calls)
+
+
+def test_a_budget_met_by_converting_all_costs_one_evaluation() -> None:
+    chosen, calls = _search([89.9, 89.95, 90.0], 0.3)
+    assert chosen == 0 and calls == [0]
+
+
+def test_a_budget_that_forces_every_site_kept_returns_the_teacher() -> None:
+    chosen, calls = _search([80.0, 85.0, 89.0], 0.3)
+    assert chosen == 3 and 3 not in calls
+
+
+@settings(max_examples=100, deadline=None)
+@given(accuracy=st.lists(st.floats(70, 95), min_size=1, max_size=12), budget=st.floats(0, 5))
+def test_without_monotonicity_the_choice_is_still_within_the_budget(accuracy: list[float], budget: float) -> None:
+    chosen, _ = _search(accuracy, budget)
+    chosen_top1 = TEACHER if chosen == len(accuracy) else accuracy[chosen]
+    assert TEACHER - chosen_top1 <= budget + 1e-9
+
+
+def test_keep_order_puts_the_costliest_conversion_per_ms_first() -> None:
+    costs = [SiteCost("a", ms=1.0, gap=0.1), SiteCost("b", ms=0.1, gap=0.1), SiteCost("c", ms=1.0, gap=math.nan),
+             SiteCost("d", ms=2.0, gap=0.2)]
+    # c: unknown gap, kept first; b: the same gap for a tenth of the time; a and d tie (0.1 per ms): model order
+    assert keep_order(costs) == ["c", "b", "a", "d"]
+
+
+def test_bad_searches_are_refused() -> None:
+    teacher = BudgetPoint([], TEACHER, 1)
+    with pytest.raises(ValueError, match="max_drop must be"):
+        search_budget(["a"], lambda kept: teacher, teacher, -0.1)
+    with pytest.raises(ValueError, match="max_drop must be"):
+        search_budget(["a"], lambda kept: teacher, teacher, float("nan"))
+    with pytest.raises(ValueError, match="twice"):
+        search_budget(["a", "a"], lambda kept: teacher, teacher, 0.3)
+
+
+def test_site_costs_time_each_module_and_leave_no_hook() -> None:
+    model = foldattn.create_model("cifar_resnet20", attention="se").eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, foldattn.attention.ChannelAttention)]
+    assert len(names) == 9
+    costs = site_costs(model, names, torch.randn(1, 3, 32, 32), {names[0]: 0.5}, repeats=3)
+    assert [c.name for c in costs] == names and all(c.ms > 0 for c in costs)
+    assert costs[0].gap == 0.5 and math.isnan(costs[1].gap)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(ValueError, match="no module named nope"):
+        site_costs(model, ["nope"], torch.randn(1, 3, 32, 32), {})
+
+
+# --- `foldattn calibrate --max-drop` on a digits SE model ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("teacher")
+    train(TrainConfig(dataset="digits", recipe="digits", epochs=2, batch_size=32, attention="se", lr=0.05,
+                      decay_all=True, output=str(out)), bundle=load_dataset("digits"), log=None)
+    return out
+
+
+def test_a_budget_met_by_converting_every_site(teacher_run: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["calibrate", str(teacher_run), "--max-drop", "100", "--distill-epochs", "1", "--max-images", "256",
+                 "-o", str(out)]) == 0
+    budget = json.loads((out / "calibration.json").read_text())["budget"]
+    assert budget["met"] and budget["chosen"]["kept"] == [] and len(budget["curve"]) == 2  # k=0 and the teacher
+    assert [p["num_kept"] for p in budget["curve"]] == [0, 9] and budget["curve"][1]["note"] == "teacher"
+    assert {r["action"] for r in budget["plan"]} == {"converted"} and len(budget["costs"]) == 9
+    assert all(c["ms"] > 0 for c in budget["costs"]) and sorted(budget["order"]) == sorted(c["site"] for c in
+                                                                                            budget["plan"])
+    assert set(budget["curve"][0]["latency_ms"]) == {"batch_1", "batch_64"}
+    assert (out / "budget.png").stat().st_size > 0 and (out / "budget.json").is_file()
+    plain = foldattn.load_deployed(out / "calibrated.safetensors")  # every site converted: the plain ResNet-20
+    assert not any(isinstance(m, foldattn.attention.ChannelAttention) for m in plain.modules())
+    assert "0 of 9 site(s) kept" in capsys.readouterr().out
+
+
+def test_a_budget_that_forces_every_site_kept(teacher_run: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each converted site costs 5 points here (a scoring stand-in), so only the teacher is within 0.3: the search
+    bisects, never trains the teacher, and saves it unchanged."""
+    import foldattn.stripe.calibration as calibration
+
+    def scored(model: torch.nn.Module, loader: object, max_images: int | None = None) -> dict[str, float]:
+        present = sum(isinstance(m, foldattn.attention.ChannelAttention) for m in model.modules())
+        return {"top1": 50.0 + 5 * present, "top5": 100.0, "loss": 1.0, "images": 10.0}
+
+    monkeypatch.setattr(calibration, "evaluate", scored)
+    out = tmp_path / "out"
+    assert main(["calibrate", str(teacher_run), "--max-drop", "0.3", "--max-images", "128", "-o", str(out)]) == 0
+    budget = json.loads((out / "calibration.json").read_text())["budget"]
+    assert budget["teacher_top1"] == 95.0 and len(budget["chosen"]["kept"]) == 9 and budget["met"]
+    tried = [p["num_kept"] for p in budget["curve"]]
+    assert tried[-1] == 9 and 8 in tried and len(tried) <= 6  # bisection: log2(9) + 1 points and the teacher
+    assert all(p["top1"] == 50.0 + 5 * p["num_kept"] for p in budget["curve"])
+    assert {r["action"] for r in budget["plan"]} == {"kept"} and "keeping 8 reached top-1 90.00" in \
+        budget["plan"][0]["why"]
+    kept = foldattn.load_deployed(out / "calibrated.safetensors", model=foldattn.create_model(
+        "cifar_resnet20", attention="se", num_classes=10))
+    assert sum(isinstance(m, foldattn.attention.ChannelAttention) for m in kept.modules()) == 9
+    result = json.loads((out / "calibration.json").read_text())
+    assert result["params_after"] == result["params_before"]  # the teacher itself
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--max-drop", "-1"], "--max-drop"),
+    (["--max-drop", "101"], "--max-drop"),
+    (["--max-drop", "0.3", "--finetune-epochs", "1"], "drop --finetune-epochs"),
+    (["--max-drop", "0.3", "--layers", "layer1.*"], "drop --layers"),
+])
+def test_bad_budgets_are_one_line(teacher_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  extra: list[str], message: str) -> None:
+    assert main(["calibrate", str(teacher_run), *extra, "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and not (tmp_path / "out").exists()
