@@ -124,10 +124,8 @@ def test_a_budget_met_by_converting_every_site(teacher_run: Path, tmp_path: Path
     assert "0 of 9 site(s) kept" in capsys.readouterr().out
 
 
-def test_a_budget_that_forces_every_site_kept(teacher_run: Path, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each converted site costs 5 points here (a scoring stand-in), so only the teacher is within 0.3: the search
-    bisects, never trains the teacher, and saves it unchanged."""
+def _five_points_per_converted_site(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scoring stand-in: top-1 = 50 + 5 per attention module present (the teacher, with 9, scores 95)."""
     import foldattn.stripe.calibration as calibration
 
     def scored(model: torch.nn.Module, loader: object, max_images: int | None = None) -> dict[str, float]:
@@ -135,20 +133,48 @@ def test_a_budget_that_forces_every_site_kept(teacher_run: Path, tmp_path: Path,
         return {"top1": 50.0 + 5 * present, "top5": 100.0, "loss": 1.0, "images": 10.0}
 
     monkeypatch.setattr(calibration, "evaluate", scored)
+
+
+def test_a_budget_that_forces_every_site_kept(teacher_run: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each converted site costs 5 points here, so only the teacher is within 0.3: the search bisects, never
+    trains the teacher, and saves it unchanged."""
+    _five_points_per_converted_site(monkeypatch)
     out = tmp_path / "out"
     assert main(["calibrate", str(teacher_run), "--max-drop", "0.3", "--max-images", "128", "-o", str(out)]) == 0
-    budget = json.loads((out / "calibration.json").read_text())["budget"]
+    result = json.loads((out / "calibration.json").read_text())
+    budget = result["budget"]
     assert budget["teacher_top1"] == 95.0 and len(budget["chosen"]["kept"]) == 9 and budget["met"]
     tried = [p["num_kept"] for p in budget["curve"]]
     assert tried[-1] == 9 and 8 in tried and len(tried) <= 6  # bisection: log2(9) + 1 points and the teacher
     assert all(p["top1"] == 50.0 + 5 * p["num_kept"] for p in budget["curve"])
     assert {r["action"] for r in budget["plan"]} == {"kept"} and "keeping 8 reached top-1 90.00" in \
         budget["plan"][0]["why"]
-    kept = foldattn.load_deployed(out / "calibrated.safetensors", model=foldattn.create_model(
-        "cifar_resnet20", attention="se", num_classes=10))
-    assert sum(isinstance(m, foldattn.attention.ChannelAttention) for m in kept.modules()) == 9
-    result = json.loads((out / "calibration.json").read_text())
     assert result["params_after"] == result["params_before"]  # the teacher itself
+    kept = foldattn.load_deployed(out / "calibrated.safetensors")  # rebuilt by name: SE at all 9 blocks
+    assert sum(isinstance(m, foldattn.attention.ChannelAttention) for m in kept.modules()) == 9
+
+
+def test_kept_sites_rebuild_by_name_from_the_allowlist(teacher_run: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A budget of 12 points allows two sites converted (5 each): the file names the builder with the blocks
+    that keep SE (attention_sites), and loads back by name with SE exactly there, computing what was saved."""
+    _five_points_per_converted_site(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["calibrate", str(teacher_run), "--max-drop", "12", "--distill-epochs", "1", "--max-images", "128",
+                 "-o", str(out)]) == 0
+    budget = json.loads((out / "calibration.json").read_text())["budget"]
+    kept = budget["chosen"]["kept"]
+    assert len(kept) == 7 and budget["chosen"]["top1"] == 85.0
+    assert set(kept) == {r["site"] for r in budget["plan"] if r["action"] == "kept"} and kept == budget["order"][:7]
+    meta = foldattn.deploy.read_metadata(out / "calibrated.safetensors")
+    assert meta["builder"] == "foldattn.models:cifar_resnet20" and len(meta["kwargs"]["attention_sites"]) == 7
+    model = foldattn.load_deployed(out / "calibrated.safetensors")
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, foldattn.attention.ChannelAttention)) == \
+        sorted(kept)
+    x = torch.randn(2, 3, 32, 32)
+    again = foldattn.load_deployed(out / "calibrated.safetensors")
+    torch.testing.assert_close(model(x), again(x))
 
 
 @pytest.mark.parametrize(("extra", "message"), [

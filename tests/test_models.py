@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import foldattn
 from foldattn import ASR, create_model, fold, list_models
 from foldattn.summary import count_params
 
@@ -127,3 +128,19 @@ def test_every_is_a_builder_argument_of_every_family(name: str, kwargs: dict, si
 def test_every_must_be_positive() -> None:
     with pytest.raises(ValueError, match="every must be a positive integer"):
         create_model("cifar_resnet20", attention="se", asr=True, every=0)
+
+
+def test_attention_at_chosen_blocks_only() -> None:
+    """``attention_sites`` (what calibrate --max-drop records for the sites it kept): attention, classic or ASR,
+    at those blocks only; anything but a list of block indices is refused."""
+    model = foldattn.create_model("cifar_resnet20", attention="se", attention_sites=[0, 4, 8])
+    names = [n for n, m in model.named_modules() if isinstance(m, foldattn.attention.ChannelAttention)]
+    assert names == ["layer1.0.attention", "layer2.1.attention", "layer3.2.attention"]
+    assert model.attention_site_indices(reversed(names)) == [0, 4, 8]
+    asr = foldattn.create_model("cifar_resnet20", attention="se", asr=True, attention_sites=[1])
+    assert [n for n, m in asr.named_modules() if isinstance(m, foldattn.ASR)] == ["layer1.1.bn2"]
+    for bad in (["1"], [-1], [True], "01", 3):
+        with pytest.raises(ValueError, match="attention_sites must be a list of site indices"):
+            foldattn.create_model("cifar_resnet20", attention="se", attention_sites=bad)
+    with pytest.raises(ValueError, match="is not an attention module of a block"):
+        model.attention_site_indices(["fc"])

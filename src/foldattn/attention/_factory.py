@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ._base import ChannelAttention
@@ -24,15 +25,22 @@ class Factory:
         name: a registered attention name, or None.
         every: a module for every ``every``-th site only (the 1st, (k+1)-th, ...); the
             calls for the other sites return None. DIA chains the modules that are built.
+        sites: a module at these sites only (0-based, in forward order; with ``every``, both must
+            hold); None: every site. What ``foldattn calibrate --max-drop`` records for the sites it kept.
         **kwargs: passed to every module's constructor (e.g. ``reduction=8``).
     """
 
-    def __init__(self, name: str | None, *, every: int = 1, **kwargs: Any) -> None:
+    def __init__(self, name: str | None, *, every: int = 1, sites: Sequence[int] | None = None,
+                 **kwargs: Any) -> None:
         if name is not None:
             get(name)  # unknown names fail here, listing the valid ones
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer (attention in every k-th block), got {every!r}")
+        if sites is not None and (not isinstance(sites, (list, tuple, set, frozenset)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 16 for i in sites)):
+            raise ValueError(f"attention_sites must be a list of site indices (integers >= 0), got {sites!r}")
         self.name, self.kwargs, self.every = name, kwargs, every
+        self.only = None if sites is None else frozenset(sites)
         self.previous: ChannelAttention | None = None
         self.sites = 0
 
@@ -42,7 +50,7 @@ class Factory:
 
     def __call__(self, channels: int) -> ChannelAttention | None:
         site, self.sites = self.sites, self.sites + 1
-        if self.name is None or site % self.every:
+        if self.name is None or site % self.every or (self.only is not None and site not in self.only):
             return None
         kwargs = dict(self.kwargs)
         if get(self.name) is DIA:

@@ -12,6 +12,7 @@ import argparse
 import copy
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +48,30 @@ def compare_latency(a: nn.Module, b: nn.Module, example: torch.Tensor, rounds: i
 
 
 def _save(model: nn.Module, path: Path, name: str | None, kwargs: dict[str, Any], all_folded: bool,
-          meta: dict[str, Any]) -> Path:
+          meta: dict[str, Any], kept: Sequence[str] = (), teacher: nn.Module | None = None) -> Path:
     """Write the converted model with :func:`foldattn.deploy.save_deployed`.
 
     When every attention module folded away and the model is a foldattn model, it *is* the
     plain backbone: the file then names ``foldattn.models:NAME`` as its builder, so
-    ``foldattn.deploy.load_deployed(path)`` rebuilds it. Otherwise (modules kept, torchvision
-    or timm models, whose deployed tree differs from their builder's) load it with ``model=``.
+    ``foldattn.deploy.load_deployed(path)`` rebuilds it. When ``--max-drop`` kept some sites of a
+    model that can build attention at chosen blocks only (the CIFAR ResNets' ``attention_sites``),
+    the builder names those blocks. Otherwise (modules kept elsewhere, torchvision or timm models,
+    whose deployed tree differs from their builder's) load it with ``model=``.
     """
     from ..deploy import save_deployed
 
     if name is not None and all_folded:
+        builder_kwargs = dict(kwargs)
+        if kept:  # the teacher's own options (its attention) at the kept blocks only
+            from ..models._registry import BUILDER_ATTR
+
+            record = getattr(teacher, BUILDER_ATTR, None)
+            indices = getattr(model, "attention_site_indices", None)
+            if indices is None or not isinstance(record, dict) or record.get("name") != name:
+                return save_deployed(model, path, metadata=meta)
+            builder_kwargs = {**record.get("kwargs", {}), "attention_sites": indices(kept)}
         try:
-            return save_deployed(model, path, f"foldattn.models:{name}", kwargs, metadata=meta)
+            return save_deployed(model, path, f"foldattn.models:{name}", builder_kwargs, metadata=meta)
         except ValueError:  # the tree is not the plain model's after all: save without a builder
             pass
     return save_deployed(model, path, metadata=meta)
@@ -219,14 +231,16 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
           f"{result['latency_ms_after']:.2f} ms; parameters {result['params_before']:,} -> {result['params_after']:,}")
     out = make_output_folder(args.output, "--output")
     all_folded = report.folded == len(report.layers)
+    kept: list[str] = []
     if "budget" in result:
-        all_folded = all_folded and not result["budget"]["chosen"]["kept"]
+        kept = result["budget"]["chosen"]["kept"]
         from ..stripe.plots import plot_budget
 
         png, _ = plot_budget(result["budget"], out / "budget.png")
         print(f"wrote {png}")
     weights = _save(deployed, out / "calibrated.safetensors", name, kwargs, all_folded,
-                    {"source": label, "data": data.name, "calibrated_layers": len(report.layers)})
+                    {"source": label, "data": data.name, "calibrated_layers": len(report.layers),
+                     "kept_attention": kept}, kept, model)
     result["weights"] = str(weights)
     write_json(out / "calibration.json", result)
     print(f"wrote {weights}, {out / 'calibration.json'}")

@@ -9,6 +9,7 @@ BatchNorm (the paper's ``bn3``), so the folded model is exactly the plain one.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -137,6 +138,7 @@ class CifarResNet(nn.Module):
         psi_init: initial value of every ``psi`` (a number, ``"random"``, or None: the attention's default).
         in_channels: image channels.
         every: attention (ASR and classic) in every ``every``-th block only (blocks 0, k, 2k, ...).
+        attention_sites: attention in these blocks only (0-based indices over all stages); None: every block.
         **attention_kwargs: passed to the attention constructor.
     """
 
@@ -153,6 +155,7 @@ class CifarResNet(nn.Module):
         psi_init: _attention.PsiInit = None,
         in_channels: int = 3,
         every: int = 1,
+        attention_sites: list[int] | None = None,
         **attention_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -164,8 +167,10 @@ class CifarResNet(nn.Module):
             raise ValueError(f"a {block} CIFAR ResNet needs depth = {per}n + 2 (n >= 1), got {depth}")
         check_attention_args(attention, asr, both, attention_kwargs, psi_init)
         n = (depth - 2) // per
-        asr_factory = _attention.Factory(attention if asr else None, every=every, **attention_kwargs)
-        classic_factory = _attention.Factory(attention if (both or not asr) else None, every=every, **attention_kwargs)
+        asr_factory = _attention.Factory(attention if asr else None, every=every, sites=attention_sites,
+                                         **attention_kwargs)
+        classic_factory = _attention.Factory(attention if (both or not asr) else None, every=every,
+                                             sites=attention_sites, **attention_kwargs)
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
@@ -186,6 +191,18 @@ class CifarResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def attention_site_indices(self, names: Sequence[str]) -> list[int]:
+        """The ``attention_sites`` indices of the blocks holding the attention modules ``names``
+        (``layer2.0.attention`` -> the block's index over all stages), sorted."""
+        blocks = {n: i for i, n in enumerate(n for n, m in self.named_modules() if isinstance(m, _Block))}
+        out = set()
+        for name in names:
+            block = name.rpartition(".")[0]
+            if block not in blocks:
+                raise ValueError(f"{name!r} is not an attention module of a block; blocks: {', '.join(blocks)}")
+            out.add(blocks[block])
+        return sorted(out)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
