@@ -175,6 +175,11 @@ def test_kept_sites_rebuild_by_name_from_the_allowlist(teacher_run: Path, tmp_pa
     x = torch.randn(2, 3, 32, 32)
     again = foldattn.load_deployed(out / "calibrated.safetensors")
     torch.testing.assert_close(model(x), again(x))
+    # it exports and quantizes as any deployed file
+    assert main(["export", str(out / "calibrated.safetensors"), "--onnx", str(tmp_path / "x" / "m.onnx")]) == 0
+    assert main(["quantize", str(out / "calibrated.safetensors"), "--data", "digits", "-o", str(tmp_path / "q"),
+                 "--calib-images", "32", "--val-images", "64"]) == 0
+    assert (tmp_path / "q" / "model.int8.onnx").is_file()
 
 
 @pytest.mark.parametrize(("extra", "message"), [
