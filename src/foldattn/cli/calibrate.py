@@ -119,45 +119,22 @@ def _distill(args: argparse.Namespace, model: nn.Module, stripes: Any, data: Any
     return best
 
 
-def _budget(args: argparse.Namespace, model: nn.Module, data: Any, stripes: Any, before: dict[str, float],
+def _budget(args: argparse.Namespace, model: nn.Module, data: Any, before: dict[str, float],
             example: torch.Tensor, result: dict[str, Any]) -> nn.Module:
     """``--max-drop``: the fewest attention sites kept (the rest converted and distilled) within the budget;
     fills ``result["budget"]`` and returns the chosen deployed model."""
-    from ..calibrate import constant_model
-    from ..stripe.budget import BudgetPoint, keep_order, search_budget, site_costs
-    from ..stripe.calibration import calibrate, evaluate
-    from ..stripe.distillation import distill, distillation_student, site_gaps
-    from ..summary import count_params
+    from ..stripe.budget import calibrate_within_budget
 
-    sites = [x.name for x in stripes.layers]
-    gaps = site_gaps(model, constant_model(model, stripes), sites, data.val)
-    scores = {n: v["gate_stripe_score"] for n, v in stripes.summary().items()}
-    costs = site_costs(model, sites, example[:1], gaps, scores)
-    order = keep_order(costs)
     wide = next(iter(data.val))[0][: min(64, args.batch_size)]
-    batches = {"batch_1": example[:1], f"batch_{wide.shape[0]}": wide}
-    models: dict[int, nn.Module] = {len(order): model}
-    amp = torch.bfloat16 if args.amp == "bf16" else None
-
-    def figures(m: nn.Module) -> dict[str, float]:  # eager PyTorch, a quick figure (bench is the careful one)
-        return {k: latency_ms(m, x, repeats=20) for k, x in batches.items()}
-
-    def point(kept: list[str]) -> BudgetPoint:
-        converted = [n for n in sites if n not in kept]  # never empty: keeping every site is the teacher
-        deployed, report = calibrate(model, data.train_eval, layers=converted, max_images=args.max_images)
-        if args.distill_epochs and report.stripes is not None:
-            student = distillation_student(constant_model(model, report.stripes), example[:2])
-            deployed, _, _ = distill(model, student, data.train, data.val, epochs=args.distill_epochs,
-                                     lr=args.distill_lr, temperature=args.temperature,
-                                     label_weight=args.label_weight, feature_weight=args.feature_weight,
-                                     sites=converted, amp_dtype=amp, log=None)
-        models[len(kept)] = deployed
-        return BudgetPoint(list(kept), evaluate(deployed, data.val)["top1"], count_params(deployed),
-                           figures(deployed))
-
-    teacher = BudgetPoint(list(order), before["top1"], count_params(model), figures(model), note="teacher")
-    found = search_budget(order, point, teacher, args.max_drop, log=lambda s: print(s, flush=True))
-    found.costs = costs
+    chosen_model, found = calibrate_within_budget(
+        model, data.train, data.train_eval, data.val, args.max_drop, example=example,
+        distill_epochs=args.distill_epochs, max_images=args.max_images,
+        latency_inputs={"batch_1": example[:1], f"batch_{wide.shape[0]}": wide},
+        distill_options={"lr": args.distill_lr, "temperature": args.temperature, "label_weight": args.label_weight,
+                         "feature_weight": args.feature_weight,
+                         "amp_dtype": torch.bfloat16 if args.amp == "bf16" else None},
+        log=lambda s: print(s, flush=True))
+    order = found.order
     result["budget"] = {**found.to_dict(), "latency": "eager PyTorch on this machine, median of 20 forwards, "
                                                       f"{torch.get_num_threads()} thread(s)"}
     chosen = found.chosen
@@ -166,7 +143,7 @@ def _budget(args: argparse.Namespace, model: nn.Module, data: Any, stripes: Any,
           "evaluated")
     for row in found.plan():
         print(f"  {row['site']:<28} {row['action']:<9} {row['why']}")
-    return models[chosen.num_kept]
+    return chosen_model
 
 
 def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
@@ -212,7 +189,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         "params_before": count_params(model), "params_after": count_params(deployed),
     }
     if args.max_drop is not None:
-        deployed = _budget(args, model, data, stripes, before, example, result)
+        deployed = _budget(args, model, data, before, example, result)
         result["params_after"] = count_params(deployed)
     elif args.distill_epochs:
         deployed = _distill(args, model, stripes, data, example, result)

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from .._utils import eval_mode
 
-__all__ = ["SiteCost", "BudgetPoint", "BudgetResult", "site_costs", "keep_order", "search_budget"]
+__all__ = ["SiteCost", "BudgetPoint", "BudgetResult", "site_costs", "keep_order", "search_budget",
+           "calibrate_within_budget"]
 
 
 @dataclass
@@ -207,3 +208,67 @@ def search_budget(order: Sequence[str], evaluate: Callable[[list[str]], BudgetPo
     else:
         hi = 0
     return BudgetResult(max_drop, teacher.top1, order, list(seen.values()), seen[hi])
+
+
+def calibrate_within_budget(
+    model: nn.Module,
+    train: Any,
+    train_eval: Any,
+    val: Any,
+    max_drop: float,
+    *,
+    example: Tensor,
+    distill_epochs: int = 0,
+    max_images: int | None = None,
+    latency_inputs: dict[str, Tensor] | None = None,
+    distill_options: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[nn.Module, BudgetResult]:
+    """Convert the attention sites of a trained ``model`` that can go within ``max_drop`` top-1 points on
+    ``val``, keeping the others as they are: ``(chosen deployed model, BudgetResult)``.
+
+    Every site is calibrated once on ``train_eval`` (at most ``max_images`` images) to measure its conversion
+    gap (:func:`foldattn.stripe.site_gaps` of the all-converted model) and its module's time on ``example[:1]``
+    (:func:`site_costs`); :func:`keep_order` ranks them and :func:`search_budget` finds the fewest kept. Each
+    point converts the other sites (:func:`foldattn.stripe.calibrate`) and, with ``distill_epochs``, distils
+    them from ``model`` on ``train`` (:func:`foldattn.stripe.distill` with ``distill_options``; the best
+    epoch on ``val`` is kept). Each point is timed in eager PyTorch on ``latency_inputs`` (name -> batch;
+    default ``{"batch_1": example[:1]}``).
+    """
+    from ..calibrate import constant_model
+    from ..summary import count_params, latency_ms
+    from . import calibration
+    from .distillation import distill, distillation_student, site_gaps
+
+    say = log or (lambda s: None)
+    _, full = calibration.calibrate(model, train_eval, max_images=max_images)
+    stripes = full.stripes
+    if stripes is None:  # pragma: no cover - calibrate() always records
+        raise RuntimeError("calibrate() returned no statistics")
+    sites = [x.name for x in stripes.layers]
+    gaps = site_gaps(model, constant_model(model, stripes), sites, val)
+    scores = {n: float(v["gate_stripe_score"]) for n, v in stripes.summary().items()}
+    costs = site_costs(model, sites, example[:1], gaps, scores)
+    order = keep_order(costs)
+    inputs = latency_inputs or {"batch_1": example[:1]}
+    models: dict[int, nn.Module] = {len(order): model}
+
+    def figures(m: nn.Module) -> dict[str, float]:  # a quick eager figure (foldattn bench is the careful one)
+        return {k: latency_ms(m, x, repeats=20) for k, x in inputs.items()}
+
+    def point(kept: list[str]) -> BudgetPoint:
+        converted = [n for n in sites if n not in kept]  # never empty: keeping every site is the teacher
+        deployed, report = calibration.calibrate(model, train_eval, layers=converted, max_images=max_images)
+        if distill_epochs and report.stripes is not None:
+            student = distillation_student(constant_model(model, report.stripes), example[:2])
+            deployed, _, _ = distill(model, student, train, val, epochs=distill_epochs, sites=converted,
+                                     log=None, **(distill_options or {}))
+        models[len(kept)] = deployed
+        return BudgetPoint(list(kept), calibration.evaluate(deployed, val)["top1"], count_params(deployed),
+                           figures(deployed))
+
+    teacher = BudgetPoint(list(order), calibration.evaluate(model, val)["top1"], count_params(model), figures(model),
+                          note="teacher")
+    found = search_budget(order, point, teacher, max_drop, log=say)
+    found.costs = costs
+    return models[found.chosen.num_kept], found
