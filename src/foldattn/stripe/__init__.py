@@ -57,8 +57,10 @@ __all__ = [
 ]
 
 # the calibration app (imported last: it builds on the recorder and on foldattn.calibrate)
+from .budget import BudgetPoint, BudgetResult, SiteCost, calibrate_within_budget, keep_order, search_budget, site_costs
 from .calibration import CalibrationReport, calibrate, evaluate, finetune
 from .distillation import DistillReport, deploy_student, distill, distillation_student, site_gaps
 
 __all__ += ["CalibrationReport", "calibrate", "evaluate", "finetune", "DistillReport", "deploy_student", "distill",
-            "distillation_student", "site_gaps"]
+            "distillation_student", "site_gaps", "calibrate_within_budget", "search_budget", "keep_order", "site_costs",
+            "SiteCost", "BudgetPoint", "BudgetResult"]
