@@ -193,3 +193,51 @@ def test_bad_budgets_are_one_line(teacher_run: Path, tmp_path: Path, capsys: pyt
     assert main(["calibrate", str(teacher_run), *extra, "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and not (tmp_path / "out").exists()
+
+
+def test_a_cbam_site_splits_its_spatial_gate_from_its_channel_gate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CBAM is two items in the keep order, its spatial part first: keeping only that part splits the module (the
+    channel gate a constant folded into bn2, the spatial gate kept at the site, unchanged). Scored by a stand-in
+    (-2 per site converted whole, -1 per site split), 9 items must be kept within 9.5 points."""
+    import foldattn.stripe.calibration as calibration
+    from foldattn.attention.cbam import CBAM, SpatialGate
+    from foldattn.stripe.budget import calibrate_within_budget
+    from foldattn.train.data import TensorLoader
+
+    def scored(model: torch.nn.Module, loader: object, max_images: int | None = None) -> dict[str, float]:
+        whole = sum(isinstance(m, CBAM) for m in model.modules())
+        alone = sum(isinstance(m, SpatialGate) for m in model.modules()) - whole
+        return {"top1": 100.0 - 2 * (9 - whole - alone) - alone, "top5": 100.0, "loss": 1.0, "images": 1.0}
+
+    monkeypatch.setattr(calibration, "evaluate", scored)
+    torch.manual_seed(0)
+    from .conftest import randomize_norms
+
+    teacher = randomize_norms(foldattn.create_model("cifar_resnet20", attention="cbam")).eval()
+    bundle = load_dataset("digits")
+    loader = TensorLoader(bundle.val, 64, bundle.mean, bundle.std, train=False)
+    example = next(iter(loader))[0]
+    chosen, found = calibrate_within_budget(teacher, loader, loader, loader, 9.5, example=example, max_images=128)
+    order = found.order
+    assert len(order) == 18 and all(order.index(n + ".spatial") < order.index(n) for n in order
+                                    if not n.endswith(".spatial"))
+    assert found.chosen.num_kept == 9 and found.chosen.top1 == 91.0 and found.chosen.kept == order[:9]
+    actions = {row["site"]: row["action"] for row in found.plan()}
+    assert len(actions) == 9 and "split" in actions.values()
+    for site, action in actions.items():
+        module = chosen.get_submodule(site)
+        expected = {"kept": CBAM, "split": SpatialGate, "converted": torch.nn.Identity}[action]
+        assert type(module) is expected, (site, action, type(module))
+        if action == "split":
+            torch.testing.assert_close(module.conv.weight, teacher.get_submodule(site).spatial.conv.weight)
+    # the fold is exact: the chosen model computes the unfolded constants with the spatial gates put back
+    from foldattn.stripe.budget import _spatial_parts, _with_parts
+
+    converted = [s for s, a in actions.items() if a != "kept"]
+    unfolded, _ = calibration.calibrate(teacher, loader, layers=converted, max_images=128, fold=False)
+    reference = _with_parts(unfolded, _spatial_parts(teacher, converted),
+                            [s for s, a in actions.items() if a == "split"])
+    x = example[:8]
+    with torch.no_grad():
+        want = reference(x)
+        torch.testing.assert_close(chosen(x), want, rtol=0, atol=1e-5 * want.abs().max().item())

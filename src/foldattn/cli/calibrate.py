@@ -67,9 +67,11 @@ def _save(model: nn.Module, path: Path, name: str | None, kwargs: dict[str, Any]
 
             record = getattr(teacher, BUILDER_ATTR, None)
             indices = getattr(model, "attention_site_indices", None)
-            if indices is None or not isinstance(record, dict) or record.get("name") != name:
-                return save_deployed(model, path, metadata=meta)
-            builder_kwargs = {**record.get("kwargs", {}), "attention_sites": indices(kept)}
+            whole = [k for k in kept if not k.endswith(".spatial")]
+            split = [k for k in kept if k.endswith(".spatial") and k.rpartition(".")[0] not in whole]
+            if indices is None or split or not isinstance(record, dict) or record.get("name") != name:
+                return save_deployed(model, path, metadata=meta)  # a split module: no builder builds it
+            builder_kwargs = {**record.get("kwargs", {}), "attention_sites": indices(whole)}
         try:
             return save_deployed(model, path, f"foldattn.models:{name}", builder_kwargs, metadata=meta)
         except ValueError:  # the tree is not the plain model's after all: save without a builder

@@ -31,6 +31,9 @@ from torch import Tensor, nn
 
 from .._utils import eval_mode
 
+#: the name a site's spatial part goes by in the keep order: its own module name (``layer1.0.attention.spatial``)
+_SPATIAL = ".spatial"
+
 __all__ = ["SiteCost", "BudgetPoint", "BudgetResult", "site_costs", "keep_order", "search_budget",
            "calibrate_within_budget"]
 
@@ -137,19 +140,30 @@ class BudgetResult:
         return self.teacher_top1 - self.chosen.top1 <= self.max_drop + 1e-9
 
     def plan(self) -> list[dict[str, Any]]:
-        """Per site (model order): converted or kept, and why."""
+        """Per site (model order): converted, split (a module's spatial part kept, its channel gate folded) or
+        kept, and why."""
         kept = set(self.chosen.kept)
         k = len(kept)
         rank = {n: i for i, n in enumerate(self.order)}
         fewer = next((p for p in self.points if p.num_kept == k - 1), None)
         missed = (f"; keeping {k - 1} reached top-1 {fewer.top1:.2f}, more than {self.max_drop:g} point(s) below the "
                   f"teacher's {self.teacher_top1:.2f}") if fewer is not None else ""
+        costs = self.costs or [SiteCost(n, math.nan, math.nan) for n in self.order]
+        names = {c.name for c in costs}
         out = []
-        for c in self.costs or [SiteCost(n, math.nan, math.nan) for n in self.order]:
+        for c in costs:
+            if c.name.endswith(_SPATIAL) and c.name[: -len(_SPATIAL)] in names:
+                continue  # said with its site
             why = (f"rank {rank[c.name] + 1} of {len(self.order)} by accuracy cost per ms saved (gap {c.gap:.3g}, "
                    f"{c.ms:.3f} ms)")
-            action = "kept" if c.name in kept else "converted"
-            why = f"{why}: among the first {k} kept{missed}" if action == "kept" else f"{why}: past the first {k}"
+            if c.name in kept:
+                action, why = "kept", f"{why}: among the first {k} kept{missed}"
+            elif c.name + _SPATIAL in kept:
+                action = "split"
+                why = (f"spatial part kept (rank {rank[c.name + _SPATIAL] + 1}), channel gate converted ({why}: "
+                       f"past the first {k})")
+            else:
+                action, why = "converted", f"{why}: past the first {k}"
             out.append({"site": c.name, "action": action, "why": why})
         return out
 
@@ -210,6 +224,45 @@ def search_budget(order: Sequence[str], evaluate: Callable[[list[str]], BudgetPo
     return BudgetResult(max_drop, teacher.top1, order, list(seen.values()), seen[hi])
 
 
+def _spatial_parts(model: nn.Module, sites: Sequence[str]) -> dict[str, nn.Module]:
+    """Sites whose module has a part with no constant form (CBAM's spatial gate), and that part."""
+    from ..calibrate import dropped_part
+
+    out = {}
+    for name in sites:
+        module = model.get_submodule(name)
+        part = getattr(module, "spatial", None)
+        if dropped_part(module) is not None and isinstance(part, nn.Module):
+            out[name] = part
+    return out
+
+
+def _with_parts(converted: nn.Module, parts: dict[str, nn.Module], split: Sequence[str]) -> nn.Module:
+    """``converted`` (in place) with the spatial part of each ``split`` site put back after what the site
+    became (nothing after a fold, or a constant scale): the channel gate a constant, the spatial gate kept."""
+    import copy
+
+    from .._utils import set_submodule
+
+    for name in split:
+        current = converted.get_submodule(name)
+        part = copy.deepcopy(parts[name])
+        set_submodule(converted, name, part if isinstance(current, nn.Identity) else nn.Sequential(current, part))
+    return converted
+
+
+def _order_parts(order: list[str], parts: dict[str, nn.Module]) -> list[str]:
+    """``order`` with each site's spatial part before the site itself (keeping a whole module keeps its part)."""
+    out: list[str] = []
+    for name in order:
+        if name.endswith(_SPATIAL) and name[: -len(_SPATIAL)] in parts and name in out:
+            continue
+        if name in parts and name + _SPATIAL not in out:
+            out.append(name + _SPATIAL)
+        out.append(name)
+    return out
+
+
 def calibrate_within_budget(
     model: nn.Module,
     train: Any,
@@ -229,11 +282,13 @@ def calibrate_within_budget(
 
     Every site is calibrated once on ``train_eval`` (at most ``max_images`` images) to measure its conversion
     gap (:func:`foldattn.stripe.site_gaps` of the all-converted model) and its module's time on ``example[:1]``
-    (:func:`site_costs`); :func:`keep_order` ranks them and :func:`search_budget` finds the fewest kept. Each
-    point converts the other sites (:func:`foldattn.stripe.calibrate`) and, with ``distill_epochs``, distils
-    them from ``model`` on ``train`` (:func:`foldattn.stripe.distill` with ``distill_options``; the best
-    epoch on ``val`` is kept). Each point is timed in eager PyTorch on ``latency_inputs`` (name -> batch;
-    default ``{"batch_1": example[:1]}``).
+    (:func:`site_costs`); :func:`keep_order` ranks them and :func:`search_budget` finds the fewest kept. A
+    module whose parts differ (CBAM: a channel gate, and a spatial gate with no constant form) is two items:
+    its spatial part (``NAME.spatial``: kept alone, the module is split, the channel gate folded and the
+    spatial gate kept) before the whole module. Each point converts the other sites
+    (:func:`foldattn.stripe.calibrate`) and, with ``distill_epochs``, distils them from ``model`` on ``train``
+    (:func:`foldattn.stripe.distill` with ``distill_options``; the best epoch on ``val`` is kept). Each point
+    is timed in eager PyTorch on ``latency_inputs`` (name -> batch; default ``{"batch_1": example[:1]}``).
     """
     from ..calibrate import constant_model
     from ..summary import count_params, latency_ms
@@ -246,10 +301,26 @@ def calibrate_within_budget(
     if stripes is None:  # pragma: no cover - calibrate() always records
         raise RuntimeError("calibrate() returned no statistics")
     sites = [x.name for x in stripes.layers]
-    gaps = site_gaps(model, constant_model(model, stripes), sites, val)
+    parts = _spatial_parts(model, sites)
+    constant = constant_model(model, stripes)
+    gaps = site_gaps(model, constant, sites, val)
     scores = {n: float(v["gate_stripe_score"]) for n, v in stripes.summary().items()}
-    costs = site_costs(model, sites, example[:1], gaps, scores)
-    order = keep_order(costs)
+    items = [*sites, *(n + _SPATIAL for n in parts)]
+    timed = {c.name: c for c in site_costs(model, items, example[:1], {}, scores)}
+    split_gaps: dict[str, float] = {}
+    if parts:  # what keeping the spatial gate wins back: the gap with it dropped minus the gap with it kept
+        split_gaps = site_gaps(model, _with_parts(constant_model(model, stripes), parts, list(parts)), list(parts),
+                               val)
+    costs = []
+    for name in sites:
+        whole = timed[name]
+        if name in parts:
+            spatial = timed[name + _SPATIAL]
+            costs.append(SiteCost(name + _SPATIAL, spatial.ms, max(gaps[name] - split_gaps[name], 0.0), scores[name]))
+            costs.append(SiteCost(name, max(whole.ms - spatial.ms, 1e-6), split_gaps[name], scores[name]))
+        else:
+            costs.append(SiteCost(name, whole.ms, gaps[name], scores[name]))
+    order = _order_parts(keep_order(costs), parts)
     inputs = latency_inputs or {"batch_1": example[:1]}
     models: dict[int, nn.Module] = {len(order): model}
 
@@ -257,12 +328,16 @@ def calibrate_within_budget(
         return {k: latency_ms(m, x, repeats=20) for k, x in inputs.items()}
 
     def point(kept: list[str]) -> BudgetPoint:
-        converted = [n for n in sites if n not in kept]  # never empty: keeping every site is the teacher
+        converted = [n for n in sites if n not in kept]  # never empty: keeping every item is the teacher
+        split = [n for n in converted if n + _SPATIAL in kept]
         deployed, report = calibration.calibrate(model, train_eval, layers=converted, max_images=max_images)
         if distill_epochs and report.stripes is not None:
-            student = distillation_student(constant_model(model, report.stripes), example[:2])
+            student = _with_parts(distillation_student(constant_model(model, report.stripes), example[:2]), parts,
+                                  split)
             deployed, _, _ = distill(model, student, train, val, epochs=distill_epochs, sites=converted,
                                      log=None, **(distill_options or {}))
+        else:
+            deployed = _with_parts(deployed, parts, split)
         models[len(kept)] = deployed
         return BudgetPoint(list(kept), calibration.evaluate(deployed, val)["top1"], count_params(deployed),
                            figures(deployed))
