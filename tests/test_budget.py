@@ -118,6 +118,8 @@ def test_a_budget_met_by_converting_every_site(teacher_run: Path, tmp_path: Path
     assert all(c["ms"] > 0 for c in budget["costs"]) and sorted(budget["order"]) == sorted(c["site"] for c in
                                                                                             budget["plan"])
     assert set(budget["curve"][0]["latency_ms"]) == {"batch_1", "batch_64"}
+    # the chosen point is every site converted: all of the overhead (null where timing noise hid the overhead)
+    assert budget["overhead_removed"]["batch_1"] in (None, pytest.approx(1.0))
     assert (out / "budget.png").stat().st_size > 0 and (out / "budget.json").is_file()
     plain = foldattn.load_deployed(out / "calibrated.safetensors")  # every site converted: the plain ResNet-20
     assert not any(isinstance(m, foldattn.attention.ChannelAttention) for m in plain.modules())

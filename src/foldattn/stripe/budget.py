@@ -167,8 +167,20 @@ class BudgetResult:
             out.append({"site": c.name, "action": action, "why": why})
         return out
 
+    def overhead_removed(self) -> dict[str, float]:
+        """Per latency key: the share of the attention's latency overhead the chosen model removes, (teacher -
+        chosen) / (teacher - every site converted); NaN where the overhead is not positive."""
+        teacher = max(self.points, key=lambda p: p.num_kept)
+        none = min(self.points, key=lambda p: p.num_kept)
+        out = {}
+        for key, t in teacher.latency_ms.items():
+            base = none.latency_ms.get(key, math.nan)
+            out[key] = (t - self.chosen.latency_ms.get(key, math.nan)) / (t - base) if t - base > 0 else math.nan
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {"max_drop": self.max_drop, "teacher_top1": self.teacher_top1, "met": self.met,
+                "overhead_removed": self.overhead_removed(),
                 "order": self.order, "chosen": {**asdict(self.chosen), "drop": self.teacher_top1 - self.chosen.top1},
                 "plan": self.plan(), "costs": [{**asdict(c), "priority": c.priority} for c in self.costs],
                 "curve": [{**asdict(p), "num_kept": p.num_kept, "drop": self.teacher_top1 - p.top1}
