@@ -264,7 +264,8 @@ def test_cli_quantizes_with_every_runtime(run: Path, tmp_path: Path, capsys: pyt
 @pytest.mark.parametrize(("argv", "message"), [
     (["--runtime", "tensorrt"], "unknown runtime(s) tensorrt; valid: ort, openvino, executorch"),
     (["--runtime", "executorch", "--method", "percentile"], "ExecuTorch calibrates with minmax"),
-    (["--runtime", "ort,openvino", "--method", "entropy"], "OpenVINO calibrates with minmax or percentile"),
+    (["--runtime", "ort,openvino", "--method", "entropy"], "OpenVINO calibrates with minmax or mean-minmax or"),
+    (["--runtime", "openvino,ort", "--method", "mean-minmax"], "ONNX Runtime calibrates with minmax or entropy or"),
 ])
 def test_cli_refuses_a_runtime_or_method_it_cannot_do(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                       argv: list[str], message: str) -> None:

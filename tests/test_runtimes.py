@@ -197,3 +197,20 @@ def test_a_method_the_runtime_lacks_is_refused_before_any_work(tmp_path: Path, r
     with pytest.raises(ValueError, match="runtime must be one of ort, openvino, executorch"):
         quantize(_asr_model(), [], [], tmp_path / "q", example=torch.zeros(1, 3, 32, 32), runtime="tensorrt")
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("method", ["minmax", "mean-minmax", "percentile"])
+def test_every_openvino_method_quantizes(tmp_path: Path, method: str) -> None:
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from foldattn.runtimes import INT8_METHODS, OpenVINORunner, quantize_openvino
+
+    assert method in INT8_METHODS["openvino"]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten()).eval()
+    export_openvino(model, torch.randn(1, 3, 8, 8), tmp_path)
+    quantize_openvino(tmp_path / "model.xml", tmp_path / "model.int8.xml", [torch.randn(8, 3, 8, 8)], method=method)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    assert (OpenVINORunner(tmp_path / "model.int8.xml")(x) - ref).abs().max() / ref.abs().max() < 0.1

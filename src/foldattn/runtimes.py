@@ -208,7 +208,8 @@ def export_executorch(
 # --- INT8 through each runtime's own post-training quantizer --------------------------------------------------
 
 #: activation calibration each runtime's quantizer offers (ONNX Runtime's are in foldattn.quantize.METHODS)
-INT8_METHODS: dict[str, tuple[str, ...]] = {"openvino": ("minmax", "percentile"), "executorch": ("minmax",)}
+INT8_METHODS: dict[str, tuple[str, ...]] = {"openvino": ("minmax", "mean-minmax", "percentile"),
+                                            "executorch": ("minmax",)}
 
 
 def _check_method(runtime: str, method: str) -> None:
@@ -224,7 +225,8 @@ def quantize_openvino(fp32: str | os.PathLike[str], int8: str | os.PathLike[str]
 
     NNCF's defaults otherwise (its CPU preset: symmetric int8 weights and activations, fast bias correction);
     ``per_channel`` picks the weights' scales, ``method`` the activations' range estimator (``minmax``: the
-    extremes seen; ``percentile``: NNCF's quantile estimator).
+    extremes seen over all batches, as ONNX Runtime's minmax; ``mean-minmax``: the mean over batches of each
+    batch's extremes, NNCF's own choice; ``percentile``: NNCF's mean-quantile estimator).
     """
     _check_method("openvino", method)
     ov = require("openvino", "openvino")
@@ -235,7 +237,8 @@ def quantize_openvino(fp32: str | os.PathLike[str], int8: str | os.PathLike[str]
     batches = [x.detach().float().contiguous().numpy() for x in calibration]
     if not batches:
         raise ValueError("quantize_openvino needs at least one calibration batch")
-    estimator = RangeEstimatorParametersSet.MINMAX if method == "minmax" else RangeEstimatorParametersSet.QUANTILE
+    estimator = {"minmax": RangeEstimatorParametersSet.MINMAX, "mean-minmax": RangeEstimatorParametersSet.MEAN_MINMAX,
+                 "percentile": RangeEstimatorParametersSet.MEAN_QUANTILE}[method]
     params = AdvancedQuantizationParameters(
         weights_quantization_params=QuantizationParameters(per_channel=per_channel),
         activations_range_estimator_params=estimator)

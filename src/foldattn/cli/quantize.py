@@ -114,13 +114,15 @@ def _runtimes(text: str) -> list[str]:
 def _main(args: argparse.Namespace) -> int:
     for runtime in args.runtime:
         require_runtime(runtime)
+    from ..quantize import METHODS
     from ..runtimes import INT8_METHODS
 
     for runtime in args.runtime:
-        if runtime != "ort" and args.method not in INT8_METHODS[runtime]:
+        if args.method not in (METHODS if runtime == "ort" else INT8_METHODS[runtime]):
             # said before any work
+            methods = METHODS if runtime == "ort" else INT8_METHODS[runtime]
             raise CLIError(f"--method {args.method}: {_NAMES[runtime]} calibrates with "
-                           f"{' or '.join(INT8_METHODS[runtime])}: choose one, or drop {runtime} from --runtime")
+                           f"{' or '.join(methods)}: choose one, or drop {runtime} from --runtime")
     out = check_output_folder(args.output, "-o")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CLIError(f"-o {out}: the folder is not empty; choose a new folder or pass --overwrite")
@@ -238,9 +240,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--equalize", action="store_true",
                    help="cross-layer equalization before quantizing (evens out per-channel weight ranges between "
                         "consecutive layers; outputs verified unchanged): for --per-tensor and merged branches")
-    p.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax",
-                   help="activation calibration: minmax, entropy or percentile (ort), minmax or percentile "
-                        "(openvino), minmax (executorch) [minmax]")
+    p.add_argument("--method", choices=("minmax", "entropy", "percentile", "mean-minmax"), default="minmax",
+                   help="activation calibration: minmax, entropy or percentile (ort), minmax, mean-minmax (the mean "
+                        "over batches of each batch's extremes, NNCF's own choice) or percentile (openvino), minmax "
+                        "(executorch) [minmax]")
     p.add_argument("--calib-images", type=bounded_int(1, MAX_IMAGES), default=512,
                    help=f"training images for calibration, held in memory (at most {MAX_IMAGES}; their bytes are "
                         "estimated first) [512]")
