@@ -340,7 +340,7 @@ def quantize(model: nn.Module, calibration: Iterable[Tensor], validation: Iterab
         equalize: cross-layer equalization of the deployed model before export (:mod:`foldattn.equalize`),
             checked with :func:`foldattn.verify`: the cure for per-tensor scales on merged branches.
         method: activation calibration: ``minmax``, ``entropy`` or ``percentile`` for ONNX Runtime,
-            ``minmax`` or ``percentile`` for OpenVINO, ``minmax`` for ExecuTorch.
+            ``minmax``, ``mean-minmax`` or ``percentile`` for OpenVINO, ``minmax`` for ExecuTorch.
         runtime: ``ort``, ``openvino`` (extra ``foldattn[openvino]``) or ``executorch`` (``foldattn[executorch]``).
         max_drop: an INT8 top-1 drop above this many points is recorded in ``warnings`` (and logged).
     """
