@@ -71,6 +71,19 @@ def _seed() -> None:
 
 
 @pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained classic-SE ResNet-20 on the digits (two epochs): the teacher that calibration, distillation
+    and the budget search convert. Module-scoped."""
+    from foldattn.train import TrainConfig, train
+    from foldattn.train.data import load_dataset
+
+    out = tmp_path_factory.mktemp("teacher")
+    train(TrainConfig(dataset="digits", recipe="digits", epochs=2, batch_size=32, attention="se", lr=0.05,
+                      decay_all=True, output=str(out)), bundle=load_dataset("digits"), log=None)
+    return out
+
+
+@pytest.fixture(scope="module")
 def digits_asr_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished run folder (``last.pt``, ``best.pt``, summary): ResNet-20 + ASR(SE), one epoch of two
     steps on the embedded digits. Module-scoped: tests that damage files work on copies."""

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 import foldattn
 from foldattn.cli import main
 from foldattn.stripe.budget import BudgetPoint, SiteCost, keep_order, search_budget, site_costs
-from foldattn.train import TrainConfig, train
 from foldattn.train.data import load_dataset
 
 TEACHER = 90.0
@@ -97,14 +96,6 @@ def test_site_costs_time_each_module_and_leave_no_hook() -> None:
 
 
 # --- `foldattn calibrate --max-drop` on a digits SE model ----------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("teacher")
-    train(TrainConfig(dataset="digits", recipe="digits", epochs=2, batch_size=32, attention="se", lr=0.05,
-                      decay_all=True, output=str(out)), bundle=load_dataset("digits"), log=None)
-    return out
-
 
 def test_a_budget_met_by_converting_every_site(teacher_run: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:

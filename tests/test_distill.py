@@ -19,7 +19,6 @@ from foldattn.stripe import record_stripes
 from foldattn.stripe.calibration import calibrate
 from foldattn.stripe.distillation import deploy_student, distill, distillation_student
 from foldattn.summary import count_params
-from foldattn.train import TrainConfig, train
 from foldattn.train.data import load_dataset
 
 from .conftest import randomize_norms
@@ -82,14 +81,6 @@ def test_student_starts_as_the_calibrated_model_and_deploys_to_the_plain_archite
     target = plain().double()  # type: ignore[operator]
     target.load_state_dict(deployed.state_dict(), strict=True)
     assert foldattn.verify(deployed, target, x).max_rel <= TOL64
-
-
-@pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("teacher")
-    train(TrainConfig(dataset="digits", recipe="digits", epochs=2, batch_size=32, attention="se", lr=0.05,
-                      decay_all=True, output=str(out)), bundle=load_dataset("digits"), log=None)
-    return out
 
 
 def test_distill_keeps_the_best_folded_epoch(teacher_run: Path) -> None:
