@@ -39,6 +39,7 @@ from ._utils import atomic_path, require, unwrap_model
 from .asr import ASR
 from .fold import fold
 from .runtimes import (
+    INT8_METHODS,
     ExecuTorchRunner,
     OpenVINORunner,
     _check_method,
@@ -51,7 +52,7 @@ from .runtimes import (
 )
 from .verify import EquivalenceError, verify
 
-__all__ = ["METHODS", "RUNTIMES", "QuantizeReport", "quantize", "quantize_onnx", "weight_ranges",
+__all__ = ["METHODS", "RUNTIMES", "calibration_methods", "QuantizeReport", "quantize", "quantize_onnx", "weight_ranges",
            "fake_quantize_per_channel", "fake_quantize_per_tensor", "OrtRunner", "EqualizationError",
            "NonFiniteWeights"]
 
@@ -284,6 +285,11 @@ def _executorch_files(deployed: nn.Module, example: Tensor, calib: list[Tensor],
                    "int8": ExecuTorchRunner(program, quantized, threads)})
 
 
+def calibration_methods(runtime: str) -> tuple[str, ...]:
+    """The activation calibration methods ``runtime`` (a key of :data:`RUNTIMES`) offers."""
+    return METHODS if runtime == "ort" else INT8_METHODS[runtime]
+
+
 #: where :func:`quantize` quantizes and measures: runtime name -> the writer of its two files
 RUNTIMES: dict[str, Callable[..., _Files]] = {"ort": _ort_files, "openvino": _openvino_files,
                                               "executorch": _executorch_files}
@@ -362,7 +368,7 @@ def quantize(model: nn.Module, calibration: Iterable[Tensor], validation: Iterab
     if runtime == "ort" and method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if runtime != "ort":
-        _check_method(runtime, method)
+        _check_method(runtime, method)  # the runtime's own message
     out = Path(out_dir)
     say = log or (lambda s: None)
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):

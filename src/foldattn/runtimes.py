@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,23 @@ def _prepare(model: nn.Module, example_inputs: Tensor | Sequence[Tensor], fold_a
     return model, folded, args
 
 
+@contextlib.contextmanager
+def _staged_ir(dest: Path) -> Iterator[Path]:
+    """Where to save an OpenVINO IR that becomes ``dest`` (an ``.xml``, its ``.bin`` beside it) if the block
+    succeeds: ``model.xml`` in a temporary folder beside ``dest``, named like :func:`atomic_path`'s temporaries so
+    the folder's lock removes what a killed write left. The weights move first: an ``.xml`` is only ever beside
+    the ``.bin`` it was saved with. Nothing is left when the block fails."""
+    stage = dest.parent / f".{dest.stem}{TMP_MARK}{secrets.token_hex(4)}.tmp"
+    stage.mkdir()
+    try:
+        yield stage / "model.xml"
+        os.replace(stage / "model.bin", dest.with_suffix(".bin"))
+        os.replace(stage / "model.xml", dest)
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(stage)
+
+
 def export_openvino(
     model: nn.Module,
     example_inputs: Tensor | Sequence[Tensor],
@@ -117,39 +134,29 @@ def export_openvino(
     ov = require("openvino", "openvino")
     dest = Path(folder)
     dest.mkdir(parents=True, exist_ok=True)
-    # named like atomic_path's temporaries: the folder's lock (RunLock) removes what a killed export left
-    stage = dest / f".openvino{TMP_MARK}{secrets.token_hex(4)}.tmp"
-    try:
-        with torch.no_grad(), eval_mode(model), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings of the conversion
-            shapes = [ov.PartialShape([-1 if dynamic_batch else a.shape[0], *a.shape[1:]]) for a in args]
-            try:
-                converted = ov.convert_model(model, example_input=args if len(args) > 1 else args[0], input=shapes)
-            except Exception as e:
-                raise RuntimeError(f"OpenVINO conversion failed: {type(e).__name__}: {first_line(e)[:300]}") from None
-            stage.mkdir()
-            ov.save_model(converted, str(stage / "model.xml"), compress_to_fp16=False)
-            compiled = ov.Core().compile_model(str(stage / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-            hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an openvino Type: what the plugin runs in
-            precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
-            max_abs = max_rel = 0.0
-            batches = []
-            for batch_args in (args, _other_batch(args)) if dynamic_batch else (args,):
-                result = compiled([a.numpy() for a in batch_args])
-                got = [torch.from_numpy(result[out].copy()) for out in compiled.outputs]
-                a_err, r_err = _output_error(_flatten(model(*batch_args)), got, "OpenVINO")
-                max_abs, max_rel = max(max_abs, a_err), max(max_rel, r_err)
-                batches.append(batch_args[0].shape[0])
-            del compiled
+    with _staged_ir(dest / "model.xml") as staged, torch.no_grad(), eval_mode(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings of the conversion
+        shapes = [ov.PartialShape([-1 if dynamic_batch else a.shape[0], *a.shape[1:]]) for a in args]
+        try:
+            converted = ov.convert_model(model, example_input=args if len(args) > 1 else args[0], input=shapes)
+        except Exception as e:
+            raise RuntimeError(f"OpenVINO conversion failed: {type(e).__name__}: {first_line(e)[:300]}") from None
+        ov.save_model(converted, str(staged), compress_to_fp16=False)
+        compiled = ov.Core().compile_model(str(staged), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an openvino Type: what the plugin runs in
+        precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        max_abs = max_rel = 0.0
+        batches = []
+        for batch_args in (args, _other_batch(args)) if dynamic_batch else (args,):
+            result = compiled([a.numpy() for a in batch_args])
+            got = [torch.from_numpy(result[out].copy()) for out in compiled.outputs]
+            a_err, r_err = _output_error(_flatten(model(*batch_args)), got, "OpenVINO")
+            max_abs, max_rel = max(max_abs, a_err), max(max_rel, r_err)
+            batches.append(batch_args[0].shape[0])
+        del compiled
         if not max_rel <= tolerance:
             raise EquivalenceError(f"OpenVINO differs from PyTorch: max abs {max_abs:.3e}, max rel {max_rel:.3e} "
                                    f"(tolerance {tolerance:.0e}); nothing was written")
-        # the weights first: a model.xml is only ever beside the model.bin it was checked with
-        os.replace(stage / "model.bin", dest / "model.bin")
-        os.replace(stage / "model.xml", dest / "model.xml")
-    finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(stage)
     return RuntimeReport("OpenVINO IR", dest / "model.xml", folded, tuple(batches), max_abs, max_rel, tolerance,
                          precision)
 
@@ -242,21 +249,12 @@ def quantize_openvino(fp32: str | os.PathLike[str], int8: str | os.PathLike[str]
     params = AdvancedQuantizationParameters(
         weights_quantization_params=QuantizationParameters(per_channel=per_channel),
         activations_range_estimator_params=estimator)
-    dest = Path(int8)
-    stage = dest.parent / f".{dest.stem}{TMP_MARK}{secrets.token_hex(4)}.tmp"  # removed by the folder's lock if killed
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars
-            warnings.simplefilter("ignore")
-            model = ov.Core().read_model(str(fp32))
-            quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),  # items, not images
-                                      preset=nncf.QuantizationPreset.PERFORMANCE, advanced_parameters=params)
-            stage.mkdir()
-            ov.save_model(quantized, str(stage / "model.xml"), compress_to_fp16=False)
-        os.replace(stage / "model.bin", dest.with_suffix(".bin"))
-        os.replace(stage / "model.xml", dest)
-    finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(stage)
+    with _staged_ir(Path(int8)) as staged, warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore")  # and NNCF's progress bars go to stderr
+        quantized = nncf.quantize(ov.Core().read_model(str(fp32)), nncf.Dataset(batches),
+                                  subset_size=len(batches),  # items, not images
+                                  preset=nncf.QuantizationPreset.PERFORMANCE, advanced_parameters=params)
+        ov.save_model(quantized, str(staged), compress_to_fp16=False)
 
 
 def quantize_executorch(model: nn.Module, example: Tensor, calibration: Sequence[Tensor], *,

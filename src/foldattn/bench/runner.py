@@ -147,6 +147,7 @@ def _other_runtime_runners(models: dict[str, nn.Module], family: Family, cfg: Be
     quantize that model with the runtime's own tools (NNCF; the PT2E flow with the XNNPACK quantizer),
     per-channel, calibrated on a few random batches as the ONNX Runtime INT8 rows are."""
     from ..runtimes import (
+        OpenVINORunner,
         export_executorch,
         export_openvino,
         lower_executorch,
@@ -164,7 +165,6 @@ def _other_runtime_runners(models: dict[str, nn.Module], family: Family, cfg: Be
         # the smallest form (ASR folded, norms fused), as the ONNX rows; the exports work on a copy
         model = models[src].cpu().float().eval()
         if "openvino" in cfg.runtimes or "openvino-int8" in cfg.runtimes:
-            ov = require("openvino", "openvino")
             folder = tmp / f"ov-{src}"
             export_openvino(model, _inputs(family, 1, cpu, torch.device("cpu")), folder, fuse_bn=True)
             files = {"openvino": folder / "model.xml"}
@@ -174,8 +174,7 @@ def _other_runtime_runners(models: dict[str, nn.Module], family: Family, cfg: Be
             for rt, file in files.items():
                 if rt not in cfg.runtimes:
                     continue
-                compiled = ov.Core().compile_model(str(file), "CPU", {
-                    "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+                compiled = OpenVINORunner(file, threads).compiled  # f32 hint, ``threads`` threads
                 for batch in batches:
                     request = compiled.create_infer_request()
                     feed = _inputs(family, batch, cpu, torch.device("cpu")).numpy()

@@ -121,7 +121,7 @@ def _distill(args: argparse.Namespace, model: nn.Module, stripes: Any, data: Any
     return best
 
 
-def _budget(args: argparse.Namespace, model: nn.Module, data: Any, before: dict[str, float],
+def _budget(args: argparse.Namespace, model: nn.Module, data: Any, stripes: Any, before: dict[str, float],
             example: torch.Tensor, result: dict[str, Any]) -> nn.Module:
     """``--max-drop``: the fewest attention sites kept (the rest converted and distilled) within the budget;
     fills ``result["budget"]`` and returns the chosen deployed model."""
@@ -135,7 +135,7 @@ def _budget(args: argparse.Namespace, model: nn.Module, data: Any, before: dict[
         distill_options={"lr": args.distill_lr, "temperature": args.temperature, "label_weight": args.label_weight,
                          "feature_weight": args.feature_weight,
                          "amp_dtype": torch.bfloat16 if args.amp == "bf16" else None},
-        log=lambda s: print(s, flush=True))
+        stripes=stripes, log=lambda s: print(s, flush=True))
     order = found.order
     result["budget"] = {**found.to_dict(), "latency": "eager PyTorch on this machine, median of 20 forwards, "
                                                       f"{torch.get_num_threads()} thread(s)"}
@@ -191,7 +191,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         "params_before": count_params(model), "params_after": count_params(deployed),
     }
     if args.max_drop is not None:
-        deployed = _budget(args, model, data, before, example, result)
+        deployed = _budget(args, model, data, stripes, before, example, result)
         result["params_after"] = count_params(deployed)
     elif args.distill_epochs:
         deployed = _distill(args, model, stripes, data, example, result)

@@ -114,13 +114,11 @@ def _runtimes(text: str) -> list[str]:
 def _main(args: argparse.Namespace) -> int:
     for runtime in args.runtime:
         require_runtime(runtime)
-    from ..quantize import METHODS
-    from ..runtimes import INT8_METHODS
+    from ..quantize import calibration_methods
 
     for runtime in args.runtime:
-        if args.method not in (METHODS if runtime == "ort" else INT8_METHODS[runtime]):
-            # said before any work
-            methods = METHODS if runtime == "ort" else INT8_METHODS[runtime]
+        methods = calibration_methods(runtime)
+        if args.method not in methods:  # said before any work
             raise CLIError(f"--method {args.method}: {_NAMES[runtime]} calibrates with "
                            f"{' or '.join(methods)}: choose one, or drop {runtime} from --runtime")
     out = check_output_folder(args.output, "-o")
@@ -208,10 +206,6 @@ def require_runtime(runtime: str) -> None:
             require(module, extra)
     except ImportError as e:
         raise CLIError(str(e)) from None
-
-
-def require_onnx() -> None:
-    require_runtime("ort")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

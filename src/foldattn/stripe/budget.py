@@ -287,6 +287,7 @@ def calibrate_within_budget(
     max_images: int | None = None,
     latency_inputs: dict[str, Tensor] | None = None,
     distill_options: dict[str, Any] | None = None,
+    stripes: Any = None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, BudgetResult]:
     """Convert the attention sites of a trained ``model`` that can go within ``max_drop`` top-1 points on
@@ -301,6 +302,8 @@ def calibrate_within_budget(
     (:func:`foldattn.stripe.calibrate`) and, with ``distill_epochs``, distils them from ``model`` on ``train``
     (:func:`foldattn.stripe.distill` with ``distill_options``; the best epoch on ``val`` is kept). Each point
     is timed in eager PyTorch on ``latency_inputs`` (name -> batch; default ``{"batch_1": example[:1]}``).
+    ``stripes``: the :class:`~foldattn.stripe.StripeResult` of a calibration of every site already made on
+    ``train_eval`` (``CalibrationReport.stripes``), so it is not recorded again.
     """
     from ..calibrate import constant_model
     from ..summary import count_params, latency_ms
@@ -308,8 +311,8 @@ def calibrate_within_budget(
     from .distillation import distill, distillation_student, site_gaps
 
     say = log or (lambda s: None)
-    _, full = calibration.calibrate(model, train_eval, max_images=max_images)
-    stripes = full.stripes
+    if stripes is None:
+        stripes = calibration.calibrate(model, train_eval, max_images=max_images)[1].stripes
     if stripes is None:  # pragma: no cover - calibrate() always records
         raise RuntimeError("calibrate() returned no statistics")
     sites = [x.name for x in stripes.layers]
