@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import foldattn
 from foldattn.cli import main
-from foldattn.stripe.budget import BudgetPoint, SiteCost, keep_order, search_budget, site_costs
+from foldattn.stripe.budget import BudgetPoint, SiteCost, _time_round_robin, keep_order, search_budget, site_costs
 from foldattn.train.data import load_dataset
 
 TEACHER = 90.0
@@ -108,7 +108,7 @@ def test_a_budget_met_by_converting_every_site(teacher_run: Path, tmp_path: Path
     assert {r["action"] for r in budget["plan"]} == {"converted"} and len(budget["costs"]) == 9
     assert all(c["ms"] > 0 for c in budget["costs"]) and sorted(budget["order"]) == sorted(c["site"] for c in
                                                                                             budget["plan"])
-    assert set(budget["curve"][0]["latency_ms"]) == {"batch_1", "batch_64"}
+    assert all(set(p["latency_ms"]) == {"batch_1", "batch_64"} for p in budget["curve"])  # every point timed
     # the chosen point is every site converted: all of the overhead (null where timing noise hid the overhead)
     assert budget["overhead_removed"]["batch_1"] in (None, pytest.approx(1.0))
     assert (out / "budget.png").stat().st_size > 0 and (out / "budget.json").is_file()
@@ -234,3 +234,14 @@ def test_a_cbam_site_splits_its_spatial_gate_from_its_channel_gate(monkeypatch: 
     with torch.no_grad():
         want = reference(x)
         torch.testing.assert_close(chosen(x), want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+def test_round_robin_timing_times_every_model_on_every_input() -> None:
+    models = {0: torch.nn.Identity(), 3: torch.nn.Linear(8, 8)}
+    inputs = {"batch_1": torch.randn(1, 8), "batch_4": torch.randn(4, 8)}
+    calls: list[int] = []
+    models[3].register_forward_hook(lambda m, a, o: calls.append(1))
+    times = _time_round_robin(models, inputs, rounds=3, repeats=2)
+    assert set(times) == {0, 3} and all(set(t) == set(inputs) for t in times.values())
+    assert all(math.isfinite(v) and v >= 0 for t in times.values() for v in t.values())
+    assert len(calls) == 3 * 2 * (2 + 3)  # rounds x inputs x (repeats + latency_ms's 3 warm-up passes)

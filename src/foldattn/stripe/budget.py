@@ -275,6 +275,20 @@ def _order_parts(order: list[str], parts: dict[str, nn.Module]) -> list[str]:
     return out
 
 
+def _time_round_robin(models: dict[int, nn.Module], inputs: dict[str, Tensor], rounds: int = 5,
+                      repeats: int = 10) -> dict[int, dict[str, float]]:
+    """Per model and input: the median over ``rounds`` of :func:`foldattn.summary.latency_ms`, the models taken in
+    turn within each round (a quick eager figure; ``foldattn bench`` is the careful one)."""
+    from ..summary import latency_ms
+
+    times: dict[int, dict[str, list[float]]] = {k: {name: [] for name in inputs} for k in models}
+    for _ in range(rounds):
+        for k, m in models.items():
+            for name, x in inputs.items():
+                times[k][name].append(latency_ms(m, x, repeats=repeats))
+    return {k: {name: statistics.median(v) for name, v in per.items()} for k, per in times.items()}
+
+
 def calibrate_within_budget(
     model: nn.Module,
     train: Any,
@@ -300,13 +314,14 @@ def calibrate_within_budget(
     its spatial part (``NAME.spatial``: kept alone, the module is split, the channel gate folded and the
     spatial gate kept) before the whole module. Each point converts the other sites
     (:func:`foldattn.stripe.calibrate`) and, with ``distill_epochs``, distils them from ``model`` on ``train``
-    (:func:`foldattn.stripe.distill` with ``distill_options``; the best epoch on ``val`` is kept). Each point
-    is timed in eager PyTorch on ``latency_inputs`` (name -> batch; default ``{"batch_1": example[:1]}``).
+    (:func:`foldattn.stripe.distill` with ``distill_options``; the best epoch on ``val`` is kept). Once the
+    search ends, every point is timed in eager PyTorch on ``latency_inputs`` (name -> batch; default
+    ``{"batch_1": example[:1]}``), the points in turn for five rounds so that all see the same load.
     ``stripes``: the :class:`~foldattn.stripe.StripeResult` of a calibration of every site already made on
     ``train_eval`` (``CalibrationReport.stripes``), so it is not recorded again.
     """
     from ..calibrate import constant_model
-    from ..summary import count_params, latency_ms
+    from ..summary import count_params
     from . import calibration
     from .distillation import distill, distillation_student, site_gaps
 
@@ -339,9 +354,6 @@ def calibrate_within_budget(
     inputs = latency_inputs or {"batch_1": example[:1]}
     models: dict[int, nn.Module] = {len(order): model}
 
-    def figures(m: nn.Module) -> dict[str, float]:  # a quick eager figure (foldattn bench is the careful one)
-        return {k: latency_ms(m, x, repeats=20) for k, x in inputs.items()}
-
     def point(kept: list[str]) -> BudgetPoint:
         converted = [n for n in sites if n not in kept]  # never empty: keeping every item is the teacher
         split = [n for n in converted if n + _SPATIAL in kept]
@@ -354,11 +366,13 @@ def calibrate_within_budget(
         else:
             deployed = _with_parts(deployed, parts, split)
         models[len(kept)] = deployed
-        return BudgetPoint(list(kept), calibration.evaluate(deployed, val)["top1"], count_params(deployed),
-                           figures(deployed))
+        return BudgetPoint(list(kept), calibration.evaluate(deployed, val)["top1"], count_params(deployed))
 
-    teacher = BudgetPoint(list(order), calibration.evaluate(model, val)["top1"], count_params(model), figures(model),
-                          note="teacher")
+    teacher = BudgetPoint(list(order), calibration.evaluate(model, val)["top1"], count_params(model), note="teacher")
     found = search_budget(order, point, teacher, max_drop, log=say)
     found.costs = costs
+    # timed only now, every point in turn for a few rounds, so that points trained minutes apart see the same load
+    timings = _time_round_robin(models, inputs)
+    for p in found.points:
+        p.latency_ms = timings[p.num_kept]
     return models[found.chosen.num_kept], found
