@@ -241,7 +241,10 @@ def test_round_robin_timing_times_every_model_on_every_input() -> None:
     inputs = {"batch_1": torch.randn(1, 8), "batch_4": torch.randn(4, 8)}
     calls: list[int] = []
     models[3].register_forward_hook(lambda m, a, o: calls.append(1))
-    times = _time_round_robin(models, inputs, rounds=3, repeats=2)
+    models[3].train()
+    times, how = _time_round_robin(models, inputs, reps=3, min_sample_s=0.0)
     assert set(times) == {0, 3} and all(set(t) == set(inputs) for t in times.values())
     assert all(math.isfinite(v) and v >= 0 for t in times.values() for v in t.values())
-    assert len(calls) == 3 * 2 * (2 + 3)  # rounds x inputs x (repeats + latency_ms's 3 warm-up passes)
+    assert len(calls) == 2 * (2 + 3)  # inputs x (2 warm-up rounds + 3 samples of one call each)
+    assert models[3].training  # the mode is restored
+    assert "interleaved" in how and ("CPU time" in how) == (torch.get_num_threads() == 1)

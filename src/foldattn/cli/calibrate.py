@@ -137,8 +137,7 @@ def _budget(args: argparse.Namespace, model: nn.Module, data: Any, stripes: Any,
                          "amp_dtype": torch.bfloat16 if args.amp == "bf16" else None},
         stripes=stripes, log=lambda s: print(s, flush=True))
     order = found.order
-    result["budget"] = {**found.to_dict(), "latency": "eager PyTorch on this machine, median of 20 forwards, "
-                                                      f"{torch.get_num_threads()} thread(s)"}
+    result["budget"] = found.to_dict()
     chosen = found.chosen
     print(f"budget {args.max_drop:g} point(s): {chosen.num_kept} of {len(order)} site(s) kept, top-1 "
           f"{chosen.top1:.2f} (change {chosen.top1 - before['top1']:+.2f}); {len(found.points) - 1} point(s) "

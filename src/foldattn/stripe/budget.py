@@ -19,10 +19,12 @@ back. This module decides which sites to keep as classic attention:
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -134,6 +136,8 @@ class BudgetResult:
     points: list[BudgetPoint]
     chosen: BudgetPoint
     costs: list[SiteCost] = field(default_factory=list)
+    #: how the points' latencies were measured
+    latency: str = ""
 
     @property
     def met(self) -> bool:
@@ -179,7 +183,7 @@ class BudgetResult:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_drop": self.max_drop, "teacher_top1": self.teacher_top1, "met": self.met,
+        return {"max_drop": self.max_drop, "teacher_top1": self.teacher_top1, "met": self.met, "latency": self.latency,
                 "overhead_removed": self.overhead_removed(),
                 "order": self.order, "chosen": {**asdict(self.chosen), "drop": self.teacher_top1 - self.chosen.top1},
                 "plan": self.plan(), "costs": [{**asdict(c), "priority": c.priority} for c in self.costs],
@@ -275,18 +279,27 @@ def _order_parts(order: list[str], parts: dict[str, nn.Module]) -> list[str]:
     return out
 
 
-def _time_round_robin(models: dict[int, nn.Module], inputs: dict[str, Tensor], rounds: int = 5,
-                      repeats: int = 10) -> dict[int, dict[str, float]]:
-    """Per model and input: the median over ``rounds`` of :func:`foldattn.summary.latency_ms`, the models taken in
-    turn within each round (a quick eager figure; ``foldattn bench`` is the careful one)."""
-    from ..summary import latency_ms
+def _time_round_robin(models: dict[int, nn.Module], inputs: dict[str, Tensor], reps: int = 15,
+                      min_sample_s: float = 0.02) -> tuple[dict[int, dict[str, float]], str]:
+    """Per model and input, the median milliseconds of one eval-mode forward, every model timed in turn
+    (:func:`foldattn.bench.timing.interleaved`); also says which clock. With one torch thread the clock is the
+    process's CPU time, which other processes on the machine barely disturb (a search runs beside trainings);
+    with more threads CPU time adds the threads up, so the clock is wall time."""
+    from ..bench.timing import interleaved
 
-    times: dict[int, dict[str, list[float]]] = {k: {name: [] for name in inputs} for k in models}
-    for _ in range(rounds):
-        for k, m in models.items():
-            for name, x in inputs.items():
-                times[k][name].append(latency_ms(m, x, repeats=repeats))
-    return {k: {name: statistics.median(v) for name, v in per.items()} for k, per in times.items()}
+    single = torch.get_num_threads() == 1
+    clock = time.process_time if single else time.perf_counter
+    out: dict[int, dict[str, float]] = {k: {} for k in models}
+    with ExitStack() as stack, torch.no_grad():
+        for m in models.values():
+            stack.enter_context(eval_mode(m))
+        for name, x in inputs.items():
+            runners = {str(k): functools.partial(m, x) for k, m in models.items()}
+            samples = interleaved(runners, reps=reps, warmup=2, min_sample_s=min_sample_s, clock=clock)
+            for k, v in samples.items():
+                out[int(k)][name] = 1000 * statistics.median(v)
+    how = ("process CPU time, one thread" if single else f"wall time, {torch.get_num_threads()} threads")
+    return out, f"eager PyTorch, median of {reps} interleaved samples, {how}"
 
 
 def calibrate_within_budget(
@@ -316,7 +329,8 @@ def calibrate_within_budget(
     (:func:`foldattn.stripe.calibrate`) and, with ``distill_epochs``, distils them from ``model`` on ``train``
     (:func:`foldattn.stripe.distill` with ``distill_options``; the best epoch on ``val`` is kept). Once the
     search ends, every point is timed in eager PyTorch on ``latency_inputs`` (name -> batch; default
-    ``{"batch_1": example[:1]}``), the points in turn for five rounds so that all see the same load.
+    ``{"batch_1": example[:1]}``), the points interleaved so that all see the same load, with the process's CPU
+    time as the clock when torch runs one thread (``BudgetResult.latency`` says how).
     ``stripes``: the :class:`~foldattn.stripe.StripeResult` of a calibration of every site already made on
     ``train_eval`` (``CalibrationReport.stripes``), so it is not recorded again.
     """
@@ -371,8 +385,8 @@ def calibrate_within_budget(
     teacher = BudgetPoint(list(order), calibration.evaluate(model, val)["top1"], count_params(model), note="teacher")
     found = search_budget(order, point, teacher, max_drop, log=say)
     found.costs = costs
-    # timed only now, every point in turn for a few rounds, so that points trained minutes apart see the same load
-    timings = _time_round_robin(models, inputs)
+    # timed only now, every point in turn, so that points trained minutes apart see the same load
+    timings, found.latency = _time_round_robin(models, inputs)
     for p in found.points:
         p.latency_ms = timings[p.num_kept]
     return models[found.chosen.num_kept], found
