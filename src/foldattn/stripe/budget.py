@@ -59,30 +59,37 @@ class SiteCost:
         return gap / max(self.ms, 1e-6)
 
 
+def _clock() -> Callable[[], float]:
+    """The process's CPU time with one torch thread (other processes on the machine, such as trainings beside
+    a search, barely disturb it); wall time with more (CPU time would add the threads up)."""
+    return time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 @torch.no_grad()
 def site_costs(model: nn.Module, names: Sequence[str], example: Tensor, gaps: dict[str, float],
                stripe_scores: dict[str, float] | None = None, repeats: int = 20) -> list[SiteCost]:
     """The cost of each attention site of ``model`` named in ``names``: its module's forward time on
     ``example`` (median of ``repeats`` timed passes; forward pre/post hooks are registered before the
-    passes and removed after them) and its conversion gap from ``gaps``."""
+    passes and removed after them; the clock as in :func:`_clock`) and its conversion gap from ``gaps``."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
         raise ValueError(f"no module named {', '.join(missing)} in the model")
+    clock = _clock()
     started: dict[str, float] = {}
     spent: dict[str, list[float]] = {n: [] for n in names}
     handles = []
 
     def pre(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
-            started[name] = time.perf_counter()
+            started[name] = clock()
         return hook
 
     def post(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            spent[name].append(time.perf_counter() - started.pop(name))
+            spent[name].append(clock() - started.pop(name))
         return hook
 
     for n in names:
@@ -282,13 +289,11 @@ def _order_parts(order: list[str], parts: dict[str, nn.Module]) -> list[str]:
 def _time_round_robin(models: dict[int, nn.Module], inputs: dict[str, Tensor], reps: int = 15,
                       min_sample_s: float = 0.02) -> tuple[dict[int, dict[str, float]], str]:
     """Per model and input, the median milliseconds of one eval-mode forward, every model timed in turn
-    (:func:`foldattn.bench.timing.interleaved`); also says which clock. With one torch thread the clock is the
-    process's CPU time, which other processes on the machine barely disturb (a search runs beside trainings);
-    with more threads CPU time adds the threads up, so the clock is wall time."""
+    (:func:`foldattn.bench.timing.interleaved`, the clock as in :func:`_clock`); also says how."""
     from ..bench.timing import interleaved
 
-    single = torch.get_num_threads() == 1
-    clock = time.process_time if single else time.perf_counter
+    clock = _clock()
+    single = clock is time.process_time
     out: dict[int, dict[str, float]] = {k: {} for k in models}
     with ExitStack() as stack, torch.no_grad():
         for m in models.values():
