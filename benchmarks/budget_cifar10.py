@@ -8,6 +8,12 @@ split and kept, the share of the attention's latency overhead removed at batch 1
 thread: teacher minus chosen over teacher minus every site converted), the points the search evaluated and
 whether the budget was met. The table goes to ``OUT/budget.md``.
 
+The search times its points while it runs, often beside trainings; ``--retime`` times, afterwards and on an
+idle machine, each run's teacher, the chosen model (``calibrated.safetensors``) and the plain network (what
+every site converted deploys to: the teacher's builder without attention), interleaved (foldattn bench's
+timer), at batch 1 and 64, one thread, wall time; it writes ``OUT/<label>/latency.json`` and the table's
+latency columns come from it where it exists.
+
     python benchmarks/budget_cifar10.py --runs runs/teachers/runs --attentions se eca cbam srm --seeds 0 1 \\
         --out runs/budget --max-drop 0.3 --distill-epochs 1
 """
@@ -15,6 +21,8 @@ whether the budget was met. The table goes to ``OUT/budget.md``.
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import shlex
 import sys
@@ -23,21 +31,70 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from foldattn._utils import atomic_path
+import foldattn
+from foldattn._utils import atomic_path, set_submodule
+from foldattn.bench.timing import interleaved
 from foldattn.cli import main as cli
+from foldattn.models._registry import BUILDER_ATTR
+from foldattn.train.source import load_source
 
 
-def _row(label: str, report: dict[str, Any]) -> str:
+def _chosen_model(teacher: nn.Module, folder: Path, kept: list[str]) -> nn.Module:
+    """The chosen deployed model: by its own builder, or, for a split module (no builder builds it), loaded into
+    the teacher's builder at the wholly kept blocks with the teacher's spatial gate at each split site."""
+    path = folder / "calibrated.safetensors"
+    whole = [k for k in kept if not k.endswith(".spatial")]
+    split = [k.rpartition(".")[0] for k in kept if k.endswith(".spatial") and k.rpartition(".")[0] not in whole]
+    if not split:
+        return foldattn.load_deployed(path)
+    record = getattr(teacher, BUILDER_ATTR)
+    skeleton = foldattn.create_model(record["name"], **{**record["kwargs"],
+                                                        "attention_sites": teacher.attention_site_indices(whole)})
+    for name in split:
+        set_submodule(skeleton, name, copy.deepcopy(teacher.get_submodule(name).spatial))
+    return foldattn.load_deployed(path, model=skeleton)
+
+
+def _retime(run: str, folder: Path, reps: int) -> dict[str, Any]:
+    """Teacher, chosen and plain timed interleaved at batch 1 and 64 (median ms), and the share of the
+    attention's overhead the chosen model removes."""
+    teacher = load_source(run).model.eval()
+    budget = json.loads((folder / "calibration.json").read_text())["budget"]
+    chosen = _chosen_model(teacher, folder, budget["chosen"]["kept"]).eval()
+    record = getattr(teacher, BUILDER_ATTR)
+    plain = foldattn.create_model(record["name"], **{k: v for k, v in record["kwargs"].items()
+                                                     if k != "attention"}).eval()
+    models = {"teacher": teacher, "chosen": chosen, "plain": plain}
+    out: dict[str, Any] = {"how": f"eager PyTorch, wall time, median of {reps} interleaved samples, "
+                                  f"{torch.get_num_threads()} thread(s)"}
+    with torch.no_grad():
+        for batch in (1, 64):
+            x = torch.randn(batch, 3, 32, 32)
+            samples = interleaved({k: functools.partial(m, x) for k, m in models.items()}, reps=reps, warmup=3,
+                                  min_sample_s=0.05)
+            ms = {k: 1000 * sorted(v)[len(v) // 2] for k, v in samples.items()}
+            overhead = ms["teacher"] - ms["plain"]
+            out[f"batch_{batch}"] = {**ms, "overhead_removed": (ms["teacher"] - ms["chosen"]) / overhead
+                                     if overhead > 0 else None}
+    return out
+
+
+def _row(label: str, report: dict[str, Any], latency: dict[str, Any] | None) -> str:
     budget = report["budget"]
     chosen = budget["chosen"]
     actions = [p["action"] for p in budget["plan"]]
-    removed = budget.get("overhead_removed") or {}
+    if latency is not None:  # --retime's careful figures
+        removed = {k: v["overhead_removed"] for k, v in latency.items() if k.startswith("batch_")}
+        ms = " / ".join(f"{latency['batch_1'][k]:.2f}" for k in ("teacher", "chosen", "plain"))
+    else:  # the search's own
+        removed, ms = budget.get("overhead_removed") or {}, "-"
     share = " / ".join("-" if removed.get(k) is None else f"{100 * removed[k]:.0f} %"
                        for k in sorted(removed, key=lambda k: int(k.split("_")[1])))
     change = chosen["top1"] - budget["teacher_top1"]
     return (f"| {label} | {budget['teacher_top1']:.2f} | {chosen['top1']:.2f} ({change:+.2f})"
-            f" | {actions.count('converted')} / {actions.count('split')} / {actions.count('kept')} | {share} "
+            f" | {actions.count('converted')} / {actions.count('split')} / {actions.count('kept')} | {ms} | {share} "
             f"| {len(budget['curve']) - 1} | {'yes' if budget['met'] else 'no'} |")
 
 
@@ -51,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-drop", default="0.3")
     p.add_argument("--distill-epochs", default="1")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--retime", action="store_true",
+                   help="time teacher, chosen and plain again (on an idle machine) into OUT/<label>/latency.json")
+    p.add_argument("--reps", type=int, default=30, help="interleaved samples per model with --retime")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     runs = [tuple(item.split("=", 1)) for item in args.run]
@@ -61,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/budget_cifar10.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     lines = [f"Command: `{command}`", "",
              "| model | teacher top-1 | chosen top-1 (change) | sites converted / split / kept "
-             "| attention latency overhead removed, b=1 / b=64 | points trained | within budget |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "| ms b=1 teacher / chosen / plain | attention latency overhead removed, b=1 / b=64 | points trained "
+             "| within budget |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for label, run in runs:
         folder = args.out / label.replace(" ", "-")
         if not (folder / "calibration.json").is_file():
@@ -73,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{label}: foldattn calibrate exited with {code}", file=sys.stderr)
                 return code
             print(f"{label}: {time.time() - t0:.0f} s", flush=True)
-        lines.append(_row(label, json.loads((folder / "calibration.json").read_text())))
+        if args.retime:
+            with atomic_path(folder / "latency.json") as tmp:
+                tmp.write_text(json.dumps(_retime(run, folder, args.reps), indent=2))
+        timed = folder / "latency.json"
+        lines.append(_row(label, json.loads((folder / "calibration.json").read_text()),
+                          json.loads(timed.read_text()) if timed.is_file() else None))
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out / "budget.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
