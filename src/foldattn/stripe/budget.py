@@ -289,8 +289,8 @@ def _order_parts(order: list[str], parts: dict[str, nn.Module]) -> list[str]:
 def _time_round_robin(models: dict[int, nn.Module], inputs: dict[str, Tensor], reps: int = 15,
                       min_sample_s: float = 0.02) -> tuple[dict[int, dict[str, float]], str]:
     """Per model and input, the median milliseconds of one eval-mode forward, every model timed in turn
-    (:func:`foldattn.bench.timing.interleaved`, the clock as in :func:`_clock`); also says how."""
-    from ..bench.timing import interleaved
+    (the interleaved timer of ``foldattn bench``, the clock as in :func:`_clock`); also says how."""
+    from .._timing import interleaved
 
     clock = _clock()
     single = clock is time.process_time
