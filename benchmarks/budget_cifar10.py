@@ -76,8 +76,10 @@ def _retime(run: str, folder: Path, reps: int) -> dict[str, Any]:
                                   min_sample_s=0.05)
             ms = {k: 1000 * sorted(v)[len(v) // 2] for k, v in samples.items()}
             overhead = ms["teacher"] - ms["plain"]
-            out[f"batch_{batch}"] = {**ms, "overhead_removed": (ms["teacher"] - ms["chosen"]) / overhead
-                                     if overhead > 0 else None}
+            removed = (ms["teacher"] - ms["chosen"]) / overhead if overhead > 0 else None
+            if budget["chosen"].get("note") == "teacher":  # every site kept: the teacher itself, nothing removed
+                removed = 0.0
+            out[f"batch_{batch}"] = {**ms, "overhead_removed": removed}
     return out
 
 
@@ -140,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         timed = folder / "latency.json"
         lines.append(_row(label, json.loads((folder / "calibration.json").read_text()),
                           json.loads(timed.read_text()) if timed.is_file() else None))
+    lines += ["", "The points each search evaluated (items kept: top-1 after distillation, change to the teacher):", "",
+              "| model | items | points |", "|---|---:|---|"]
+    for label, _ in runs:
+        budget = json.loads((args.out / label.replace(" ", "-") / "calibration.json").read_text())["budget"]
+        points = "; ".join(f"{p['num_kept']}: {p['top1']:.2f} ({-p['drop']:+.2f})" for p in budget["curve"]
+                           if p.get("note") != "teacher")
+        lines.append(f"| {label} | {len(budget['order'])} | {points} |")
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out / "budget.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
