@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import shlex
 import sys
@@ -35,9 +34,9 @@ from torch import nn
 
 import foldattn
 from foldattn._utils import atomic_path, set_submodule
-from foldattn.bench.timing import interleaved
 from foldattn.cli import main as cli
 from foldattn.models._registry import BUILDER_ATTR
+from foldattn.stripe.budget import _time_points
 from foldattn.train.source import load_source
 
 
@@ -67,19 +66,16 @@ def _retime(run: str, folder: Path, reps: int) -> dict[str, Any]:
     plain = foldattn.create_model(record["name"], **{k: v for k, v in record["kwargs"].items()
                                                      if k != "attention"}).eval()
     models = {"teacher": teacher, "chosen": chosen, "plain": plain}
-    out: dict[str, Any] = {"how": f"eager PyTorch, wall time, median of {reps} interleaved samples, "
-                                  f"{torch.get_num_threads()} thread(s)"}
-    with torch.no_grad():
-        for batch in (1, 64):
-            x = torch.randn(batch, 3, 32, 32)
-            samples = interleaved({k: functools.partial(m, x) for k, m in models.items()}, reps=reps, warmup=3,
-                                  min_sample_s=0.05)
-            ms = {k: 1000 * sorted(v)[len(v) // 2] for k, v in samples.items()}
-            overhead = ms["teacher"] - ms["plain"]
-            removed = (ms["teacher"] - ms["chosen"]) / overhead if overhead > 0 else None
-            if budget["chosen"].get("note") == "teacher":  # every site kept: the teacher itself, nothing removed
-                removed = 0.0
-            out[f"batch_{batch}"] = {**ms, "overhead_removed": removed}
+    inputs = {f"batch_{b}": torch.randn(b, 3, 32, 32) for b in (1, 64)}
+    times, how = _time_points(models, inputs, reps=reps, min_sample_s=0.05, clock=time.perf_counter)
+    out: dict[str, Any] = {"how": how}
+    for name in inputs:
+        ms = {k: times[k][name] for k in models}
+        overhead = ms["teacher"] - ms["plain"]
+        removed = (ms["teacher"] - ms["chosen"]) / overhead if overhead > 0 else None
+        if budget["chosen"].get("note") == "teacher":  # every site kept: the teacher itself, nothing removed
+            removed = 0.0
+        out[name] = {**ms, "overhead_removed": removed}
     return out
 
 

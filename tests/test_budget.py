@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import foldattn
 from foldattn.cli import main
-from foldattn.stripe.budget import BudgetPoint, SiteCost, _time_round_robin, keep_order, search_budget, site_costs
+from foldattn.stripe.budget import BudgetPoint, SiteCost, _time_points, keep_order, search_budget, site_costs
 from foldattn.train.data import load_dataset
 
 TEACHER = 90.0
@@ -242,7 +242,7 @@ def test_round_robin_timing_times_every_model_on_every_input() -> None:
     calls: list[int] = []
     models[3].register_forward_hook(lambda m, a, o: calls.append(1))
     models[3].train()
-    times, how = _time_round_robin(models, inputs, reps=3, min_sample_s=0.0)
+    times, how = _time_points(models, inputs, reps=3, min_sample_s=0.0)
     assert set(times) == {0, 3} and all(set(t) == set(inputs) for t in times.values())
     assert all(math.isfinite(v) and v >= 0 for t in times.values() for v in t.values())
     assert len(calls) == 2 * (2 + 3)  # inputs x (2 warm-up rounds + 3 samples of one call each)

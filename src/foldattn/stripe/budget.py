@@ -23,10 +23,10 @@ import functools
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,8 @@ from .._utils import eval_mode
 
 #: the name a site's spatial part goes by in the keep order: its own module name (``layer1.0.attention.spatial``)
 _SPATIAL = ".spatial"
+
+K = TypeVar("K")
 
 __all__ = ["SiteCost", "BudgetPoint", "BudgetResult", "site_costs", "keep_order", "search_budget",
            "calibrate_within_budget"]
@@ -286,15 +288,18 @@ def _order_parts(order: list[str], parts: dict[str, nn.Module]) -> list[str]:
     return out
 
 
-def _time_round_robin(models: dict[int, nn.Module], inputs: dict[str, Tensor], reps: int = 15,
-                      min_sample_s: float = 0.02) -> tuple[dict[int, dict[str, float]], str]:
-    """Per model and input, the median milliseconds of one eval-mode forward, every model timed in turn
-    (the interleaved timer of ``foldattn bench``, the clock as in :func:`_clock`); also says how."""
+def _time_points(models: Mapping[K, nn.Module], inputs: dict[str, Tensor], reps: int = 15,
+                 min_sample_s: float = 0.02, clock: Callable[[], float] | None = None
+                 ) -> tuple[dict[K, dict[str, float]], str]:
+    """Per model and input, the median milliseconds of one eval-mode forward, the models interleaved (the timer
+    of ``foldattn bench``; the clock as in :func:`_clock` unless given); also says how."""
     from .._timing import interleaved
 
-    clock = _clock()
-    single = clock is time.process_time
-    out: dict[int, dict[str, float]] = {k: {} for k in models}
+    clock = clock or _clock()
+    how = ("process CPU time, one thread" if clock is time.process_time
+           else f"wall time, {torch.get_num_threads()} thread(s)")
+    key = {str(k): k for k in models}
+    out: dict[K, dict[str, float]] = {k: {} for k in models}
     with ExitStack() as stack, torch.no_grad():
         for m in models.values():
             stack.enter_context(eval_mode(m))
@@ -302,8 +307,7 @@ def _time_round_robin(models: dict[int, nn.Module], inputs: dict[str, Tensor], r
             runners = {str(k): functools.partial(m, x) for k, m in models.items()}
             samples = interleaved(runners, reps=reps, warmup=2, min_sample_s=min_sample_s, clock=clock)
             for k, v in samples.items():
-                out[int(k)][name] = 1000 * statistics.median(v)
-    how = ("process CPU time, one thread" if single else f"wall time, {torch.get_num_threads()} threads")
+                out[key[k]][name] = 1000 * statistics.median(v)
     return out, f"eager PyTorch, median of {reps} interleaved samples, {how}"
 
 
@@ -391,7 +395,7 @@ def calibrate_within_budget(
     found = search_budget(order, point, teacher, max_drop, log=say)
     found.costs = costs
     # timed only now, every point in turn, so that points trained minutes apart see the same load
-    timings, found.latency = _time_round_robin(models, inputs)
+    timings, found.latency = _time_points(models, inputs)
     for p in found.points:
         p.latency_ms = timings[p.num_kept]
     return models[found.chosen.num_kept], found
