@@ -2,11 +2,13 @@
 
 For every trained run ``RUNS/<attention>/s<seed>`` (the runs of benchmarks/sweeps/attention-teachers.yaml, or
 any ``LABEL=RUN`` given with ``--run``) this runs ``foldattn calibrate RUN --distill-epochs N --max-drop D -o
-OUT/<label>`` (a run whose ``calibration.json`` exists is not run again) and tabulates, per model and seed: the
-teacher's top-1 on the run's 5,000 held-out images, the chosen model's top-1 and change, the sites converted,
-split and kept, the share of the attention's latency overhead removed at batch 1 and 64 (eager PyTorch, one
-thread: teacher minus chosen over teacher minus every site converted), the points the search evaluated and
-whether the budget was met. The table goes to ``OUT/budget.md``.
+OUT/<label>`` (a run whose ``calibration.json`` exists is not run again; ``--table-only`` runs none) and
+tabulates, per model and seed: the teacher's top-1 on the run's 5,000 held-out images, the chosen model's top-1
+and change, the sites converted, split and kept, the share of the attention's latency overhead removed at batch
+1 and 64 (eager PyTorch, one thread: teacher minus chosen over teacher minus every site converted), the points
+the search evaluated and whether the budget was met; then, per attention, the mean over seeds and whether every
+seed meets the goal (within the budget and at least ``--goal`` of the batch-1 overhead removed). The tables go
+to ``OUT/budget.md``.
 
 The search times its points while it runs, often beside trainings; ``--retime`` times, afterwards and on an
 idle machine, each run's teacher, the chosen model (``calibrated.safetensors``) and the plain network (what
@@ -133,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--retime", action="store_true",
                    help="time teacher, chosen and plain again (on an idle machine) into OUT/<label>/latency.json")
+    p.add_argument("--table-only", action="store_true",
+                   help="tabulate the runs whose calibration.json exists in OUT; calibrate nothing")
     p.add_argument("--reps", type=int, default=30, help="interleaved samples per model with --retime (1-1000)")
     p.add_argument("--goal", type=float, default=0.7,
                    help="share of the attention's batch-1 overhead a model must remove to meet the goal")
@@ -155,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, run in runs:
         folder = args.out / label.replace(" ", "-")
         if not (folder / "calibration.json").is_file():
+            if args.table_only:
+                print(f"{label}: no {folder / 'calibration.json'} yet; left out (--table-only)", file=sys.stderr)
+                continue
             t0 = time.time()
             code = cli(["calibrate", run, "--distill-epochs", args.distill_epochs, "--max-drop", args.max_drop,
                         "-o", str(folder)])
@@ -175,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
               "|---|---:|---:|---:|---|", *_mean_rows(results, args.goal)]
     lines += ["", "The points each search evaluated (items kept: top-1 after distillation, change to the teacher):", "",
               "| model | items | points |", "|---|---:|---|"]
-    for label, _ in runs:
-        budget = json.loads((args.out / label.replace(" ", "-") / "calibration.json").read_text())["budget"]
+    for label, report, _ in results:
+        budget = report["budget"]
         points = "; ".join(f"{p['num_kept']}: {p['top1']:.2f} ({-p['drop']:+.2f})" for p in budget["curve"]
                            if p.get("note") != "teacher")
         lines.append(f"| {label} | {len(budget['order'])} | {points} |")
