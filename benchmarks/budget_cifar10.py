@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 1 <= args.reps <= 1000:
         p.error(f"--reps must be between 1 and 1000, got {args.reps}")
+    if not 0.0 < args.goal <= 1.0:
+        p.error(f"--goal is a share of the overhead, above 0 and at most 1 (0.7 is 70 %), got {args.goal}")
     torch.set_num_threads(args.threads)
     runs = [tuple(item.split("=", 1)) for item in args.run]
     if args.runs is not None:
