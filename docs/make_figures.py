@@ -12,7 +12,8 @@
 
 4. With ``--sweep DIR`` (a ``foldattn sweep`` folder), instead of 1-3: its summary plot as
    ``docs/sweep-<sweep file name>.png`` (each seed's final top-1, mean ± std per arm, paired
-   differences), redrawn from ``DIR/summary.json``; docs/ablations.md shows them.
+   differences) and its learning curves as ``docs/curves-<sweep file name>.png`` (validation top-1
+   per epoch, mean over seeds per arm), redrawn from ``DIR/summary.json``; docs/ablations.md shows them.
 
 Every number in a figure comes from these runs; the script prints the command lines it ran and the
 tables the figures were drawn from, so they can be quoted beside the figure.
@@ -112,7 +113,7 @@ def _bad_input(message: str) -> SystemExit:
 
 def _sweep_figure(folder: Path) -> Path:
     from foldattn._files import load_json_file
-    from foldattn.sweep import plot_summary
+    from foldattn.sweep import plot_curves, plot_summary
 
     try:
         summary = load_json_file(folder / "summary.json", "sweep summary")
@@ -126,8 +127,12 @@ def _sweep_figure(folder: Path) -> Path:
     stem = Path(str(record.get("file") or folder.name)).stem
     path = DOCS / f"sweep-{stem}.png"
     plot_summary(summary, path, title=stem)
-    print(f"  wrote docs/{path.name} ({summary.get('runs_finished')} of {summary.get('runs_planned')} runs; "
-          f"{summary.get('command')})")
+    made = [path.name]
+    curves = DOCS / f"curves-{stem}.png"
+    if plot_curves(summary, curves, title=stem):  # False when no arm's seeds share one finished schedule
+        made.append(curves.name)
+    print(f"  wrote {', '.join('docs/' + m for m in made)} ({summary.get('runs_finished')} of "
+          f"{summary.get('runs_planned')} runs; {summary.get('command')})")
     return path
 
 

@@ -322,12 +322,14 @@ def test_docs_figure_of_a_sweep_is_drawn_from_its_summary(tmp_path: Path, monkey
     monkeypatch.setattr(make_figures, "DOCS", docs)
     sweep = tmp_path / "sweep"
     spec = parse_sweep({"arms": {"a": [], "b": ["--attention", "se"]}, "seeds": [0], "baseline": "a"})
-    _finished_runs(sweep, {("a", 0): [80.0], ("b", 0): [81.0]})
+    _finished_runs(sweep, {("a", 0): [80.0, 82.0], ("b", 0): [81.0, 83.0]})
     write_summary(spec, sweep)
     (sweep / "sweep.json").write_text(json.dumps({"file": "benchmarks/sweeps/my-sweep.yaml"}))
     monkeypatch.setattr(sys, "argv", ["make_figures.py", "--sweep", str(sweep)])
     assert make_figures.main() == 0
     assert (docs / "sweep-my-sweep.png").stat().st_size > 1000
+    assert (docs / "curves-my-sweep.png").stat().st_size > 1000
+    assert "docs/curves-my-sweep.png" in capsys.readouterr().out
     (sweep / "summary.json").write_text(json.dumps({"format": "something else"}))
     capsys.readouterr()
     for message in ("is not a `foldattn sweep` folder", "summary.json: no such file"):
