@@ -11,6 +11,10 @@ as :class:`foldattn.models.vit.LayerScale`: their model's deployed builder has n
 :func:`foldattn.fold` always folds them and refuses a model where it cannot), and third-party
 layers (timm's ``LayerScale``/``LayerScale2d``), folded only for deployment fusion
 (``fold(..., fuse_bn=True)``), since removing them changes the model's ``state_dict``.
+
+Between the host and the scale may stand layers that multiply their input by a mask or by one
+(dropout, drop-path, ``nn.Identity``): timm's ViT blocks compute ``ls1(proj_drop(proj(x)))``.
+A per-channel scale commutes with those exactly, in training as at inference, so the walk passes them.
 """
 
 from __future__ import annotations
@@ -75,6 +79,31 @@ def scale_spec(module: nn.Module) -> ScaleSpec | None:
     return SCALE_TYPES.get(name) if name in SCALE_TYPES else None
 
 
+#: layers computing ``x * m`` for a mask ``m`` (or ``x``), which any per-channel scale commutes with; not the
+#: alpha dropouts, which add a constant where they drop
+_COMMUTING_TYPES = frozenset({
+    "torch.nn.modules.linear.Identity",
+    "torch.nn.modules.dropout.Dropout",
+    "torch.nn.modules.dropout.Dropout1d",
+    "torch.nn.modules.dropout.Dropout2d",
+    "torch.nn.modules.dropout.Dropout3d",
+    "timm.layers.drop.DropPath",
+    "torchvision.ops.stochastic_depth.StochasticDepth",
+})
+
+
+def _host_node(graph: Graph, i: int) -> int | None:
+    """The node of the layer that would absorb node ``i``'s scale: its sole producer, walking back through
+    layers of :data:`_COMMUTING_TYPES` that are themselves each other's sole producer and reader."""
+    src = graph.sole_producer(i)
+    while src is not None:
+        module = graph.modules[graph.nodes[src].target]
+        if f"{type(module).__module__}.{type(module).__qualname__}" not in _COMMUTING_TYPES:
+            return src
+        src = graph.sole_producer(src)
+    return None
+
+
 @dataclass
 class ScaleReport:
     """The scale layers :func:`fold_scales` folded (``(layer, into)``) and those it left, with the reason."""
@@ -85,7 +114,7 @@ class ScaleReport:
 
 def _why_not(graph: Graph, i: int, spec: ScaleSpec, module: nn.Module) -> str | None:
     node = graph.nodes[i]
-    src = graph.sole_producer(i)
+    src = _host_node(graph, i)
     if src is None:
         producer = graph.nodes[node.inputs[0]].target if len(node.inputs) == 1 else "several tensors"
         return (f"its input comes from {producer}, not from one layer used once whose only reader it is "
@@ -137,7 +166,7 @@ def fold_scales(model: nn.Module, *, third_party: bool = False, graph: Graph | N
                 raise ValueError(f"cannot fold the scale layer {node.target!r} ({type(module).__name__}): {why}")
             report.left.append((node.target, why))
             continue
-        host_name = graph.nodes[graph.sole_producer(i)].target  # type: ignore[index]
+        host_name = graph.nodes[_host_node(graph, i)].target  # type: ignore[index]
         host = model.get_submodule(host_name)
         gamma = get_tensor(module, spec.parameter).detach().reshape(-1)
         for pname in absorbing_parameters(host):
