@@ -88,3 +88,7 @@ def test_timm_vit_layer_scales_fold_into_proj_and_fc2(name: str) -> None:
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     ref, out = model(x), deployed(x)
     assert (ref - out).abs().max() <= 1e-10 * ref.abs().max()
+    if kwargs:  # the ViT built without LayerScale (ls1, ls2 are nn.Identity there) loads the deployed weights
+        plain = timm.create_model(name, num_classes=10, img_size=32, patch_size=8, depth=2).double().eval()
+        plain.load_state_dict(deployed.state_dict(), strict=True)
+        assert (plain(x) - ref).abs().max() <= 1e-10 * ref.abs().max()
