@@ -354,3 +354,28 @@ def test_seed_counts_are_refused_before_the_list_is_walked() -> None:
     spec = parse_sweep({"arms": {f"a{i}": [] for i in range(10)}, "seeds": list(range(MAX_SEEDS))})
     assert len(spec.runs()) == 10 * MAX_SEEDS and spec.runs()[:2] == [Run("a0", 0), Run("a1", 0)]
     assert time.perf_counter() - t0 < 10
+
+
+def test_dry_run_shows_how_far_each_run_has_come(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--dry-run is the sweep's status: finished, partial with the epochs its metrics.csv holds, or new."""
+    from foldattn.sweep import prepare_folder
+    from foldattn.sweep.task import epochs_done
+
+    path = _sweep_file(tmp_path, arms="  a: []\n", seeds="[0, 1, 2]", extra="")
+    out = tmp_path / "out"
+    prepare_folder(load_sweep(path), out, str(path))
+    _finished_runs(out, {("a", 0): [80.0, 81.0]})
+    partial = out / "runs" / "a" / "s1"
+    partial.mkdir(parents=True)
+    (partial / "last.pt").write_bytes(b"a checkpoint")
+    (partial / "metrics.csv").write_text("epoch,val_top1\n1,50.0\n2,60.0\n3,65.0\n")
+    assert main(["sweep", str(path), "-o", str(out), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in lines] == [["a-s0", "finished", "-"], ["a-s1", "partial", "(3"],
+                                                    ["a-s2", "new", "cpu"]]
+    assert "partial (3 ep)" in lines[1]
+    (partial / "metrics.csv").unlink()
+    os.mkfifo(partial / "metrics.csv")  # not a regular file: not read (a FIFO would block), the state alone
+    assert epochs_done(partial) is None
+    assert main(["sweep", str(path), "-o", str(out), "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:3] == ["a-s1", "partial", "cpu"]

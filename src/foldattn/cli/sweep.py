@@ -104,6 +104,7 @@ def _text(limit: int) -> Any:
 def _main(args: argparse.Namespace) -> int:
     from ..sweep import SweepError, load_sweep, prepare_folder, run_state, run_sweep, write_summary
     from ..sweep.runner import make_task
+    from ..sweep.task import epochs_done
 
     try:
         spec = load_sweep(args.file)
@@ -126,7 +127,9 @@ def _main(args: argparse.Namespace) -> int:
             device = "-" if state == "finished" else launcher.plan(index)
             index += state != "finished"
             task = make_task(spec, run, out, threads, launcher.ranks)
-            print(f"{run.key:<24} {state:<9} {device:<18} {task.shown(state == 'partial')}")
+            done = epochs_done(run.folder(out)) if state == "partial" else None
+            shown = f"{state} ({done} ep)" if done else state  # how far a run has come: a status of the sweep
+            print(f"{run.key:<24} {shown:<16} {device:<18} {task.shown(state == 'partial')}")
         return 0
     if args.summary_only:
         if not (out / "sweep.json").is_file():
@@ -177,8 +180,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help=f"torch threads per run (at most {MAX_CONFIG_THREADS}) [the file's threads, else CPU cores / "
                         "jobs]")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--dry-run", action="store_true", help="check the file, list the runs and their commands, "
-                                                          "write nothing")
+    g.add_argument("--dry-run", action="store_true", help="check the file, list the runs (finished, partial "
+                                                          "with its epochs done, or new) and their commands, write "
+                                                          "nothing")
     g.add_argument("--summary-only", action="store_true", help="rewrite the summary from the finished runs")
     w = p.add_argument_group("where the runs execute (docs/ablations.md, 'On a cluster')")
     w.add_argument("--launcher", choices=("local", "ray", "slurm"), default="local",

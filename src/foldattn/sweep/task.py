@@ -22,11 +22,11 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from .._files import load_json_file
+from .._files import load_json_file, read_bounded
 from .spec import SweepError
 
-__all__ = ["RunTask", "run_state", "open_log", "die_with_parent", "execute", "stop_current", "process_alive",
-           "read_probe"]
+__all__ = ["RunTask", "run_state", "epochs_done", "open_log", "die_with_parent", "execute", "stop_current",
+           "process_alive", "read_probe"]
 
 #: seconds a stopped run may take to write its checkpoint before it is killed (a step, then ``last.pt``)
 STOP_GRACE_S = 300.0
@@ -59,6 +59,21 @@ def run_state(folder: Path) -> str:
         except (ValueError, AttributeError):
             pass
     return "partial" if (folder / "last.pt").is_file() else "new"
+
+
+#: bytes of a run's ``metrics.csv`` read to count its epochs (a row is about 200 bytes)
+MAX_METRICS_BYTES = 16 << 20
+
+
+def epochs_done(folder: Path) -> int | None:
+    """How many epochs the run in ``folder`` has finished (the rows of its ``metrics.csv``); None when it has
+    none yet or the file cannot be read (missing, too large, not a regular file)."""
+    try:
+        text = read_bounded(folder / "metrics.csv", "metrics file", MAX_METRICS_BYTES)
+    except ValueError:
+        return None
+    rows = [line for line in text.splitlines()[1:] if line.strip()]
+    return len(rows) or None
 
 
 def open_log(path: Path) -> IO[bytes]:
