@@ -22,6 +22,7 @@ from .._files import load_json_file, read_bounded
 from .._utils import atomic_path, write_json
 from .runner import command_for, run_state
 from .spec import Run, SweepSpec
+from .task import MAX_METRICS_BYTES
 
 __all__ = ["summarize", "write_summary", "stats", "markdown", "plot_summary", "plot_curves"]
 
@@ -36,7 +37,7 @@ def stats(values: list[float]) -> dict[str, Any]:
 
 
 def _history(folder: Path) -> list[dict[str, float]]:
-    text = read_bounded(folder / "metrics.csv", "metrics file", 16 << 20).decode("utf-8", errors="replace")
+    text = read_bounded(folder / "metrics.csv", "metrics file", MAX_METRICS_BYTES).decode("utf-8", errors="replace")
     rows = []
     for row in csv.DictReader(io.StringIO(text)):
         parsed = {}
